@@ -1,0 +1,481 @@
+//! One client's life: handshake, authentication, then the loop that lends it a server for
+//! each transaction (transaction mode) or once for its whole connection (session mode).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::Instrument;
+
+use crate::app::Shared;
+use crate::auth;
+use crate::config::PoolMode;
+use crate::pool::{Checkout, PoolError, PoolId};
+use crate::protocol::messages::{self, quote_ident, quote_literal, ErrorFields, Severity};
+use crate::protocol::startup::{self, Startup, StartupError, StartupPacket};
+use crate::protocol::{frontend, TransactionStatus};
+use crate::relay::{self, ClientConn, Leftover, Outcome, Peek, Txn};
+use crate::server::{ServerConn, ServerError};
+use crate::sql::SessionEffects;
+
+/// Startup parameters kept per client and applied to whichever server it gets
+/// (lower case), besides `track_extra_parameters`.
+pub const TRACKED_PARAMETERS: [&str; 11] = [
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "intervalstyle",
+    "standard_conforming_strings",
+    "extra_float_digits",
+    "search_path",
+    "statement_timeout",
+    "lock_timeout",
+    "default_transaction_isolation",
+];
+
+/// Why a client is closed; `Quiet` ends without telling it anything.
+#[derive(Debug)]
+enum End {
+    Tell(ErrorFields),
+    Quiet,
+}
+
+impl From<std::io::Error> for End {
+    fn from(_: std::io::Error) -> Self {
+        End::Quiet
+    }
+}
+
+/// Who the client is, after its startup packet.
+#[derive(Debug)]
+struct Login {
+    user: String,
+    database: String,
+    /// Tracked parameters from the startup packet (lower-case names).
+    params: BTreeMap<String, String>,
+    /// `_pq_.` options and the minor version to answer with NegotiateProtocolVersion.
+    negotiate: Option<Vec<String>>,
+}
+
+/// Serves one accepted client connection until it ends. Errors end here, logged once.
+pub async fn handle(stream: TcpStream, shared: Arc<Shared>) {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
+    async move {
+        match serve(stream, &shared).await {
+            Ok(()) => tracing::debug!("client left"),
+            Err(msg) => tracing::info!(reason = %msg, "client closed"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn fatal(stream: &mut TcpStream, e: &ErrorFields) {
+    let mut buf = BytesMut::new();
+    e.encode(&mut buf);
+    let _ = stream.write_all(&buf).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String> {
+    let config = shared.pools.config();
+    let login = tokio::time::timeout(config.client_login_timeout, handshake(&mut stream, shared)).await;
+    let login = match login {
+        Err(_) => {
+            let e = ErrorFields::new(Severity::Fatal, "08P01", "client_login_timeout: login took too long");
+            fatal(&mut stream, &e).await;
+            return Err(e.message);
+        }
+        Ok(Ok(Some(login))) => login,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(End::Quiet)) => return Err("connection closed during login".into()),
+        Ok(Err(End::Tell(e))) => {
+            fatal(&mut stream, &e).await;
+            return Err(e.message);
+        }
+    };
+    tracing::Span::current().record("user", login.user.as_str()).record("database", login.database.as_str());
+    let Some(pool) = shared.pools.pool_for(&login.database, &login.user) else {
+        let e = ErrorFields::new(Severity::Fatal, "3D000", format!("database \"{}\" does not exist", login.database))
+            .with_hint("pgsluice serves only the databases in its configuration");
+        fatal(&mut stream, &e).await;
+        return Err(e.message);
+    };
+    let cancel = shared.cancels.register();
+    if let Err(e) = welcome(&mut stream, shared, pool, &login, cancel.client.pid, cancel.client.secret).await {
+        fatal(&mut stream, &e).await;
+        return Err(e.message);
+    }
+    tracing::debug!(user = %login.user, database = %login.database, "client logged in");
+    let mut session = Session {
+        client: ClientConn::new(stream, config.max_query_size),
+        shared: shared.clone(),
+        pool,
+        mode: shared.pools.settings(pool).mode,
+        startup_params: login.params.clone(),
+        params: login.params,
+        cancel,
+    };
+    session.run().await
+}
+
+/// Reads packets until a StartupMessage, answering SSL and GSS requests with 'N' and
+/// forwarding a CancelRequest; then authenticates. `None` for a cancel connection.
+async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Login>, End> {
+    // SSLRequest and GSSENCRequest may each come once before the startup packet.
+    for _ in 0..3 {
+        match startup::read_packet(stream).await {
+            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => stream.write_all(b"N").await?,
+            Ok(StartupPacket::Cancel { pid, secret }) => {
+                shared.cancels.cancel(pid, secret).await;
+                return Ok(None);
+            }
+            Ok(StartupPacket::Startup(s)) => {
+                let login = check_startup(&s, shared)?;
+                auth::authenticate(stream, &shared.credentials, &login.user).await.map_err(|e| match e {
+                    auth::AuthError::Io(_) => End::Quiet,
+                    e => End::Tell(ErrorFields::new(Severity::Fatal, e.sqlstate(), e.to_string())),
+                })?;
+                return Ok(Some(login));
+            }
+            Err(StartupError::Io(_)) => return Err(End::Quiet),
+            Err(e) => return Err(End::Tell(ErrorFields::new(Severity::Fatal, "08P01", format!("invalid startup packet: {e}")))),
+        }
+    }
+    Err(End::Tell(ErrorFields::new(Severity::Fatal, "08P01", "invalid startup packet: too many encryption requests")))
+}
+
+fn unsupported(msg: String) -> End {
+    End::Tell(ErrorFields::new(Severity::Fatal, "08P01", msg))
+}
+
+/// Checks the startup packet: protocol version, user, database and parameters.
+fn check_startup(s: &Startup, shared: &Shared) -> Result<Login, End> {
+    let config = shared.pools.config();
+    if s.major != 3 {
+        return Err(End::Tell(ErrorFields::new(
+            Severity::Fatal,
+            "0A000",
+            format!("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", s.major, s.minor),
+        )));
+    }
+    let user = s.get("user").filter(|u| !u.is_empty()).ok_or_else(|| {
+        End::Tell(ErrorFields::new(Severity::Fatal, "28000", "no PostgreSQL user name specified in startup packet"))
+    })?;
+    let database = s.get("database").filter(|d| !d.is_empty()).unwrap_or(user);
+    let mut params = BTreeMap::new();
+    let mut pq_options = Vec::new();
+    let tracked = |name: &str| TRACKED_PARAMETERS.contains(&name) || config.track_extra_parameters.iter().any(|p| p.eq_ignore_ascii_case(name));
+    let ignored = |name: &str| config.ignore_startup_parameters.iter().any(|p| p.eq_ignore_ascii_case(name));
+    for (name, value) in &s.params {
+        let lower = name.to_ascii_lowercase();
+        match lower.as_str() {
+            "user" | "database" => {}
+            "replication" => return Err(unsupported("replication connections are not supported by pgsluice".into())),
+            "options" => {
+                let settings = startup::parse_options(value).map_err(|w| {
+                    unsupported(format!("unsupported options startup parameter {w:?}: only '-c name=value' and '--name=value' are allowed"))
+                })?;
+                for (k, v) in settings {
+                    if tracked(&k) {
+                        params.insert(k, v);
+                    } else if !ignored(&k) {
+                        return Err(unsupported(format!("unsupported startup parameter in options: {k}")));
+                    }
+                }
+            }
+            n if n.starts_with("_pq_.") => pq_options.push(name.clone()),
+            n if tracked(n) => {
+                params.insert(lower, value.clone());
+            }
+            n if ignored(n) => {}
+            _ => {
+                return Err(End::Tell(
+                    ErrorFields::new(Severity::Fatal, "08P01", format!("unsupported startup parameter: {name}"))
+                        .with_hint("add it to track_extra_parameters or ignore_startup_parameters in the pgsluice configuration"),
+                ))
+            }
+        }
+    }
+    let negotiate = (s.minor > 0 || !pq_options.is_empty()).then_some(pq_options);
+    Ok(Login { user: user.to_owned(), database: database.to_owned(), params, negotiate })
+}
+
+/// Finishes login: AuthenticationOk, the server's parameters (with the client's own values
+/// for the ones it set), our BackendKeyData, ReadyForQuery.
+async fn welcome(
+    stream: &mut TcpStream,
+    shared: &Arc<Shared>,
+    pool: PoolId,
+    login: &Login,
+    pid: i32,
+    secret: i32,
+) -> Result<(), ErrorFields> {
+    let config = shared.pools.config();
+    let params = match shared.pools.server_params(pool) {
+        Some(p) => p,
+        None => {
+            // The first client of a pool waits for a server, so that it sees real
+            // parameters and hears at once if the server cannot be reached.
+            let checkout = shared.pools.checkout(pool, config.query_wait_timeout).await.map_err(|e| pool_error(&e, Severity::Fatal))?;
+            checkout.release();
+            shared.pools.server_params(pool).unwrap_or_default()
+        }
+    };
+    let mut buf = BytesMut::new();
+    if let Some(options) = &login.negotiate {
+        messages::negotiate_protocol_version(&mut buf, 0, options.clone());
+    }
+    messages::auth_ok(&mut buf);
+    for (name, value) in params.iter() {
+        let own = login.params.get(&name.to_ascii_lowercase());
+        messages::parameter_status(&mut buf, name, own.unwrap_or(value));
+    }
+    messages::backend_key_data(&mut buf, pid, secret);
+    messages::ready_for_query(&mut buf, TransactionStatus::Idle);
+    stream.write_all(&buf).await.map_err(|e| ErrorFields::new(Severity::Fatal, "08006", e.to_string()))
+}
+
+/// The error a client gets when no server could be had.
+fn pool_error(e: &PoolError, severity: Severity) -> ErrorFields {
+    match e {
+        PoolError::WaitTimeout(_) => ErrorFields::new(severity, "53300", e.to_string())
+            .with_hint("all server connections of this pool stayed busy; raise pool_size or query_wait_timeout, or shorten transactions"),
+        PoolError::Server(ServerError::Rejected(f)) => {
+            let mut f = f.clone();
+            f.severity = severity.as_str().to_owned();
+            f.message = format!("pgsluice could not log in to the server: {}", f.message);
+            f
+        }
+        PoolError::Server(se) => ErrorFields::new(severity, "08006", format!("pgsluice could not connect to the server: {se}")),
+    }
+}
+
+/// A logged-in client.
+struct Session {
+    client: ClientConn,
+    shared: Arc<Shared>,
+    pool: PoolId,
+    mode: PoolMode,
+    /// Tracked parameters as the client's startup packet set them (RESET ALL returns here).
+    startup_params: BTreeMap<String, String>,
+    /// Tracked parameters the client wants on every server it gets.
+    params: BTreeMap<String, String>,
+    cancel: crate::cancel::CancelHandle,
+}
+
+enum Wait {
+    Got(Checkout),
+    Cancelled,
+    Failed(PoolError),
+}
+
+impl Session {
+    async fn run(&mut self) -> Result<(), String> {
+        let wait = self.shared.pools.config().query_wait_timeout;
+        loop {
+            // Hold no server until a whole first message of a transaction is here.
+            match self.next_request().await {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(End::Quiet) => return Err("client connection lost".into()),
+                Err(End::Tell(e)) => {
+                    fatal(&mut self.client.stream, &e).await;
+                    return Err(e.message);
+                }
+            }
+            let got = tokio::select! {
+                r = self.shared.pools.checkout(self.pool, wait) => match r {
+                    Ok(c) => Wait::Got(c),
+                    Err(e) => Wait::Failed(e),
+                },
+                // Cancel safety: dropping the checkout leaves the queue and returns any grant.
+                _ = self.cancel.cancelled_while_queued() => Wait::Cancelled,
+            };
+            self.cancel.idle();
+            let mut checkout = match got {
+                Wait::Got(c) => c,
+                Wait::Cancelled => {
+                    let e = ErrorFields::new(Severity::Error, "57014", "canceling statement due to user request")
+                        .with_hint("the statement was cancelled while waiting for a server connection");
+                    self.refuse_request(&e).await?;
+                    continue;
+                }
+                Wait::Failed(e) => {
+                    tracing::info!(error = %e, "no server for client");
+                    self.refuse_request(&pool_error(&e, Severity::Error)).await?;
+                    continue;
+                }
+            };
+            if let Err(e) = sync_params(&self.params, checkout.server()).await {
+                let e = ErrorFields::new(Severity::Fatal, "08P01", format!("pgsluice could not apply the client's parameters: {e}"));
+                fatal(&mut self.client.stream, &e).await;
+                return Err(e.message);
+            }
+            self.cancel.serving(checkout.server().key);
+            let mut txn = Txn::new(self.mode == PoolMode::Transaction);
+            let outcome = relay::transaction(&mut self.client, checkout.server(), &mut txn).await;
+            self.cancel.idle();
+            match outcome {
+                Outcome::Done => {
+                    if !txn.effects.is_empty() {
+                        if let Err(e) = self.refresh_params(checkout.server(), &txn.effects).await {
+                            tracing::warn!(error = %e, "could not read back session parameters; closing that server");
+                            drop(checkout);
+                            continue;
+                        }
+                    }
+                    checkout.release();
+                }
+                Outcome::ClientGone(left) => {
+                    self.leave(checkout, left).await;
+                    return Ok(());
+                }
+                Outcome::ClientError(e, left) => {
+                    fatal(&mut self.client.stream, &e).await;
+                    self.leave(checkout, left).await;
+                    return Err(e.message);
+                }
+                Outcome::ServerGone(why) => {
+                    let e = ErrorFields::new(Severity::Fatal, "08006", "pgsluice: the server connection closed unexpectedly")
+                        .with_hint("the server may have restarted or terminated the session; reconnect and retry");
+                    fatal(&mut self.client.stream, &e).await;
+                    drop(checkout);
+                    return Err(format!("server connection lost: {why}"));
+                }
+            }
+        }
+    }
+
+    /// Waits for the first message of the next request; answers a lone Sync, drops Flush
+    /// and stray COPY messages. `Ok(false)` when the client left.
+    async fn next_request(&mut self) -> Result<bool, End> {
+        loop {
+            match self.client.peek().map_err(End::Tell)? {
+                Peek::Ready(_) => return Ok(true),
+                Peek::Terminate => return Ok(false),
+                Peek::Local(tag, total) => {
+                    self.client.consume(total);
+                    if tag == frontend::SYNC {
+                        let mut buf = BytesMut::new();
+                        messages::ready_for_query(&mut buf, TransactionStatus::Idle);
+                        self.client.stream.write_all(&buf).await?;
+                    }
+                }
+                Peek::NeedMore => {
+                    if !self.client.read_more().await.unwrap_or(false) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers the pending request with an error instead of running it.
+    async fn refuse_request(&mut self, e: &ErrorFields) -> Result<(), String> {
+        loop {
+            match self.client.skip_request() {
+                Ok(true) => break,
+                Ok(false) => {
+                    if !self.client.read_more().await.unwrap_or(false) {
+                        return Err("client left while waiting".into());
+                    }
+                }
+                Err(e) => {
+                    fatal(&mut self.client.stream, &e).await;
+                    return Err(e.message);
+                }
+            }
+        }
+        let mut buf = BytesMut::new();
+        e.encode(&mut buf);
+        messages::ready_for_query(&mut buf, TransactionStatus::Idle);
+        self.client.stream.write_all(&buf).await.map_err(|e| e.to_string())
+    }
+
+    /// The client left: clean its server up and return it, or close it.
+    async fn leave(&mut self, mut checkout: Checkout, left: Leftover) {
+        let timeout = self.shared.pools.config().server_cleanup_timeout;
+        if left == Leftover::Busy {
+            // Stop the work the client started before the server is closed.
+            if let Err(e) = crate::server::send_cancel(checkout.server().key).await {
+                tracing::warn!(error = %e, "could not cancel the query of a client that left");
+            }
+            return; // dropping the checkout closes the server
+        }
+        let server = checkout.server();
+        let clean = tokio::time::timeout(timeout, async {
+            if !relay::clean_up(server, left).await {
+                return false;
+            }
+            if self.mode == PoolMode::Session {
+                let reset = self.shared.pools.config().server_reset_query.clone();
+                if !reset.is_empty() && server.simple_query(&reset).await.is_err() {
+                    return false;
+                }
+                // The reset returned every parameter to its default.
+                server.session.clear();
+            }
+            true
+        })
+        .await
+        .unwrap_or(false);
+        if clean {
+            checkout.release();
+        }
+    }
+
+    /// After a transaction that changed session parameters: reads their values back from the
+    /// server, so the client keeps them on its next server and this server's record is right.
+    async fn refresh_params(&mut self, server: &mut ServerConn, effects: &SessionEffects) -> Result<(), ServerError> {
+        if effects.reset_all {
+            self.params = self.startup_params.clone();
+            server.session.clear();
+        }
+        if effects.touched.is_empty() {
+            return Ok(());
+        }
+        let columns: Vec<String> =
+            effects.touched.iter().map(|n| format!("pg_catalog.current_setting({}, true)", quote_literal(n))).collect();
+        let rows = server.simple_query(&format!("SELECT {}", columns.join(", "))).await?;
+        let row = rows.into_iter().next().unwrap_or_default();
+        for (name, value) in effects.touched.iter().zip(row) {
+            match value {
+                Some(v) => {
+                    self.params.insert(name.clone(), v.clone());
+                    server.session.insert(name.clone(), v);
+                }
+                None => {
+                    self.params.remove(name);
+                    server.session.remove(name);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes the server's session parameters the client's: one round trip, only when they differ.
+async fn sync_params(params: &BTreeMap<String, String>, server: &mut ServerConn) -> Result<(), ServerError> {
+    if *params == server.session {
+        return Ok(());
+    }
+    let mut sql = String::new();
+    for (name, value) in params {
+        if server.session.get(name) != Some(value) {
+            sql.push_str(&format!("SET {} = {};", quote_ident(name), quote_literal(value)));
+        }
+    }
+    for name in server.session.keys() {
+        if !params.contains_key(name) {
+            sql.push_str(&format!("RESET {};", quote_ident(name)));
+        }
+    }
+    server.simple_query(&sql).await?;
+    server.session = params.clone();
+    Ok(())
+}

@@ -1,0 +1,634 @@
+//! Configuration: a TOML file, overridden by `PGSLUICE_…` environment variables, overridden by
+//! command-line flags. Every key is documented in `docs/configuration.md` and shown with its
+//! default in `config/pgsluice.toml`.
+//!
+//! Overrides are merged into the TOML table before it is deserialised, so a value has one
+//! meaning whatever its source: `PGSLUICE_POOL_SIZE=30`, `--pool-size 30` and `pool_size = 30`
+//! are the same setting. Nested keys use `__`: `PGSLUICE_DATABASES__APP__HOST=db.internal`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+
+/// Environment variables with this prefix override config keys.
+pub const ENV_PREFIX: &str = "PGSLUICE_";
+/// Environment variables with the prefix that are not config keys.
+const ENV_NOT_KEYS: [&str; 2] = ["PGSLUICE_CONFIG", "PGSLUICE_LOG"];
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{origin}: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+/// How long a client keeps a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server is lent for one transaction; idle clients hold none.
+    Transaction,
+    /// A server is lent for the client's whole connection, then reset.
+    Session,
+}
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthType {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    /// No password: for sidecars listening on loopback only.
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The whole configuration. Field docs are the one-line summaries of `docs/configuration.md`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to.
+    #[serde(default = "defaults::listen")]
+    pub listen: String,
+    /// Quick mode: one upstream database as a URL `postgres://USER:PASSWORD@HOST:PORT/DBNAME`.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default = "defaults::pool_mode")]
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user) pool.
+    #[serde(default = "defaults::pool_size", deserialize_with = "de::num")]
+    pub pool_size: u32,
+    /// Server connections each pool keeps open even when idle.
+    #[serde(default, deserialize_with = "de::num")]
+    pub min_pool_size: u32,
+    /// Client connections accepted at once.
+    #[serde(default = "defaults::max_client_conn", deserialize_with = "de::num")]
+    pub max_client_conn: u32,
+    /// How long a client waits for a server before it gets SQLSTATE 53300.
+    #[serde(default = "defaults::query_wait_timeout", deserialize_with = "de::duration")]
+    pub query_wait_timeout: Duration,
+    /// How long a client may take to log in.
+    #[serde(default = "defaults::client_login_timeout", deserialize_with = "de::duration")]
+    pub client_login_timeout: Duration,
+    /// How long opening and logging into a server connection may take.
+    #[serde(default = "defaults::server_connect_timeout", deserialize_with = "de::duration")]
+    pub server_connect_timeout: Duration,
+    /// An idle server connection unused this long is closed (down to `min_pool_size`).
+    #[serde(default = "defaults::server_idle_timeout", deserialize_with = "de::duration")]
+    pub server_idle_timeout: Duration,
+    /// A server connection older than this is closed when next idle.
+    #[serde(default = "defaults::server_lifetime", deserialize_with = "de::duration")]
+    pub server_lifetime: Duration,
+    /// An idle server connection unused this long is checked for a closed socket before reuse.
+    #[serde(default = "defaults::server_check_delay", deserialize_with = "de::duration")]
+    pub server_check_delay: Duration,
+    /// How long the proxy spends cleaning a server a client left mid-transaction before closing it.
+    #[serde(default = "defaults::server_cleanup_timeout", deserialize_with = "de::duration")]
+    pub server_cleanup_timeout: Duration,
+    /// Run on a session-mode server before it goes back to the pool; empty for none.
+    #[serde(default = "defaults::server_reset_query")]
+    pub server_reset_query: String,
+    /// Default client authentication method.
+    #[serde(default = "defaults::auth_type")]
+    pub auth_type: AuthType,
+    /// Largest Query or Parse message (bytes) the proxy buffers to inspect.
+    #[serde(default = "defaults::max_query_size", deserialize_with = "de::num")]
+    pub max_query_size: usize,
+    /// Startup parameters accepted and dropped.
+    #[serde(default, deserialize_with = "de::list")]
+    pub ignore_startup_parameters: Vec<String>,
+    /// Startup parameters accepted and kept per client, beyond the built-in list.
+    #[serde(default, deserialize_with = "de::list")]
+    pub track_extra_parameters: Vec<String>,
+    #[serde(default = "defaults::log_format")]
+    pub log_format: LogFormat,
+    /// Client-facing database name → upstream.
+    #[serde(default)]
+    pub databases: BTreeMap<String, Database>,
+    /// Client user name → credentials and overrides.
+    #[serde(default)]
+    pub users: BTreeMap<String, User>,
+}
+
+/// One client-facing database.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    #[serde(default = "defaults::host")]
+    pub host: String,
+    #[serde(default = "defaults::port", deserialize_with = "de::num")]
+    pub port: u16,
+    /// Upstream database name; defaults to the client-facing name.
+    #[serde(default)]
+    pub dbname: Option<String>,
+    /// Log in upstream as this user instead of the client's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Upstream password for `user` (or for the client's user).
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    #[serde(default, deserialize_with = "de::opt_num")]
+    pub pool_size: Option<u32>,
+    #[serde(default, deserialize_with = "de::opt_num")]
+    pub min_pool_size: Option<u32>,
+}
+
+/// One client user.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Plain text, an md5 hash (`md5…`) or a SCRAM verifier (`SCRAM-SHA-256$…`).
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub auth_type: Option<AuthType>,
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    #[serde(default, deserialize_with = "de::opt_num")]
+    pub pool_size: Option<u32>,
+}
+
+/// Everything one pool needs, resolved from the database, user and global keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSettings {
+    pub database: String,
+    pub user: String,
+    pub mode: PoolMode,
+    pub pool_size: u32,
+    pub min_pool_size: u32,
+    pub host: String,
+    pub port: u16,
+    pub upstream_dbname: String,
+    pub upstream_user: String,
+    pub upstream_password: Option<String>,
+}
+
+mod defaults {
+    use super::*;
+    pub fn listen() -> String {
+        "127.0.0.1:6432".into()
+    }
+    pub fn pool_mode() -> PoolMode {
+        PoolMode::Transaction
+    }
+    pub fn pool_size() -> u32 {
+        20
+    }
+    pub fn max_client_conn() -> u32 {
+        10_000
+    }
+    pub fn query_wait_timeout() -> Duration {
+        Duration::from_secs(120)
+    }
+    pub fn client_login_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn server_connect_timeout() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub fn server_idle_timeout() -> Duration {
+        Duration::from_secs(600)
+    }
+    pub fn server_lifetime() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn server_check_delay() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn server_cleanup_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn server_reset_query() -> String {
+        "DISCARD ALL".into()
+    }
+    pub fn auth_type() -> AuthType {
+        AuthType::ScramSha256
+    }
+    pub fn max_query_size() -> usize {
+        32 << 20
+    }
+    pub fn log_format() -> LogFormat {
+        LogFormat::Text
+    }
+    pub fn host() -> String {
+        "127.0.0.1".into()
+    }
+    pub fn port() -> u16 {
+        5432
+    }
+}
+
+/// Lenient deserialisers: values from the environment and flags arrive as strings.
+mod de {
+    use super::*;
+    use serde::de::Error;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(i64),
+        Str(String),
+    }
+
+    pub fn num<'de, D: Deserializer<'de>, T: TryFrom<i64> + std::str::FromStr>(d: D) -> Result<T, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => T::try_from(n).map_err(|_| D::Error::custom(format!("{n} is out of range"))),
+            NumOrStr::Str(s) => s.trim().parse().map_err(|_| D::Error::custom(format!("{s:?} is not a valid number"))),
+        }
+    }
+
+    pub fn opt_num<'de, D: Deserializer<'de>, T: TryFrom<i64> + std::str::FromStr>(d: D) -> Result<Option<T>, D::Error> {
+        num(d).map(Some)
+    }
+
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) if n >= 0 => Ok(Duration::from_secs(n as u64)),
+            NumOrStr::Num(n) => Err(D::Error::custom(format!("{n} is negative"))),
+            NumOrStr::Str(s) => parse_duration(&s).map_err(D::Error::custom),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrStr {
+        List(Vec<String>),
+        Str(String),
+    }
+
+    pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        Ok(match ListOrStr::deserialize(d)? {
+            ListOrStr::List(v) => v,
+            ListOrStr::Str(s) => s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
+        })
+    }
+}
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (try \"30s\", \"5m\", \"250ms\")"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// An upstream URL, as in `DATABASE_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub user: String,
+    pub password: Option<String>,
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+}
+
+impl UpstreamUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or("must start with postgres:// or postgresql://")?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("sslmode", "disable" | "allow" | "prefer")) | Some(("application_name", _)) => {}
+                _ => return Err(format!("unsupported URL parameter {pair:?}")),
+            }
+        }
+        let (userinfo, hostpart) = rest.rsplit_once('@').ok_or("needs USER@HOST")?;
+        let (user, password) = match userinfo.split_once(':') {
+            Some((u, p)) => (percent_decode(u)?, Some(percent_decode(p)?)),
+            None => (percent_decode(userinfo)?, None),
+        };
+        let (hostport, dbname) = hostpart.split_once('/').unwrap_or((hostpart, ""));
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, p) = v6.split_once(']').ok_or("unclosed [ in host")?;
+            (h.to_owned(), p.strip_prefix(':').unwrap_or(""))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), p),
+                None => (hostport.to_owned(), ""),
+            }
+        };
+        let port = if port.is_empty() { 5432 } else { port.parse().map_err(|_| format!("bad port {port:?}"))? };
+        if user.is_empty() || host.is_empty() {
+            return Err("needs a user and a host".into());
+        }
+        let dbname = if dbname.is_empty() { user.clone() } else { percent_decode(dbname)? };
+        Ok(UpstreamUrl { user, password, host, port, dbname })
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or("bad %-escape")?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad %-escape")?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "URL part is not UTF-8".into())
+}
+
+impl Config {
+    /// Loads from an optional file, then the process environment, then `flags` (key, value).
+    pub fn load(file: Option<&Path>, flags: &[(&str, String)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, &env, flags)
+    }
+
+    /// [`Config::load`] with an explicit environment (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        flags: &[(&str, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax { origin: path.display().to_string(), message: e.to_string() })?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            if let Some(key) = name.strip_prefix(ENV_PREFIX) {
+                if ENV_NOT_KEYS.contains(&name.as_str()) {
+                    continue;
+                }
+                let path: Vec<String> = key.split("__").map(|p| p.to_ascii_lowercase()).collect();
+                overlay(&mut table, &path, value).map_err(|reason| invalid(name.clone(), reason))?;
+            }
+        }
+        for (key, value) in flags {
+            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            overlay(&mut table, &path, value).map_err(|reason| invalid(*key, reason))?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            invalid(if key == "." { "config".to_owned() } else { key }, e.into_inner().to_string())
+        })?;
+        config.finish()
+    }
+
+    /// Parses a TOML text (no environment); for tests and `--check-config`.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Syntax { origin: "config".into(), message: e.to_string() })?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| invalid(e.path().to_string(), e.into_inner().to_string()))?;
+        config.finish()
+    }
+
+    /// Folds quick mode into the tables and validates.
+    fn finish(mut self) -> Result<Config, ConfigError> {
+        if let Some(url) = &self.upstream {
+            let u = UpstreamUrl::parse(url).map_err(|r| invalid("upstream", r))?;
+            self.databases.entry(u.dbname.clone()).or_insert(Database {
+                host: u.host,
+                port: u.port,
+                dbname: Some(u.dbname.clone()),
+                user: None,
+                password: None,
+                pool_mode: None,
+                pool_size: None,
+                min_pool_size: None,
+            });
+            self.users.entry(u.user).or_insert(User { password: u.password, auth_type: None, pool_mode: None, pool_size: None });
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.databases.is_empty() {
+            return Err(invalid("databases", "no database configured: add a [databases.NAME] table or set upstream"));
+        }
+        if self.users.is_empty() {
+            return Err(invalid("users", "no user configured: add a [users.NAME] table or set upstream"));
+        }
+        if self.pool_size == 0 {
+            return Err(invalid("pool_size", "must be at least 1"));
+        }
+        if self.min_pool_size > self.pool_size {
+            return Err(invalid("min_pool_size", "must not exceed pool_size"));
+        }
+        if self.max_client_conn == 0 {
+            return Err(invalid("max_client_conn", "must be at least 1"));
+        }
+        if self.max_query_size < 1024 {
+            return Err(invalid("max_query_size", "must be at least 1024 bytes"));
+        }
+        for (key, d) in [
+            ("query_wait_timeout", self.query_wait_timeout),
+            ("client_login_timeout", self.client_login_timeout),
+            ("server_connect_timeout", self.server_connect_timeout),
+            ("server_cleanup_timeout", self.server_cleanup_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be longer than 0"));
+            }
+        }
+        for (name, db) in &self.databases {
+            let key = |k: &str| format!("databases.{name}.{k}");
+            if db.pool_size == Some(0) {
+                return Err(invalid(key("pool_size"), "must be at least 1"));
+            }
+            if db.host.is_empty() {
+                return Err(invalid(key("host"), "must not be empty"));
+            }
+            if name == "pgsluice" || name == "pgbouncer" {
+                return Err(invalid(format!("databases.{name}"), "this name is reserved for the admin console"));
+            }
+        }
+        for (name, user) in &self.users {
+            let auth = user.auth_type.unwrap_or(self.auth_type);
+            let pw = user.password.as_deref();
+            let key = format!("users.{name}.password");
+            match (auth, pw) {
+                (AuthType::Trust, _) => {}
+                (_, None) => return Err(invalid(key, "required unless auth_type is \"trust\"")),
+                (AuthType::Md5, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
+                    return Err(invalid(key, "a SCRAM verifier cannot check md5 logins: give the plain password or an md5 hash"))
+                }
+                (AuthType::ScramSha256, Some(p)) if is_md5_hash(p) => {
+                    return Err(invalid(key, "an md5 hash cannot check SCRAM logins: give the plain password or a SCRAM verifier"))
+                }
+                _ => {}
+            }
+            if user.pool_size == Some(0) {
+                return Err(invalid(format!("users.{name}.pool_size"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves the settings of the pool for a client-facing database and user.
+    pub fn pool_settings(&self, database: &str, user: &str) -> Option<PoolSettings> {
+        let db = self.databases.get(database)?;
+        let u = self.users.get(user);
+        let upstream_user = db.user.clone().unwrap_or_else(|| user.to_owned());
+        let upstream_password = if db.user.is_some() {
+            db.password.clone()
+        } else {
+            db.password.clone().or_else(|| u.and_then(|u| u.password.clone()).filter(|p| is_plain_password(p)))
+        };
+        Some(PoolSettings {
+            database: database.to_owned(),
+            user: user.to_owned(),
+            mode: u.and_then(|u| u.pool_mode).or(db.pool_mode).unwrap_or(self.pool_mode),
+            pool_size: u.and_then(|u| u.pool_size).or(db.pool_size).unwrap_or(self.pool_size),
+            min_pool_size: db.min_pool_size.unwrap_or(self.min_pool_size),
+            host: db.host.clone(),
+            port: db.port,
+            upstream_dbname: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
+            upstream_user,
+            upstream_password,
+        })
+    }
+}
+
+/// Sets `path` in `table` to the string `value`, creating tables on the way.
+fn overlay(table: &mut toml::Table, path: &[String], value: &str) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut t = table;
+    for p in parents {
+        let entry = t.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry.as_table_mut().ok_or_else(|| format!("{p} is not a table"))?;
+    }
+    t.insert(last.clone(), toml::Value::String(value.to_owned()));
+    Ok(())
+}
+
+pub fn is_md5_hash(p: &str) -> bool {
+    p.len() == 35 && p.starts_with("md5") && p[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A password given in clear text (not a hash or verifier).
+pub fn is_plain_password(p: &str) -> bool {
+    !is_md5_hash(p) && !p.starts_with("SCRAM-SHA-256$")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[databases.app]\nhost = \"db\"\n[users.app]\npassword = \"pw\"\n";
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 weeks").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        let u = UpstreamUrl::parse("postgres://app:p%40ss@db.internal:5433/shop").unwrap();
+        assert_eq!(u, UpstreamUrl { user: "app".into(), password: Some("p@ss".into()), host: "db.internal".into(), port: 5433, dbname: "shop".into() });
+        let u = UpstreamUrl::parse("postgresql://app@[::1]/x").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.password), ("::1", 5432, None));
+        assert!(UpstreamUrl::parse("mysql://a@b/c").is_err());
+        assert!(UpstreamUrl::parse("postgres://a@b:notaport/c").is_err());
+        assert!(UpstreamUrl::parse("postgres://a@b/c?sslmode=verify-full").is_err());
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_toml(MIN).unwrap();
+        assert_eq!(c.pool_size, 20);
+        assert_eq!(c.query_wait_timeout, Duration::from_secs(120));
+        let env = vec![
+            ("PGSLUICE_POOL_SIZE".to_owned(), "7".to_owned()),
+            ("PGSLUICE_DATABASES__APP__PORT".to_owned(), "6000".to_owned()),
+            ("PGSLUICE_CONFIG".to_owned(), "ignored".to_owned()),
+            ("HOME".to_owned(), "/root".to_owned()),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, MIN).unwrap();
+        let c = Config::load_from(Some(&path), &env, &[("pool_size", "9".into())]).unwrap();
+        assert_eq!(c.pool_size, 9, "flags beat the environment");
+        assert_eq!(c.databases["app"].port, 6000);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
+        assert!(err(&format!("pool_size = 0\n{MIN}")).starts_with("pool_size:"));
+        assert!(err(&format!("query_wait_timeout = \"soon\"\n{MIN}")).starts_with("query_wait_timeout:"));
+        assert!(err(&format!("pool_mode = \"statement\"\n{MIN}")).starts_with("pool_mode:"));
+        assert!(err(&format!("pool_sise = 3\n{MIN}")).contains("pool_sise"));
+        assert!(err("[databases.app]\nport = \"x\"\n[users.a]\npassword=\"p\"").starts_with("databases.app.port:"));
+        assert!(err("[databases.app]\n[users.a]\n").starts_with("users.a.password:"));
+        assert!(err("").starts_with("databases:"));
+        let env = vec![("PGSLUICE_NOPE".to_owned(), "1".to_owned())];
+        assert!(Config::load_from(None, &env, &[("upstream", "postgres://a:b@h/d".into())]).unwrap_err().to_string().contains("nope"));
+    }
+
+    #[test]
+    fn quick_mode() {
+        let c = Config::load_from(None, &[], &[("upstream", "postgres://app:secret@10.0.0.5:5433/shop".into())]).unwrap();
+        let s = c.pool_settings("shop", "app").unwrap();
+        assert_eq!((s.host.as_str(), s.port, s.upstream_dbname.as_str()), ("10.0.0.5", 5433, "shop"));
+        assert_eq!(s.upstream_password.as_deref(), Some("secret"));
+        assert!(c.pool_settings("other", "app").is_none());
+    }
+
+    /// Every file in `config/` parses, so the examples cannot rot.
+    #[test]
+    fn shipped_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if path.extension().is_some_and(|e| e == "toml") && !name.starts_with("plan") {
+                Config::load_from(Some(&path), &[], &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "config/ holds the example files");
+    }
+}

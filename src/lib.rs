@@ -1,0 +1,29 @@
+//! pgsluice: a PostgreSQL connection pooler that keeps a whole fleet of proxies below
+//! `max_connections / 2`.
+//!
+//! # Layout
+//! - [`app`]: wiring; [`listener`]: accept loop and `max_client_conn`.
+//! - [`client`]: one client's life (handshake, login, the transaction loop).
+//! - [`auth`]: client authentication (SCRAM-SHA-256, md5, trust).
+//! - [`pool`]: pools of server connections, FIFO waiters, the janitor.
+//! - [`server`]: a connection to PostgreSQL (login, the proxy's own queries, cancel).
+//! - [`relay`]: one transaction between a client and a server (the hot path).
+//! - [`protocol`]: framing, startup packets, the few messages built or read whole.
+//! - [`sql`]: statements that change session state, for transaction pooling.
+//! - [`cancel`]: CancelRequest routing.
+//! - [`config`]: the configuration file, environment and flags.
+
+pub mod app;
+pub mod auth;
+pub mod cancel;
+pub mod client;
+pub mod config;
+pub mod listener;
+pub mod pool;
+pub mod protocol;
+pub mod relay;
+pub mod server;
+pub mod sql;
+
+pub use app::run;
+pub use config::Config;

@@ -1,0 +1,128 @@
+//! The `pgsluice` command: parse flags, load the configuration, start logging, serve.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use pgsluice::config::{Config, LogFormat};
+
+/// A PostgreSQL connection pooler that keeps a fleet below max_connections / 2.
+///
+/// Every flag is also a config key and a PGSLUICE_… environment variable
+/// (precedence: flag, then environment, then file).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). Also PGSLUICE_CONFIG.
+    #[arg(short, long, env = "PGSLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate this configuration file and exit.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:6432.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Quick mode: the one upstream database, postgres://USER:PASSWORD@HOST:PORT/DBNAME.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// transaction or session.
+    #[arg(long)]
+    pool_mode: Option<String>,
+    /// Server connections per (database, user) pool.
+    #[arg(long)]
+    pool_size: Option<String>,
+    /// Server connections each pool keeps open.
+    #[arg(long)]
+    min_pool_size: Option<String>,
+    /// Client connections accepted at once.
+    #[arg(long)]
+    max_client_conn: Option<String>,
+    /// How long a client waits for a server, e.g. 120s.
+    #[arg(long)]
+    query_wait_timeout: Option<String>,
+    /// Client authentication: scram-sha-256, md5 or trust.
+    #[arg(long)]
+    auth_type: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+impl Cli {
+    fn flags(&self) -> Vec<(&'static str, String)> {
+        let pairs = [
+            ("listen", &self.listen),
+            ("upstream", &self.upstream),
+            ("pool_mode", &self.pool_mode),
+            ("pool_size", &self.pool_size),
+            ("min_pool_size", &self.min_pool_size),
+            ("max_client_conn", &self.max_client_conn),
+            ("query_wait_timeout", &self.query_wait_timeout),
+            ("auth_type", &self.auth_type),
+            ("log_format", &self.log_format),
+        ];
+        pairs.into_iter().filter_map(|(k, v)| v.clone().map(|v| (k, v))).collect()
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGSLUICE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(path) = &cli.check_config {
+        return match Config::load(Some(path), &[]) {
+            Ok(c) => {
+                println!("{}: ok ({} databases, {} users)", path.display(), c.databases.len(), c.users.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                ExitCode::from(2)
+            }
+        };
+    }
+    let config = match Config::load(cli.config.as_deref(), &cli.flags()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgsluice: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, databases = config.databases.len(), "pgsluice is ready");
+    pgsluice::run(listener, config, shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,283 @@
+//! A connection from the proxy to PostgreSQL ("server", as in PgBouncer): connect, log in,
+//! run the proxy's own small queries, send cancels, close politely.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::PoolSettings;
+use crate::protocol::frame::{self, Scanner};
+use crate::protocol::messages::{self, CStrings, ErrorFields};
+use crate::protocol::{backend, TransactionStatus};
+
+/// Largest message the proxy reads whole from a server outside the relay.
+const MAX_WHOLE_MESSAGE: usize = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("timed out connecting to server {0}")]
+    ConnectTimeout(String),
+    /// The server refused the login (its own ErrorResponse).
+    #[error("server rejected login: {} ({})", .0.message, .0.code)]
+    Rejected(ErrorFields),
+    #[error("server asked for a password, but none is configured for upstream user \"{0}\"")]
+    NoPassword(String),
+    #[error("server asked for an unsupported authentication method ({0})")]
+    UnsupportedAuth(String),
+    #[error("server protocol error: {0}")]
+    Protocol(String),
+    /// A query the proxy ran itself failed.
+    #[error("server query failed: {} ({})", .0.message, .0.code)]
+    Query(ErrorFields),
+    #[error("server connection lost: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What identifies a server session for CancelRequest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerKey {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// One server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// Bytes read from the server and not yet passed on; kept to reuse its allocation.
+    pub buf: BytesMut,
+    /// Where the relay stands in the server's message stream.
+    pub scanner: Scanner,
+    pub key: ServerKey,
+    /// ParameterStatus values the server reported at login.
+    pub reported: Vec<(String, String)>,
+    /// Tracked parameters the proxy has SET on this session (lower-case name → value);
+    /// absent means the server's default.
+    pub session: BTreeMap<String, String>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Index of the pool this connection belongs to.
+    pub pool: usize,
+    pub id: u64,
+}
+
+async fn read_whole(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(u8, BytesMut), ServerError> {
+    loop {
+        if let Some((tag, total)) =
+            frame::header(buf, MAX_WHOLE_MESSAGE).map_err(|e| ServerError::Protocol(e.to_string()))?
+        {
+            if buf.len() >= total {
+                let mut msg = buf.split_to(total);
+                msg.advance(frame::HEADER_LEN);
+                return Ok((tag, msg));
+            }
+        }
+        buf.reserve(8192);
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+fn io_other(e: impl std::fmt::Display) -> ServerError {
+    ServerError::Protocol(e.to_string())
+}
+
+impl ServerConn {
+    /// Opens and logs in a server connection for a pool.
+    pub async fn connect(settings: &PoolSettings, pool: usize, id: u64, timeout: Duration) -> Result<ServerConn, ServerError> {
+        let addr = format!("{}:{}", settings.host, settings.port);
+        tokio::time::timeout(timeout, Self::connect_inner(settings, &addr, pool, id))
+            .await
+            .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
+    }
+
+    async fn connect_inner(settings: &PoolSettings, addr: &str, pool: usize, id: u64) -> Result<ServerConn, ServerError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ServerError::Connect { addr: addr.to_owned(), source })?;
+        stream.set_nodelay(true)?;
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+        let peer = stream.peer_addr()?;
+        let mut conn = ServerConn {
+            stream,
+            buf: BytesMut::with_capacity(16 * 1024),
+            scanner: Scanner::default(),
+            key: ServerKey { addr: peer, pid: 0, secret: 0 },
+            reported: Vec::new(),
+            session: BTreeMap::new(),
+            created: Instant::now(),
+            last_used: Instant::now(),
+            pool,
+            id,
+        };
+        conn.login(settings).await?;
+        Ok(conn)
+    }
+
+    async fn login(&mut self, s: &PoolSettings) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", s.upstream_user.as_str()),
+            ("database", s.upstream_dbname.as_str()),
+            ("application_name", "pgsluice"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut out).map_err(io_other)?;
+        self.stream.write_all(&out).await?;
+        let password = || s.upstream_password.as_deref().ok_or_else(|| ServerError::NoPassword(s.upstream_user.clone()));
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, body) = read_whole(&mut self.stream, &mut self.buf).await?;
+            let mut out = BytesMut::new();
+            match tag {
+                backend::AUTHENTICATION => {
+                    if body.len() < 4 {
+                        return Err(ServerError::Protocol("short authentication message".into()));
+                    }
+                    let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    let data = &body[4..];
+                    match code {
+                        0 => {}
+                        3 => frontend::password_message(password()?.as_bytes(), &mut out).map_err(io_other)?,
+                        5 => {
+                            let salt: [u8; 4] = data.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| io_other("short md5 salt"))?;
+                            let hash = md5_hash(s.upstream_user.as_bytes(), password()?.as_bytes(), salt);
+                            frontend::password_message(hash.as_bytes(), &mut out).map_err(io_other)?;
+                        }
+                        10 => {
+                            let mut mechs = CStrings(data);
+                            let mut found = false;
+                            while let Some(m) = mechs.next_str() {
+                                found |= m == b"SCRAM-SHA-256";
+                            }
+                            if !found {
+                                return Err(ServerError::UnsupportedAuth("SASL without SCRAM-SHA-256".into()));
+                            }
+                            let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), &mut out).map_err(io_other)?;
+                            scram = Some(client);
+                        }
+                        11 => {
+                            let client = scram.as_mut().ok_or_else(|| io_other("unexpected SASLContinue"))?;
+                            client.update(data).map_err(io_other)?;
+                            frontend::sasl_response(client.message(), &mut out).map_err(io_other)?;
+                        }
+                        12 => {
+                            let client = scram.as_mut().ok_or_else(|| io_other("unexpected SASLFinal"))?;
+                            client.finish(data).map_err(io_other)?;
+                        }
+                        other => return Err(ServerError::UnsupportedAuth(format!("code {other}"))),
+                    }
+                    if !out.is_empty() {
+                        self.stream.write_all(&out).await?;
+                    }
+                }
+                backend::PARAMETER_STATUS => {
+                    let mut strs = CStrings(&body);
+                    if let (Some(k), Some(v)) = (strs.next_str(), strs.next_str()) {
+                        self.reported.push((String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()));
+                    }
+                }
+                backend::BACKEND_KEY_DATA if body.len() >= 8 => {
+                    self.key.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    self.key.secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                }
+                backend::ERROR_RESPONSE => return Err(ServerError::Rejected(ErrorFields::parse(&body))),
+                backend::READY_FOR_QUERY => return Ok(()),
+                backend::NOTICE_RESPONSE | backend::NEGOTIATE_PROTOCOL_VERSION => {}
+                other => return Err(ServerError::Protocol(format!("unexpected message {:?} during login", other as char))),
+            }
+        }
+    }
+
+    /// Runs one simple query on an idle server and returns its rows as text.
+    /// Only for the proxy's own small statements (parameter sync, reset, rollback).
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ServerError> {
+        debug_assert!(self.scanner.at_boundary() && self.buf.is_empty());
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        self.stream.write_all(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let (tag, body) = read_whole(&mut self.stream, &mut self.buf).await?;
+            match tag {
+                backend::DATA_ROW => rows.push(parse_data_row(&body)?),
+                backend::ERROR_RESPONSE => error = Some(ErrorFields::parse(&body)),
+                backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE => {
+                    return Err(ServerError::Protocol("the proxy's own query started COPY".into()))
+                }
+                backend::READY_FOR_QUERY => {
+                    if body.first().copied().and_then(TransactionStatus::from_byte) != Some(TransactionStatus::Idle) {
+                        return Err(ServerError::Protocol("server is not idle after the proxy's query".into()));
+                    }
+                    return match error {
+                        Some(e) => Err(ServerError::Query(e)),
+                        None => Ok(rows),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads one whole message (outside the relay only).
+    pub async fn read_message(&mut self) -> Result<(u8, BytesMut), ServerError> {
+        read_whole(&mut self.stream, &mut self.buf).await
+    }
+
+    /// Closes politely: Terminate if the socket takes it right away, then drop.
+    pub fn close(self) {
+        let _ = self.stream.try_write(&messages::TERMINATE);
+    }
+
+    /// True when an idle connection looks alive: nothing to read and no EOF.
+    pub fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
+    let bad = || ServerError::Protocol("malformed DataRow".into());
+    let n = i16::from_be_bytes(body.get(..2).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+    let mut rest = &body[2..];
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(rest.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+        rest = &rest[4..];
+        if len < 0 {
+            row.push(None);
+        } else {
+            let v = rest.get(..len as usize).ok_or_else(bad)?;
+            row.push(Some(String::from_utf8_lossy(v).into_owned()));
+            rest = &rest[len as usize..];
+        }
+    }
+    Ok(row)
+}
+
+/// Asks PostgreSQL to cancel whatever the session `key` is running (a CancelRequest on a new
+/// connection). Waits until the server has read it, so the cancel is in effect on return.
+pub async fn send_cancel(key: ServerKey) -> Result<(), std::io::Error> {
+    let mut stream = TcpStream::connect(key.addr).await?;
+    let mut out = BytesMut::new();
+    frontend::cancel_request(key.pid, key.secret, &mut out);
+    stream.write_all(&out).await?;
+    // The server closes the connection once it has handled the request.
+    let mut sink = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
+    Ok(())
+}

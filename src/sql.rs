@@ -1,0 +1,438 @@
+//! Recognises statements that change state living in a server *session* rather than in a
+//! transaction, so that transaction pooling can keep each client's session state its own.
+//!
+//! This is a lexer, not a parser: it skips comments, strings, quoted identifiers and dollar
+//! quotes, splits statements on `;` and looks at each statement's leading keywords (plus a
+//! few function names anywhere). See `docs/transaction-mode.md` for the per-statement choices.
+
+/// What a query text does to session state, accumulated over one transaction.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SessionEffects {
+    /// Parameters (lower case) a `SET`, `RESET` or `set_config` may have changed.
+    pub touched: Vec<String>,
+    /// `RESET ALL` or `DISCARD ALL` ran: every parameter went back to its default.
+    pub reset_all: bool,
+}
+
+impl SessionEffects {
+    pub fn is_empty(&self) -> bool {
+        self.touched.is_empty() && !self.reset_all
+    }
+
+    fn touch(&mut self, name: String) {
+        if !self.touched.contains(&name) {
+            self.touched.push(name);
+        }
+    }
+}
+
+/// A statement transaction pooling refuses, because its effect would outlive the transaction
+/// on a server session that other clients share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Listen,
+    Prepare,
+    HoldCursor,
+    TempTable,
+    AdvisoryLock,
+    SessionAuthorization,
+    NamedStatement,
+}
+
+impl Refusal {
+    /// SQLSTATE 0A000 (feature_not_supported) message.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::Listen => "pgsluice: LISTEN is not supported in transaction pooling mode",
+            Refusal::Prepare => "pgsluice: SQL PREPARE is not supported in transaction pooling mode",
+            Refusal::HoldCursor => "pgsluice: DECLARE ... WITH HOLD is not supported in transaction pooling mode",
+            Refusal::TempTable => "pgsluice: temporary tables are not supported in transaction pooling mode",
+            Refusal::AdvisoryLock => "pgsluice: session-level advisory locks are not supported in transaction pooling mode",
+            Refusal::SessionAuthorization => {
+                "pgsluice: SET SESSION AUTHORIZATION is not supported in transaction pooling mode"
+            }
+            Refusal::NamedStatement => {
+                "pgsluice: named prepared statements are not supported in transaction pooling mode"
+            }
+        }
+    }
+
+    /// What to do instead.
+    pub fn hint(self) -> &'static str {
+        match self {
+            Refusal::Listen => "Notifications would be delivered to a server connection other clients share. Connect listeners through a pool with pool_mode = \"session\".",
+            Refusal::Prepare => "The statement would stay on a server connection other clients share. Use your driver's protocol-level statements, or pool_mode = \"session\".",
+            Refusal::HoldCursor => "A holdable cursor outlives its transaction on a shared server connection. Use a cursor without WITH HOLD inside a transaction, or pool_mode = \"session\".",
+            Refusal::TempTable => "The table would stay on a server connection other clients share. Create it with ON COMMIT DROP and use it within one transaction, or use pool_mode = \"session\".",
+            Refusal::AdvisoryLock => "The lock would stay on a server connection other clients share. Use pg_advisory_xact_lock() inside a transaction, or pool_mode = \"session\".",
+            Refusal::SessionAuthorization => "Use SET LOCAL ROLE inside a transaction, or pool_mode = \"session\".",
+            Refusal::NamedStatement => "Use unnamed statements, or pool_mode = \"session\" for this client.",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token<'a> {
+    Word(&'a [u8]),
+    QuotedIdent(&'a [u8]),
+    Str(&'a [u8]),
+    Semi,
+    LParen,
+    Dot,
+    Eq,
+    Other,
+}
+
+struct Lexer<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+fn is_ident_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+}
+
+fn is_ident_cont(b: u8) -> bool {
+    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
+}
+
+impl<'a> Lexer<'a> {
+    fn at(&self, k: usize) -> u8 {
+        self.s.get(self.i + k).copied().unwrap_or(0)
+    }
+
+    /// Skips a quoted run ending at `q`, where a doubled `q` is an escaped one.
+    fn quoted(&mut self, q: u8, backslash: bool) -> &'a [u8] {
+        let start = self.i;
+        while self.i < self.s.len() {
+            let b = self.s[self.i];
+            if backslash && b == b'\\' {
+                self.i += 2;
+                continue;
+            }
+            if b == q {
+                if self.at(1) == q {
+                    self.i += 2;
+                    continue;
+                }
+                let body = &self.s[start..self.i];
+                self.i += 1;
+                return body;
+            }
+            self.i += 1;
+        }
+        let end = self.s.len().min(self.i);
+        self.i = self.s.len();
+        &self.s[start..end]
+    }
+
+    fn next_token(&mut self) -> Option<Token<'a>> {
+        loop {
+            let b = *self.s.get(self.i)?;
+            match b {
+                b if b.is_ascii_whitespace() => self.i += 1,
+                b'-' if self.at(1) == b'-' => {
+                    self.i = memchr::memchr(b'\n', &self.s[self.i..]).map_or(self.s.len(), |p| self.i + p);
+                }
+                b'/' if self.at(1) == b'*' => {
+                    let mut depth = 0usize;
+                    while self.i < self.s.len() {
+                        if self.at(0) == b'/' && self.at(1) == b'*' {
+                            depth += 1;
+                            self.i += 2;
+                        } else if self.at(0) == b'*' && self.at(1) == b'/' {
+                            depth -= 1;
+                            self.i += 2;
+                            if depth == 0 {
+                                break;
+                            }
+                        } else {
+                            self.i += 1;
+                        }
+                    }
+                }
+                b'\'' => {
+                    self.i += 1;
+                    return Some(Token::Str(self.quoted(b'\'', false)));
+                }
+                b'"' => {
+                    self.i += 1;
+                    return Some(Token::QuotedIdent(self.quoted(b'"', false)));
+                }
+                b'$' => {
+                    // $n parameter, or a $tag$ ... $tag$ dollar quote.
+                    let mut j = self.i + 1;
+                    while j < self.s.len() && is_ident_cont(self.s[j]) && self.s[j] != b'$' {
+                        j += 1;
+                    }
+                    if j < self.s.len() && self.s[j] == b'$' && !self.at(1).is_ascii_digit() {
+                        let tag = &self.s[self.i..=j];
+                        let body_start = j + 1;
+                        let end = memchr::memmem::find(&self.s[body_start..], tag);
+                        let body_end = end.map_or(self.s.len(), |e| body_start + e);
+                        self.i = end.map_or(self.s.len(), |e| body_start + e + tag.len());
+                        return Some(Token::Str(&self.s[body_start..body_end]));
+                    }
+                    self.i = j.max(self.i + 1);
+                    return Some(Token::Other);
+                }
+                b if is_ident_start(b) => {
+                    let start = self.i;
+                    while self.i < self.s.len() && is_ident_cont(self.s[self.i]) {
+                        self.i += 1;
+                    }
+                    let word = &self.s[start..self.i];
+                    if self.at(0) == b'\'' && (word.eq_ignore_ascii_case(b"e")) {
+                        self.i += 1;
+                        return Some(Token::Str(self.quoted(b'\'', true)));
+                    }
+                    return Some(Token::Word(word));
+                }
+                b';' => {
+                    self.i += 1;
+                    return Some(Token::Semi);
+                }
+                b'(' => {
+                    self.i += 1;
+                    return Some(Token::LParen);
+                }
+                b'.' => {
+                    self.i += 1;
+                    return Some(Token::Dot);
+                }
+                b'=' => {
+                    self.i += 1;
+                    return Some(Token::Eq);
+                }
+                _ => {
+                    self.i += 1;
+                    return Some(Token::Other);
+                }
+            }
+        }
+    }
+}
+
+fn is(t: Option<&Token>, kw: &str) -> bool {
+    matches!(t, Some(Token::Word(w)) if w.eq_ignore_ascii_case(kw.as_bytes()))
+}
+
+const SESSION_LOCK_FUNCTIONS: [&str; 4] =
+    ["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
+
+/// Scans a query text (one or many statements). Records the parameters it may change into
+/// `effects`; returns a refusal when `transaction_mode` and the text holds session state.
+pub fn classify(sql: &[u8], transaction_mode: bool, effects: &mut SessionEffects) -> Option<Refusal> {
+    let mut lexer = Lexer { s: sql, i: 0 };
+    let mut stmt: Vec<Token> = Vec::new();
+    let mut refusal = None;
+    loop {
+        let tok = lexer.next_token();
+        match tok {
+            Some(Token::Semi) | None => {
+                if !stmt.is_empty() {
+                    if let Some(r) = statement(&stmt, effects) {
+                        refusal.get_or_insert(r);
+                    }
+                    stmt.clear();
+                }
+                if tok.is_none() {
+                    break;
+                }
+            }
+            Some(t) => stmt.push(t),
+        }
+    }
+    if transaction_mode {
+        refusal
+    } else {
+        None
+    }
+}
+
+fn name_of(t: Option<&Token>) -> Option<String> {
+    match t {
+        Some(Token::Word(w)) => Some(String::from_utf8_lossy(w).to_ascii_lowercase()),
+        Some(Token::QuotedIdent(w)) => Some(String::from_utf8_lossy(w).into_owned()),
+        _ => None,
+    }
+}
+
+/// A (possibly dotted, as in `myapp.tenant`) parameter name starting at `toks[0]`.
+fn param_name(toks: &[Token]) -> Option<String> {
+    let mut name = name_of(toks.first())?;
+    let mut i = 1;
+    while toks.get(i) == Some(&Token::Dot) {
+        name.push('.');
+        name.push_str(&name_of(toks.get(i + 1))?);
+        i += 2;
+    }
+    Some(name)
+}
+
+fn statement(t: &[Token], effects: &mut SessionEffects) -> Option<Refusal> {
+    let first = t.first();
+    let mut refusal = None;
+    if is(first, "set") {
+        let mut rest = &t[1..];
+        if is(rest.first(), "local") || is(rest.first(), "transaction") {
+            return None;
+        }
+        if is(rest.first(), "session") {
+            rest = &rest[1..];
+            if is(rest.first(), "authorization") {
+                return Some(Refusal::SessionAuthorization);
+            }
+            if is(rest.first(), "characteristics") {
+                for n in ["default_transaction_isolation", "default_transaction_read_only", "default_transaction_deferrable"] {
+                    effects.touch(n.to_owned());
+                }
+                return None;
+            }
+        }
+        special_or_named(rest, effects);
+    } else if is(first, "reset") {
+        let rest = &t[1..];
+        if is(rest.first(), "all") {
+            effects.reset_all = true;
+        } else if !is(rest.first(), "session") {
+            special_or_named(rest, effects);
+        }
+    } else if is(first, "discard") {
+        if is(t.get(1), "all") {
+            effects.reset_all = true;
+        }
+    } else if is(first, "listen") {
+        refusal = Some(Refusal::Listen);
+    } else if is(first, "prepare") && !is(t.get(1), "transaction") {
+        refusal = Some(Refusal::Prepare);
+    } else if is(first, "declare") && t.windows(2).any(|w| is(Some(&w[0]), "with") && is(Some(&w[1]), "hold")) {
+        refusal = Some(Refusal::HoldCursor);
+    } else if is(first, "create") {
+        let mut i = 1;
+        if is(t.get(i), "or") && is(t.get(i + 1), "replace") {
+            i += 2;
+        }
+        if is(t.get(i), "global") || is(t.get(i), "local") {
+            i += 1;
+        }
+        let temp = is(t.get(i), "temp") || is(t.get(i), "temporary");
+        let drops = t.windows(3).any(|w| is(Some(&w[0]), "on") && is(Some(&w[1]), "commit") && is(Some(&w[2]), "drop"));
+        if temp && !drops {
+            refusal = Some(Refusal::TempTable);
+        }
+    }
+    // Function calls anywhere in the statement.
+    for (i, tok) in t.iter().enumerate() {
+        if let Token::Word(w) = tok {
+            if t.get(i + 1) != Some(&Token::LParen) {
+                continue;
+            }
+            if SESSION_LOCK_FUNCTIONS.iter().any(|f| w.eq_ignore_ascii_case(f.as_bytes())) {
+                refusal.get_or_insert(Refusal::AdvisoryLock);
+            } else if w.eq_ignore_ascii_case(b"set_config") {
+                if let Some(Token::Str(name)) = t.get(i + 2) {
+                    effects.touch(String::from_utf8_lossy(name).to_ascii_lowercase());
+                }
+            }
+        }
+    }
+    refusal
+}
+
+/// `SET`/`RESET` targets: the special forms, else a parameter name.
+fn special_or_named(rest: &[Token], effects: &mut SessionEffects) {
+    let name = if is(rest.first(), "time") && is(rest.get(1), "zone") {
+        Some("timezone".to_owned())
+    } else if is(rest.first(), "names") {
+        Some("client_encoding".to_owned())
+    } else if is(rest.first(), "schema") {
+        Some("search_path".to_owned())
+    } else if is(rest.first(), "xml") && is(rest.get(1), "option") {
+        Some("xmloption".to_owned())
+    } else {
+        param_name(rest)
+    };
+    if let Some(name) = name {
+        effects.touch(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(sql: &str) -> (Option<Refusal>, SessionEffects) {
+        let mut e = SessionEffects::default();
+        let r = classify(sql.as_bytes(), true, &mut e);
+        (r, e)
+    }
+
+    #[test]
+    fn plain_queries_do_nothing() {
+        for q in ["SELECT 1", "select abalance from pgbench_accounts where aid = 5;", "BEGIN; UPDATE t SET a = 1; COMMIT", ""] {
+            assert_eq!(run(q), (None, SessionEffects::default()), "{q}");
+        }
+    }
+
+    #[test]
+    fn set_forms() {
+        assert_eq!(run("SET TimeZone = 'UTC'").1.touched, vec!["timezone"]);
+        assert_eq!(run("set session statement_timeout to 5000").1.touched, vec!["statement_timeout"]);
+        assert_eq!(run("SET TIME ZONE 'Europe/Paris'").1.touched, vec!["timezone"]);
+        assert_eq!(run("SET NAMES 'LATIN1'").1.touched, vec!["client_encoding"]);
+        assert_eq!(run("SET myapp.tenant = '7'").1.touched, vec!["myapp.tenant"]);
+        assert_eq!(run("SET \"DateStyle\" TO ISO").1.touched, vec!["DateStyle"]);
+        assert!(run("SET LOCAL timezone = 'UTC'").1.is_empty());
+        assert!(run("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").1.is_empty());
+        assert_eq!(run("RESET search_path").1.touched, vec!["search_path"]);
+        assert!(run("RESET ALL").1.reset_all);
+        assert!(run("DISCARD ALL").1.reset_all);
+        assert_eq!(run("SELECT set_config('search_path', 'x', false)").1.touched, vec!["search_path"]);
+        assert_eq!(run("SELECT 1; SET work_mem = '1MB'; SET work_mem = '2MB'").1.touched, vec!["work_mem"]);
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(run("LISTEN jobs").0, Some(Refusal::Listen));
+        assert_eq!(run("select 1; listen jobs").0, Some(Refusal::Listen));
+        assert_eq!(run("PREPARE p AS SELECT 1").0, Some(Refusal::Prepare));
+        assert_eq!(run("PREPARE TRANSACTION 'x'").0, None);
+        assert_eq!(run("DECLARE c CURSOR WITH HOLD FOR SELECT 1").0, Some(Refusal::HoldCursor));
+        assert_eq!(run("DECLARE c CURSOR FOR SELECT 1").0, None);
+        assert_eq!(run("CREATE TEMP TABLE t (a int)").0, Some(Refusal::TempTable));
+        assert_eq!(run("create global temporary table t (a int)").0, Some(Refusal::TempTable));
+        assert_eq!(run("CREATE TEMP TABLE t (a int) ON COMMIT DROP").0, None);
+        assert_eq!(run("CREATE TABLE temp (a int)").0, None);
+        assert_eq!(run("SELECT pg_advisory_lock(1)").0, Some(Refusal::AdvisoryLock));
+        assert_eq!(run("SELECT pg_catalog.pg_try_advisory_lock_shared(1, 2)").0, Some(Refusal::AdvisoryLock));
+        assert_eq!(run("SELECT pg_advisory_xact_lock(1)").0, None);
+        assert_eq!(run("SET SESSION AUTHORIZATION bob").0, Some(Refusal::SessionAuthorization));
+        let mut e = SessionEffects::default();
+        assert_eq!(classify(b"LISTEN x", false, &mut e), None, "session mode refuses nothing");
+    }
+
+    #[test]
+    fn strings_and_comments_hide_keywords() {
+        for q in [
+            "SELECT 'LISTEN x'",
+            "SELECT 1 -- ; LISTEN x",
+            "SELECT /* ; LISTEN /* nested */ x */ 1",
+            "SELECT $$; LISTEN x$$",
+            "SELECT $tag$ ; listen x $tag$",
+            "SELECT E'\\'; LISTEN x'",
+            "SELECT \"pg_advisory_lock\"",
+            "SELECT 'pg_advisory_lock('",
+        ] {
+            assert_eq!(run(q).0, None, "{q}");
+        }
+        assert_eq!(run("SELECT $1; LISTEN x").0, Some(Refusal::Listen));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for q in ["'", "\"", "$", "$a", "/*", "--", "E'\\", "$a$ unterminated", "set", "set a.", "reset", "(((", "\u{ff}"] {
+            run(q);
+        }
+    }
+}
