@@ -1,0 +1,131 @@
+//! Test harness: a throwaway PostgreSQL per test binary, pgsluice in-process or as the built
+//! binary, and small client helpers.
+#![allow(dead_code)]
+
+pub mod pg;
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub use pg::TestPostgres;
+use tokio_postgres::{Client, NoTls};
+
+static PG: OnceLock<TestPostgres> = OnceLock::new();
+
+/// The PostgreSQL server shared by the tests of one binary.
+pub fn pg() -> &'static TestPostgres {
+    PG.get_or_init(|| TestPostgres::start(&[]))
+}
+
+/// Connects with tokio-postgres and drives the connection in the background.
+pub async fn connect(conn: &str) -> Client {
+    try_connect(conn).await.unwrap_or_else(|e| panic!("connect {conn}: {e}"))
+}
+
+pub async fn try_connect(conn: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// pgsluice running inside the test process; stops when dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Proxy {
+    /// Starts pgsluice with a TOML configuration (the listen key is ignored).
+    pub async fn start(toml: &str) -> Proxy {
+        let config = pgsluice::Config::from_toml(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(pgsluice::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Proxy { addr, stop: Some(stop) }
+    }
+
+    /// A tokio-postgres connection string to the proxy.
+    pub fn conn(&self, user: &str, password: &str, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user={user} password={password} dbname={db}", self.addr.port())
+    }
+
+    /// Connects as `name` (password `name`-pw) to database `name`.
+    pub async fn client(&self, name: &str) -> Client {
+        connect(&self.conn(name, &format!("{name}-pw"), name)).await
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Config for one app database `name` on the test server, plus extra top-level keys.
+pub fn app_config(pg: &TestPostgres, name: &str, top: &str) -> String {
+    format!(
+        "{top}\n[databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\n[users.{name}]\npassword = \"{name}-pw\"\n",
+        pg.port
+    )
+}
+
+/// Creates the app role and database and starts a proxy for it.
+pub async fn app(name: &str, top: &str) -> Proxy {
+    let pg = pg();
+    pg.create_app(name).await;
+    Proxy::start(&app_config(pg, name, top)).await
+}
+
+/// Server connections the proxy holds for a role (from pg_stat_activity).
+pub async fn server_conns(admin: &Client, role: &str) -> i64 {
+    admin
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'", &[&role])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The SQLSTATE of an error, for assertions.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| d.code().code().to_owned()).unwrap_or_else(|| format!("not a database error: {e}"))
+}
+
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string())
+}
+
+/// Polls `f` until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first column of the first row of a simple query, as text.
+pub async fn scalar(client: &Client, sql: &str) -> String {
+    for m in client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")) {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return r.get(0).unwrap_or("NULL").to_owned();
+        }
+    }
+    panic!("{sql}: no rows")
+}
