@@ -464,12 +464,14 @@ async fn sync_params(params: &BTreeMap<String, String>, server: &mut ServerConn)
     if *params == server.session {
         return Ok(());
     }
-    let mut sql = String::new();
-    for (name, value) in params {
-        if server.session.get(name) != Some(value) {
-            sql.push_str(&format!("SET {} = {};", quote_ident(name), quote_literal(value)));
-        }
-    }
+    // set_config parses a value as the config file does, so list values such as
+    // `a, "$user"` round-trip (SET would take one quoted string as a single element).
+    let sets: Vec<String> = params
+        .iter()
+        .filter(|(name, value)| server.session.get(*name) != Some(*value))
+        .map(|(name, value)| format!("pg_catalog.set_config({}, {}, false)", quote_literal(name), quote_literal(value)))
+        .collect();
+    let mut sql = if sets.is_empty() { String::new() } else { format!("SELECT {};", sets.join(", ")) };
     for name in server.session.keys() {
         if !params.contains_key(name) {
             sql.push_str(&format!("RESET {};", quote_ident(name)));
