@@ -97,9 +97,6 @@ pub struct Config {
     /// A server connection older than this is closed when next idle.
     #[serde(default = "defaults::server_lifetime", deserialize_with = "de::duration")]
     pub server_lifetime: Duration,
-    /// An idle server connection unused this long is checked for a closed socket before reuse.
-    #[serde(default = "defaults::server_check_delay", deserialize_with = "de::duration")]
-    pub server_check_delay: Duration,
     /// How long the proxy spends cleaning a server a client left mid-transaction before closing it.
     #[serde(default = "defaults::server_cleanup_timeout", deserialize_with = "de::duration")]
     pub server_cleanup_timeout: Duration,
@@ -211,9 +208,6 @@ mod defaults {
     }
     pub fn server_lifetime() -> Duration {
         Duration::from_secs(3600)
-    }
-    pub fn server_check_delay() -> Duration {
-        Duration::from_secs(30)
     }
     pub fn server_cleanup_timeout() -> Duration {
         Duration::from_secs(5)

@@ -355,3 +355,60 @@ async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
     }
     out
 }
+
+/// min_pool_size opens servers before any client; server_idle_timeout closes the extra ones.
+#[tokio::test]
+async fn janitor_keeps_minimum_and_closes_idle() {
+    let proxy = app("janitor", "pool_size = 4\nmin_pool_size = 2\nserver_idle_timeout = \"1s\"").await;
+    let admin = pg().admin().await;
+    assert!(
+        eventually(Duration::from_secs(5), || async { server_conns(&admin, "janitor").await == 2 }).await,
+        "min_pool_size servers open with no client"
+    );
+    let clients: Vec<_> = futures_join((0..4).map(|_| proxy.client("janitor")).collect()).await;
+    for c in &clients {
+        c.batch_execute("BEGIN").await.unwrap();
+    }
+    assert_eq!(server_conns(&admin, "janitor").await, 4);
+    for c in &clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async { server_conns(&admin, "janitor").await == 2 }).await,
+        "idle servers above min_pool_size close after server_idle_timeout"
+    );
+}
+
+/// server_lifetime retires old servers; a server that died while idle is never handed out.
+#[tokio::test]
+async fn old_and_dead_servers_are_replaced() {
+    let proxy = app("lifetime", "pool_size = 1\nserver_lifetime = \"1s\"").await;
+    let c = proxy.client("lifetime").await;
+    let first = scalar(&c, "SELECT pg_backend_pid()").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = scalar(&c, "SELECT pg_backend_pid()").await;
+    assert_ne!(first, second, "a server past server_lifetime is replaced");
+    // Kill the idle server behind the proxy's back: the next transaction gets a fresh one.
+    let admin = pg().admin().await;
+    admin.batch_execute(&format!("SELECT pg_terminate_backend({second})")).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { server_conns(&admin, "lifetime").await == 0 }).await);
+    let third = scalar(&c, "SELECT pg_backend_pid()").await;
+    assert_ne!(third, second);
+}
+
+/// A server that dies mid-transaction: the client is told (08006) and the proxy goes on.
+#[tokio::test]
+async fn server_dies_mid_transaction() {
+    let proxy = app("srvdie", "pool_size = 1").await;
+    let c = proxy.client("srvdie").await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let pid = scalar(&c, "SELECT pg_backend_pid()").await;
+    let admin = pg().admin().await;
+    admin.batch_execute(&format!("SELECT pg_terminate_backend({pid})")).await.unwrap();
+    let e = c.batch_execute("SELECT 1").await.unwrap_err();
+    // The server's own FATAL (57P01) is relayed first; either it or ours ends the session.
+    let code = e.as_db_error().map(|d| d.code().code().to_owned());
+    assert!(matches!(code.as_deref(), Some("57P01") | Some("08006") | None), "{e}");
+    let d = proxy.client("srvdie").await;
+    assert_eq!(scalar(&d, "SELECT 1").await, "1");
+}

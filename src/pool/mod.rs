@@ -33,6 +33,9 @@ pub enum PoolError {
     Server(#[from] ServerError),
 }
 
+/// How long the janitor waits before topping a pool up again after a failed connect.
+const CONNECT_RETRY_DELAY: Duration = Duration::from_secs(5);
+
 /// Identifies a pool for its whole life.
 pub type PoolId = usize;
 
@@ -62,6 +65,8 @@ struct Pool {
     waiters: VecDeque<Waiter>,
     /// ParameterStatus set of the first server, shown to clients at login.
     params: Option<Arc<Vec<(String, String)>>>,
+    /// After a failed connect, the janitor leaves the pool alone until then.
+    retry_after: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -89,8 +94,17 @@ pub struct Pools {
 }
 
 impl Pools {
+    /// Creates the pools; those with `min_pool_size` start filling at once.
     pub fn new(config: Arc<Config>) -> Arc<Pools> {
-        Arc::new(Pools { state: Mutex::new(State::default()), config, next_id: AtomicU64::new(1) })
+        let pools = Arc::new(Pools { state: Mutex::new(State::default()), config, next_id: AtomicU64::new(1) });
+        for db in pools.config.databases.keys() {
+            for user in pools.config.users.keys() {
+                if pools.config.pool_settings(db, user).is_some_and(|s| s.min_pool_size > 0) {
+                    pools.pool_for(db, user);
+                }
+            }
+        }
+        pools
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -108,7 +122,14 @@ impl Pools {
         }
         let settings = self.config.pool_settings(database, user)?;
         let id = st.pools.len();
-        st.pools.push(Pool { settings: Arc::new(settings), idle: Vec::new(), open: 0, waiters: VecDeque::new(), params: None });
+        st.pools.push(Pool {
+            settings: Arc::new(settings),
+            idle: Vec::new(),
+            open: 0,
+            waiters: VecDeque::new(),
+            params: None,
+            retry_after: None,
+        });
         st.by_key.insert(key, id);
         Some(id)
     }
@@ -167,7 +188,9 @@ impl Pools {
             };
             match grant {
                 Grant::Server(server) => {
-                    if server.last_used.elapsed() >= self.config.server_check_delay && !server.looks_alive() {
+                    // Costs no system call unless the socket was flagged readable: a server
+                    // that closed (restart, idle_session_timeout, failover) is caught here.
+                    if !server.looks_alive() {
                         tracing::info!(server = server.id, "closing a server found dead or dirty while idle");
                         self.discard(server);
                         continue;
@@ -198,6 +221,7 @@ impl Pools {
                 Ok(server)
             }
             Err(e) => {
+                self.lock().pools[pool].retry_after = Some(Instant::now() + CONNECT_RETRY_DELAY);
                 tracing::warn!(database = %settings.database, user = %settings.user, error = %e, "server connection failed");
                 Err(e.into())
             }
@@ -271,7 +295,11 @@ impl Pools {
     fn reserve_minimum(&self) -> Vec<PoolId> {
         let mut st = self.lock();
         let mut out = Vec::new();
+        let now = Instant::now();
         for (id, p) in st.pools.iter_mut().enumerate() {
+            if p.retry_after.is_some_and(|t| now < t) {
+                continue;
+            }
             while p.open < p.settings.min_pool_size.min(p.settings.pool_size) {
                 p.open += 1;
                 out.push(id);
