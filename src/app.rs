@@ -23,7 +23,11 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
         let credentials = Credentials::from_config(&config);
-        Arc::new(Shared { pools: Pools::new(Arc::new(config)), credentials, cancels: Arc::new(Cancels::default()) })
+        Arc::new(Shared {
+            pools: Pools::new(Arc::new(config)),
+            credentials,
+            cancels: Arc::new(Cancels::default()),
+        })
     }
 }
 

@@ -62,12 +62,20 @@ impl Cancels {
             queued_cancel: Notify::new(),
         });
         map.insert(pid, client.clone());
-        CancelHandle { cancels: self.clone(), client }
+        CancelHandle {
+            cancels: self.clone(),
+            client,
+        }
     }
 
     /// Handles a CancelRequest. Unknown keys do nothing.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let client = self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&pid).cloned();
+        let client = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pid)
+            .cloned();
         let Some(client) = client else { return };
         if !bool::from(client.secret.to_be_bytes().ct_eq(&secret.to_be_bytes())) {
             return;
@@ -112,6 +120,10 @@ impl CancelHandle {
 
 impl Drop for CancelHandle {
     fn drop(&mut self) {
-        self.cancels.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.client.pid);
+        self.cancels
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.client.pid);
     }
 }

@@ -62,7 +62,10 @@ struct Login {
 
 /// Serves one accepted client connection until it ends. Errors end here, logged once.
 pub async fn handle(stream: TcpStream, shared: Arc<Shared>) {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     async move {
         match serve(stream, &shared).await {
@@ -83,10 +86,15 @@ async fn fatal(stream: &mut TcpStream, e: &ErrorFields) {
 
 async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String> {
     let config = shared.pools.config();
-    let login = tokio::time::timeout(config.client_login_timeout, handshake(&mut stream, shared)).await;
+    let login =
+        tokio::time::timeout(config.client_login_timeout, handshake(&mut stream, shared)).await;
     let login = match login {
         Err(_) => {
-            let e = ErrorFields::new(Severity::Fatal, "08P01", "client_login_timeout: login took too long");
+            let e = ErrorFields::new(
+                Severity::Fatal,
+                "08P01",
+                "client_login_timeout: login took too long",
+            );
             fatal(&mut stream, &e).await;
             return Err(e.message);
         }
@@ -98,15 +106,30 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String
             return Err(e.message);
         }
     };
-    tracing::Span::current().record("user", login.user.as_str()).record("database", login.database.as_str());
+    tracing::Span::current()
+        .record("user", login.user.as_str())
+        .record("database", login.database.as_str());
     let Some(pool) = shared.pools.pool_for(&login.database, &login.user) else {
-        let e = ErrorFields::new(Severity::Fatal, "3D000", format!("database \"{}\" does not exist", login.database))
-            .with_hint("pgsluice serves only the databases in its configuration");
+        let e = ErrorFields::new(
+            Severity::Fatal,
+            "3D000",
+            format!("database \"{}\" does not exist", login.database),
+        )
+        .with_hint("pgsluice serves only the databases in its configuration");
         fatal(&mut stream, &e).await;
         return Err(e.message);
     };
     let cancel = shared.cancels.register();
-    if let Err(e) = welcome(&mut stream, shared, pool, &login, cancel.client.pid, cancel.client.secret).await {
+    if let Err(e) = welcome(
+        &mut stream,
+        shared,
+        pool,
+        &login,
+        cancel.client.pid,
+        cancel.client.secret,
+    )
+    .await
+    {
         fatal(&mut stream, &e).await;
         return Err(e.message);
     }
@@ -129,24 +152,42 @@ async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Optio
     // SSLRequest and GSSENCRequest may each come once before the startup packet.
     for _ in 0..3 {
         match startup::read_packet(stream).await {
-            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => stream.write_all(b"N").await?,
+            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
+                stream.write_all(b"N").await?
+            }
             Ok(StartupPacket::Cancel { pid, secret }) => {
                 shared.cancels.cancel(pid, secret).await;
                 return Ok(None);
             }
             Ok(StartupPacket::Startup(s)) => {
                 let login = check_startup(&s, shared)?;
-                auth::authenticate(stream, &shared.credentials, &login.user).await.map_err(|e| match e {
-                    auth::AuthError::Io(_) => End::Quiet,
-                    e => End::Tell(ErrorFields::new(Severity::Fatal, e.sqlstate(), e.to_string())),
-                })?;
+                auth::authenticate(stream, &shared.credentials, &login.user)
+                    .await
+                    .map_err(|e| match e {
+                        auth::AuthError::Io(_) => End::Quiet,
+                        e => End::Tell(ErrorFields::new(
+                            Severity::Fatal,
+                            e.sqlstate(),
+                            e.to_string(),
+                        )),
+                    })?;
                 return Ok(Some(login));
             }
             Err(StartupError::Io(_)) => return Err(End::Quiet),
-            Err(e) => return Err(End::Tell(ErrorFields::new(Severity::Fatal, "08P01", format!("invalid startup packet: {e}")))),
+            Err(e) => {
+                return Err(End::Tell(ErrorFields::new(
+                    Severity::Fatal,
+                    "08P01",
+                    format!("invalid startup packet: {e}"),
+                )))
+            }
         }
     }
-    Err(End::Tell(ErrorFields::new(Severity::Fatal, "08P01", "invalid startup packet: too many encryption requests")))
+    Err(End::Tell(ErrorFields::new(
+        Severity::Fatal,
+        "08P01",
+        "invalid startup packet: too many encryption requests",
+    )))
 }
 
 fn unsupported(msg: String) -> End {
@@ -160,17 +201,35 @@ fn check_startup(s: &Startup, shared: &Shared) -> Result<Login, End> {
         return Err(End::Tell(ErrorFields::new(
             Severity::Fatal,
             "0A000",
-            format!("unsupported frontend protocol {}.{}: server supports 3.0 to 3.0", s.major, s.minor),
+            format!(
+                "unsupported frontend protocol {}.{}: server supports 3.0 to 3.0",
+                s.major, s.minor
+            ),
         )));
     }
     let user = s.get("user").filter(|u| !u.is_empty()).ok_or_else(|| {
-        End::Tell(ErrorFields::new(Severity::Fatal, "28000", "no PostgreSQL user name specified in startup packet"))
+        End::Tell(ErrorFields::new(
+            Severity::Fatal,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        ))
     })?;
     let database = s.get("database").filter(|d| !d.is_empty()).unwrap_or(user);
     let mut params = BTreeMap::new();
     let mut pq_options = Vec::new();
-    let tracked = |name: &str| TRACKED_PARAMETERS.contains(&name) || config.track_extra_parameters.iter().any(|p| p.eq_ignore_ascii_case(name));
-    let ignored = |name: &str| config.ignore_startup_parameters.iter().any(|p| p.eq_ignore_ascii_case(name));
+    let tracked = |name: &str| {
+        TRACKED_PARAMETERS.contains(&name)
+            || config
+                .track_extra_parameters
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(name))
+    };
+    let ignored = |name: &str| {
+        config
+            .ignore_startup_parameters
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(name))
+    };
     for (name, value) in &s.params {
         let lower = name.to_ascii_lowercase();
         match lower.as_str() {
@@ -202,7 +261,12 @@ fn check_startup(s: &Startup, shared: &Shared) -> Result<Login, End> {
         }
     }
     let negotiate = (s.minor > 0 || !pq_options.is_empty()).then_some(pq_options);
-    Ok(Login { user: user.to_owned(), database: database.to_owned(), params, negotiate })
+    Ok(Login {
+        user: user.to_owned(),
+        database: database.to_owned(),
+        params,
+        negotiate,
+    })
 }
 
 /// Finishes login: AuthenticationOk, the server's parameters (with the client's own values
@@ -221,7 +285,11 @@ async fn welcome(
         None => {
             // The first client of a pool waits for a server, so that it sees real
             // parameters and hears at once if the server cannot be reached.
-            let checkout = shared.pools.checkout(pool, config.query_wait_timeout).await.map_err(|e| pool_error(&e, Severity::Fatal))?;
+            let checkout = shared
+                .pools
+                .checkout(pool, config.query_wait_timeout)
+                .await
+                .map_err(|e| pool_error(&e, Severity::Fatal))?;
             checkout.release();
             shared.pools.server_params(pool).unwrap_or_default()
         }
@@ -237,7 +305,10 @@ async fn welcome(
     }
     messages::backend_key_data(&mut buf, pid, secret);
     messages::ready_for_query(&mut buf, TransactionStatus::Idle);
-    stream.write_all(&buf).await.map_err(|e| ErrorFields::new(Severity::Fatal, "08006", e.to_string()))
+    stream
+        .write_all(&buf)
+        .await
+        .map_err(|e| ErrorFields::new(Severity::Fatal, "08006", e.to_string()))
 }
 
 /// The error a client gets when no server could be had.
@@ -300,19 +371,28 @@ impl Session {
             let mut checkout = match got {
                 Wait::Got(c) => c,
                 Wait::Cancelled => {
-                    let e = ErrorFields::new(Severity::Error, "57014", "canceling statement due to user request")
-                        .with_hint("the statement was cancelled while waiting for a server connection");
+                    let e = ErrorFields::new(
+                        Severity::Error,
+                        "57014",
+                        "canceling statement due to user request",
+                    )
+                    .with_hint("the statement was cancelled while waiting for a server connection");
                     self.refuse_request(&e).await?;
                     continue;
                 }
                 Wait::Failed(e) => {
                     tracing::info!(error = %e, "no server for client");
-                    self.refuse_request(&pool_error(&e, Severity::Error)).await?;
+                    self.refuse_request(&pool_error(&e, Severity::Error))
+                        .await?;
                     continue;
                 }
             };
             if let Err(e) = sync_params(&self.params, checkout.server()).await {
-                let e = ErrorFields::new(Severity::Fatal, "08P01", format!("pgsluice could not apply the client's parameters: {e}"));
+                let e = ErrorFields::new(
+                    Severity::Fatal,
+                    "08P01",
+                    format!("pgsluice could not apply the client's parameters: {e}"),
+                );
                 fatal(&mut self.client.stream, &e).await;
                 return Err(e.message);
             }
@@ -394,7 +474,11 @@ impl Session {
         let mut buf = BytesMut::new();
         e.encode(&mut buf);
         messages::ready_for_query(&mut buf, TransactionStatus::Idle);
-        self.client.stream.write_all(&buf).await.map_err(|e| e.to_string())
+        self.client
+            .stream
+            .write_all(&buf)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// The client left: clean its server up and return it, or close it.
@@ -431,7 +515,11 @@ impl Session {
 
     /// After a transaction that changed session parameters: reads their values back from the
     /// server, so the client keeps them on its next server and this server's record is right.
-    async fn refresh_params(&mut self, server: &mut ServerConn, effects: &SessionEffects) -> Result<(), ServerError> {
+    async fn refresh_params(
+        &mut self,
+        server: &mut ServerConn,
+        effects: &SessionEffects,
+    ) -> Result<(), ServerError> {
         if effects.reset_all {
             self.params = self.startup_params.clone();
             server.session.clear();
@@ -439,9 +527,14 @@ impl Session {
         if effects.touched.is_empty() {
             return Ok(());
         }
-        let columns: Vec<String> =
-            effects.touched.iter().map(|n| format!("pg_catalog.current_setting({}, true)", quote_literal(n))).collect();
-        let rows = server.simple_query(&format!("SELECT {}", columns.join(", "))).await?;
+        let columns: Vec<String> = effects
+            .touched
+            .iter()
+            .map(|n| format!("pg_catalog.current_setting({}, true)", quote_literal(n)))
+            .collect();
+        let rows = server
+            .simple_query(&format!("SELECT {}", columns.join(", ")))
+            .await?;
         let row = rows.into_iter().next().unwrap_or_default();
         for (name, value) in effects.touched.iter().zip(row) {
             match value {
@@ -460,7 +553,10 @@ impl Session {
 }
 
 /// Makes the server's session parameters the client's: one round trip, only when they differ.
-async fn sync_params(params: &BTreeMap<String, String>, server: &mut ServerConn) -> Result<(), ServerError> {
+async fn sync_params(
+    params: &BTreeMap<String, String>,
+    server: &mut ServerConn,
+) -> Result<(), ServerError> {
     if *params == server.session {
         return Ok(());
     }
@@ -469,9 +565,19 @@ async fn sync_params(params: &BTreeMap<String, String>, server: &mut ServerConn)
     let sets: Vec<String> = params
         .iter()
         .filter(|(name, value)| server.session.get(*name) != Some(*value))
-        .map(|(name, value)| format!("pg_catalog.set_config({}, {}, false)", quote_literal(name), quote_literal(value)))
+        .map(|(name, value)| {
+            format!(
+                "pg_catalog.set_config({}, {}, false)",
+                quote_literal(name),
+                quote_literal(value)
+            )
+        })
         .collect();
-    let mut sql = if sets.is_empty() { String::new() } else { format!("SELECT {};", sets.join(", ")) };
+    let mut sql = if sets.is_empty() {
+        String::new()
+    } else {
+        format!("SELECT {};", sets.join(", "))
+    };
     for name in server.session.keys() {
         if !params.contains_key(name) {
             sql.push_str(&format!("RESET {};", quote_ident(name)));

@@ -21,7 +21,10 @@ const ENV_NOT_KEYS: [&str; 2] = ["PGSLUICE_CONFIG", "PGSLUICE_LOG"];
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{origin}: {message}")]
     Syntax { origin: String, message: String },
     #[error("{key}: {reason}")]
@@ -29,7 +32,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 /// How long a client keeps a server connection.
@@ -83,22 +89,40 @@ pub struct Config {
     #[serde(default = "defaults::max_client_conn", deserialize_with = "de::num")]
     pub max_client_conn: u32,
     /// How long a client waits for a server before it gets SQLSTATE 53300.
-    #[serde(default = "defaults::query_wait_timeout", deserialize_with = "de::duration")]
+    #[serde(
+        default = "defaults::query_wait_timeout",
+        deserialize_with = "de::duration"
+    )]
     pub query_wait_timeout: Duration,
     /// How long a client may take to log in.
-    #[serde(default = "defaults::client_login_timeout", deserialize_with = "de::duration")]
+    #[serde(
+        default = "defaults::client_login_timeout",
+        deserialize_with = "de::duration"
+    )]
     pub client_login_timeout: Duration,
     /// How long opening and logging into a server connection may take.
-    #[serde(default = "defaults::server_connect_timeout", deserialize_with = "de::duration")]
+    #[serde(
+        default = "defaults::server_connect_timeout",
+        deserialize_with = "de::duration"
+    )]
     pub server_connect_timeout: Duration,
     /// An idle server connection unused this long is closed (down to `min_pool_size`).
-    #[serde(default = "defaults::server_idle_timeout", deserialize_with = "de::duration")]
+    #[serde(
+        default = "defaults::server_idle_timeout",
+        deserialize_with = "de::duration"
+    )]
     pub server_idle_timeout: Duration,
     /// A server connection older than this is closed when next idle.
-    #[serde(default = "defaults::server_lifetime", deserialize_with = "de::duration")]
+    #[serde(
+        default = "defaults::server_lifetime",
+        deserialize_with = "de::duration"
+    )]
     pub server_lifetime: Duration,
     /// How long the proxy spends cleaning a server a client left mid-transaction before closing it.
-    #[serde(default = "defaults::server_cleanup_timeout", deserialize_with = "de::duration")]
+    #[serde(
+        default = "defaults::server_cleanup_timeout",
+        deserialize_with = "de::duration"
+    )]
     pub server_cleanup_timeout: Duration,
     /// Run on a session-mode server before it goes back to the pool; empty for none.
     #[serde(default = "defaults::server_reset_query")]
@@ -244,14 +268,23 @@ mod de {
         Str(String),
     }
 
-    pub fn num<'de, D: Deserializer<'de>, T: TryFrom<i64> + std::str::FromStr>(d: D) -> Result<T, D::Error> {
+    pub fn num<'de, D: Deserializer<'de>, T: TryFrom<i64> + std::str::FromStr>(
+        d: D,
+    ) -> Result<T, D::Error> {
         match NumOrStr::deserialize(d)? {
-            NumOrStr::Num(n) => T::try_from(n).map_err(|_| D::Error::custom(format!("{n} is out of range"))),
-            NumOrStr::Str(s) => s.trim().parse().map_err(|_| D::Error::custom(format!("{s:?} is not a valid number"))),
+            NumOrStr::Num(n) => {
+                T::try_from(n).map_err(|_| D::Error::custom(format!("{n} is out of range")))
+            }
+            NumOrStr::Str(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| D::Error::custom(format!("{s:?} is not a valid number"))),
         }
     }
 
-    pub fn opt_num<'de, D: Deserializer<'de>, T: TryFrom<i64> + std::str::FromStr>(d: D) -> Result<Option<T>, D::Error> {
+    pub fn opt_num<'de, D: Deserializer<'de>, T: TryFrom<i64> + std::str::FromStr>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
         num(d).map(Some)
     }
 
@@ -273,7 +306,11 @@ mod de {
     pub fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
         Ok(match ListOrStr::deserialize(d)? {
             ListOrStr::List(v) => v,
-            ListOrStr::Str(s) => s.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect(),
+            ListOrStr::Str(s) => s
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
         })
     }
 }
@@ -281,9 +318,13 @@ mod de {
 /// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (try \"30s\", \"5m\", \"250ms\")"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (try \"30s\", \"5m\", \"250ms\")"))?;
     let secs = match unit.trim() {
         "" | "s" => n,
         "ms" => n / 1000.0,
@@ -314,7 +355,8 @@ impl UpstreamUrl {
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
-                Some(("sslmode", "disable" | "allow" | "prefer")) | Some(("application_name", _)) => {}
+                Some(("sslmode", "disable" | "allow" | "prefer"))
+                | Some(("application_name", _)) => {}
                 _ => return Err(format!("unsupported URL parameter {pair:?}")),
             }
         }
@@ -333,12 +375,26 @@ impl UpstreamUrl {
                 None => (hostport.to_owned(), ""),
             }
         };
-        let port = if port.is_empty() { 5432 } else { port.parse().map_err(|_| format!("bad port {port:?}"))? };
+        let port = if port.is_empty() {
+            5432
+        } else {
+            port.parse().map_err(|_| format!("bad port {port:?}"))?
+        };
         if user.is_empty() || host.is_empty() {
             return Err("needs a user and a host".into());
         }
-        let dbname = if dbname.is_empty() { user.clone() } else { percent_decode(dbname)? };
-        Ok(UpstreamUrl { user, password, host, port, dbname })
+        let dbname = if dbname.is_empty() {
+            user.clone()
+        } else {
+            percent_decode(dbname)?
+        };
+        Ok(UpstreamUrl {
+            user,
+            password,
+            host,
+            port,
+            dbname,
+        })
     }
 }
 
@@ -374,10 +430,15 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
                 text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Syntax { origin: path.display().to_string(), message: e.to_string() })?
+                    .map_err(|e| ConfigError::Syntax {
+                        origin: path.display().to_string(),
+                        message: e.to_string(),
+                    })?
             }
             None => toml::Table::new(),
         };
@@ -387,17 +448,22 @@ impl Config {
                     continue;
                 }
                 let path: Vec<String> = key.split("__").map(|p| p.to_ascii_lowercase()).collect();
-                overlay(&mut table, &path, value).map_err(|reason| invalid(name.clone(), reason))?;
+                overlay(&mut table, &path, value)
+                    .map_err(|reason| invalid(name.clone(), reason))?;
             }
         }
         for (key, value) in flags {
             let path: Vec<String> = key.split('.').map(str::to_owned).collect();
             overlay(&mut table, &path, value).map_err(|reason| invalid(*key, reason))?;
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let key = e.path().to_string();
-            invalid(if key == "." { "config".to_owned() } else { key }, e.into_inner().to_string())
-        })?;
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                invalid(
+                    if key == "." { "config".to_owned() } else { key },
+                    e.into_inner().to_string(),
+                )
+            })?;
         config.finish()
     }
 
@@ -405,7 +471,10 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let table = text
             .parse::<toml::Table>()
-            .map_err(|e| ConfigError::Syntax { origin: "config".into(), message: e.to_string() })?;
+            .map_err(|e| ConfigError::Syntax {
+                origin: "config".into(),
+                message: e.to_string(),
+            })?;
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| invalid(e.path().to_string(), e.into_inner().to_string()))?;
         config.finish()
@@ -425,7 +494,12 @@ impl Config {
                 pool_size: None,
                 min_pool_size: None,
             });
-            self.users.entry(u.user).or_insert(User { password: u.password, auth_type: None, pool_mode: None, pool_size: None });
+            self.users.entry(u.user).or_insert(User {
+                password: u.password,
+                auth_type: None,
+                pool_mode: None,
+                pool_size: None,
+            });
         }
         self.validate()?;
         Ok(self)
@@ -433,10 +507,16 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.databases.is_empty() {
-            return Err(invalid("databases", "no database configured: add a [databases.NAME] table or set upstream"));
+            return Err(invalid(
+                "databases",
+                "no database configured: add a [databases.NAME] table or set upstream",
+            ));
         }
         if self.users.is_empty() {
-            return Err(invalid("users", "no user configured: add a [users.NAME] table or set upstream"));
+            return Err(invalid(
+                "users",
+                "no user configured: add a [users.NAME] table or set upstream",
+            ));
         }
         if self.pool_size == 0 {
             return Err(invalid("pool_size", "must be at least 1"));
@@ -469,7 +549,10 @@ impl Config {
                 return Err(invalid(key("host"), "must not be empty"));
             }
             if name == "pgsluice" || name == "pgbouncer" {
-                return Err(invalid(format!("databases.{name}"), "this name is reserved for the admin console"));
+                return Err(invalid(
+                    format!("databases.{name}"),
+                    "this name is reserved for the admin console",
+                ));
             }
         }
         for (name, user) in &self.users {
@@ -488,7 +571,10 @@ impl Config {
                 _ => {}
             }
             if user.pool_size == Some(0) {
-                return Err(invalid(format!("users.{name}.pool_size"), "must be at least 1"));
+                return Err(invalid(
+                    format!("users.{name}.pool_size"),
+                    "must be at least 1",
+                ));
             }
         }
         Ok(())
@@ -502,13 +588,22 @@ impl Config {
         let upstream_password = if db.user.is_some() {
             db.password.clone()
         } else {
-            db.password.clone().or_else(|| u.and_then(|u| u.password.clone()).filter(|p| is_plain_password(p)))
+            db.password.clone().or_else(|| {
+                u.and_then(|u| u.password.clone())
+                    .filter(|p| is_plain_password(p))
+            })
         };
         Some(PoolSettings {
             database: database.to_owned(),
             user: user.to_owned(),
-            mode: u.and_then(|u| u.pool_mode).or(db.pool_mode).unwrap_or(self.pool_mode),
-            pool_size: u.and_then(|u| u.pool_size).or(db.pool_size).unwrap_or(self.pool_size),
+            mode: u
+                .and_then(|u| u.pool_mode)
+                .or(db.pool_mode)
+                .unwrap_or(self.pool_mode),
+            pool_size: u
+                .and_then(|u| u.pool_size)
+                .or(db.pool_size)
+                .unwrap_or(self.pool_size),
             min_pool_size: db.min_pool_size.unwrap_or(self.min_pool_size),
             host: db.host.clone(),
             port: db.port,
@@ -524,8 +619,12 @@ fn overlay(table: &mut toml::Table, path: &[String], value: &str) -> Result<(), 
     let (last, parents) = path.split_last().ok_or("empty key")?;
     let mut t = table;
     for p in parents {
-        let entry = t.entry(p.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        t = entry.as_table_mut().ok_or_else(|| format!("{p} is not a table"))?;
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{p} is not a table"))?;
     }
     t.insert(last.clone(), toml::Value::String(value.to_owned()));
     Ok(())
@@ -560,7 +659,16 @@ mod tests {
     #[test]
     fn urls() {
         let u = UpstreamUrl::parse("postgres://app:p%40ss@db.internal:5433/shop").unwrap();
-        assert_eq!(u, UpstreamUrl { user: "app".into(), password: Some("p@ss".into()), host: "db.internal".into(), port: 5433, dbname: "shop".into() });
+        assert_eq!(
+            u,
+            UpstreamUrl {
+                user: "app".into(),
+                password: Some("p@ss".into()),
+                host: "db.internal".into(),
+                port: 5433,
+                dbname: "shop".into()
+            }
+        );
         let u = UpstreamUrl::parse("postgresql://app@[::1]/x").unwrap();
         assert_eq!((u.host.as_str(), u.port, u.password), ("::1", 5432, None));
         assert!(UpstreamUrl::parse("mysql://a@b/c").is_err());
@@ -575,7 +683,10 @@ mod tests {
         assert_eq!(c.query_wait_timeout, Duration::from_secs(120));
         let env = vec![
             ("PGSLUICE_POOL_SIZE".to_owned(), "7".to_owned()),
-            ("PGSLUICE_DATABASES__APP__PORT".to_owned(), "6000".to_owned()),
+            (
+                "PGSLUICE_DATABASES__APP__PORT".to_owned(),
+                "6000".to_owned(),
+            ),
             ("PGSLUICE_CONFIG".to_owned(), "ignored".to_owned()),
             ("HOME".to_owned(), "/root".to_owned()),
         ];
@@ -591,21 +702,41 @@ mod tests {
     fn errors_name_the_key() {
         let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
         assert!(err(&format!("pool_size = 0\n{MIN}")).starts_with("pool_size:"));
-        assert!(err(&format!("query_wait_timeout = \"soon\"\n{MIN}")).starts_with("query_wait_timeout:"));
+        assert!(err(&format!("query_wait_timeout = \"soon\"\n{MIN}"))
+            .starts_with("query_wait_timeout:"));
         assert!(err(&format!("pool_mode = \"statement\"\n{MIN}")).starts_with("pool_mode:"));
         assert!(err(&format!("pool_sise = 3\n{MIN}")).contains("pool_sise"));
-        assert!(err("[databases.app]\nport = \"x\"\n[users.a]\npassword=\"p\"").starts_with("databases.app.port:"));
+        assert!(
+            err("[databases.app]\nport = \"x\"\n[users.a]\npassword=\"p\"")
+                .starts_with("databases.app.port:")
+        );
         assert!(err("[databases.app]\n[users.a]\n").starts_with("users.a.password:"));
         assert!(err("").starts_with("databases:"));
         let env = vec![("PGSLUICE_NOPE".to_owned(), "1".to_owned())];
-        assert!(Config::load_from(None, &env, &[("upstream", "postgres://a:b@h/d".into())]).unwrap_err().to_string().contains("nope"));
+        assert!(
+            Config::load_from(None, &env, &[("upstream", "postgres://a:b@h/d".into())])
+                .unwrap_err()
+                .to_string()
+                .contains("nope")
+        );
     }
 
     #[test]
     fn quick_mode() {
-        let c = Config::load_from(None, &[], &[("upstream", "postgres://app:secret@10.0.0.5:5433/shop".into())]).unwrap();
+        let c = Config::load_from(
+            None,
+            &[],
+            &[(
+                "upstream",
+                "postgres://app:secret@10.0.0.5:5433/shop".into(),
+            )],
+        )
+        .unwrap();
         let s = c.pool_settings("shop", "app").unwrap();
-        assert_eq!((s.host.as_str(), s.port, s.upstream_dbname.as_str()), ("10.0.0.5", 5433, "shop"));
+        assert_eq!(
+            (s.host.as_str(), s.port, s.upstream_dbname.as_str()),
+            ("10.0.0.5", 5433, "shop")
+        );
         assert_eq!(s.upstream_password.as_deref(), Some("secret"));
         assert!(c.pool_settings("other", "app").is_none());
     }

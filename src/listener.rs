@@ -45,7 +45,11 @@ async fn refuse(mut stream: TcpStream, max: usize) {
     use tokio::io::AsyncWriteExt;
     tracing::warn!(max_client_conn = max, "client refused: too many clients");
     let mut buf = bytes::BytesMut::new();
-    ErrorFields::new(Severity::Fatal, "53300", format!("no more connections allowed (max_client_conn = {max})"))
-        .encode(&mut buf);
+    ErrorFields::new(
+        Severity::Fatal,
+        "53300",
+        format!("no more connections allowed (max_client_conn = {max})"),
+    )
+    .encode(&mut buf);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
 }

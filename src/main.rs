@@ -62,7 +62,10 @@ impl Cli {
             ("auth_type", &self.auth_type),
             ("log_format", &self.log_format),
         ];
-        pairs.into_iter().filter_map(|(k, v)| v.clone().map(|v| (k, v))).collect()
+        pairs
+            .into_iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+            .collect()
     }
 }
 
@@ -70,9 +73,15 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSLUICE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -82,7 +91,12 @@ fn main() -> ExitCode {
     if let Some(path) = &cli.check_config {
         return match Config::load(Some(path), &[]) {
             Ok(c) => {
-                println!("{}: ok ({} databases, {} users)", path.display(), c.databases.len(), c.users.len());
+                println!(
+                    "{}: ok ({} databases, {} users)",
+                    path.display(),
+                    c.databases.len(),
+                    c.users.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -125,11 +125,16 @@ impl Txn {
 
     /// The server's state if the client vanished now.
     fn leftover(&self, client: &ClientConn, server: &ServerConn) -> Leftover {
-        let cut = client.ready > 0 || client.pass > 0 || !server.scanner.at_boundary() || !server.buf.is_empty();
+        let cut = client.ready > 0
+            || client.pass > 0
+            || !server.scanner.at_boundary()
+            || !server.buf.is_empty();
         if cut || self.pending > 0 || self.copy_in {
             Leftover::Busy
         } else if self.unsynced || self.status != TransactionStatus::Idle {
-            Leftover::IdleInTransaction { unsynced: self.unsynced }
+            Leftover::IdleInTransaction {
+                unsynced: self.unsynced,
+            }
         } else {
             Leftover::Clean
         }
@@ -154,7 +159,13 @@ impl Txn {
 
 impl ClientConn {
     pub fn new(stream: TcpStream, max_query_size: usize) -> ClientConn {
-        ClientConn { stream, buf: BytesMut::with_capacity(READ_CHUNK), ready: 0, pass: 0, max_query_size }
+        ClientConn {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            ready: 0,
+            pass: 0,
+            max_query_size,
+        }
     }
 
     /// Reads more bytes into the buffer; `Ok(false)` at end of stream.
@@ -166,25 +177,45 @@ impl ClientConn {
 
     /// Looks at the first unscanned message while the client holds no server.
     pub fn peek(&self) -> Result<Peek, ErrorFields> {
-        let Some((tag, total)) = frame::header(&self.buf[self.ready..], MAX_MESSAGE).map_err(frame_violation)? else {
+        let Some((tag, total)) =
+            frame::header(&self.buf[self.ready..], MAX_MESSAGE).map_err(frame_violation)?
+        else {
             return Ok(Peek::NeedMore);
         };
         let have = self.buf.len() - self.ready;
         let whole = have >= total;
         match tag {
             frontend::TERMINATE => Ok(Peek::Terminate),
-            frontend::SYNC | frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
-                Ok(if whole { Peek::Local(tag, total) } else { Peek::NeedMore })
-            }
+            frontend::SYNC
+            | frontend::FLUSH
+            | frontend::COPY_DATA
+            | frontend::COPY_DONE
+            | frontend::COPY_FAIL => Ok(if whole {
+                Peek::Local(tag, total)
+            } else {
+                Peek::NeedMore
+            }),
             frontend::QUERY | frontend::PARSE => {
                 if total - 1 > self.max_query_size {
                     return Err(query_too_long(total - 1, self.max_query_size));
                 }
-                Ok(if whole { Peek::Ready(tag) } else { Peek::NeedMore })
+                Ok(if whole {
+                    Peek::Ready(tag)
+                } else {
+                    Peek::NeedMore
+                })
             }
-            frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE | frontend::CLOSE | frontend::FUNCTION_CALL => {
+            frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::CLOSE
+            | frontend::FUNCTION_CALL => {
                 // A client that sent half a message holds no server while it stalls.
-                Ok(if whole || total > MAX_HELD_MESSAGE { Peek::Ready(tag) } else { Peek::NeedMore })
+                Ok(if whole || total > MAX_HELD_MESSAGE {
+                    Peek::Ready(tag)
+                } else {
+                    Peek::NeedMore
+                })
             }
             other => Err(unknown_message(other)),
         }
@@ -202,7 +233,9 @@ impl ClientConn {
     pub fn skip_request(&mut self) -> Result<bool, ErrorFields> {
         let mut pos = 0;
         loop {
-            let Some((tag, total)) = frame::header(&self.buf[pos..], MAX_MESSAGE).map_err(frame_violation)? else {
+            let Some((tag, total)) =
+                frame::header(&self.buf[pos..], MAX_MESSAGE).map_err(frame_violation)?
+            else {
                 return Ok(false);
             };
             if self.buf.len() - pos < total {
@@ -228,7 +261,9 @@ impl ClientConn {
                     return Ok(false);
                 }
             }
-            let Some((tag, total)) = frame::header(&self.buf[self.ready..], MAX_MESSAGE).map_err(frame_violation)? else {
+            let Some((tag, total)) =
+                frame::header(&self.buf[self.ready..], MAX_MESSAGE).map_err(frame_violation)?
+            else {
                 return Ok(false);
             };
             match tag {
@@ -247,9 +282,11 @@ impl ClientConn {
                     txn.unsynced = false;
                 }
                 frontend::FUNCTION_CALL => txn.pending += 1,
-                frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE | frontend::CLOSE | frontend::FLUSH => {
-                    txn.unsynced = true
-                }
+                frontend::BIND
+                | frontend::DESCRIBE
+                | frontend::EXECUTE
+                | frontend::CLOSE
+                | frontend::FLUSH => txn.unsynced = true,
                 frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {}
                 frontend::TERMINATE => return Ok(true),
                 other => return Err(unknown_message(other)),
@@ -264,17 +301,28 @@ impl ClientConn {
     fn inspect(&mut self, tag: u8, total: usize, txn: &mut Txn) -> Result<(), ErrorFields> {
         let body = &self.buf[self.ready + frame::HEADER_LEN..self.ready + total];
         let refusal = if tag == frontend::QUERY {
-            let text = body.strip_suffix(&[0]).ok_or_else(|| violation("Query message is not NUL-terminated"))?;
+            let text = body
+                .strip_suffix(&[0])
+                .ok_or_else(|| violation("Query message is not NUL-terminated"))?;
             sql::classify(text, txn.transaction_mode, &mut txn.effects)
         } else {
             let mut strs = CStrings(body);
-            let (name, text) = strs.next_str().zip(strs.next_str()).ok_or_else(|| violation("malformed Parse message"))?;
+            let (name, text) = strs
+                .next_str()
+                .zip(strs.next_str())
+                .ok_or_else(|| violation("malformed Parse message"))?;
             let named = txn.transaction_mode && !name.is_empty();
             let refusal = sql::classify(text, txn.transaction_mode, &mut txn.effects);
-            if let Some(r) = if named { Some(Refusal::NamedStatement) } else { refusal } {
+            if let Some(r) = if named {
+                Some(Refusal::NamedStatement)
+            } else {
+                refusal
+            } {
                 // Within the extended protocol the refusal cannot be placed in the stream
                 // cleanly, so the client is told and disconnected; its transaction rolls back.
-                return Err(ErrorFields::new(Severity::Fatal, "0A000", r.message()).with_hint(r.hint()));
+                return Err(
+                    ErrorFields::new(Severity::Fatal, "0A000", r.message()).with_hint(r.hint())
+                );
             }
             None
         };
@@ -301,7 +349,10 @@ impl ClientConn {
 }
 
 fn unknown_message(tag: u8) -> ErrorFields {
-    violation(format!("invalid frontend message type {} ({:?})", tag, tag as char))
+    violation(format!(
+        "invalid frontend message type {} ({:?})",
+        tag, tag as char
+    ))
 }
 
 fn query_too_long(len: usize, max: usize) -> ErrorFields {
@@ -326,7 +377,11 @@ fn would_block(e: &std::io::Error) -> bool {
 }
 
 /// Relays until the transaction is over (transaction mode) or the client leaves.
-pub async fn transaction(client: &mut ClientConn, server: &mut ServerConn, txn: &mut Txn) -> Outcome {
+pub async fn transaction(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+    txn: &mut Txn,
+) -> Outcome {
     let mut client_closed = false;
     loop {
         match client.scan(txn) {
@@ -406,7 +461,10 @@ pub async fn clean_up(server: &mut ServerConn, leftover: Leftover) -> bool {
             if unsynced {
                 // Close the extended-protocol batch first; its answer is drained below.
                 let sync = [frontend::SYNC, 0, 0, 0, 4];
-                if tokio::io::AsyncWriteExt::write_all(&mut server.stream, &sync).await.is_err() {
+                if tokio::io::AsyncWriteExt::write_all(&mut server.stream, &sync)
+                    .await
+                    .is_err()
+                {
                     return false;
                 }
                 if drain_to_ready(server).await.is_none() {

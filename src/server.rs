@@ -24,7 +24,10 @@ const MAX_WHOLE_MESSAGE: usize = 1 << 20;
 #[derive(Debug, Error)]
 pub enum ServerError {
     #[error("could not connect to server {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("timed out connecting to server {0}")]
     ConnectTimeout(String),
     /// The server refused the login (its own ErrorResponse).
@@ -72,10 +75,13 @@ pub struct ServerConn {
     pub id: u64,
 }
 
-async fn read_whole(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(u8, BytesMut), ServerError> {
+async fn read_whole(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<(u8, BytesMut), ServerError> {
     loop {
-        if let Some((tag, total)) =
-            frame::header(buf, MAX_WHOLE_MESSAGE).map_err(|e| ServerError::Protocol(e.to_string()))?
+        if let Some((tag, total)) = frame::header(buf, MAX_WHOLE_MESSAGE)
+            .map_err(|e| ServerError::Protocol(e.to_string()))?
         {
             if buf.len() >= total {
                 let mut msg = buf.split_to(total);
@@ -96,26 +102,45 @@ fn io_other(e: impl std::fmt::Display) -> ServerError {
 
 impl ServerConn {
     /// Opens and logs in a server connection for a pool.
-    pub async fn connect(settings: &PoolSettings, pool: usize, id: u64, timeout: Duration) -> Result<ServerConn, ServerError> {
+    pub async fn connect(
+        settings: &PoolSettings,
+        pool: usize,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", settings.host, settings.port);
         tokio::time::timeout(timeout, Self::connect_inner(settings, &addr, pool, id))
             .await
             .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
     }
 
-    async fn connect_inner(settings: &PoolSettings, addr: &str, pool: usize, id: u64) -> Result<ServerConn, ServerError> {
+    async fn connect_inner(
+        settings: &PoolSettings,
+        addr: &str,
+        pool: usize,
+        id: u64,
+    ) -> Result<ServerConn, ServerError> {
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|source| ServerError::Connect { addr: addr.to_owned(), source })?;
+            .map_err(|source| ServerError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
         stream.set_nodelay(true)?;
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10));
         socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
         let peer = stream.peer_addr()?;
         let mut conn = ServerConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
             scanner: Scanner::default(),
-            key: ServerKey { addr: peer, pid: 0, secret: 0 },
+            key: ServerKey {
+                addr: peer,
+                pid: 0,
+                secret: 0,
+            },
             reported: Vec::new(),
             session: BTreeMap::new(),
             created: Instant::now(),
@@ -136,7 +161,11 @@ impl ServerConn {
         ];
         frontend::startup_message(params.iter().copied(), &mut out).map_err(io_other)?;
         self.stream.write_all(&out).await?;
-        let password = || s.upstream_password.as_deref().ok_or_else(|| ServerError::NoPassword(s.upstream_user.clone()));
+        let password = || {
+            s.upstream_password
+                .as_deref()
+                .ok_or_else(|| ServerError::NoPassword(s.upstream_user.clone()))
+        };
         let mut scram: Option<ScramSha256> = None;
         loop {
             let (tag, body) = read_whole(&mut self.stream, &mut self.buf).await?;
@@ -150,11 +179,17 @@ impl ServerConn {
                     let data = &body[4..];
                     match code {
                         0 => {}
-                        3 => frontend::password_message(password()?.as_bytes(), &mut out).map_err(io_other)?,
+                        3 => frontend::password_message(password()?.as_bytes(), &mut out)
+                            .map_err(io_other)?,
                         5 => {
-                            let salt: [u8; 4] = data.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| io_other("short md5 salt"))?;
-                            let hash = md5_hash(s.upstream_user.as_bytes(), password()?.as_bytes(), salt);
-                            frontend::password_message(hash.as_bytes(), &mut out).map_err(io_other)?;
+                            let salt: [u8; 4] = data
+                                .get(..4)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or_else(|| io_other("short md5 salt"))?;
+                            let hash =
+                                md5_hash(s.upstream_user.as_bytes(), password()?.as_bytes(), salt);
+                            frontend::password_message(hash.as_bytes(), &mut out)
+                                .map_err(io_other)?;
                         }
                         10 => {
                             let mut mechs = CStrings(data);
@@ -163,19 +198,34 @@ impl ServerConn {
                                 found |= m == b"SCRAM-SHA-256";
                             }
                             if !found {
-                                return Err(ServerError::UnsupportedAuth("SASL without SCRAM-SHA-256".into()));
+                                return Err(ServerError::UnsupportedAuth(
+                                    "SASL without SCRAM-SHA-256".into(),
+                                ));
                             }
-                            let client = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                            frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), &mut out).map_err(io_other)?;
+                            let client = ScramSha256::new(
+                                password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                client.message(),
+                                &mut out,
+                            )
+                            .map_err(io_other)?;
                             scram = Some(client);
                         }
                         11 => {
-                            let client = scram.as_mut().ok_or_else(|| io_other("unexpected SASLContinue"))?;
+                            let client = scram
+                                .as_mut()
+                                .ok_or_else(|| io_other("unexpected SASLContinue"))?;
                             client.update(data).map_err(io_other)?;
-                            frontend::sasl_response(client.message(), &mut out).map_err(io_other)?;
+                            frontend::sasl_response(client.message(), &mut out)
+                                .map_err(io_other)?;
                         }
                         12 => {
-                            let client = scram.as_mut().ok_or_else(|| io_other("unexpected SASLFinal"))?;
+                            let client = scram
+                                .as_mut()
+                                .ok_or_else(|| io_other("unexpected SASLFinal"))?;
                             client.finish(data).map_err(io_other)?;
                         }
                         other => return Err(ServerError::UnsupportedAuth(format!("code {other}"))),
@@ -187,24 +237,37 @@ impl ServerConn {
                 backend::PARAMETER_STATUS => {
                     let mut strs = CStrings(&body);
                     if let (Some(k), Some(v)) = (strs.next_str(), strs.next_str()) {
-                        self.reported.push((String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()));
+                        self.reported.push((
+                            String::from_utf8_lossy(k).into_owned(),
+                            String::from_utf8_lossy(v).into_owned(),
+                        ));
                     }
                 }
                 backend::BACKEND_KEY_DATA if body.len() >= 8 => {
                     self.key.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                     self.key.secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
                 }
-                backend::ERROR_RESPONSE => return Err(ServerError::Rejected(ErrorFields::parse(&body))),
+                backend::ERROR_RESPONSE => {
+                    return Err(ServerError::Rejected(ErrorFields::parse(&body)))
+                }
                 backend::READY_FOR_QUERY => return Ok(()),
                 backend::NOTICE_RESPONSE | backend::NEGOTIATE_PROTOCOL_VERSION => {}
-                other => return Err(ServerError::Protocol(format!("unexpected message {:?} during login", other as char))),
+                other => {
+                    return Err(ServerError::Protocol(format!(
+                        "unexpected message {:?} during login",
+                        other as char
+                    )))
+                }
             }
         }
     }
 
     /// Runs one simple query on an idle server and returns its rows as text.
     /// Only for the proxy's own small statements (parameter sync, reset, rollback).
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ServerError> {
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ServerError> {
         debug_assert!(self.scanner.at_boundary() && self.buf.is_empty());
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
@@ -217,11 +280,17 @@ impl ServerConn {
                 backend::DATA_ROW => rows.push(parse_data_row(&body)?),
                 backend::ERROR_RESPONSE => error = Some(ErrorFields::parse(&body)),
                 backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE => {
-                    return Err(ServerError::Protocol("the proxy's own query started COPY".into()))
+                    return Err(ServerError::Protocol(
+                        "the proxy's own query started COPY".into(),
+                    ))
                 }
                 backend::READY_FOR_QUERY => {
-                    if body.first().copied().and_then(TransactionStatus::from_byte) != Some(TransactionStatus::Idle) {
-                        return Err(ServerError::Protocol("server is not idle after the proxy's query".into()));
+                    if body.first().copied().and_then(TransactionStatus::from_byte)
+                        != Some(TransactionStatus::Idle)
+                    {
+                        return Err(ServerError::Protocol(
+                            "server is not idle after the proxy's query".into(),
+                        ));
                     }
                     return match error {
                         Some(e) => Err(ServerError::Query(e)),
@@ -252,11 +321,21 @@ impl ServerConn {
 
 fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
     let bad = || ServerError::Protocol("malformed DataRow".into());
-    let n = i16::from_be_bytes(body.get(..2).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+    let n = i16::from_be_bytes(
+        body.get(..2)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
     let mut rest = &body[2..];
     let mut row = Vec::with_capacity(n.max(0) as usize);
     for _ in 0..n {
-        let len = i32::from_be_bytes(rest.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?);
+        let len = i32::from_be_bytes(
+            rest.get(..4)
+                .ok_or_else(bad)?
+                .try_into()
+                .map_err(|_| bad())?,
+        );
         rest = &rest[4..];
         if len < 0 {
             row.push(None);

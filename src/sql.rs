@@ -132,7 +132,8 @@ impl<'a> Lexer<'a> {
             match b {
                 b if b.is_ascii_whitespace() => self.i += 1,
                 b'-' if self.at(1) == b'-' => {
-                    self.i = memchr::memchr(b'\n', &self.s[self.i..]).map_or(self.s.len(), |p| self.i + p);
+                    self.i = memchr::memchr(b'\n', &self.s[self.i..])
+                        .map_or(self.s.len(), |p| self.i + p);
                 }
                 b'/' if self.at(1) == b'*' => {
                     let mut depth = 0usize;
@@ -217,12 +218,20 @@ fn is(t: Option<&Token>, kw: &str) -> bool {
     matches!(t, Some(Token::Word(w)) if w.eq_ignore_ascii_case(kw.as_bytes()))
 }
 
-const SESSION_LOCK_FUNCTIONS: [&str; 4] =
-    ["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
+const SESSION_LOCK_FUNCTIONS: [&str; 4] = [
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
 
 /// Scans a query text (one or many statements). Records the parameters it may change into
 /// `effects`; returns a refusal when `transaction_mode` and the text holds session state.
-pub fn classify(sql: &[u8], transaction_mode: bool, effects: &mut SessionEffects) -> Option<Refusal> {
+pub fn classify(
+    sql: &[u8],
+    transaction_mode: bool,
+    effects: &mut SessionEffects,
+) -> Option<Refusal> {
     let mut lexer = Lexer { s: sql, i: 0 };
     let mut stmt: Vec<Token> = Vec::new();
     let mut refusal = None;
@@ -284,7 +293,11 @@ fn statement(t: &[Token], effects: &mut SessionEffects) -> Option<Refusal> {
                 return Some(Refusal::SessionAuthorization);
             }
             if is(rest.first(), "characteristics") {
-                for n in ["default_transaction_isolation", "default_transaction_read_only", "default_transaction_deferrable"] {
+                for n in [
+                    "default_transaction_isolation",
+                    "default_transaction_read_only",
+                    "default_transaction_deferrable",
+                ] {
                     effects.touch(n.to_owned());
                 }
                 return None;
@@ -306,7 +319,10 @@ fn statement(t: &[Token], effects: &mut SessionEffects) -> Option<Refusal> {
         refusal = Some(Refusal::Listen);
     } else if is(first, "prepare") && !is(t.get(1), "transaction") {
         refusal = Some(Refusal::Prepare);
-    } else if is(first, "declare") && t.windows(2).any(|w| is(Some(&w[0]), "with") && is(Some(&w[1]), "hold")) {
+    } else if is(first, "declare")
+        && t.windows(2)
+            .any(|w| is(Some(&w[0]), "with") && is(Some(&w[1]), "hold"))
+    {
         refusal = Some(Refusal::HoldCursor);
     } else if is(first, "create") {
         let mut i = 1;
@@ -317,7 +333,9 @@ fn statement(t: &[Token], effects: &mut SessionEffects) -> Option<Refusal> {
             i += 1;
         }
         let temp = is(t.get(i), "temp") || is(t.get(i), "temporary");
-        let drops = t.windows(3).any(|w| is(Some(&w[0]), "on") && is(Some(&w[1]), "commit") && is(Some(&w[2]), "drop"));
+        let drops = t
+            .windows(3)
+            .any(|w| is(Some(&w[0]), "on") && is(Some(&w[1]), "commit") && is(Some(&w[2]), "drop"));
         if temp && !drops {
             refusal = Some(Refusal::TempTable);
         }
@@ -328,7 +346,10 @@ fn statement(t: &[Token], effects: &mut SessionEffects) -> Option<Refusal> {
             if t.get(i + 1) != Some(&Token::LParen) {
                 continue;
             }
-            if SESSION_LOCK_FUNCTIONS.iter().any(|f| w.eq_ignore_ascii_case(f.as_bytes())) {
+            if SESSION_LOCK_FUNCTIONS
+                .iter()
+                .any(|f| w.eq_ignore_ascii_case(f.as_bytes()))
+            {
                 refusal.get_or_insert(Refusal::AdvisoryLock);
             } else if w.eq_ignore_ascii_case(b"set_config") {
                 if let Some(Token::Str(name)) = t.get(i + 2) {
@@ -370,7 +391,12 @@ mod tests {
 
     #[test]
     fn plain_queries_do_nothing() {
-        for q in ["SELECT 1", "select abalance from pgbench_accounts where aid = 5;", "BEGIN; UPDATE t SET a = 1; COMMIT", ""] {
+        for q in [
+            "SELECT 1",
+            "select abalance from pgbench_accounts where aid = 5;",
+            "BEGIN; UPDATE t SET a = 1; COMMIT",
+            "",
+        ] {
             assert_eq!(run(q), (None, SessionEffects::default()), "{q}");
         }
     }
@@ -378,18 +404,39 @@ mod tests {
     #[test]
     fn set_forms() {
         assert_eq!(run("SET TimeZone = 'UTC'").1.touched, vec!["timezone"]);
-        assert_eq!(run("set session statement_timeout to 5000").1.touched, vec!["statement_timeout"]);
-        assert_eq!(run("SET TIME ZONE 'Europe/Paris'").1.touched, vec!["timezone"]);
+        assert_eq!(
+            run("set session statement_timeout to 5000").1.touched,
+            vec!["statement_timeout"]
+        );
+        assert_eq!(
+            run("SET TIME ZONE 'Europe/Paris'").1.touched,
+            vec!["timezone"]
+        );
         assert_eq!(run("SET NAMES 'LATIN1'").1.touched, vec!["client_encoding"]);
-        assert_eq!(run("SET myapp.tenant = '7'").1.touched, vec!["myapp.tenant"]);
+        assert_eq!(
+            run("SET myapp.tenant = '7'").1.touched,
+            vec!["myapp.tenant"]
+        );
         assert_eq!(run("SET \"DateStyle\" TO ISO").1.touched, vec!["DateStyle"]);
         assert!(run("SET LOCAL timezone = 'UTC'").1.is_empty());
-        assert!(run("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").1.is_empty());
+        assert!(run("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            .1
+            .is_empty());
         assert_eq!(run("RESET search_path").1.touched, vec!["search_path"]);
         assert!(run("RESET ALL").1.reset_all);
         assert!(run("DISCARD ALL").1.reset_all);
-        assert_eq!(run("SELECT set_config('search_path', 'x', false)").1.touched, vec!["search_path"]);
-        assert_eq!(run("SELECT 1; SET work_mem = '1MB'; SET work_mem = '2MB'").1.touched, vec!["work_mem"]);
+        assert_eq!(
+            run("SELECT set_config('search_path', 'x', false)")
+                .1
+                .touched,
+            vec!["search_path"]
+        );
+        assert_eq!(
+            run("SELECT 1; SET work_mem = '1MB'; SET work_mem = '2MB'")
+                .1
+                .touched,
+            vec!["work_mem"]
+        );
     }
 
     #[test]
@@ -398,18 +445,40 @@ mod tests {
         assert_eq!(run("select 1; listen jobs").0, Some(Refusal::Listen));
         assert_eq!(run("PREPARE p AS SELECT 1").0, Some(Refusal::Prepare));
         assert_eq!(run("PREPARE TRANSACTION 'x'").0, None);
-        assert_eq!(run("DECLARE c CURSOR WITH HOLD FOR SELECT 1").0, Some(Refusal::HoldCursor));
+        assert_eq!(
+            run("DECLARE c CURSOR WITH HOLD FOR SELECT 1").0,
+            Some(Refusal::HoldCursor)
+        );
         assert_eq!(run("DECLARE c CURSOR FOR SELECT 1").0, None);
-        assert_eq!(run("CREATE TEMP TABLE t (a int)").0, Some(Refusal::TempTable));
-        assert_eq!(run("create global temporary table t (a int)").0, Some(Refusal::TempTable));
+        assert_eq!(
+            run("CREATE TEMP TABLE t (a int)").0,
+            Some(Refusal::TempTable)
+        );
+        assert_eq!(
+            run("create global temporary table t (a int)").0,
+            Some(Refusal::TempTable)
+        );
         assert_eq!(run("CREATE TEMP TABLE t (a int) ON COMMIT DROP").0, None);
         assert_eq!(run("CREATE TABLE temp (a int)").0, None);
-        assert_eq!(run("SELECT pg_advisory_lock(1)").0, Some(Refusal::AdvisoryLock));
-        assert_eq!(run("SELECT pg_catalog.pg_try_advisory_lock_shared(1, 2)").0, Some(Refusal::AdvisoryLock));
+        assert_eq!(
+            run("SELECT pg_advisory_lock(1)").0,
+            Some(Refusal::AdvisoryLock)
+        );
+        assert_eq!(
+            run("SELECT pg_catalog.pg_try_advisory_lock_shared(1, 2)").0,
+            Some(Refusal::AdvisoryLock)
+        );
         assert_eq!(run("SELECT pg_advisory_xact_lock(1)").0, None);
-        assert_eq!(run("SET SESSION AUTHORIZATION bob").0, Some(Refusal::SessionAuthorization));
+        assert_eq!(
+            run("SET SESSION AUTHORIZATION bob").0,
+            Some(Refusal::SessionAuthorization)
+        );
         let mut e = SessionEffects::default();
-        assert_eq!(classify(b"LISTEN x", false, &mut e), None, "session mode refuses nothing");
+        assert_eq!(
+            classify(b"LISTEN x", false, &mut e),
+            None,
+            "session mode refuses nothing"
+        );
     }
 
     #[test]
@@ -431,7 +500,21 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        for q in ["'", "\"", "$", "$a", "/*", "--", "E'\\", "$a$ unterminated", "set", "set a.", "reset", "(((", "\u{ff}"] {
+        for q in [
+            "'",
+            "\"",
+            "$",
+            "$a",
+            "/*",
+            "--",
+            "E'\\",
+            "$a$ unterminated",
+            "set",
+            "set a.",
+            "reset",
+            "(((",
+            "\u{ff}",
+        ] {
             run(q);
         }
     }

@@ -24,7 +24,12 @@ impl Binary {
             .stdout(Stdio::null())
             .spawn()
             .expect("start pgsluice");
-        let up = eventually(Duration::from_secs(10), || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
+        let up = eventually(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
         assert!(up, "pgsluice listens");
         Binary { child, port }
     }
@@ -46,7 +51,12 @@ impl Drop for Binary {
 }
 
 fn ok(out: Output, what: &str) -> String {
-    assert!(out.status.success(), "{what}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -54,7 +64,11 @@ fn ok(out: Output, what: &str) -> String {
 async fn psql_queries_and_copy() {
     pg().create_app("viapsql").await;
     let proxy = Binary::start("viapsql", &["--pool-size", "2"]).await;
-    let out = proxy.client("psql", "viapsql").args(["-d", "viapsql", "-AtX", "-c", "SELECT 6 * 7"]).output().unwrap();
+    let out = proxy
+        .client("psql", "viapsql")
+        .args(["-d", "viapsql", "-AtX", "-c", "SELECT 6 * 7"])
+        .output()
+        .unwrap();
     assert_eq!(ok(out, "psql -c").trim(), "42");
 
     // COPY FROM STDIN through the proxy (simple protocol), then COPY TO STDOUT.
@@ -76,15 +90,43 @@ async fn psql_queries_and_copy() {
         stdin.write_all(b"\\.\n").unwrap();
     }
     ok(child.wait_with_output().unwrap(), "psql \\copy in");
-    let out = proxy.client("psql", "viapsql").args(["-d", "viapsql", "-AtX", "-c", "SELECT count(*), sum(id) FROM people"]).output().unwrap();
+    let out = proxy
+        .client("psql", "viapsql")
+        .args([
+            "-d",
+            "viapsql",
+            "-AtX",
+            "-c",
+            "SELECT count(*), sum(id) FROM people",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(ok(out, "count").trim(), "1000|500500");
-    let out = proxy.client("psql", "viapsql").args(["-d", "viapsql", "-X", "-c", "\\copy (SELECT id, name FROM people ORDER BY id) TO STDOUT"]).output().unwrap();
+    let out = proxy
+        .client("psql", "viapsql")
+        .args([
+            "-d",
+            "viapsql",
+            "-X",
+            "-c",
+            "\\copy (SELECT id, name FROM people ORDER BY id) TO STDOUT",
+        ])
+        .output()
+        .unwrap();
     assert_eq!(ok(out, "psql \\copy out"), data);
 
     // A COPY that fails midway leaves the server clean for the next client.
     let bad = proxy
         .client("psql", "viapsql")
-        .args(["-d", "viapsql", "-X", "-v", "ON_ERROR_STOP=1", "-c", "\\copy people FROM STDIN"])
+        .args([
+            "-d",
+            "viapsql",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "\\copy people FROM STDIN",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -93,12 +135,21 @@ async fn psql_queries_and_copy() {
     {
         use std::io::Write;
         let mut child = bad;
-        child.stdin.take().unwrap().write_all(b"1\tok\nnot-a-number\tbad\n\\.\n").unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"1\tok\nnot-a-number\tbad\n\\.\n")
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(!out.status.success(), "a bad row fails the COPY");
         assert!(String::from_utf8_lossy(&out.stderr).contains("invalid input syntax"));
     }
-    let out = proxy.client("psql", "viapsql").args(["-d", "viapsql", "-AtX", "-c", "SELECT count(*) FROM people"]).output().unwrap();
+    let out = proxy
+        .client("psql", "viapsql")
+        .args(["-d", "viapsql", "-AtX", "-c", "SELECT count(*) FROM people"])
+        .output()
+        .unwrap();
     assert_eq!(ok(out, "count after failed copy").trim(), "1000");
 }
 
@@ -109,7 +160,19 @@ async fn pgbench_200_clients_over_10_servers() {
     let pg = pg();
     pg.create_app("bench").await;
     let init = Command::new(pg.client_bin("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "bench", "-i", "-s", "2", "-q", "bench"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "bench",
+            "-i",
+            "-s",
+            "2",
+            "-q",
+            "bench",
+        ])
         .env("PGPASSWORD", "bench-pw")
         .output()
         .unwrap();
@@ -131,12 +194,17 @@ async fn pgbench_200_clients_over_10_servers() {
     });
     let mut bench = proxy.client("pgbench", "bench");
     bench.args(["-S", "-c", "200", "-j", "2", "-T", "5", "bench"]);
-    let out = tokio::task::spawn_blocking(move || bench.output().unwrap()).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || bench.output().unwrap())
+        .await
+        .unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let text = ok(out, "pgbench -S -c 200");
     let max = watcher.await.unwrap();
     eprintln!("{text}");
-    assert!(text.contains("number of failed transactions: 0 (0.000%)"), "{text}");
+    assert!(
+        text.contains("number of failed transactions: 0 (0.000%)"),
+        "{text}"
+    );
     let processed: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
@@ -148,9 +216,20 @@ async fn pgbench_200_clients_over_10_servers() {
     // The default TPC-B-like script (multi-statement transactions) through the proxy too.
     let mut tpcb = proxy.client("pgbench", "bench");
     tpcb.args(["-c", "20", "-j", "2", "-t", "50", "bench"]);
-    let text = ok(tokio::task::spawn_blocking(move || tpcb.output().unwrap()).await.unwrap(), "pgbench tpcb");
-    assert!(text.contains("number of failed transactions: 0 (0.000%)"), "{text}");
-    assert!(text.contains("number of transactions actually processed: 1000/1000"), "{text}");
+    let text = ok(
+        tokio::task::spawn_blocking(move || tpcb.output().unwrap())
+            .await
+            .unwrap(),
+        "pgbench tpcb",
+    );
+    assert!(
+        text.contains("number of failed transactions: 0 (0.000%)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("number of transactions actually processed: 1000/1000"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -158,11 +237,23 @@ async fn check_config_flag() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "[databases.a]\n[users.a]\npassword = \"p\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_pgsluice")).arg("--check-config").arg(&good).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgsluice"))
+        .arg("--check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "pool_size = 0\n[databases.a]\n[users.a]\npassword = \"p\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_pgsluice")).arg("--check-config").arg(&bad).output().unwrap();
+    std::fs::write(
+        &bad,
+        "pool_size = 0\n[databases.a]\n[users.a]\npassword = \"p\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pgsluice"))
+        .arg("--check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("pool_size: must be at least 1"));
 }

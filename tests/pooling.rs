@@ -40,9 +40,17 @@ async fn many_clients_few_servers_all_commit() {
     }
     let max = watcher.await.unwrap();
     assert_eq!(scalar(&setup, "SELECT count(*) FROM ledger").await, "500");
-    let expected: i64 = (0..20).flat_map(|c| (0..25).map(move |n| c * 100 + n)).sum();
-    assert_eq!(scalar(&setup, "SELECT v FROM total").await, expected.to_string());
-    assert!(max <= 3, "the proxy held {max} server connections with pool_size = 3");
+    let expected: i64 = (0..20)
+        .flat_map(|c| (0..25).map(move |n| c * 100 + n))
+        .sum();
+    assert_eq!(
+        scalar(&setup, "SELECT v FROM total").await,
+        expected.to_string()
+    );
+    assert!(
+        max <= 3,
+        "the proxy held {max} server connections with pool_size = 3"
+    );
     assert!(max >= 1);
 }
 
@@ -53,7 +61,9 @@ async fn error_inside_transaction() {
     let a = proxy.client("errtx").await;
     let b = proxy.client("errtx").await;
     a.batch_execute("CREATE TABLE t (v int)").await.unwrap();
-    a.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
     let e = a.batch_execute("SELECT 1/0").await.unwrap_err();
     assert_eq!(code(&e), "22012");
     let e = a.batch_execute("SELECT 1").await.unwrap_err();
@@ -61,11 +71,20 @@ async fn error_inside_transaction() {
     a.batch_execute("ROLLBACK").await.unwrap();
     // The only server now serves b, outside any transaction, and the insert is gone.
     assert_eq!(scalar(&b, "SELECT count(*) FROM t").await, "0");
-    assert_eq!(scalar(&b, "SELECT pg_catalog.txid_current_if_assigned() IS NULL").await, "t");
+    assert_eq!(
+        scalar(&b, "SELECT pg_catalog.txid_current_if_assigned() IS NULL").await,
+        "t"
+    );
     // Extended protocol: an error skips to Sync; the next statement runs.
-    let e = a.query_typed("SELECT 1/$1::int", &[(&0i32, Type::INT4)]).await.unwrap_err();
+    let e = a
+        .query_typed("SELECT 1/$1::int", &[(&0i32, Type::INT4)])
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "22012");
-    assert_eq!(a.query_typed("SELECT 2", &[]).await.unwrap()[0].get::<_, i32>(0), 2);
+    assert_eq!(
+        a.query_typed("SELECT 2", &[]).await.unwrap()[0].get::<_, i32>(0),
+        2
+    );
 }
 
 /// A large result streams through whole.
@@ -73,11 +92,23 @@ async fn error_inside_transaction() {
 async fn hundred_thousand_rows() {
     let proxy = app("bigresult", "pool_size = 2").await;
     let c = proxy.client("bigresult").await;
-    let rows = c.query_typed("SELECT g, repeat('x', 100) FROM generate_series(1, 100000) g", &[]).await.unwrap();
+    let rows = c
+        .query_typed(
+            "SELECT g, repeat('x', 100) FROM generate_series(1, 100000) g",
+            &[],
+        )
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 100_000);
     assert_eq!(rows[99_999].get::<_, i32>(0), 100_000);
-    let msgs = c.simple_query("SELECT g FROM generate_series(1, 100000) g").await.unwrap();
-    let n = msgs.iter().filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))).count();
+    let msgs = c
+        .simple_query("SELECT g FROM generate_series(1, 100000) g")
+        .await
+        .unwrap();
+    let n = msgs
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
     assert_eq!(n, 100_000);
 }
 
@@ -89,25 +120,43 @@ async fn per_client_parameters_do_not_leak() {
     pg.create_app("params").await;
     let proxy = Proxy::start(&app_config(pg, "params", "pool_size = 1")).await;
     let base = proxy.conn("params", "params-pw", "params");
-    let a = connect(&format!("{base} application_name=alpha options='-c TimeZone=Asia/Tokyo'")).await;
-    let b = connect(&format!("{base} application_name=beta options='-c TimeZone=America/New_York'")).await;
+    let a = connect(&format!(
+        "{base} application_name=alpha options='-c TimeZone=Asia/Tokyo'"
+    ))
+    .await;
+    let b = connect(&format!(
+        "{base} application_name=beta options='-c TimeZone=America/New_York'"
+    ))
+    .await;
     let c = connect(&base).await;
     let default_tz = scalar(&c, "SHOW TimeZone").await;
-    a.batch_execute("SET statement_timeout = '7s'").await.unwrap();
-    b.batch_execute("SET search_path = 'beta_schema', public").await.unwrap();
+    a.batch_execute("SET statement_timeout = '7s'")
+        .await
+        .unwrap();
+    b.batch_execute("SET search_path = 'beta_schema', public")
+        .await
+        .unwrap();
     for _ in 0..10 {
         assert_eq!(scalar(&a, "SHOW TimeZone").await, "Asia/Tokyo");
         assert_eq!(scalar(&b, "SHOW TimeZone").await, "America/New_York");
         assert_eq!(scalar(&c, "SHOW TimeZone").await, default_tz);
-        assert_eq!(scalar(&a, "SELECT current_setting('application_name')").await, "alpha");
-        assert_eq!(scalar(&b, "SELECT current_setting('application_name')").await, "beta");
+        assert_eq!(
+            scalar(&a, "SELECT current_setting('application_name')").await,
+            "alpha"
+        );
+        assert_eq!(
+            scalar(&b, "SELECT current_setting('application_name')").await,
+            "beta"
+        );
         assert_eq!(scalar(&a, "SHOW statement_timeout").await, "7s");
         assert_eq!(scalar(&b, "SHOW statement_timeout").await, "0");
         assert_eq!(scalar(&b, "SHOW search_path").await, "beta_schema, public");
         assert_eq!(scalar(&c, "SHOW search_path").await, "\"$user\", public");
     }
     // A SET rolled back does not stick; RESET returns to the client's own startup value.
-    a.batch_execute("BEGIN; SET TimeZone = 'UTC'; ROLLBACK").await.unwrap();
+    a.batch_execute("BEGIN; SET TimeZone = 'UTC'; ROLLBACK")
+        .await
+        .unwrap();
     assert_eq!(scalar(&a, "SHOW TimeZone").await, "Asia/Tokyo");
     a.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
     assert_eq!(scalar(&b, "SHOW TimeZone").await, "America/New_York");
@@ -132,13 +181,25 @@ async fn session_state_is_refused_in_transaction_mode() {
     ] {
         let e = c.batch_execute(sql).await.unwrap_err();
         assert_eq!(code(&e), "0A000", "{sql}");
-        assert!(message(&e).contains("not supported in transaction pooling mode"), "{sql}: {}", message(&e));
-        assert!(e.as_db_error().unwrap().hint().unwrap().contains("session"), "{sql}");
+        assert!(
+            message(&e).contains("not supported in transaction pooling mode"),
+            "{sql}: {}",
+            message(&e)
+        );
+        assert!(
+            e.as_db_error().unwrap().hint().unwrap().contains("session"),
+            "{sql}"
+        );
         assert_eq!(scalar(&c, "SELECT 1").await, "1", "usable after {sql}");
     }
     c.batch_execute("CREATE TABLE kept (v int)").await.unwrap();
-    c.batch_execute("BEGIN; INSERT INTO kept VALUES (1)").await.unwrap();
-    assert_eq!(code(&c.batch_execute("LISTEN x").await.unwrap_err()), "0A000");
+    c.batch_execute("BEGIN; INSERT INTO kept VALUES (1)")
+        .await
+        .unwrap();
+    assert_eq!(
+        code(&c.batch_execute("LISTEN x").await.unwrap_err()),
+        "0A000"
+    );
     // COMMIT of a failed transaction rolls back, as PostgreSQL does.
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(scalar(&c, "SELECT count(*) FROM kept").await, "0");
@@ -150,9 +211,22 @@ async fn session_state_is_refused_in_transaction_mode() {
     assert!(c.is_closed() || c.simple_query("SELECT 1").await.is_err());
     // Nothing leaked on the server.
     let d = proxy.client("refuse").await;
-    assert_eq!(scalar(&d, "SELECT count(*) FROM pg_listening_channels()").await, "0");
-    assert_eq!(scalar(&d, "SELECT count(*) FROM pg_prepared_statements").await, "0");
-    assert_eq!(scalar(&d, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").await, "0");
+    assert_eq!(
+        scalar(&d, "SELECT count(*) FROM pg_listening_channels()").await,
+        "0"
+    );
+    assert_eq!(
+        scalar(&d, "SELECT count(*) FROM pg_prepared_statements").await,
+        "0"
+    );
+    assert_eq!(
+        scalar(
+            &d,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        )
+        .await,
+        "0"
+    );
 }
 
 /// Session mode: the server is the client's until it leaves, then reset before reuse.
@@ -165,17 +239,32 @@ async fn session_mode_resets_the_server() {
     assert_eq!(scalar(&a, "EXECUTE p").await, "7");
     // Named statements work in session mode.
     let st = a.prepare("SELECT $1::int * 2").await.unwrap();
-    assert_eq!(a.query_one(&st, &[&21i32]).await.unwrap().get::<_, i32>(0), 42);
+    assert_eq!(
+        a.query_one(&st, &[&21i32]).await.unwrap().get::<_, i32>(0),
+        42
+    );
     drop(a);
     let b = proxy.client("sess").await;
     assert!(
-        eventually(Duration::from_secs(5), || async { scalar(&b, "SELECT pg_backend_pid()").await == pid_a }).await,
+        eventually(Duration::from_secs(5), || async {
+            scalar(&b, "SELECT pg_backend_pid()").await == pid_a
+        })
+        .await,
         "the same server is reused"
     );
     assert_eq!(scalar(&b, "SHOW statement_timeout").await, "0");
-    assert_eq!(scalar(&b, "SELECT count(*) FROM pg_listening_channels()").await, "0");
-    assert_eq!(scalar(&b, "SELECT count(*) FROM pg_prepared_statements").await, "0");
-    assert!(b.batch_execute("SELECT * FROM mine").await.is_err(), "the temp table is gone");
+    assert_eq!(
+        scalar(&b, "SELECT count(*) FROM pg_listening_channels()").await,
+        "0"
+    );
+    assert_eq!(
+        scalar(&b, "SELECT count(*) FROM pg_prepared_statements").await,
+        "0"
+    );
+    assert!(
+        b.batch_execute("SELECT * FROM mine").await.is_err(),
+        "the temp table is gone"
+    );
 }
 
 /// The checkout timeout ends a wait with 53300 naming query_wait_timeout; the client stays
@@ -189,7 +278,11 @@ async fn checkout_timeout() {
     let started = std::time::Instant::now();
     let e = waiter.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(code(&e), "53300");
-    assert!(message(&e).contains("query_wait_timeout"), "{}", message(&e));
+    assert!(
+        message(&e).contains("query_wait_timeout"),
+        "{}",
+        message(&e)
+    );
     assert!(started.elapsed() >= Duration::from_millis(900));
     // Extended protocol too.
     let e = waiter.query_typed("SELECT 1", &[]).await.unwrap_err();
@@ -203,13 +296,18 @@ async fn checkout_timeout() {
 async fn waiters_are_served_in_order() {
     let proxy = app("fifo", "pool_size = 1").await;
     let holder = proxy.client("fifo").await;
-    holder.batch_execute("CREATE TABLE arrivals (seq serial, who int)").await.unwrap();
+    holder
+        .batch_execute("CREATE TABLE arrivals (seq serial, who int)")
+        .await
+        .unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
     let mut tasks = Vec::new();
     for who in 0..5 {
         let c = proxy.client("fifo").await;
         tasks.push(tokio::spawn(async move {
-            c.batch_execute(&format!("INSERT INTO arrivals (who) VALUES ({who})")).await.unwrap();
+            c.batch_execute(&format!("INSERT INTO arrivals (who) VALUES ({who})"))
+                .await
+                .unwrap();
         }));
         // Give each waiter time to queue before the next.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -275,27 +373,55 @@ async fn cancel_while_queued() {
 async fn killed_client_releases_its_locks() {
     let proxy = app("vanish", "pool_size = 2").await;
     let setup = proxy.client("vanish").await;
-    setup.batch_execute("CREATE TABLE acct (id int PRIMARY KEY, v int); INSERT INTO acct VALUES (1, 0)").await.unwrap();
+    setup
+        .batch_execute(
+            "CREATE TABLE acct (id int PRIMARY KEY, v int); INSERT INTO acct VALUES (1, 0)",
+        )
+        .await
+        .unwrap();
     // Idle in transaction: the proxy rolls back and reuses the server.
     {
-        let (client, connection) = tokio_postgres::connect(&proxy.conn("vanish", "vanish-pw", "vanish"), tokio_postgres::NoTls).await.unwrap();
+        let (client, connection) = tokio_postgres::connect(
+            &proxy.conn("vanish", "vanish-pw", "vanish"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
         let conn_task = tokio::spawn(connection);
-        client.batch_execute("BEGIN; UPDATE acct SET v = 1 WHERE id = 1").await.unwrap();
+        client
+            .batch_execute("BEGIN; UPDATE acct SET v = 1 WHERE id = 1")
+            .await
+            .unwrap();
         conn_task.abort(); // the socket closes with the transaction open
     }
     let other = proxy.client("vanish").await;
     let started = std::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(5), other.batch_execute("UPDATE acct SET v = 2 WHERE id = 1"))
-        .await
-        .expect("the lock is released within seconds")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        other.batch_execute("UPDATE acct SET v = 2 WHERE id = 1"),
+    )
+    .await
+    .expect("the lock is released within seconds")
+    .unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(scalar(&other, "SELECT v FROM acct").await, "2", "the vanished client's update rolled back");
+    assert_eq!(
+        scalar(&other, "SELECT v FROM acct").await,
+        "2",
+        "the vanished client's update rolled back"
+    );
     // Mid-query: the query is cancelled, the server closed.
     {
-        let (client, connection) = tokio_postgres::connect(&proxy.conn("vanish", "vanish-pw", "vanish"), tokio_postgres::NoTls).await.unwrap();
+        let (client, connection) = tokio_postgres::connect(
+            &proxy.conn("vanish", "vanish-pw", "vanish"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
         let conn_task = tokio::spawn(connection);
-        client.batch_execute("BEGIN; UPDATE acct SET v = 3 WHERE id = 1").await.unwrap();
+        client
+            .batch_execute("BEGIN; UPDATE acct SET v = 3 WHERE id = 1")
+            .await
+            .unwrap();
         let q = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(60)").await });
         tokio::time::sleep(Duration::from_millis(300)).await;
         conn_task.abort();
@@ -307,10 +433,13 @@ async fn killed_client_releases_its_locks() {
     })
     .await;
     assert!(gone, "the vanished client's query was cancelled");
-    tokio::time::timeout(Duration::from_secs(5), other.batch_execute("UPDATE acct SET v = 4 WHERE id = 1"))
-        .await
-        .expect("the lock is released within seconds")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        other.batch_execute("UPDATE acct SET v = 4 WHERE id = 1"),
+    )
+    .await
+    .expect("the lock is released within seconds")
+    .unwrap();
     assert_eq!(scalar(&other, "SELECT v FROM acct").await, "4");
 }
 
@@ -359,10 +488,17 @@ async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
 /// min_pool_size opens servers before any client; server_idle_timeout closes the extra ones.
 #[tokio::test]
 async fn janitor_keeps_minimum_and_closes_idle() {
-    let proxy = app("janitor", "pool_size = 4\nmin_pool_size = 2\nserver_idle_timeout = \"1s\"").await;
+    let proxy = app(
+        "janitor",
+        "pool_size = 4\nmin_pool_size = 2\nserver_idle_timeout = \"1s\"",
+    )
+    .await;
     let admin = pg().admin().await;
     assert!(
-        eventually(Duration::from_secs(5), || async { server_conns(&admin, "janitor").await == 2 }).await,
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "janitor").await == 2
+        })
+        .await,
         "min_pool_size servers open with no client"
     );
     let clients: Vec<_> = futures_join((0..4).map(|_| proxy.client("janitor")).collect()).await;
@@ -374,7 +510,10 @@ async fn janitor_keeps_minimum_and_closes_idle() {
         c.batch_execute("COMMIT").await.unwrap();
     }
     assert!(
-        eventually(Duration::from_secs(5), || async { server_conns(&admin, "janitor").await == 2 }).await,
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "janitor").await == 2
+        })
+        .await,
         "idle servers above min_pool_size close after server_idle_timeout"
     );
 }
@@ -390,8 +529,16 @@ async fn old_and_dead_servers_are_replaced() {
     assert_ne!(first, second, "a server past server_lifetime is replaced");
     // Kill the idle server behind the proxy's back: the next transaction gets a fresh one.
     let admin = pg().admin().await;
-    admin.batch_execute(&format!("SELECT pg_terminate_backend({second})")).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { server_conns(&admin, "lifetime").await == 0 }).await);
+    admin
+        .batch_execute(&format!("SELECT pg_terminate_backend({second})"))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "lifetime").await == 0
+        })
+        .await
+    );
     let third = scalar(&c, "SELECT pg_backend_pid()").await;
     assert_ne!(third, second);
 }
@@ -404,11 +551,17 @@ async fn server_dies_mid_transaction() {
     c.batch_execute("BEGIN").await.unwrap();
     let pid = scalar(&c, "SELECT pg_backend_pid()").await;
     let admin = pg().admin().await;
-    admin.batch_execute(&format!("SELECT pg_terminate_backend({pid})")).await.unwrap();
+    admin
+        .batch_execute(&format!("SELECT pg_terminate_backend({pid})"))
+        .await
+        .unwrap();
     let e = c.batch_execute("SELECT 1").await.unwrap_err();
     // The server's own FATAL (57P01) is relayed first; either it or ours ends the session.
     let code = e.as_db_error().map(|d| d.code().code().to_owned());
-    assert!(matches!(code.as_deref(), Some("57P01") | Some("08006") | None), "{e}");
+    assert!(
+        matches!(code.as_deref(), Some("57P01") | Some("08006") | None),
+        "{e}"
+    );
     let d = proxy.client("srvdie").await;
     assert_eq!(scalar(&d, "SELECT 1").await, "1");
 }

@@ -75,18 +75,25 @@ impl Credentials {
             let method = u.auth_type.unwrap_or(config.auth_type);
             let pw = u.password.as_deref();
             let scram = match (method, pw) {
-                (AuthType::ScramSha256, Some(p)) if is_plain_password(p) => Some(Verifier::from_password(p)),
+                (AuthType::ScramSha256, Some(p)) if is_plain_password(p) => {
+                    Some(Verifier::from_password(p))
+                }
                 (AuthType::ScramSha256, Some(p)) => Verifier::parse(p),
                 _ => None,
             };
             let md5 = match (method, pw) {
                 (AuthType::Md5, Some(p)) if is_md5_hash(p) => Some(p.to_owned()),
-                (AuthType::Md5, Some(p)) => Some(format!("md5{}", md5_hex(&[p.as_bytes(), name.as_bytes()]))),
+                (AuthType::Md5, Some(p)) => {
+                    Some(format!("md5{}", md5_hex(&[p.as_bytes(), name.as_bytes()])))
+                }
                 _ => None,
             };
             users.insert(name.clone(), Secret { method, scram, md5 });
         }
-        Credentials { users, default_method: Some(config.auth_type) }
+        Credentials {
+            users,
+            default_method: Some(config.auth_type),
+        }
     }
 
     pub fn knows(&self, user: &str) -> bool {
@@ -101,9 +108,14 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
 ) -> Result<(), AuthError> {
     let secret = creds.users.get(user);
-    let method = secret.map(|s| s.method).or(creds.default_method).unwrap_or(AuthType::ScramSha256);
+    let method = secret
+        .map(|s| s.method)
+        .or(creds.default_method)
+        .unwrap_or(AuthType::ScramSha256);
     match method {
-        AuthType::Trust => secret.map(|_| ()).ok_or_else(|| AuthError::UnknownUser(user.to_owned())),
+        AuthType::Trust => secret
+            .map(|_| ())
+            .ok_or_else(|| AuthError::UnknownUser(user.to_owned())),
         AuthType::Md5 => md5_exchange(stream, secret.and_then(|s| s.md5.as_deref()), user).await,
         AuthType::ScramSha256 => {
             let verifier = secret.and_then(|s| s.scram.clone());
@@ -137,7 +149,9 @@ async fn read_password_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<V
     }
     let len = i32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]);
     if !(4..=MAX_AUTH_MESSAGE as i32).contains(&len) {
-        return Err(AuthError::Protocol(format!("invalid password message length {len}")));
+        return Err(AuthError::Protocol(format!(
+            "invalid password message length {len}"
+        )));
     }
     let mut body = vec![0u8; len as usize - 4];
     stream.read_exact(&mut body).await?;
@@ -156,7 +170,10 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let body = read_password_message(stream).await?;
     let given = body.strip_suffix(&[0]).unwrap_or(&body);
     let stored = stored.unwrap_or("md5-no-such-user-00000000000000000");
-    let expected = format!("md5{}", md5_hex(&[stored.as_bytes().get(3..).unwrap_or_default(), &salt]));
+    let expected = format!(
+        "md5{}",
+        md5_hex(&[stored.as_bytes().get(3..).unwrap_or_default(), &salt])
+    );
     if bool::from(given.ct_eq(expected.as_bytes())) && stored.len() == 35 {
         Ok(())
     } else {
@@ -176,7 +193,9 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     // SASLInitialResponse: mechanism\0, i32 length, data.
     let body = read_password_message(stream).await?;
     let mut strings = messages::CStrings(&body);
-    let mechanism = strings.next_str().ok_or_else(|| AuthError::Protocol("malformed SASLInitialResponse".into()))?;
+    let mechanism = strings
+        .next_str()
+        .ok_or_else(|| AuthError::Protocol("malformed SASLInitialResponse".into()))?;
     if mechanism != scram::MECHANISM.as_bytes() {
         return Err(AuthError::Protocol(format!(
             "SASL mechanism {:?} is not supported; use SCRAM-SHA-256",
@@ -191,8 +210,8 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     if len < 0 || len as usize != rest.len() - 4 {
         return Err(AuthError::Protocol("malformed SASLInitialResponse".into()));
     }
-    let (server_first, exchange) =
-        scram::client_first(&rest[4..], verifier).map_err(|e| AuthError::Protocol(e.to_string()))?;
+    let (server_first, exchange) = scram::client_first(&rest[4..], verifier)
+        .map_err(|e| AuthError::Protocol(e.to_string()))?;
     let mut buf = BytesMut::new();
     messages::auth_sasl_continue(&mut buf, server_first.as_bytes());
     send(stream, buf).await?;

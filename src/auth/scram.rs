@@ -58,7 +58,12 @@ impl Verifier {
     /// same from outside whether the user exists or not (as PostgreSQL's mock authentication).
     pub fn impossible() -> Verifier {
         let mut rng = rand::rng();
-        Verifier { iterations: 4096, salt: rng.random::<[u8; 16]>().to_vec(), stored_key: rng.random(), server_key: rng.random() }
+        Verifier {
+            iterations: 4096,
+            salt: rng.random::<[u8; 16]>().to_vec(),
+            stored_key: rng.random(),
+            server_key: rng.random(),
+        }
     }
 }
 
@@ -83,31 +88,56 @@ pub struct Exchange {
 pub fn client_first(message: &[u8], verifier: Verifier) -> Result<(String, Exchange), ScramError> {
     let msg = std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
     // gs2-header: cbind-flag "," [authzid] ","
-    let (flag, rest) = msg.split_once(',').ok_or(ScramError::Malformed("no GS2 header"))?;
+    let (flag, rest) = msg
+        .split_once(',')
+        .ok_or(ScramError::Malformed("no GS2 header"))?;
     match flag {
         "n" | "y" => {}
         f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
         _ => return Err(ScramError::Malformed("bad channel binding flag")),
     }
-    let (authzid, bare) = rest.split_once(',').ok_or(ScramError::Malformed("no GS2 header"))?;
+    let (authzid, bare) = rest
+        .split_once(',')
+        .ok_or(ScramError::Malformed("no GS2 header"))?;
     if !authzid.is_empty() {
-        return Err(ScramError::Malformed("authorization identity is not supported"));
+        return Err(ScramError::Malformed(
+            "authorization identity is not supported",
+        ));
     }
     let mut client_nonce = None;
     for attr in bare.split(',') {
         if let Some(r) = attr.strip_prefix("r=") {
             client_nonce = Some(r);
         } else if attr.starts_with("m=") {
-            return Err(ScramError::Malformed("mandatory extensions are not supported"));
+            return Err(ScramError::Malformed(
+                "mandatory extensions are not supported",
+            ));
         }
     }
-    let client_nonce = client_nonce.filter(|n| !n.is_empty()).ok_or(ScramError::Malformed("no client nonce"))?;
-    if !client_nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
+    let client_nonce = client_nonce
+        .filter(|n| !n.is_empty())
+        .ok_or(ScramError::Malformed("no client nonce"))?;
+    if !client_nonce
+        .bytes()
+        .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+    {
         return Err(ScramError::Malformed("bad client nonce"));
     }
-    let nonce = format!("{client_nonce}{}", B64.encode(rand::rng().random::<[u8; 18]>()));
-    let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
-    let exchange = Exchange { verifier, client_first_bare: bare.to_owned(), server_first: server_first.clone(), nonce };
+    let nonce = format!(
+        "{client_nonce}{}",
+        B64.encode(rand::rng().random::<[u8; 18]>())
+    );
+    let server_first = format!(
+        "r={nonce},s={},i={}",
+        B64.encode(&verifier.salt),
+        verifier.iterations
+    );
+    let exchange = Exchange {
+        verifier,
+        client_first_bare: bare.to_owned(),
+        server_first: server_first.clone(),
+        nonce,
+    };
     Ok((server_first, exchange))
 }
 
@@ -115,7 +145,9 @@ impl Exchange {
     /// Handles client-final-message; returns server-final-message when the proof is right.
     pub fn client_final(self, message: &[u8]) -> Result<String, ScramError> {
         let msg = std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed("no proof"))?;
+        let (without_proof, proof) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Malformed("no proof"))?;
         let mut channel = None;
         let mut nonce = None;
         for attr in without_proof.split(',') {
@@ -132,11 +164,16 @@ impl Exchange {
         if nonce != Some(self.nonce.as_str()) {
             return Err(ScramError::Malformed("nonce mismatch"));
         }
-        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof is not base64"))?;
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| ScramError::Malformed("proof is not base64"))?;
         if proof.len() != 32 {
             return Err(ScramError::Malformed("proof has the wrong length"));
         }
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
         let signature = hmac(&self.verifier.stored_key, &[auth_message.as_bytes()]);
         let client_key: Vec<u8> = proof.iter().zip(signature).map(|(p, s)| p ^ s).collect();
         let stored: [u8; 32] = Sha256::digest(&client_key).into();
@@ -155,20 +192,28 @@ mod tests {
 
     /// A full exchange against the SCRAM client PostgreSQL drivers in Rust use.
     fn round_trip(stored_password: &str, client_password: &str) -> Result<(), ScramError> {
-        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
+        let mut client =
+            ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
         let first = client.message().to_vec();
         let (server_first, ex) = client_first(&first, Verifier::from_password(stored_password))?;
-        client.update(server_first.as_bytes()).expect("client accepts server-first");
+        client
+            .update(server_first.as_bytes())
+            .expect("client accepts server-first");
         let fin = client.message().to_vec();
         let server_final = ex.client_final(&fin)?;
-        client.finish(server_final.as_bytes()).expect("client verifies the server signature");
+        client
+            .finish(server_final.as_bytes())
+            .expect("client verifies the server signature");
         Ok(())
     }
 
     #[test]
     fn right_and_wrong_password() {
         assert_eq!(round_trip("s3cret", "s3cret"), Ok(()));
-        assert_eq!(round_trip("s3cret", "guess"), Err(ScramError::WrongPassword));
+        assert_eq!(
+            round_trip("s3cret", "guess"),
+            Err(ScramError::WrongPassword)
+        );
     }
 
     #[test]
@@ -176,7 +221,10 @@ mod tests {
         let mut client = ScramSha256::new(b"anything", ChannelBinding::unsupported());
         let (sf, ex) = client_first(&client.message().to_vec(), Verifier::impossible()).unwrap();
         client.update(sf.as_bytes()).unwrap();
-        assert_eq!(ex.client_final(client.message()), Err(ScramError::WrongPassword));
+        assert_eq!(
+            ex.client_final(client.message()),
+            Err(ScramError::WrongPassword)
+        );
     }
 
     /// RFC 7677 §3's verifier parsed from the pg_authid form.
@@ -194,7 +242,10 @@ mod tests {
         let v = Verifier::impossible;
         assert!(client_first(b"", v()).is_err());
         assert!(client_first(b"n,,n=,", v()).is_err());
-        assert_eq!(client_first(b"p=tls-server-end-point,,n=,r=abc", v()).unwrap_err(), ScramError::ChannelBinding);
+        assert_eq!(
+            client_first(b"p=tls-server-end-point,,n=,r=abc", v()).unwrap_err(),
+            ScramError::ChannelBinding
+        );
         assert!(client_first(b"n,a=bob,n=,r=abc", v()).is_err());
         let (_, ex) = client_first(b"n,,n=,r=abc", v()).unwrap();
         assert!(ex.client_final(b"c=biws,r=wrong,p=AAAA").is_err());

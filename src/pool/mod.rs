@@ -96,10 +96,18 @@ pub struct Pools {
 impl Pools {
     /// Creates the pools; those with `min_pool_size` start filling at once.
     pub fn new(config: Arc<Config>) -> Arc<Pools> {
-        let pools = Arc::new(Pools { state: Mutex::new(State::default()), config, next_id: AtomicU64::new(1) });
+        let pools = Arc::new(Pools {
+            state: Mutex::new(State::default()),
+            config,
+            next_id: AtomicU64::new(1),
+        });
         for db in pools.config.databases.keys() {
             for user in pools.config.users.keys() {
-                if pools.config.pool_settings(db, user).is_some_and(|s| s.min_pool_size > 0) {
+                if pools
+                    .config
+                    .pool_settings(db, user)
+                    .is_some_and(|s| s.min_pool_size > 0)
+                {
                     pools.pool_for(db, user);
                 }
             }
@@ -163,7 +171,11 @@ impl Pools {
 
     /// Checks a server out, waiting up to `wait` for one. Cancel-safe: dropping the future
     /// gives back anything it was granted.
-    pub async fn checkout(self: &Arc<Self>, pool: PoolId, wait: Duration) -> Result<Checkout, PoolError> {
+    pub async fn checkout(
+        self: &Arc<Self>,
+        pool: PoolId,
+        wait: Duration,
+    ) -> Result<Checkout, PoolError> {
         let deadline = Instant::now() + wait;
         loop {
             let step = {
@@ -178,36 +190,60 @@ impl Pools {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let (tx, rx) = oneshot::channel();
                     p.waiters.push_back(Waiter { id, tx });
-                    Step::Wait(WaitGuard { pools: self.clone(), pool, id, rx: Some(rx) })
+                    Step::Wait(WaitGuard {
+                        pools: self.clone(),
+                        pool,
+                        id,
+                        rx: Some(rx),
+                    })
                 }
             };
             let grant = match step {
                 Step::Idle(server) => Grant::Server(server),
                 Step::Open => Grant::Slot,
-                Step::Wait(mut guard) => guard.wait(deadline).await.ok_or(PoolError::WaitTimeout(wait))?,
+                Step::Wait(mut guard) => guard
+                    .wait(deadline)
+                    .await
+                    .ok_or(PoolError::WaitTimeout(wait))?,
             };
             match grant {
                 Grant::Server(server) => {
                     // Costs no system call unless the socket was flagged readable: a server
                     // that closed (restart, idle_session_timeout, failover) is caught here.
                     if !server.looks_alive() {
-                        tracing::info!(server = server.id, "closing a server found dead or dirty while idle");
+                        tracing::info!(
+                            server = server.id,
+                            "closing a server found dead or dirty while idle"
+                        );
                         self.discard(server);
                         continue;
                     }
-                    return Ok(Checkout { server: Some(server), pools: self.clone() });
+                    return Ok(Checkout {
+                        server: Some(server),
+                        pools: self.clone(),
+                    });
                 }
-                Grant::Slot => return self.open(pool).await.map(|server| Checkout { server: Some(server), pools: self.clone() }),
+                Grant::Slot => {
+                    return self.open(pool).await.map(|server| Checkout {
+                        server: Some(server),
+                        pools: self.clone(),
+                    })
+                }
             }
         }
     }
 
     /// Opens a server into a slot already counted in `open`.
     async fn open(self: &Arc<Self>, pool: PoolId) -> Result<ServerConn, PoolError> {
-        let slot = SlotGuard { pools: self, pool, armed: true };
+        let slot = SlotGuard {
+            pools: self,
+            pool,
+            armed: true,
+        };
         let settings = self.settings(pool);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let server = ServerConn::connect(&settings, pool, id, self.config.server_connect_timeout).await;
+        let server =
+            ServerConn::connect(&settings, pool, id, self.config.server_connect_timeout).await;
         let mut slot = slot;
         match server {
             Ok(server) => {
@@ -279,7 +315,9 @@ impl Pools {
             while i < p.idle.len() {
                 let s = &p.idle[i];
                 let too_old = now.duration_since(s.created) >= lifetime;
-                let too_idle = !idle_timeout.is_zero() && now.duration_since(s.last_used) >= idle_timeout && p.open > min;
+                let too_idle = !idle_timeout.is_zero()
+                    && now.duration_since(s.last_used) >= idle_timeout
+                    && p.open > min;
                 if too_old || too_idle {
                     out.push(p.idle.remove(i));
                     p.open -= 1;
@@ -386,7 +424,9 @@ pub struct Checkout {
 
 impl Checkout {
     pub fn server(&mut self) -> &mut ServerConn {
-        self.server.as_mut().expect("a checkout holds its server until released")
+        self.server
+            .as_mut()
+            .expect("a checkout holds its server until released")
     }
 
     /// Gives the server back for reuse. Only for a server that is idle, outside any

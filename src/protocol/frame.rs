@@ -26,11 +26,18 @@ pub fn header(buf: &[u8], limit: usize) -> Result<Option<(u8, usize)>, FrameErro
     let tag = buf[0];
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
     if len < 4 {
-        return Err(FrameError::TooShort { tag: tag as char, len: len as i64 });
+        return Err(FrameError::TooShort {
+            tag: tag as char,
+            len: len as i64,
+        });
     }
     let len = len as usize;
     if len > limit {
-        return Err(FrameError::TooLong { tag: tag as char, len, limit });
+        return Err(FrameError::TooLong {
+            tag: tag as char,
+            len,
+            limit,
+        });
     }
     Ok(Some((tag, len + 1)))
 }
@@ -88,7 +95,8 @@ impl Scanner {
                 continue;
             }
             let take = (HEADER_LEN - self.hdr_len as usize).min(data.len());
-            self.hdr[self.hdr_len as usize..self.hdr_len as usize + take].copy_from_slice(&data[..take]);
+            self.hdr[self.hdr_len as usize..self.hdr_len as usize + take]
+                .copy_from_slice(&data[..take]);
             self.hdr_len += take as u8;
             data = &data[take..];
             if self.hdr_len as usize == HEADER_LEN {
@@ -127,9 +135,18 @@ mod tests {
     #[test]
     fn header_rejects_bad_lengths() {
         assert_eq!(header(&[b'Q', 0, 0, 0], 100), Ok(None));
-        assert!(matches!(header(&[b'Q', 0, 0, 0, 3], 100), Err(FrameError::TooShort { .. })));
-        assert!(matches!(header(&[b'Q', 0xff, 0xff, 0xff, 0xff], 100), Err(FrameError::TooShort { .. })));
-        assert!(matches!(header(&[b'Q', 0x40, 0, 0, 0], 100), Err(FrameError::TooLong { .. })));
+        assert!(matches!(
+            header(&[b'Q', 0, 0, 0, 3], 100),
+            Err(FrameError::TooShort { .. })
+        ));
+        assert!(matches!(
+            header(&[b'Q', 0xff, 0xff, 0xff, 0xff], 100),
+            Err(FrameError::TooShort { .. })
+        ));
+        assert!(matches!(
+            header(&[b'Q', 0x40, 0, 0, 0], 100),
+            Err(FrameError::TooLong { .. })
+        ));
         assert_eq!(header(&[b'S', 0, 0, 0, 4], 100), Ok(Some((b'S', 5))));
     }
 
@@ -139,12 +156,20 @@ mod tests {
         wire.extend(msg(b'Z', b"I"));
         wire.extend(msg(b'S', b""));
         let mut seen = vec![];
-        Scanner::default().feed(&wire, 1 << 20, |t, f| seen.push((t, f))).unwrap();
-        assert_eq!(seen, vec![(b'C', Some(b'S')), (b'Z', Some(b'I')), (b'S', None)]);
+        Scanner::default()
+            .feed(&wire, 1 << 20, |t, f| seen.push((t, f)))
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![(b'C', Some(b'S')), (b'Z', Some(b'I')), (b'S', None)]
+        );
     }
 
     fn arb_messages() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
-        proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..300)), 0..20)
+        proptest::collection::vec(
+            (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..300)),
+            0..20,
+        )
     }
 
     proptest! {

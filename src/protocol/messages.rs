@@ -6,8 +6,12 @@
 
 use bytes::{BufMut, BytesMut};
 use pgwire::error::ErrorInfo;
-use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus as PgStatus};
-use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey};
+use pgwire::messages::response::{
+    ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus as PgStatus,
+};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
 use pgwire::messages::Message;
 
 use super::TransactionStatus;
@@ -62,7 +66,11 @@ impl ErrorFields {
     }
 
     fn info(&self) -> ErrorInfo {
-        let mut info = ErrorInfo::new(self.severity.clone(), self.code.clone(), self.message.clone());
+        let mut info = ErrorInfo::new(
+            self.severity.clone(),
+            self.code.clone(),
+            self.message.clone(),
+        );
         info.detail = self.detail.clone();
         info.hint = self.hint.clone();
         info
@@ -126,19 +134,31 @@ pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
 }
 
 pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
-    put(buf, Authentication::SASL(mechanisms.iter().map(|m| m.to_string()).collect()));
+    put(
+        buf,
+        Authentication::SASL(mechanisms.iter().map(|m| m.to_string()).collect()),
+    );
 }
 
 pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
-    put(buf, Authentication::SASLContinue(bytes::Bytes::copy_from_slice(data)));
+    put(
+        buf,
+        Authentication::SASLContinue(bytes::Bytes::copy_from_slice(data)),
+    );
 }
 
 pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
-    put(buf, Authentication::SASLFinal(bytes::Bytes::copy_from_slice(data)));
+    put(
+        buf,
+        Authentication::SASLFinal(bytes::Bytes::copy_from_slice(data)),
+    );
 }
 
 pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, unsupported: Vec<String>) {
-    put(buf, NegotiateProtocolVersion::new(newest_minor, unsupported));
+    put(
+        buf,
+        NegotiateProtocolVersion::new(newest_minor, unsupported),
+    );
 }
 
 /// A simple Query message.
@@ -185,7 +205,10 @@ pub fn quote_literal(s: &str) -> String {
 
 /// Quotes an identifier (`"my param"`), for parameter names in SET statements.
 pub fn quote_ident(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.') {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+    {
         return s.to_owned();
     }
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -198,7 +221,9 @@ mod tests {
     #[test]
     fn error_round_trip() {
         let mut buf = BytesMut::new();
-        ErrorFields::new(Severity::Fatal, "53300", "too many").with_hint("wait").encode(&mut buf);
+        ErrorFields::new(Severity::Fatal, "53300", "too many")
+            .with_hint("wait")
+            .encode(&mut buf);
         assert_eq!(buf[0], b'E');
         let parsed = ErrorFields::parse(&buf[5..]);
         assert_eq!(parsed.severity, "FATAL");

@@ -30,7 +30,10 @@ pub struct Startup {
 
 impl Startup {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -45,7 +48,9 @@ pub enum StartupError {
 }
 
 /// Reads one untagged packet with exact reads.
-pub async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S) -> Result<StartupPacket, StartupError> {
+pub async fn read_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<StartupPacket, StartupError> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
     let len = i32::from_be_bytes(len) as i64;
@@ -102,8 +107,10 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
 }
 
 fn cstr(rest: &mut &[u8]) -> Result<String, StartupError> {
-    let end = memchr::memchr(0, rest).ok_or(StartupError::Malformed("missing string terminator"))?;
-    let s = std::str::from_utf8(&rest[..end]).map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
+    let end =
+        memchr::memchr(0, rest).ok_or(StartupError::Malformed("missing string terminator"))?;
+    let s = std::str::from_utf8(&rest[..end])
+        .map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
     *rest = &rest[end + 1..];
     Ok(s.to_owned())
 }
@@ -124,7 +131,10 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, String> {
             return Err(word);
         };
         let (name, value) = setting.split_once('=').ok_or_else(|| setting.clone())?;
-        out.push((name.replace('-', "_").to_ascii_lowercase(), value.to_owned()));
+        out.push((
+            name.replace('-', "_").to_ascii_lowercase(),
+            value.to_owned(),
+        ));
     }
     Ok(out)
 }
@@ -168,7 +178,9 @@ mod tests {
     #[test]
     fn parses_startup() {
         let p = parse_packet(&body(196608, b"user\0app\0database\0db\0\0")).unwrap();
-        let StartupPacket::Startup(s) = p else { panic!("not a startup") };
+        let StartupPacket::Startup(s) = p else {
+            panic!("not a startup")
+        };
         assert_eq!((s.major, s.minor), (3, 0));
         assert_eq!(s.get("user"), Some("app"));
         assert_eq!(s.get("database"), Some("db"));
@@ -176,8 +188,14 @@ mod tests {
 
     #[test]
     fn parses_requests() {
-        assert_eq!(parse_packet(&body(SSL_REQUEST_CODE, b"")).unwrap(), StartupPacket::SslRequest);
-        assert_eq!(parse_packet(&body(GSSENC_REQUEST_CODE, b"")).unwrap(), StartupPacket::GssEncRequest);
+        assert_eq!(
+            parse_packet(&body(SSL_REQUEST_CODE, b"")).unwrap(),
+            StartupPacket::SslRequest
+        );
+        assert_eq!(
+            parse_packet(&body(GSSENC_REQUEST_CODE, b"")).unwrap(),
+            StartupPacket::GssEncRequest
+        );
         let mut c = 7i32.to_be_bytes().to_vec();
         c.extend_from_slice(&(-9i32).to_be_bytes());
         assert_eq!(
@@ -215,7 +233,10 @@ mod tests {
                 ("work_mem".into(), "1MB".into())
             ]
         );
-        assert_eq!(parse_options(r"-c application_name=a\ b").unwrap(), vec![("application_name".into(), "a b".into())]);
+        assert_eq!(
+            parse_options(r"-c application_name=a\ b").unwrap(),
+            vec![("application_name".into(), "a b".into())]
+        );
         assert!(parse_options("-d 5").is_err());
     }
 }

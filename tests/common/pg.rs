@@ -29,7 +29,11 @@ fn bin_dir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 /// Runs a PostgreSQL binary, as `postgres` when we are root.
@@ -44,30 +48,65 @@ fn pg_command(bin: &Path, name: &str) -> Command {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn run(c: &mut Command, what: &str) {
     let out = c.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(out.status.success(), "{what} failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl TestPostgres {
     /// Starts a cluster with the given extra `postgresql.conf` lines.
     pub fn start(extra_conf: &[&str]) -> TestPostgres {
         let bin = bin_dir();
-        let dir = tempfile::Builder::new().prefix("pgsluice-test-").tempdir().unwrap().keep();
+        let dir = tempfile::Builder::new()
+            .prefix("pgsluice-test-")
+            .tempdir()
+            .unwrap()
+            .keep();
         if is_root() {
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir), "chown");
+            run(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&dir),
+                "chown",
+            );
         }
         let pwfile = dir.join("pw");
         std::fs::write(&pwfile, SUPERUSER_PASSWORD).unwrap();
         if is_root() {
-            run(Command::new("chown").args(["postgres:postgres"]).arg(&pwfile), "chown");
+            run(
+                Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&pwfile),
+                "chown",
+            );
         }
         let data = dir.join("data");
         let mut initdb = pg_command(&bin, "initdb");
-        initdb.arg("-D").arg(&data).args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"]).arg(format!("--pwfile={}", pwfile.display()));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()));
         run(&mut initdb, "initdb");
         let port = free_port();
         let mut conf = format!(
@@ -82,7 +121,11 @@ impl TestPostgres {
         let mut text = std::fs::read_to_string(&conf_path).unwrap();
         text.push_str(&conf);
         std::fs::write(&conf_path, text).unwrap();
-        let pg = TestPostgres { port, dir: dir.clone(), bin: bin.clone() };
+        let pg = TestPostgres {
+            port,
+            dir: dir.clone(),
+            bin: bin.clone(),
+        };
         pg.ctl_start();
         // Stop the server and remove its files once this test process has exited.
         let me = std::process::id();
@@ -92,19 +135,32 @@ impl TestPostgres {
             data.display(),
             dir.display()
         );
-        Command::new("sh").arg("-c").arg(stop).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        Command::new("sh")
+            .arg("-c")
+            .arg(stop)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         pg
     }
 
     pub fn ctl_start(&self) {
         let mut c = pg_command(&self.bin, "pg_ctl");
-        c.arg("-D").arg(self.dir.join("data")).arg("-l").arg(self.dir.join("log")).args(["-w", "-t", "60", "start"]);
+        c.arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-w", "-t", "60", "start"]);
         run(&mut c, "pg_ctl start");
     }
 
     pub fn ctl_stop(&self) {
         let mut c = pg_command(&self.bin, "pg_ctl");
-        c.arg("-D").arg(self.dir.join("data")).args(["-m", "fast", "-w", "stop"]);
+        c.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"]);
         run(&mut c, "pg_ctl stop");
     }
 
@@ -115,14 +171,24 @@ impl TestPostgres {
 
     /// Connects directly (not through the proxy) as the superuser.
     pub async fn admin(&self) -> tokio_postgres::Client {
-        super::connect(&format!("host=127.0.0.1 port={} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres", self.port)).await
+        super::connect(&format!(
+            "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PASSWORD} dbname=postgres",
+            self.port
+        ))
+        .await
     }
 
     /// Creates a role `name` (password `name`-pw) and a database `name` it owns.
     pub async fn create_app(&self, name: &str) {
         let admin = self.admin().await;
-        admin.batch_execute(&format!("CREATE ROLE {name} LOGIN PASSWORD '{name}-pw'")).await.unwrap();
-        admin.batch_execute(&format!("CREATE DATABASE {name} OWNER {name}")).await.unwrap();
+        admin
+            .batch_execute(&format!("CREATE ROLE {name} LOGIN PASSWORD '{name}-pw'"))
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} OWNER {name}"))
+            .await
+            .unwrap();
     }
 
     /// Path of a PostgreSQL client binary (psql, pgbench).
