@@ -359,13 +359,8 @@ impl Session {
                     return Err(e.message);
                 }
             }
-            let got = tokio::select! {
-                r = self.shared.pools.checkout(self.pool, wait) => match r {
-                    Ok(c) => Wait::Got(c),
-                    Err(e) => Wait::Failed(e),
-                },
-                // Cancel safety: dropping the checkout leaves the queue and returns any grant.
-                _ = self.cancel.cancelled_while_queued() => Wait::Cancelled,
+            let Some(got) = self.wait_for_server(wait).await else {
+                return Ok(()); // the client left while queued
             };
             self.cancel.idle();
             let mut checkout = match got {
@@ -426,6 +421,36 @@ impl Session {
                     fatal(&mut self.client.stream, &e).await;
                     drop(checkout);
                     return Err(format!("server connection lost: {why}"));
+                }
+            }
+        }
+    }
+
+    /// Waits for a server. Meanwhile watches the client: a cancel takes it out of the queue,
+    /// and a client that hangs up stops waiting (`None`) instead of running a dead request.
+    async fn wait_for_server(&mut self, wait: std::time::Duration) -> Option<Wait> {
+        // Cancel safety: dropping the checkout future leaves the queue and returns any grant.
+        let checkout = self.shared.pools.checkout(self.pool, wait);
+        tokio::pin!(checkout);
+        let cancelled = self.cancel.cancelled_while_queued();
+        tokio::pin!(cancelled);
+        loop {
+            let room = self.client.buf.len() < relay::HIGH_WATER;
+            tokio::select! {
+                r = &mut checkout => return Some(match r {
+                    Ok(c) => Wait::Got(c),
+                    Err(e) => Wait::Failed(e),
+                }),
+                _ = &mut cancelled => return Some(Wait::Cancelled),
+                r = self.client.stream.readable(), if room => {
+                    r.ok()?;
+                    self.client.buf.reserve(8192);
+                    match self.client.stream.try_read_buf(&mut self.client.buf) {
+                        Ok(0) => return None,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return None,
+                    }
                 }
             }
         }

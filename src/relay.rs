@@ -19,7 +19,7 @@ use crate::server::ServerConn;
 use crate::sql::{self, Refusal, SessionEffects};
 
 /// Most unsent bytes held per direction before reading that side pauses.
-const HIGH_WATER: usize = 256 * 1024;
+pub const HIGH_WATER: usize = 256 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 32 * 1024;
 /// Largest non-Query message the proxy holds whole before checking a server out.

@@ -565,3 +565,33 @@ async fn server_dies_mid_transaction() {
     let d = proxy.client("srvdie").await;
     assert_eq!(scalar(&d, "SELECT 1").await, "1");
 }
+
+/// A client that hangs up while queued leaves the queue: its request never runs.
+#[tokio::test]
+async fn client_leaving_the_queue_runs_nothing() {
+    let proxy = app("leaveq", "pool_size = 1").await;
+    let holder = proxy.client("leaveq").await;
+    holder
+        .batch_execute("CREATE TABLE hits (v int)")
+        .await
+        .unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    {
+        let (client, connection) = tokio_postgres::connect(
+            &proxy.conn("leaveq", "leaveq-pw", "leaveq"),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .unwrap();
+        let conn_task = tokio::spawn(connection);
+        let q =
+            tokio::spawn(async move { client.batch_execute("INSERT INTO hits VALUES (1)").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        conn_task.abort();
+        q.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(scalar(&holder, "SELECT count(*) FROM hits").await, "0");
+}
