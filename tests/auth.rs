@@ -20,7 +20,9 @@ const STEP: Duration = Duration::from_secs(10);
 
 /// A StartupMessage for protocol `major.minor` with the given parameters.
 fn startup_packet(major: u16, minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = ((u32::from(major) << 16) | u32::from(minor)).to_be_bytes().to_vec();
+    let mut body = ((u32::from(major) << 16) | u32::from(minor))
+        .to_be_bytes()
+        .to_vec();
     for (k, v) in params {
         body.extend_from_slice(k.as_bytes());
         body.push(0);
@@ -50,14 +52,13 @@ impl Msg {
                 break;
             }
             let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-            out.insert(code as char, String::from_utf8_lossy(&tail[..end]).into_owned());
+            out.insert(
+                code as char,
+                String::from_utf8_lossy(&tail[..end]).into_owned(),
+            );
             rest = tail.get(end + 1..).unwrap_or(&[]);
         }
         out
-    }
-
-    fn sqlstate(&self) -> String {
-        self.fields().get(&'C').cloned().unwrap_or_default()
     }
 
     /// The authentication request code of an 'R' message.
@@ -68,7 +69,10 @@ impl Msg {
 }
 
 async fn raw_connect(proxy: &Proxy) -> TcpStream {
-    tokio::time::timeout(STEP, TcpStream::connect(proxy.addr)).await.expect("connect timed out").expect("connect")
+    tokio::time::timeout(STEP, TcpStream::connect(proxy.addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect")
 }
 
 /// Reads one backend message (tag, length, body) within `STEP`; `None` at end of stream.
@@ -84,7 +88,11 @@ async fn read_msg(s: &mut TcpStream) -> Option<Msg> {
         let mut len = [0u8; 4];
         s.read_exact(&mut len).await.expect("message length");
         let len = i32::from_be_bytes(len);
-        assert!((4..=1 << 20).contains(&len), "implausible backend message length {len} (tag {:?})", tag[0] as char);
+        assert!(
+            (4..=1 << 20).contains(&len),
+            "implausible backend message length {len} (tag {:?})",
+            tag[0] as char
+        );
         let mut body = vec![0u8; len as usize - 4];
         s.read_exact(&mut body).await.expect("message body");
         Some(Msg { tag: tag[0], body })
@@ -94,7 +102,9 @@ async fn read_msg(s: &mut TcpStream) -> Option<Msg> {
 }
 
 async fn expect_msg(s: &mut TcpStream) -> Msg {
-    read_msg(s).await.expect("connection closed, expected a message")
+    read_msg(s)
+        .await
+        .expect("connection closed, expected a message")
 }
 
 /// The proxy closes the connection (EOF or reset) without sending anything more.
@@ -139,8 +149,12 @@ async fn read_until_ready(s: &mut TcpStream) -> Vec<Msg> {
 // Client helpers
 // ---------------------------------------------------------------------------------------
 
-async fn connect_with(cfg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio::time::timeout(STEP, cfg.connect(NoTls)).await.expect("login timed out")?;
+async fn connect_with(
+    cfg: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio::time::timeout(STEP, cfg.connect(NoTls))
+        .await
+        .expect("login timed out")?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -148,7 +162,9 @@ async fn connect_with(cfg: &tokio_postgres::Config) -> Result<tokio_postgres::Cl
 }
 
 async fn login(conn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    tokio::time::timeout(STEP, try_connect(conn)).await.expect("login timed out")
+    tokio::time::timeout(STEP, try_connect(conn))
+        .await
+        .expect("login timed out")
 }
 
 async fn login_err(conn: &str) -> tokio_postgres::Error {
@@ -160,12 +176,21 @@ async fn login_err(conn: &str) -> tokio_postgres::Error {
 
 /// The proxy still serves `name` with its right password.
 async fn assert_serves(proxy: &Proxy, name: &str) {
-    let c = login(&proxy.conn(name, &format!("{name}-pw"), name)).await.unwrap_or_else(|e| panic!("{name} cannot log in: {e}"));
-    assert_eq!(tokio::time::timeout(STEP, scalar(&c, "SELECT 1")).await.expect("SELECT 1 timed out"), "1");
+    let c = login(&proxy.conn(name, &format!("{name}-pw"), name))
+        .await
+        .unwrap_or_else(|e| panic!("{name} cannot log in: {e}"));
+    assert_eq!(
+        tokio::time::timeout(STEP, scalar(&c, "SELECT 1"))
+            .await
+            .expect("SELECT 1 timed out"),
+        "1"
+    );
 }
 
 async fn current_user(c: &tokio_postgres::Client) -> String {
-    tokio::time::timeout(STEP, scalar(c, "SELECT current_user")).await.expect("query timed out")
+    tokio::time::timeout(STEP, scalar(c, "SELECT current_user"))
+        .await
+        .expect("query timed out")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -177,13 +202,21 @@ async fn scram_login_ok() {
     let proxy = app("au_scram", "").await;
     // The method offered is SCRAM-SHA-256.
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 0, &[("user", "au_scram"), ("database", "au_scram")])).await.unwrap();
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[("user", "au_scram"), ("database", "au_scram")],
+    ))
+    .await
+    .unwrap();
     let m = expect_msg(&mut s).await;
     assert_eq!(m.auth_code(), 10, "AuthenticationSASL");
     assert!(m.body.windows(13).any(|w| w == b"SCRAM-SHA-256"), "{m:?}");
     drop(s);
 
-    let c = login(&proxy.conn("au_scram", "au_scram-pw", "au_scram")).await.unwrap();
+    let c = login(&proxy.conn("au_scram", "au_scram-pw", "au_scram"))
+        .await
+        .unwrap();
     assert_eq!(current_user(&c).await, "au_scram");
     assert_eq!(scalar(&c, "SELECT current_database()").await, "au_scram");
 }
@@ -193,7 +226,10 @@ async fn scram_wrong_password_is_28p01() {
     let proxy = app("au_wrongpw", "").await;
     let e = login_err(&proxy.conn("au_wrongpw", "not-the-password", "au_wrongpw")).await;
     assert_eq!(code(&e), "28P01", "{e}");
-    assert_eq!(message(&e), "password authentication failed for user \"au_wrongpw\"");
+    assert_eq!(
+        message(&e),
+        "password authentication failed for user \"au_wrongpw\""
+    );
     assert_serves(&proxy, "au_wrongpw").await;
 }
 
@@ -202,14 +238,27 @@ async fn unknown_user_goes_through_a_mock_scram_exchange_and_gets_28p01() {
     let proxy = app("au_known", "").await;
     // The first answer is the same SASL request a known user gets.
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 0, &[("user", "au_nobody"), ("database", "au_known")])).await.unwrap();
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[("user", "au_nobody"), ("database", "au_known")],
+    ))
+    .await
+    .unwrap();
     let m = expect_msg(&mut s).await;
-    assert_eq!(m.auth_code(), 10, "AuthenticationSASL for an unknown user too");
+    assert_eq!(
+        m.auth_code(),
+        10,
+        "AuthenticationSASL for an unknown user too"
+    );
     drop(s);
 
     let e = login_err(&proxy.conn("au_nobody", "whatever", "au_known")).await;
     assert_eq!(code(&e), "28P01", "{e}");
-    assert_eq!(message(&e), "password authentication failed for user \"au_nobody\"");
+    assert_eq!(
+        message(&e),
+        "password authentication failed for user \"au_nobody\""
+    );
     // Even with a password that is right for another user.
     let e = login_err(&proxy.conn("au_nobody", "au_known-pw", "au_known")).await;
     assert_eq!(code(&e), "28P01", "{e}");
@@ -221,7 +270,11 @@ async fn unknown_database_is_3d000() {
     let proxy = app("au_nodb", "").await;
     let e = login_err(&proxy.conn("au_nodb", "au_nodb-pw", "au_no_such_db")).await;
     assert_eq!(code(&e), "3D000", "{e}");
-    assert!(message(&e).contains("au_no_such_db") && message(&e).contains("does not exist"), "{}", message(&e));
+    assert!(
+        message(&e).contains("au_no_such_db") && message(&e).contains("does not exist"),
+        "{}",
+        message(&e)
+    );
     assert_serves(&proxy, "au_nodb").await;
 }
 
@@ -229,7 +282,9 @@ async fn unknown_database_is_3d000() {
 async fn startup_without_user_is_28000() {
     let proxy = app("au_nouser", "").await;
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 0, &[("database", "au_nouser")])).await.unwrap();
+    s.write_all(&startup_packet(3, 0, &[("database", "au_nouser")]))
+        .await
+        .unwrap();
     let f = expect_fatal(&mut s, "28000").await;
     assert!(f[&'M'].contains("no PostgreSQL user name"), "{f:?}");
     assert_serves(&proxy, "au_nouser").await;
@@ -239,20 +294,35 @@ async fn startup_without_user_is_28000() {
 async fn md5_user_ok_and_wrong_password_is_28p01() {
     let pg = pg();
     pg.create_app("au_md5").await;
-    let proxy = Proxy::start(&format!("{}auth_type = \"md5\"\n", app_config(pg, "au_md5", ""))).await;
+    let proxy = Proxy::start(&format!(
+        "{}auth_type = \"md5\"\n",
+        app_config(pg, "au_md5", "")
+    ))
+    .await;
     // The proxy asks for md5 (AuthenticationMD5Password, code 5), not SCRAM.
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 0, &[("user", "au_md5"), ("database", "au_md5")])).await.unwrap();
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[("user", "au_md5"), ("database", "au_md5")],
+    ))
+    .await
+    .unwrap();
     let m = expect_msg(&mut s).await;
     assert_eq!(m.auth_code(), 5, "AuthenticationMD5Password");
     assert_eq!(m.body.len(), 8, "code + 4-byte salt");
     drop(s);
 
-    let c = login(&proxy.conn("au_md5", "au_md5-pw", "au_md5")).await.unwrap();
+    let c = login(&proxy.conn("au_md5", "au_md5-pw", "au_md5"))
+        .await
+        .unwrap();
     assert_eq!(current_user(&c).await, "au_md5");
     let e = login_err(&proxy.conn("au_md5", "wrong", "au_md5")).await;
     assert_eq!(code(&e), "28P01", "{e}");
-    assert_eq!(message(&e), "password authentication failed for user \"au_md5\"");
+    assert_eq!(
+        message(&e),
+        "password authentication failed for user \"au_md5\""
+    );
     assert_serves(&proxy, "au_md5").await;
 }
 
@@ -268,7 +338,9 @@ async fn md5_hash_in_config_logs_in() {
         pg.port
     );
     let proxy = Proxy::start(&toml).await;
-    let c = login(&proxy.conn("au_md5hash", "au_md5hash-pw", "au_md5hash")).await.unwrap();
+    let c = login(&proxy.conn("au_md5hash", "au_md5hash-pw", "au_md5hash"))
+        .await
+        .unwrap();
     assert_eq!(current_user(&c).await, "au_md5hash");
     let e = login_err(&proxy.conn("au_md5hash", "nope", "au_md5hash")).await;
     assert_eq!(code(&e), "28P01", "{e}");
@@ -279,21 +351,39 @@ async fn trust_user_logs_in_with_any_password() {
     let pg = pg();
     pg.create_app("au_trust").await;
     // The config password is still what the proxy uses to log in upstream.
-    let proxy = Proxy::start(&format!("{}auth_type = \"trust\"\n", app_config(pg, "au_trust", ""))).await;
+    let proxy = Proxy::start(&format!(
+        "{}auth_type = \"trust\"\n",
+        app_config(pg, "au_trust", "")
+    ))
+    .await;
     // No password request at all: AuthenticationOk straight away.
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 0, &[("user", "au_trust"), ("database", "au_trust")])).await.unwrap();
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[("user", "au_trust"), ("database", "au_trust")],
+    ))
+    .await
+    .unwrap();
     let msgs = read_until_ready(&mut s).await;
     assert_eq!(msgs[0].auth_code(), 0, "AuthenticationOk first");
     assert!(msgs.iter().any(|m| m.tag == b'K'), "BackendKeyData");
     drop(s);
 
     for pw in ["au_trust-pw", "anything-at-all", ""] {
-        let conn = format!("host=127.0.0.1 port={} user=au_trust password='{pw}' dbname=au_trust", proxy.addr.port());
-        let c = login(&conn).await.unwrap_or_else(|e| panic!("password {pw:?}: {e}"));
+        let conn = format!(
+            "host=127.0.0.1 port={} user=au_trust password='{pw}' dbname=au_trust",
+            proxy.addr.port()
+        );
+        let c = login(&conn)
+            .await
+            .unwrap_or_else(|e| panic!("password {pw:?}: {e}"));
         assert_eq!(current_user(&c).await, "au_trust");
     }
-    let conn = format!("host=127.0.0.1 port={} user=au_trust dbname=au_trust", proxy.addr.port());
+    let conn = format!(
+        "host=127.0.0.1 port={} user=au_trust dbname=au_trust",
+        proxy.addr.port()
+    );
     let c = login(&conn).await.unwrap();
     assert_eq!(current_user(&c).await, "au_trust");
 }
@@ -310,7 +400,9 @@ async fn scram_verifier_in_config_logs_in() {
         pg.port
     );
     let proxy = Proxy::start(&toml).await;
-    let c = login(&proxy.conn("au_verifier", "au_verifier-pw", "au_verifier")).await.unwrap();
+    let c = login(&proxy.conn("au_verifier", "au_verifier-pw", "au_verifier"))
+        .await
+        .unwrap();
     assert_eq!(current_user(&c).await, "au_verifier");
     let e = login_err(&proxy.conn("au_verifier", "au_verifier-pw2", "au_verifier")).await;
     assert_eq!(code(&e), "28P01", "{e}");
@@ -333,7 +425,11 @@ async fn max_client_conn_refuses_the_third_client_with_53300() {
 
     let e = login_err(&conn).await;
     assert_eq!(code(&e), "53300", "{e}");
-    assert!(message(&e).contains("max_client_conn = 2"), "{}", message(&e));
+    assert!(
+        message(&e).contains("max_client_conn = 2"),
+        "{}",
+        message(&e)
+    );
     // A raw client is turned away the same way, without having to send anything.
     let mut s = raw_connect(&proxy).await;
     let f = expect_fatal(&mut s, "53300").await;
@@ -351,7 +447,10 @@ async fn max_client_conn_refuses_the_third_client_with_53300() {
             Ok(c) => break c,
             Err(e) => {
                 assert_eq!(code(&e), "53300", "{e}");
-                assert!(Instant::now() < deadline, "a slot did not free up after a client left");
+                assert!(
+                    Instant::now() < deadline,
+                    "a slot did not free up after a client left"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -365,7 +464,10 @@ async fn max_client_conn_refuses_the_third_client_with_53300() {
 // ---------------------------------------------------------------------------------------
 
 fn config_with_options(proxy: &Proxy, name: &str, options: &str) -> tokio_postgres::Config {
-    let mut cfg: tokio_postgres::Config = proxy.conn(name, &format!("{name}-pw"), name).parse().unwrap();
+    let mut cfg: tokio_postgres::Config = proxy
+        .conn(name, &format!("{name}-pw"), name)
+        .parse()
+        .unwrap();
     cfg.options(options);
     cfg
 }
@@ -373,46 +475,85 @@ fn config_with_options(proxy: &Proxy, name: &str, options: &str) -> tokio_postgr
 #[tokio::test]
 async fn unsupported_parameter_in_options_is_08p01() {
     let proxy = app("au_opt_bad", "").await;
-    let e = connect_with(&config_with_options(&proxy, "au_opt_bad", "-c geqo=off")).await.unwrap_err();
+    let e = connect_with(&config_with_options(&proxy, "au_opt_bad", "-c geqo=off"))
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "08P01", "{e}");
-    assert_eq!(message(&e), "unsupported startup parameter in options: geqo");
+    assert_eq!(
+        message(&e),
+        "unsupported startup parameter in options: geqo"
+    );
     let db = e.as_db_error().unwrap();
     assert_eq!(db.severity(), "FATAL");
     // Options that are not settings at all.
-    let e = connect_with(&config_with_options(&proxy, "au_opt_bad", "-d 5")).await.unwrap_err();
+    let e = connect_with(&config_with_options(&proxy, "au_opt_bad", "-d 5"))
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "08P01", "{e}");
     assert!(message(&e).contains("options"), "{}", message(&e));
     // Tracked parameters are fine in options.
-    let c = connect_with(&config_with_options(&proxy, "au_opt_bad", "-c statement_timeout=1234")).await.unwrap();
+    let c = connect_with(&config_with_options(
+        &proxy,
+        "au_opt_bad",
+        "-c statement_timeout=1234",
+    ))
+    .await
+    .unwrap();
     assert_eq!(scalar(&c, "SHOW statement_timeout").await, "1234ms");
     assert_serves(&proxy, "au_opt_bad").await;
 }
 
 #[tokio::test]
 async fn track_extra_parameters_applies_them_per_client() {
-    let proxy = app("au_opt_track", "track_extra_parameters = [\"geqo\"]\npool_size = 1").await;
-    let c = connect_with(&config_with_options(&proxy, "au_opt_track", "-c geqo=off")).await.unwrap();
+    let proxy = app(
+        "au_opt_track",
+        "track_extra_parameters = [\"geqo\"]\npool_size = 1",
+    )
+    .await;
+    let c = connect_with(&config_with_options(&proxy, "au_opt_track", "-c geqo=off"))
+        .await
+        .unwrap();
     assert_eq!(scalar(&c, "SHOW geqo").await, "off");
     // Another client on the same (single) server connection does not inherit it.
     let other = proxy.client("au_opt_track").await;
     assert_eq!(scalar(&other, "SHOW geqo").await, "on");
     assert_eq!(scalar(&c, "SHOW geqo").await, "off");
     // The long form works too.
-    let c2 = connect_with(&config_with_options(&proxy, "au_opt_track", "--geqo=off")).await.unwrap();
+    let c2 = connect_with(&config_with_options(&proxy, "au_opt_track", "--geqo=off"))
+        .await
+        .unwrap();
     assert_eq!(scalar(&c2, "SHOW geqo").await, "off");
 }
 
 #[tokio::test]
 async fn ignore_startup_parameters_accepts_and_drops_them() {
-    let proxy = app("au_opt_ignore", "ignore_startup_parameters = [\"geqo\", \"x_custom_param\"]").await;
-    let c = connect_with(&config_with_options(&proxy, "au_opt_ignore", "-c geqo=off")).await.unwrap();
-    assert_eq!(scalar(&c, "SHOW geqo").await, "on", "an ignored parameter is dropped, not applied");
+    let proxy = app(
+        "au_opt_ignore",
+        "ignore_startup_parameters = [\"geqo\", \"x_custom_param\"]",
+    )
+    .await;
+    let c = connect_with(&config_with_options(&proxy, "au_opt_ignore", "-c geqo=off"))
+        .await
+        .unwrap();
+    assert_eq!(
+        scalar(&c, "SHOW geqo").await,
+        "on",
+        "an ignored parameter is dropped, not applied"
+    );
 
     // As a top-level startup parameter: login proceeds to the password request.
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 0, &[("user", "au_opt_ignore"), ("database", "au_opt_ignore"), ("x_custom_param", "1")]))
-        .await
-        .unwrap();
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[
+            ("user", "au_opt_ignore"),
+            ("database", "au_opt_ignore"),
+            ("x_custom_param", "1"),
+        ],
+    ))
+    .await
+    .unwrap();
     assert_eq!(expect_msg(&mut s).await.auth_code(), 10);
     assert_serves(&proxy, "au_opt_ignore").await;
 }
@@ -421,16 +562,34 @@ async fn ignore_startup_parameters_accepts_and_drops_them() {
 async fn unknown_top_level_startup_parameter_is_08p01() {
     let proxy = app("au_param_bad", "").await;
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 0, &[("user", "au_param_bad"), ("database", "au_param_bad"), ("x_custom_param", "1")]))
-        .await
-        .unwrap();
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[
+            ("user", "au_param_bad"),
+            ("database", "au_param_bad"),
+            ("x_custom_param", "1"),
+        ],
+    ))
+    .await
+    .unwrap();
     let f = expect_fatal(&mut s, "08P01").await;
     assert_eq!(f[&'M'], "unsupported startup parameter: x_custom_param");
-    assert!(f.get(&'H').is_some_and(|h| h.contains("ignore_startup_parameters")), "{f:?}");
+    assert!(
+        f.get(&'H')
+            .is_some_and(|h| h.contains("ignore_startup_parameters")),
+        "{f:?}"
+    );
 
     // replication connections are refused.
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 0, &[("user", "au_param_bad"), ("replication", "database")])).await.unwrap();
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[("user", "au_param_bad"), ("replication", "database")],
+    ))
+    .await
+    .unwrap();
     let f = expect_fatal(&mut s, "08P01").await;
     assert!(f[&'M'].contains("replication"), "{f:?}");
     assert_serves(&proxy, "au_param_bad").await;
@@ -444,12 +603,27 @@ async fn unknown_top_level_startup_parameter_is_08p01() {
 async fn protocol_4_0_is_0a000() {
     let proxy = app("au_proto4", "").await;
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(4, 0, &[("user", "au_proto4"), ("database", "au_proto4")])).await.unwrap();
+    s.write_all(&startup_packet(
+        4,
+        0,
+        &[("user", "au_proto4"), ("database", "au_proto4")],
+    ))
+    .await
+    .unwrap();
     let f = expect_fatal(&mut s, "0A000").await;
-    assert!(f[&'M'].contains("unsupported frontend protocol 4.0"), "{f:?}");
+    assert!(
+        f[&'M'].contains("unsupported frontend protocol 4.0"),
+        "{f:?}"
+    );
     // Protocol 2.0 likewise.
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(2, 0, &[("user", "au_proto4"), ("database", "au_proto4")])).await.unwrap();
+    s.write_all(&startup_packet(
+        2,
+        0,
+        &[("user", "au_proto4"), ("database", "au_proto4")],
+    ))
+    .await
+    .unwrap();
     expect_fatal(&mut s, "0A000").await;
     assert_serves(&proxy, "au_proto4").await;
 }
@@ -475,9 +649,19 @@ fn negotiate_body(m: &Msg) -> (i32, Vec<String>) {
 async fn protocol_3_5_negotiates_before_the_auth_request() {
     let proxy = app("au_proto35", "").await;
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 5, &[("user", "au_proto35"), ("database", "au_proto35")])).await.unwrap();
+    s.write_all(&startup_packet(
+        3,
+        5,
+        &[("user", "au_proto35"), ("database", "au_proto35")],
+    ))
+    .await
+    .unwrap();
     let first = expect_msg(&mut s).await;
-    assert_eq!(first.tag, b'v', "NegotiateProtocolVersion first, got tag {:?}", first.tag as char);
+    assert_eq!(
+        first.tag, b'v',
+        "NegotiateProtocolVersion first, got tag {:?}",
+        first.tag as char
+    );
     let (minor, options) = negotiate_body(&first);
     assert_eq!((minor, options.len()), (0, 0));
     let second = expect_msg(&mut s).await;
@@ -490,11 +674,23 @@ async fn protocol_3_5_negotiates_before_the_auth_request() {
 async fn protocol_3_5_with_pq_option_negotiates_down_to_3_0() {
     let pg = pg();
     pg.create_app("au_proto35t").await;
-    let proxy = Proxy::start(&format!("{}auth_type = \"trust\"\n", app_config(pg, "au_proto35t", ""))).await;
+    let proxy = Proxy::start(&format!(
+        "{}auth_type = \"trust\"\n",
+        app_config(pg, "au_proto35t", "")
+    ))
+    .await;
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 5, &[("user", "au_proto35t"), ("database", "au_proto35t"), ("_pq_.test_option", "1")]))
-        .await
-        .unwrap();
+    s.write_all(&startup_packet(
+        3,
+        5,
+        &[
+            ("user", "au_proto35t"),
+            ("database", "au_proto35t"),
+            ("_pq_.test_option", "1"),
+        ],
+    ))
+    .await
+    .unwrap();
     let msgs = read_until_ready(&mut s).await;
     let (minor, options) = negotiate_body(&msgs[0]);
     assert_eq!(minor, 0);
@@ -522,7 +718,13 @@ async fn protocol_3_5_scram_login_completes() {
     let proxy = app("au_proto35s", "").await;
     let started = Instant::now();
     let mut s = raw_connect(&proxy).await;
-    s.write_all(&startup_packet(3, 5, &[("user", "au_proto35s"), ("database", "au_proto35s")])).await.unwrap();
+    s.write_all(&startup_packet(
+        3,
+        5,
+        &[("user", "au_proto35s"), ("database", "au_proto35s")],
+    ))
+    .await
+    .unwrap();
     let mut scram = ScramSha256::new(b"au_proto35s-pw", ChannelBinding::unsupported());
     let mut seen_v = false;
     let mut ok = false;
@@ -552,7 +754,9 @@ async fn protocol_3_5_scram_login_completes() {
                     p.extend(data);
                     s.write_all(&p).await.unwrap();
                 }
-                12 => scram.finish(&m.body[4..]).expect("server signature verifies"),
+                12 => scram
+                    .finish(&m.body[4..])
+                    .expect("server signature verifies"),
                 0 => {
                     ok = true;
                 }
