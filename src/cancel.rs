@@ -4,6 +4,7 @@
 //! PostgreSQL does, and the secret is compared in constant time.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::RngExt;
@@ -28,6 +29,8 @@ pub struct ClientCancel {
     pub pid: i32,
     pub secret: i32,
     target: Mutex<Target>,
+    /// Cancels forwarded to this client's server and not yet handled by PostgreSQL.
+    in_flight: AtomicU32,
     /// Woken when a cancel arrives while the client is queued.
     queued_cancel: Notify,
 }
@@ -59,6 +62,7 @@ impl Cancels {
             pid,
             secret: rng.random(),
             target: Mutex::new(Target::Idle),
+            in_flight: AtomicU32::new(0),
             queued_cancel: Notify::new(),
         });
         map.insert(pid, client.clone());
@@ -80,16 +84,25 @@ impl Cancels {
         if !bool::from(client.secret.to_be_bytes().ct_eq(&secret.to_be_bytes())) {
             return;
         }
-        let target = *client.target.lock().unwrap_or_else(|p| p.into_inner());
-        match target {
-            Target::Idle => {}
-            Target::Queued => client.queued_cancel.notify_waiters(),
-            Target::Server(key) => {
-                if let Err(e) = send_cancel(key).await {
-                    tracing::warn!(error = %e, "could not forward a cancel request to the server");
+        let key = {
+            let target = client.target.lock().unwrap_or_else(|p| p.into_inner());
+            match *target {
+                Target::Idle => return,
+                Target::Queued => {
+                    client.queued_cancel.notify_waiters();
+                    return;
+                }
+                Target::Server(key) => {
+                    // Counted under the lock, so the client sees it when it finishes.
+                    client.in_flight.fetch_add(1, Ordering::SeqCst);
+                    key
                 }
             }
+        };
+        if let Err(e) = send_cancel(key).await {
+            tracing::warn!(error = %e, "could not forward a cancel request to the server");
         }
+        client.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -103,8 +116,12 @@ impl CancelHandle {
         self.set(Target::Server(key));
     }
 
-    pub fn idle(&self) {
+    /// The client holds no server any more. Returns false when a cancel for the server it
+    /// held may still be on its way: that server must not serve anyone else, or the late
+    /// cancel could hit another client's query.
+    pub fn idle(&self) -> bool {
         self.set(Target::Idle);
+        self.client.in_flight.load(Ordering::SeqCst) == 0
     }
 
     /// Waits for a cancel while the client is queued. Marks the client queued first, so a

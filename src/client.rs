@@ -150,10 +150,21 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String
 /// forwarding a CancelRequest; then authenticates. `None` for a cancel connection.
 async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Login>, End> {
     // SSLRequest and GSSENCRequest may each come once before the startup packet.
-    for _ in 0..3 {
+    let (mut ssl_asked, mut gss_asked) = (false, false);
+    loop {
         match startup::read_packet(stream).await {
-            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
+            Ok(StartupPacket::SslRequest) if !ssl_asked => {
+                ssl_asked = true;
                 stream.write_all(b"N").await?
+            }
+            Ok(StartupPacket::GssEncRequest) if !gss_asked => {
+                gss_asked = true;
+                stream.write_all(b"N").await?
+            }
+            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
+                return Err(unsupported(
+                    "invalid startup packet: duplicate encryption request".into(),
+                ))
             }
             Ok(StartupPacket::Cancel { pid, secret }) => {
                 shared.cancels.cancel(pid, secret).await;
@@ -161,6 +172,13 @@ async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Optio
             }
             Ok(StartupPacket::Startup(s)) => {
                 let login = check_startup(&s, shared)?;
+                // Before authentication, as PostgreSQL does: the client learns at once
+                // that the session speaks protocol 3.0.
+                if let Some(options) = &login.negotiate {
+                    let mut buf = BytesMut::new();
+                    messages::negotiate_protocol_version(&mut buf, 0, options.clone());
+                    stream.write_all(&buf).await?;
+                }
                 auth::authenticate(stream, &shared.credentials, &login.user)
                     .await
                     .map_err(|e| match e {
@@ -183,11 +201,6 @@ async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Optio
             }
         }
     }
-    Err(End::Tell(ErrorFields::new(
-        Severity::Fatal,
-        "08P01",
-        "invalid startup packet: too many encryption requests",
-    )))
 }
 
 fn unsupported(msg: String) -> End {
@@ -295,9 +308,6 @@ async fn welcome(
         }
     };
     let mut buf = BytesMut::new();
-    if let Some(options) = &login.negotiate {
-        messages::negotiate_protocol_version(&mut buf, 0, options.clone());
-    }
     messages::auth_ok(&mut buf);
     for (name, value) in params.iter() {
         let own = login.params.get(&name.to_ascii_lowercase());
@@ -394,8 +404,9 @@ impl Session {
             self.cancel.serving(checkout.server().key);
             let mut txn = Txn::new(self.mode == PoolMode::Transaction);
             let outcome = relay::transaction(&mut self.client, checkout.server(), &mut txn).await;
-            self.cancel.idle();
+            let no_cancel_pending = self.cancel.idle();
             match outcome {
+                Outcome::Done if !no_cancel_pending => drop(checkout), // closes the server
                 Outcome::Done => {
                     if !txn.effects.is_empty() {
                         if let Err(e) = self.refresh_params(checkout.server(), &txn.effects).await {
@@ -407,6 +418,11 @@ impl Session {
                     checkout.release();
                 }
                 Outcome::ClientGone(left) => {
+                    let left = if no_cancel_pending {
+                        left
+                    } else {
+                        Leftover::Busy
+                    };
                     self.leave(checkout, left).await;
                     return Ok(());
                 }

@@ -645,7 +645,6 @@ fn negotiate_body(m: &Msg) -> (i32, Vec<String>) {
 /// PostgreSQL answers a newer minor version with NegotiateProtocolVersion right after the
 /// startup packet, before authentication starts.
 #[tokio::test]
-#[ignore = "bug: for protocol 3.x (x>0) the proxy sends NegotiateProtocolVersion only after the password exchange, right before AuthenticationOk; PostgreSQL sends it before the first authentication request"]
 async fn protocol_3_5_negotiates_before_the_auth_request() {
     let proxy = app("au_proto35", "").await;
     let mut s = raw_connect(&proxy).await;

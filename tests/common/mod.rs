@@ -20,7 +20,9 @@ pub fn pg() -> &'static TestPostgres {
 
 /// Connects with tokio-postgres and drives the connection in the background.
 pub async fn connect(conn: &str) -> Client {
-    try_connect(conn).await.unwrap_or_else(|e| panic!("connect {conn}: {e}"))
+    try_connect(conn)
+        .await
+        .unwrap_or_else(|e| panic!("connect {conn}: {e}"))
 }
 
 pub async fn try_connect(conn: &str) -> Result<Client, tokio_postgres::Error> {
@@ -40,19 +42,26 @@ pub struct Proxy {
 impl Proxy {
     /// Starts pgsluice with a TOML configuration (the listen key is ignored).
     pub async fn start(toml: &str) -> Proxy {
-        let config = pgsluice::Config::from_toml(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let config = pgsluice::Config::from_toml(toml)
+            .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(pgsluice::run(listener, config, async move {
             let _ = stopped.await;
         }));
-        Proxy { addr, stop: Some(stop) }
+        Proxy {
+            addr,
+            stop: Some(stop),
+        }
     }
 
     /// A tokio-postgres connection string to the proxy.
     pub fn conn(&self, user: &str, password: &str, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user={user} password={password} dbname={db}", self.addr.port())
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db}",
+            self.addr.port()
+        )
     }
 
     /// Connects as `name` (password `name`-pw) to database `name`.
@@ -95,11 +104,15 @@ pub async fn server_conns(admin: &Client, role: &str) -> i64 {
 
 /// The SQLSTATE of an error, for assertions.
 pub fn code(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.code().code().to_owned()).unwrap_or_else(|| format!("not a database error: {e}"))
+    e.as_db_error()
+        .map(|d| d.code().code().to_owned())
+        .unwrap_or_else(|| format!("not a database error: {e}"))
 }
 
 pub fn message(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string())
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
 }
 
 /// Polls `f` until it returns true or `within` passes.
@@ -122,7 +135,11 @@ where
 
 /// The first column of the first row of a simple query, as text.
 pub async fn scalar(client: &Client, sql: &str) -> String {
-    for m in client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")) {
+    for m in client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    {
         if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
             return r.get(0).unwrap_or("NULL").to_owned();
         }
