@@ -427,6 +427,11 @@ impl Session {
                     return Ok(());
                 }
                 Outcome::ClientError(e, left) => {
+                    let left = if no_cancel_pending {
+                        left
+                    } else {
+                        Leftover::Busy
+                    };
                     fatal(&mut self.client.stream, &e).await;
                     self.leave(checkout, left).await;
                     return Err(e.message);

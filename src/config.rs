@@ -290,7 +290,7 @@ mod de {
 
     pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         match NumOrStr::deserialize(d)? {
-            NumOrStr::Num(n) if n >= 0 => Ok(Duration::from_secs(n as u64)),
+            NumOrStr::Num(n) if n >= 0 => parse_duration(&n.to_string()).map_err(D::Error::custom),
             NumOrStr::Num(n) => Err(D::Error::custom(format!("{n} is negative"))),
             NumOrStr::Str(s) => parse_duration(&s).map_err(D::Error::custom),
         }
@@ -315,6 +315,9 @@ mod de {
     }
 }
 
+/// Longest duration accepted (10 years): timers stay far from overflow.
+const MAX_DURATION_SECS: f64 = 10.0 * 365.0 * 86400.0;
+
 /// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -333,7 +336,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => n * 86400.0,
         u => return Err(format!("{s:?}: unknown unit {u:?} (use ms, s, m, h or d)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    if secs > MAX_DURATION_SECS {
+        return Err(format!("{s:?} is too long (at most 10 years)"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a valid duration"))
 }
 
 /// An upstream URL, as in `DATABASE_URL`.
@@ -565,6 +571,9 @@ impl Config {
                 (AuthType::Md5, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
                     return Err(invalid(key, "a SCRAM verifier cannot check md5 logins: give the plain password or an md5 hash"))
                 }
+                (_, Some(p)) if p.starts_with("SCRAM-SHA-256$") && crate::auth::scram::Verifier::parse(p).is_none() => {
+                    return Err(invalid(key, "malformed SCRAM verifier (expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>)"))
+                }
                 (AuthType::ScramSha256, Some(p)) if is_md5_hash(p) => {
                     return Err(invalid(key, "an md5 hash cannot check SCRAM logins: give the plain password or a SCRAM verifier"))
                 }
@@ -654,6 +663,8 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("99999999999999999999").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]
@@ -712,6 +723,10 @@ mod tests {
         );
         assert!(err("[databases.app]\n[users.a]\n").starts_with("users.a.password:"));
         assert!(err("").starts_with("databases:"));
+        assert!(
+            err("[databases.a]\n[users.a]\npassword = \"SCRAM-SHA-256$4096:bad\"")
+                .contains("malformed SCRAM verifier")
+        );
         let env = vec![("PGSLUICE_NOPE".to_owned(), "1".to_owned())];
         assert!(
             Config::load_from(None, &env, &[("upstream", "postgres://a:b@h/d".into())])

@@ -46,7 +46,7 @@ impl Refusal {
             Refusal::Listen => "pgsluice: LISTEN is not supported in transaction pooling mode",
             Refusal::Prepare => "pgsluice: SQL PREPARE is not supported in transaction pooling mode",
             Refusal::HoldCursor => "pgsluice: DECLARE ... WITH HOLD is not supported in transaction pooling mode",
-            Refusal::TempTable => "pgsluice: temporary tables are not supported in transaction pooling mode",
+            Refusal::TempTable => "pgsluice: temporary tables, views and sequences are not supported in transaction pooling mode",
             Refusal::AdvisoryLock => "pgsluice: session-level advisory locks are not supported in transaction pooling mode",
             Refusal::SessionAuthorization => {
                 "pgsluice: SET SESSION AUTHORIZATION is not supported in transaction pooling mode"
@@ -262,7 +262,8 @@ pub fn classify(
 fn name_of(t: Option<&Token>) -> Option<String> {
     match t {
         Some(Token::Word(w)) => Some(String::from_utf8_lossy(w).to_ascii_lowercase()),
-        Some(Token::QuotedIdent(w)) => Some(String::from_utf8_lossy(w).into_owned()),
+        // Parameter names are case-insensitive, even quoted.
+        Some(Token::QuotedIdent(w)) => Some(String::from_utf8_lossy(w).to_ascii_lowercase()),
         _ => None,
     }
 }
@@ -417,7 +418,7 @@ mod tests {
             run("SET myapp.tenant = '7'").1.touched,
             vec!["myapp.tenant"]
         );
-        assert_eq!(run("SET \"DateStyle\" TO ISO").1.touched, vec!["DateStyle"]);
+        assert_eq!(run("SET \"DateStyle\" TO ISO").1.touched, vec!["datestyle"]);
         assert!(run("SET LOCAL timezone = 'UTC'").1.is_empty());
         assert!(run("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
             .1

@@ -268,7 +268,9 @@ async fn bad_startup_lengths_are_08p01() {
         let started = Instant::now();
         let f = expect_fatal(&mut s, "08P01").await;
         assert!(
-            f[&'M'].contains(&format!("invalid startup packet length {len}")),
+            f[&'M'].contains(&format!(
+                "invalid startup packet: length {len} is out of range"
+            )),
             "len {len}: {f:?}"
         );
         assert!(

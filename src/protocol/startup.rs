@@ -39,9 +39,9 @@ impl Startup {
 
 #[derive(Debug, Error)]
 pub enum StartupError {
-    #[error("invalid startup packet length {0}")]
+    #[error("length {0} is out of range")]
     BadLength(i64),
-    #[error("invalid startup packet layout: {0}")]
+    #[error("{0}")]
     Malformed(&'static str),
     #[error("connection closed during startup")]
     Io(#[from] std::io::Error),
