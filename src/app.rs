@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::auth::Credentials;
+use crate::budget::control;
 use crate::cancel::Cancels;
-use crate::config::Config;
+use crate::config::{BudgetMode, Config};
 use crate::listener;
 use crate::pool::{janitor, Pools};
 
@@ -33,11 +34,29 @@ impl Shared {
 
 /// Serves clients from `listener` until `shutdown` completes.
 pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future) {
-    let shared = Shared::new(config);
-    let janitor = tokio::spawn(janitor::run(shared.pools.clone()));
+    serve(listener, Shared::new(config), shutdown).await
+}
+
+/// [`run`] with state built by the caller, who may keep a handle on it (tests, metrics).
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future) {
+    let mut background = vec![tokio::spawn(janitor::run(shared.pools.clone()))];
+    if shared.pools.config().budget.mode() == BudgetMode::Auto {
+        for (budget, host, port) in shared.pools.upstreams() {
+            let Some(settings) = shared.pools.config().control_settings(&host, port) else {
+                continue; // validation guarantees credentials for every configured upstream
+            };
+            background.push(tokio::spawn(control::run(
+                shared.pools.clone(),
+                budget,
+                settings,
+            )));
+        }
+    }
     tokio::select! {
         _ = listener::run(listener, shared.clone()) => {}
         _ = shutdown => tracing::info!("shutting down"),
     }
-    janitor.abort();
+    for task in background {
+        task.abort();
+    }
 }

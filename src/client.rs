@@ -333,6 +333,8 @@ fn pool_error(e: &PoolError, severity: Severity) -> ErrorFields {
             f
         }
         PoolError::Server(se) => ErrorFields::new(severity, "08006", format!("pgsluice could not connect to the server: {se}")),
+        PoolError::BudgetUnknown { .. } => ErrorFields::new(severity, "08006", format!("pgsluice: {e}"))
+            .with_hint("pgsluice reads max_connections before it opens server connections; check that the server is reachable, or set budget.fallback"),
     }
 }
 

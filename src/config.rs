@@ -141,12 +141,111 @@ pub struct Config {
     pub track_extra_parameters: Vec<String>,
     #[serde(default = "defaults::log_format")]
     pub log_format: LogFormat,
+    /// Most server connections to one database across all its pools (0: no cap).
+    #[serde(default, deserialize_with = "de::num")]
+    pub max_db_connections: u32,
+    /// Most server connections for one user across all its pools (0: no cap).
+    #[serde(default, deserialize_with = "de::num")]
+    pub max_user_connections: u32,
+    /// The global connection budget (`[budget]`).
+    #[serde(default)]
+    pub budget: BudgetConfig,
+    /// The fleet this proxy belongs to (`[fleet]`).
+    #[serde(default)]
+    pub fleet: FleetConfig,
     /// Client-facing database name → upstream.
     #[serde(default)]
     pub databases: BTreeMap<String, Database>,
     /// Client user name → credentials and overrides.
     #[serde(default)]
     pub users: BTreeMap<String, User>,
+}
+
+/// How the budget is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetMode {
+    /// Read from the database: `floor(max_connections × fraction) − reserve`, shared by the fleet.
+    Auto,
+    /// `max_server_connections`, for this proxy alone.
+    Fixed,
+}
+
+/// `[budget]`: the cap on server connections shared by every pool (see docs/budget.md).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// `auto`, or `fixed`; defaults to `fixed` when `max_server_connections` is set.
+    #[serde(default)]
+    pub mode: Option<BudgetMode>,
+    /// Fixed mode: server connections this proxy may hold.
+    #[serde(default, deserialize_with = "de::opt_num")]
+    pub max_server_connections: Option<u32>,
+    /// Share of `max_connections` the whole fleet may use.
+    #[serde(default = "defaults::fraction", deserialize_with = "de::float")]
+    pub fraction: f64,
+    /// Connections kept out of the fleet budget (admin tools, migrations).
+    #[serde(default, deserialize_with = "de::num")]
+    pub reserve: u32,
+    /// How often the control connection re-reads the figures.
+    #[serde(
+        default = "defaults::refresh_interval",
+        deserialize_with = "de::duration"
+    )]
+    pub refresh_interval: Duration,
+    /// Budget used while the figures cannot be read; unset: clients get an error instead.
+    #[serde(default, deserialize_with = "de::opt_num")]
+    pub fallback: Option<u32>,
+    /// Control connection login; defaults to the first database's upstream credentials.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub dbname: Option<String>,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            mode: None,
+            max_server_connections: None,
+            fraction: defaults::fraction(),
+            reserve: 0,
+            refresh_interval: defaults::refresh_interval(),
+            fallback: None,
+            user: None,
+            password: None,
+            dbname: None,
+        }
+    }
+}
+
+impl BudgetConfig {
+    pub fn mode(&self) -> BudgetMode {
+        self.mode
+            .unwrap_or(if self.max_server_connections.is_some() {
+                BudgetMode::Fixed
+            } else {
+                BudgetMode::Auto
+            })
+    }
+}
+
+/// `[fleet]`: proxies that share a database and its budget.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    #[serde(default = "defaults::fleet_name")]
+    pub name: String,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            name: defaults::fleet_name(),
+        }
+    }
 }
 
 /// One client-facing database.
@@ -172,6 +271,9 @@ pub struct Database {
     pub pool_size: Option<u32>,
     #[serde(default, deserialize_with = "de::opt_num")]
     pub min_pool_size: Option<u32>,
+    /// Cap on this database's server connections across its pools.
+    #[serde(default, deserialize_with = "de::opt_num")]
+    pub max_db_connections: Option<u32>,
 }
 
 /// One client user.
@@ -187,6 +289,9 @@ pub struct User {
     pub pool_mode: Option<PoolMode>,
     #[serde(default, deserialize_with = "de::opt_num")]
     pub pool_size: Option<u32>,
+    /// Cap on this user's server connections across its pools.
+    #[serde(default, deserialize_with = "de::opt_num")]
+    pub max_user_connections: Option<u32>,
 }
 
 /// Everything one pool needs, resolved from the database, user and global keys.
@@ -202,6 +307,10 @@ pub struct PoolSettings {
     pub upstream_dbname: String,
     pub upstream_user: String,
     pub upstream_password: Option<String>,
+    /// Cap on server connections to this database across pools (0: none).
+    pub max_db_connections: u32,
+    /// Cap on server connections for this user across pools (0: none).
+    pub max_user_connections: u32,
 }
 
 mod defaults {
@@ -248,6 +357,15 @@ mod defaults {
     pub fn log_format() -> LogFormat {
         LogFormat::Text
     }
+    pub fn fraction() -> f64 {
+        0.5
+    }
+    pub fn refresh_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn fleet_name() -> String {
+        "default".into()
+    }
     pub fn host() -> String {
         "127.0.0.1".into()
     }
@@ -286,6 +404,22 @@ mod de {
         d: D,
     ) -> Result<Option<T>, D::Error> {
         num(d).map(Some)
+    }
+
+    pub fn float<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum FloatOrStr {
+            Float(f64),
+            Str(String),
+        }
+        match FloatOrStr::deserialize(d)? {
+            FloatOrStr::Float(f) => Ok(f),
+            FloatOrStr::Str(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| D::Error::custom(format!("{s:?} is not a valid number"))),
+        }
     }
 
     pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -499,12 +633,14 @@ impl Config {
                 pool_mode: None,
                 pool_size: None,
                 min_pool_size: None,
+                max_db_connections: None,
             });
             self.users.entry(u.user).or_insert(User {
                 password: u.password,
                 auth_type: None,
                 pool_mode: None,
                 pool_size: None,
+                max_user_connections: None,
             });
         }
         self.validate()?;
@@ -536,7 +672,49 @@ impl Config {
         if self.max_query_size < 1024 {
             return Err(invalid("max_query_size", "must be at least 1024 bytes"));
         }
+        let b = &self.budget;
+        if !(b.fraction > 0.0 && b.fraction <= 1.0) {
+            return Err(invalid("budget.fraction", "must be above 0 and at most 1"));
+        }
+        if b.mode() == BudgetMode::Fixed && b.max_server_connections.unwrap_or(0) == 0 {
+            return Err(invalid(
+                "budget.max_server_connections",
+                "fixed mode needs at least 1",
+            ));
+        }
+        if b.fallback == Some(0) {
+            return Err(invalid(
+                "budget.fallback",
+                "must be at least 1 (leave it unset for none)",
+            ));
+        }
+        if self.fleet.name.is_empty()
+            || !self
+                .fleet
+                .name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+        {
+            return Err(invalid(
+                "fleet.name",
+                "use letters, digits, '-' and '.' only",
+            ));
+        }
+        if b.mode() == BudgetMode::Auto {
+            for db in self.databases.values() {
+                if self.control_settings(&db.host, db.port).is_none() {
+                    return Err(invalid(
+                        "budget",
+                        format!(
+                            "no credentials for the budget's control connection to {}:{}: set budget.user and budget.password, a plain user password, or budget.mode = \"fixed\"",
+                            db.host, db.port
+                        ),
+                    ));
+                }
+            }
+        }
         for (key, d) in [
+            ("budget.refresh_interval", self.budget.refresh_interval),
             ("query_wait_timeout", self.query_wait_timeout),
             ("client_login_timeout", self.client_login_timeout),
             ("server_connect_timeout", self.server_connect_timeout),
@@ -619,7 +797,45 @@ impl Config {
             upstream_dbname: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
             upstream_user,
             upstream_password,
+            max_db_connections: db.max_db_connections.unwrap_or(self.max_db_connections),
+            max_user_connections: u
+                .and_then(|u| u.max_user_connections)
+                .unwrap_or(self.max_user_connections),
         })
+    }
+
+    /// Login settings of the budget's control connection to the upstream `host:port`:
+    /// `[budget]` user/password/dbname, else the first database there with usable credentials.
+    pub fn control_settings(&self, host: &str, port: u16) -> Option<PoolSettings> {
+        let b = &self.budget;
+        for (name, db) in self
+            .databases
+            .iter()
+            .filter(|(_, d)| d.host == host && d.port == port)
+        {
+            let user = match (&b.user, &db.user) {
+                (Some(u), _) | (None, Some(u)) => u.clone(),
+                (None, None) => self
+                    .users
+                    .iter()
+                    .find(|(_, u)| {
+                        db.password.is_some()
+                            || u.password.as_deref().is_some_and(is_plain_password)
+                    })
+                    .map(|(n, _)| n.clone())?,
+            };
+            let mut s = self.pool_settings(name, &user)?;
+            s.database = format!("budget control ({host}:{port})");
+            s.upstream_user = user;
+            if let Some(p) = &b.password {
+                s.upstream_password = Some(p.clone());
+            }
+            if let Some(d) = &b.dbname {
+                s.upstream_dbname = d.clone();
+            }
+            return Some(s);
+        }
+        None
     }
 }
 

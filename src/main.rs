@@ -47,6 +47,21 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// Fleet name: proxies with the same name share the database's budget.
+    #[arg(long)]
+    fleet: Option<String>,
+    /// Share of max_connections the whole fleet may use (default 0.5).
+    #[arg(long)]
+    budget_fraction: Option<String>,
+    /// Connections kept out of the fleet budget (admin tools, migrations).
+    #[arg(long)]
+    budget_reserve: Option<String>,
+    /// How often the budget is re-read from the database, e.g. 30s.
+    #[arg(long)]
+    budget_refresh_interval: Option<String>,
+    /// Fixed budget: server connections this proxy may hold (instead of reading max_connections).
+    #[arg(long)]
+    budget_max_server_connections: Option<String>,
 }
 
 impl Cli {
@@ -61,6 +76,14 @@ impl Cli {
             ("query_wait_timeout", &self.query_wait_timeout),
             ("auth_type", &self.auth_type),
             ("log_format", &self.log_format),
+            ("fleet.name", &self.fleet),
+            ("budget.fraction", &self.budget_fraction),
+            ("budget.reserve", &self.budget_reserve),
+            ("budget.refresh_interval", &self.budget_refresh_interval),
+            (
+                "budget.max_server_connections",
+                &self.budget_max_server_connections,
+            ),
         ];
         pairs
             .into_iter()

@@ -108,15 +108,31 @@ impl ServerConn {
         id: u64,
         timeout: Duration,
     ) -> Result<ServerConn, ServerError> {
+        Self::connect_as(settings, "pgsluice", pool, id, timeout).await
+    }
+
+    /// [`ServerConn::connect`] with the session's `application_name` (control connections
+    /// use it to say who they are).
+    pub async fn connect_as(
+        settings: &PoolSettings,
+        application_name: &str,
+        pool: usize,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", settings.host, settings.port);
-        tokio::time::timeout(timeout, Self::connect_inner(settings, &addr, pool, id))
-            .await
-            .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
+        tokio::time::timeout(
+            timeout,
+            Self::connect_inner(settings, &addr, application_name, pool, id),
+        )
+        .await
+        .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
     }
 
     async fn connect_inner(
         settings: &PoolSettings,
         addr: &str,
+        application_name: &str,
         pool: usize,
         id: u64,
     ) -> Result<ServerConn, ServerError> {
@@ -148,16 +164,16 @@ impl ServerConn {
             pool,
             id,
         };
-        conn.login(settings).await?;
+        conn.login(settings, application_name).await?;
         Ok(conn)
     }
 
-    async fn login(&mut self, s: &PoolSettings) -> Result<(), ServerError> {
+    async fn login(&mut self, s: &PoolSettings, application_name: &str) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
         let params = [
             ("user", s.upstream_user.as_str()),
             ("database", s.upstream_dbname.as_str()),
-            ("application_name", "pgsluice"),
+            ("application_name", application_name),
         ];
         frontend::startup_message(params.iter().copied(), &mut out).map_err(io_other)?;
         self.stream.write_all(&out).await?;

@@ -334,7 +334,7 @@ async fn md5_hash_in_config_logs_in() {
     assert!(hash.starts_with("md5") && hash.len() == 35);
     // A hash cannot log in upstream: the database gets the plain password.
     let toml = format!(
-        "[databases.au_md5hash]\nhost = \"127.0.0.1\"\nport = {}\npassword = \"au_md5hash-pw\"\n[users.au_md5hash]\nauth_type = \"md5\"\npassword = \"{hash}\"\n",
+        "[budget]\nmax_server_connections = 80\n[databases.au_md5hash]\nhost = \"127.0.0.1\"\nport = {}\npassword = \"au_md5hash-pw\"\n[users.au_md5hash]\nauth_type = \"md5\"\npassword = \"{hash}\"\n",
         pg.port
     );
     let proxy = Proxy::start(&toml).await;
@@ -396,7 +396,7 @@ async fn scram_verifier_in_config_logs_in() {
     assert!(verifier.starts_with("SCRAM-SHA-256$"));
     // A verifier cannot log in upstream: the database gets the plain password.
     let toml = format!(
-        "[databases.au_verifier]\nhost = \"127.0.0.1\"\nport = {}\npassword = \"au_verifier-pw\"\n[users.au_verifier]\npassword = \"{verifier}\"\n",
+        "[budget]\nmax_server_connections = 80\n[databases.au_verifier]\nhost = \"127.0.0.1\"\nport = {}\npassword = \"au_verifier-pw\"\n[users.au_verifier]\npassword = \"{verifier}\"\n",
         pg.port
     );
     let proxy = Proxy::start(&toml).await;

@@ -8,6 +8,8 @@
 //! formulas are pure functions here, so that `pgsluice budget` and the proxy agree.
 //! See `docs/budget.md` for the reasoning.
 
+pub mod control;
+
 use std::time::{Duration, SystemTime};
 
 /// `application_name` prefix of control connections: `pgsluice:fleet=NAME:member=ID`.

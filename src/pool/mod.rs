@@ -1,14 +1,19 @@
-//! Pools of server connections, one per (database, user), behind one lock.
+//! Pools of server connections, one per (database, user), behind one lock, drawing on a
+//! budget per upstream server.
 //!
 //! One mutex guards every pool's idle list, counts and waiters. It is held only for a few
 //! pointer moves per checkout or checkin (never across I/O), and a single lock makes the
-//! limits that span pools (the global budget) exact and their queue fair.
+//! limits that span pools (the global budget, `max_db_connections`, `max_user_connections`)
+//! exact and their queue fair.
 //!
 //! Rules:
 //! - Checkout takes the most recently used idle server (a hot set; the janitor shrinks the
-//!   rest), else opens one if the pool is under `pool_size`, else queues the client (FIFO).
-//! - Checkin hands the server straight to the oldest waiter, else makes it idle. A closed
-//!   server frees its slot for the oldest waiter, who opens a new one.
+//!   rest), else opens one if every limit allows, else queues the client (FIFO).
+//! - When only the budget is full and no one older waits for it, an idle server of another
+//!   pool is closed to make room (least recently used first).
+//! - Checkin hands the server straight to the oldest waiter of its pool; else, when another
+//!   pool's clients wait for budget, closes it so they can open one; else makes it idle.
+//! - A freed slot goes to the oldest waiter, across pools, whose limits allow it.
 //! - A [`Checkout`] dropped without [`Checkout::release`] closes its server: a server in
 //!   doubt is never reused.
 
@@ -22,13 +27,16 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use crate::config::{Config, PoolSettings};
+use crate::budget::Snapshot;
+use crate::config::{BudgetMode, Config, PoolSettings};
 use crate::server::{ServerConn, ServerError};
 
 #[derive(Debug, Error)]
 pub enum PoolError {
     #[error("query_wait_timeout: no server connection became free within {0:?}")]
     WaitTimeout(Duration),
+    #[error("the connection budget for {upstream} is not known yet: {reason}")]
+    BudgetUnknown { upstream: String, reason: String },
     #[error(transparent)]
     Server(#[from] ServerError),
 }
@@ -38,6 +46,8 @@ const CONNECT_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// Identifies a pool for its whole life.
 pub type PoolId = usize;
+/// Identifies an upstream server's budget.
+pub type BudgetId = usize;
 
 /// What a waiter is handed.
 #[derive(Debug)]
@@ -46,11 +56,14 @@ enum Grant {
     Server(ServerConn),
     /// A reserved slot: the waiter opens the server itself.
     Slot,
+    /// The budget could not be read: give up with this reason.
+    BudgetUnknown(String),
 }
 
 #[derive(Debug)]
 struct Waiter {
-    id: u64,
+    /// Arrival order across all pools.
+    seq: u64,
     tx: oneshot::Sender<Grant>,
 }
 
@@ -58,10 +71,13 @@ struct Waiter {
 #[derive(Debug)]
 struct Pool {
     settings: Arc<PoolSettings>,
+    budget: BudgetId,
     /// Idle servers; the last is the most recently used.
     idle: Vec<ServerConn>,
     /// Servers that exist or are being opened (idle + active + connecting).
     open: u32,
+    /// Servers being opened.
+    connecting: u32,
     waiters: VecDeque<Waiter>,
     /// ParameterStatus set of the first server, shown to clients at login.
     params: Option<Arc<Vec<(String, String)>>>,
@@ -69,19 +85,146 @@ struct Pool {
     retry_after: Option<Instant>,
 }
 
+/// The budget of one upstream server, shared by its pools.
+#[derive(Debug)]
+struct Budget {
+    upstream: String,
+    /// Servers of all its pools.
+    open: u32,
+    /// How many servers the pools may hold; `None` until the budget is known.
+    limit: Option<u32>,
+    /// Control connections held against the budget (0 or 1).
+    control: u32,
+    snapshot: Snapshot,
+}
+
 #[derive(Debug, Default)]
 struct State {
     by_key: HashMap<(String, String), PoolId>,
     pools: Vec<Pool>,
+    budgets: Vec<Budget>,
 }
 
-/// A snapshot of one pool's counts, for logs, tests and (later) metrics.
+/// Why a pool may not open a server now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blocked {
+    PoolSize,
+    /// `max_db_connections` or `max_user_connections`.
+    Cap,
+    Budget,
+    BudgetUnknown,
+}
+
+impl State {
+    fn blocked(&self, id: PoolId) -> Option<Blocked> {
+        let p = &self.pools[id];
+        let s = &p.settings;
+        if p.open >= s.pool_size {
+            return Some(Blocked::PoolSize);
+        }
+        let sum = |same: &dyn Fn(&PoolSettings) -> bool| -> u32 {
+            self.pools
+                .iter()
+                .filter(|q| same(&q.settings))
+                .map(|q| q.open)
+                .sum()
+        };
+        if s.max_db_connections > 0 && sum(&|q| q.database == s.database) >= s.max_db_connections {
+            return Some(Blocked::Cap);
+        }
+        if s.max_user_connections > 0 && sum(&|q| q.user == s.user) >= s.max_user_connections {
+            return Some(Blocked::Cap);
+        }
+        let b = &self.budgets[p.budget];
+        match b.limit {
+            None => Some(Blocked::BudgetUnknown),
+            Some(l) if b.open >= l => Some(Blocked::Budget),
+            Some(_) => None,
+        }
+    }
+
+    /// Counts a server about to be opened for `id`.
+    fn reserve(&mut self, id: PoolId) {
+        let p = &mut self.pools[id];
+        p.open += 1;
+        p.connecting += 1;
+        self.budgets[p.budget].open += 1;
+    }
+
+    /// Uncounts a server of `id` that is gone.
+    fn release(&mut self, id: PoolId) {
+        let p = &mut self.pools[id];
+        p.open -= 1;
+        self.budgets[p.budget].open -= 1;
+    }
+
+    /// Arrival number of the oldest client of budget `b` (outside pool `except`) that
+    /// waits only for the budget.
+    fn oldest_budget_waiter(&self, b: BudgetId, except: Option<PoolId>) -> Option<u64> {
+        self.pools
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| {
+                p.budget == b
+                    && Some(*i) != except
+                    && !p.waiters.is_empty()
+                    && self.blocked(*i) == Some(Blocked::Budget)
+            })
+            .map(|(_, p)| p.waiters[0].seq)
+            .min()
+    }
+
+    /// Takes the least recently used idle server of budget `b` outside pool `except`.
+    fn steal_idle(&mut self, b: BudgetId, except: Option<PoolId>) -> Option<ServerConn> {
+        let (pool, _) = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| p.budget == b && Some(*i) != except && !p.idle.is_empty())
+            .min_by_key(|(_, p)| p.idle[0].last_used)?;
+        let server = self.pools[pool].idle.remove(0);
+        self.release(pool);
+        Some(server)
+    }
+
+    /// Gives freed room in budget `b` to the oldest waiters whose limits allow it.
+    fn grant_slots(&mut self, b: BudgetId) {
+        loop {
+            let oldest = self
+                .pools
+                .iter()
+                .enumerate()
+                .filter(|(i, p)| {
+                    p.budget == b && !p.waiters.is_empty() && self.blocked(*i).is_none()
+                })
+                .min_by_key(|(_, p)| p.waiters[0].seq)
+                .map(|(i, _)| i);
+            let Some(id) = oldest else { return };
+            let w = self.pools[id]
+                .waiters
+                .pop_front()
+                .expect("a pool with waiters");
+            self.reserve(id);
+            if w.tx.send(Grant::Slot).is_err() {
+                self.pools[id].connecting -= 1;
+                self.release(id);
+            }
+        }
+    }
+}
+
+/// A snapshot of one pool's counts, read at scrape time by metrics and the admin console.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStats {
     pub database: String,
     pub user: String,
+    pub pool_size: u32,
+    /// Servers that exist or are being opened.
     pub open: u32,
     pub idle: u32,
+    /// Servers being opened (login in progress).
+    pub connecting: u32,
+    /// Clients queued for a server.
     pub waiting: u32,
 }
 
@@ -94,13 +237,18 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// Creates the pools; those with `min_pool_size` start filling at once.
+    /// Creates a budget per upstream server and the pools with `min_pool_size` (which
+    /// start filling at once). In fixed mode the budget is known from the start; in auto
+    /// mode it stays unknown until [`Pools::set_budget`].
     pub fn new(config: Arc<Config>) -> Arc<Pools> {
         let pools = Arc::new(Pools {
             state: Mutex::new(State::default()),
             config,
             next_id: AtomicU64::new(1),
         });
+        for db in pools.config.databases.values() {
+            pools.budget_for(&db.host, db.port);
+        }
         for db in pools.config.databases.keys() {
             for user in pools.config.users.keys() {
                 if pools
@@ -121,19 +269,63 @@ impl Pools {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn budget_for(&self, host: &str, port: u16) -> BudgetId {
+        let mut st = self.lock();
+        let upstream = format!("{host}:{port}");
+        if let Some(i) = st.budgets.iter().position(|b| b.upstream == upstream) {
+            return i;
+        }
+        let b = &self.config.budget;
+        let fixed = (b.mode() == BudgetMode::Fixed).then(|| b.max_server_connections.unwrap_or(1));
+        st.budgets.push(Budget {
+            upstream,
+            open: 0,
+            limit: fixed,
+            control: 0,
+            snapshot: Snapshot {
+                mode: if fixed.is_some() { "fixed" } else { "auto" },
+                limit: fixed.unwrap_or(0),
+                share: fixed.unwrap_or(0),
+                fleet_budget: fixed.unwrap_or(0),
+                refresh_interval: b.refresh_interval,
+                ..Snapshot::default()
+            },
+        });
+        st.budgets.len() - 1
+    }
+
+    /// The upstream servers with a budget, as `(id, host, port)`.
+    pub fn upstreams(&self) -> Vec<(BudgetId, String, u16)> {
+        let st = self.lock();
+        st.budgets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let (h, p) = b.upstream.rsplit_once(':')?;
+                Some((i, h.to_owned(), p.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// The pool for a client-facing database and user; `None` when the database is unknown.
     pub fn pool_for(&self, database: &str, user: &str) -> Option<PoolId> {
-        let mut st = self.lock();
         let key = (database.to_owned(), user.to_owned());
-        if let Some(&id) = st.by_key.get(&key) {
+        if let Some(&id) = self.lock().by_key.get(&key) {
             return Some(id);
         }
         let settings = self.config.pool_settings(database, user)?;
+        let budget = self.budget_for(&settings.host, settings.port);
+        let mut st = self.lock();
+        if let Some(&id) = st.by_key.get(&key) {
+            return Some(id);
+        }
         let id = st.pools.len();
         st.pools.push(Pool {
             settings: Arc::new(settings),
+            budget,
             idle: Vec::new(),
             open: 0,
+            connecting: 0,
             waiters: VecDeque::new(),
             params: None,
             retry_after: None,
@@ -162,11 +354,75 @@ impl Pools {
             .map(|p| PoolStats {
                 database: p.settings.database.clone(),
                 user: p.settings.user.clone(),
+                pool_size: p.settings.pool_size,
                 open: p.open,
                 idle: p.idle.len() as u32,
+                connecting: p.connecting,
                 waiting: p.waiters.len() as u32,
             })
             .collect()
+    }
+
+    /// The budget figures of every upstream server, as `(upstream, figures)`.
+    pub fn budget_snapshots(&self) -> Vec<(String, Snapshot)> {
+        self.lock()
+            .budgets
+            .iter()
+            .map(|b| {
+                let mut s = b.snapshot.clone();
+                s.in_use = b.open + b.control;
+                (b.upstream.clone(), s)
+            })
+            .collect()
+    }
+
+    /// Server connections the pools of budget `b` hold now.
+    pub fn budget_open(&self, b: BudgetId) -> u32 {
+        self.lock().budgets[b].open
+    }
+
+    /// Sets what the pools of budget `b` may hold (`None`: unknown) and its figures; closes
+    /// idle servers above a lowered limit and gives new room to waiters.
+    pub fn set_budget(&self, b: BudgetId, limit: Option<u32>, control: u32, snapshot: Snapshot) {
+        let mut surplus = Vec::new();
+        {
+            let mut st = self.lock();
+            let budget = &mut st.budgets[b];
+            budget.limit = limit;
+            budget.control = control;
+            budget.snapshot = snapshot;
+            if let Some(l) = limit {
+                while st.budgets[b].open > l {
+                    match st.steal_idle(b, None) {
+                        Some(server) => surplus.push(server),
+                        None => break,
+                    }
+                }
+            }
+            st.grant_slots(b);
+            if limit.is_none() {
+                // The reading failed: clients waiting for it get the reason now.
+                let reason = st.budgets[b]
+                    .snapshot
+                    .last_error
+                    .clone()
+                    .unwrap_or_default();
+                for p in st.pools.iter_mut().filter(|p| p.budget == b) {
+                    for w in p.waiters.drain(..) {
+                        let _ = w.tx.send(Grant::BudgetUnknown(reason.clone()));
+                    }
+                }
+            }
+        }
+        if !surplus.is_empty() {
+            tracing::info!(
+                closed = surplus.len(),
+                "closing idle servers above the lowered budget"
+            );
+        }
+        for server in surplus {
+            server.close();
+        }
     }
 
     /// Checks a server out, waiting up to `wait` for one. Cancel-safe: dropping the future
@@ -176,28 +432,53 @@ impl Pools {
         pool: PoolId,
         wait: Duration,
     ) -> Result<Checkout, PoolError> {
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now()
+            .checked_add(wait)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
         loop {
+            let mut victim = None;
             let step = {
                 let mut st = self.lock();
-                let p = &mut st.pools[pool];
-                if let Some(server) = p.idle.pop() {
+                if let Some(server) = st.pools[pool].idle.pop() {
                     Step::Idle(server)
-                } else if p.open < p.settings.pool_size {
-                    p.open += 1;
-                    Step::Open
                 } else {
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let (tx, rx) = oneshot::channel();
-                    p.waiters.push_back(Waiter { id, tx });
-                    Step::Wait(WaitGuard {
-                        pools: self.clone(),
-                        pool,
-                        id,
-                        rx: Some(rx),
-                    })
+                    let b = st.pools[pool].budget;
+                    match st.blocked(pool) {
+                        None => {
+                            st.reserve(pool);
+                            Step::Open
+                        }
+                        Some(Blocked::BudgetUnknown) => match &st.budgets[b].snapshot.last_error {
+                            // The first reading is under way (the proxy just started): wait.
+                            None => self.enqueue(&mut st, pool),
+                            Some(reason) => {
+                                return Err(PoolError::BudgetUnknown {
+                                    upstream: st.budgets[b].upstream.clone(),
+                                    reason: reason.clone(),
+                                })
+                            }
+                        },
+                        Some(Blocked::Budget) if st.oldest_budget_waiter(b, None).is_none() => {
+                            match st.steal_idle(b, Some(pool)) {
+                                Some(server) => {
+                                    victim = Some(server);
+                                    st.reserve(pool);
+                                    Step::Open
+                                }
+                                None => self.enqueue(&mut st, pool),
+                            }
+                        }
+                        Some(_) => self.enqueue(&mut st, pool),
+                    }
                 }
             };
+            if let Some(server) = victim {
+                tracing::debug!(
+                    server = server.id,
+                    "closing an idle server of another pool to make room"
+                );
+                server.close();
+            }
             let grant = match step {
                 Step::Idle(server) => Grant::Server(server),
                 Step::Open => Grant::Slot,
@@ -207,6 +488,11 @@ impl Pools {
                     .ok_or(PoolError::WaitTimeout(wait))?,
             };
             match grant {
+                Grant::BudgetUnknown(reason) => {
+                    let st = self.lock();
+                    let upstream = st.budgets[st.pools[pool].budget].upstream.clone();
+                    return Err(PoolError::BudgetUnknown { upstream, reason });
+                }
                 Grant::Server(server) => {
                     // Costs no system call unless the socket was flagged readable: a server
                     // that closed (restart, idle_session_timeout, failover) is caught here.
@@ -233,9 +519,21 @@ impl Pools {
         }
     }
 
-    /// Opens a server into a slot already counted in `open`.
+    fn enqueue(self: &Arc<Self>, st: &mut State, pool: PoolId) -> Step {
+        let seq = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        st.pools[pool].waiters.push_back(Waiter { seq, tx });
+        Step::Wait(WaitGuard {
+            pools: self.clone(),
+            pool,
+            seq,
+            rx: Some(rx),
+        })
+    }
+
+    /// Opens a server into a slot already reserved.
     async fn open(self: &Arc<Self>, pool: PoolId) -> Result<ServerConn, PoolError> {
-        let slot = SlotGuard {
+        let mut slot = SlotGuard {
             pools: self,
             pool,
             armed: true,
@@ -244,12 +542,12 @@ impl Pools {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let server =
             ServerConn::connect(&settings, pool, id, self.config.server_connect_timeout).await;
-        let mut slot = slot;
         match server {
             Ok(server) => {
                 slot.armed = false;
                 let mut st = self.lock();
                 let p = &mut st.pools[pool];
+                p.connecting -= 1;
                 if p.params.is_none() {
                     p.params = Some(Arc::new(server.reported.clone()));
                 }
@@ -264,63 +562,67 @@ impl Pools {
         }
     }
 
-    /// Returns a clean, idle server: to the oldest waiter, else to the idle list.
+    /// Returns a clean, idle server (see the module rules).
     fn checkin(&self, mut server: ServerConn) {
         server.last_used = Instant::now();
         if server.created.elapsed() >= self.config.server_lifetime {
             return self.discard(server);
         }
         let mut st = self.lock();
-        let p = &mut st.pools[server.pool];
+        let pool = server.pool;
+        let b = st.pools[pool].budget;
+        let over = st.budgets[b].limit.is_some_and(|l| st.budgets[b].open > l);
+        // Arrival order across pools: a client of another pool that has waited longer for
+        // the budget gets the room (this server closes, it opens one).
+        let own = st.pools[pool].waiters.front().map(|w| w.seq);
+        let other = st.oldest_budget_waiter(b, Some(pool));
+        if over || other.is_some_and(|o| own.is_none_or(|own| o < own)) {
+            st.release(pool);
+            st.grant_slots(b);
+            drop(st);
+            server.close();
+            return;
+        }
         let mut server = server;
-        while let Some(w) = p.waiters.pop_front() {
+        while let Some(w) = st.pools[pool].waiters.pop_front() {
             match w.tx.send(Grant::Server(server)) {
                 Ok(()) => return,
                 Err(Grant::Server(back)) => server = back,
-                Err(Grant::Slot) => unreachable!("sent a server"),
+                Err(_) => unreachable!("sent a server"),
             }
         }
-        p.idle.push(server);
+        st.pools[pool].idle.push(server);
     }
 
     /// Closes a server and gives its slot to the next waiter.
     pub fn discard(&self, server: ServerConn) {
         let pool = server.pool;
         server.close();
-        self.free_slot(&mut self.lock(), pool);
+        let mut st = self.lock();
+        st.release(pool);
+        let b = st.pools[pool].budget;
+        st.grant_slots(b);
     }
 
-    fn free_slot(&self, st: &mut State, pool: PoolId) {
-        let p = &mut st.pools[pool];
-        p.open -= 1;
-        while let Some(w) = p.waiters.pop_front() {
-            p.open += 1;
-            if w.tx.send(Grant::Slot).is_ok() {
-                return;
-            }
-            p.open -= 1;
-        }
-    }
-
-    /// Removes idle servers for which `expired` is true, keeping at least `keep` open per
-    /// pool; returns them for closing outside the lock. Used by the janitor.
+    /// Removes idle servers past `server_lifetime`, or past `server_idle_timeout` above
+    /// `min_pool_size`; returns them for closing outside the lock. Used by the janitor.
     fn take_expired(&self, now: Instant) -> Vec<ServerConn> {
         let mut st = self.lock();
         let mut out = Vec::new();
         let idle_timeout = self.config.server_idle_timeout;
         let lifetime = self.config.server_lifetime;
-        for p in st.pools.iter_mut() {
-            let min = p.settings.min_pool_size;
+        for id in 0..st.pools.len() {
             let mut i = 0;
-            while i < p.idle.len() {
+            while i < st.pools[id].idle.len() {
+                let p = &st.pools[id];
                 let s = &p.idle[i];
                 let too_old = now.duration_since(s.created) >= lifetime;
                 let too_idle = !idle_timeout.is_zero()
                     && now.duration_since(s.last_used) >= idle_timeout
-                    && p.open > min;
+                    && p.open > p.settings.min_pool_size;
                 if too_old || too_idle {
-                    out.push(p.idle.remove(i));
-                    p.open -= 1;
+                    out.push(st.pools[id].idle.remove(i));
+                    st.release(id);
                 } else {
                     i += 1;
                 }
@@ -329,17 +631,21 @@ impl Pools {
         out
     }
 
-    /// Reserves slots to bring pools up to `min_pool_size`; returns the pools to open for.
+    /// Reserves slots to bring pools up to `min_pool_size` within their limits; returns
+    /// the pools to open for.
     fn reserve_minimum(&self) -> Vec<PoolId> {
         let mut st = self.lock();
         let mut out = Vec::new();
         let now = Instant::now();
-        for (id, p) in st.pools.iter_mut().enumerate() {
-            if p.retry_after.is_some_and(|t| now < t) {
+        for id in 0..st.pools.len() {
+            let p = &st.pools[id];
+            if p.retry_after.is_some_and(|t| now < t) || !p.waiters.is_empty() {
                 continue;
             }
-            while p.open < p.settings.min_pool_size.min(p.settings.pool_size) {
-                p.open += 1;
+            while st.pools[id].open < st.pools[id].settings.min_pool_size
+                && st.blocked(id).is_none()
+            {
+                st.reserve(id);
                 out.push(id);
             }
         }
@@ -364,7 +670,7 @@ enum Step {
 struct WaitGuard {
     pools: Arc<Pools>,
     pool: PoolId,
-    id: u64,
+    seq: u64,
     rx: Option<oneshot::Receiver<Grant>>,
 }
 
@@ -385,7 +691,7 @@ impl Drop for WaitGuard {
     fn drop(&mut self) {
         let Some(mut rx) = self.rx.take() else { return };
         let mut st = self.pools.lock();
-        st.pools[self.pool].waiters.retain(|w| w.id != self.id);
+        st.pools[self.pool].waiters.retain(|w| w.seq != self.seq);
         // A grant sent before we left the queue is still in the channel: give it back.
         rx.close();
         match rx.try_recv() {
@@ -393,7 +699,13 @@ impl Drop for WaitGuard {
                 drop(st);
                 self.pools.checkin(server);
             }
-            Ok(Grant::Slot) => self.pools.free_slot(&mut st, self.pool),
+            Ok(Grant::BudgetUnknown(_)) => {}
+            Ok(Grant::Slot) => {
+                st.pools[self.pool].connecting -= 1;
+                st.release(self.pool);
+                let b = st.pools[self.pool].budget;
+                st.grant_slots(b);
+            }
             Err(_) => {}
         }
     }
@@ -410,7 +722,11 @@ struct SlotGuard<'a> {
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.pools.free_slot(&mut self.pools.lock(), self.pool);
+            let mut st = self.pools.lock();
+            st.pools[self.pool].connecting -= 1;
+            st.release(self.pool);
+            let b = st.pools[self.pool].budget;
+            st.grant_slots(b);
         }
     }
 }

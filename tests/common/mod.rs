@@ -36,6 +36,8 @@ pub async fn try_connect(conn: &str) -> Result<Client, tokio_postgres::Error> {
 /// pgsluice running inside the test process; stops when dropped.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The proxy's state, to read its pools and budget.
+    pub shared: std::sync::Arc<pgsluice::app::Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -47,11 +49,13 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(pgsluice::run(listener, config, async move {
+        let shared = pgsluice::app::Shared::new(config);
+        tokio::spawn(pgsluice::app::serve(listener, shared.clone(), async move {
             let _ = stopped.await;
         }));
         Proxy {
             addr,
+            shared,
             stop: Some(stop),
         }
     }
@@ -79,9 +83,16 @@ impl Drop for Proxy {
 }
 
 /// Config for one app database `name` on the test server, plus extra top-level keys.
+/// Unless `top` sets a budget, a fixed one: the tests of a binary share one PostgreSQL, and
+/// an auto budget would split its max_connections between every proxy they start.
 pub fn app_config(pg: &TestPostgres, name: &str, top: &str) -> String {
+    let budget = if top.contains("budget") {
+        ""
+    } else {
+        "[budget]\nmax_server_connections = 80\n"
+    };
     format!(
-        "{top}\n[databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\n[users.{name}]\npassword = \"{name}-pw\"\n",
+        "{top}\n{budget}[databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\n[users.{name}]\npassword = \"{name}-pw\"\n",
         pg.port
     )
 }
@@ -93,10 +104,15 @@ pub async fn app(name: &str, top: &str) -> Proxy {
     Proxy::start(&app_config(pg, name, top)).await
 }
 
-/// Server connections the proxy holds for a role (from pg_stat_activity).
+/// Pool server connections the proxy holds for a role (from pg_stat_activity), not
+/// counting budget control connections.
 pub async fn server_conns(admin: &Client, role: &str) -> i64 {
     admin
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'", &[&role])
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend' \
+             AND application_name NOT LIKE 'pgsluice:fleet=%'",
+            &[&role],
+        )
         .await
         .unwrap()
         .get(0)

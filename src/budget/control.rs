@@ -1,0 +1,145 @@
+//! The control connection: one per upstream server in auto mode. It reads the live figures
+//! at start and every `budget.refresh_interval`, registers this proxy as a fleet member (by
+//! its `application_name`), and sets the budget the pools draw on.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::RngExt;
+
+use super::{
+    fleet_budget, fleet_like_pattern, limit, member_application_name, share, Snapshot, Upstream,
+};
+use crate::config::PoolSettings;
+use crate::pool::{BudgetId, Pools};
+use crate::protocol::messages::quote_literal;
+use crate::server::{ServerConn, ServerError};
+
+/// How soon to retry while the budget is not known.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Reads the figures on an open control connection.
+pub async fn read_upstream(conn: &mut ServerConn, fleet: &str) -> Result<Upstream, ServerError> {
+    let sql = format!(
+        "SELECT current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
+         coalesce(current_setting('reserved_connections', true), '0'), \
+         (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'), \
+         (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE {})",
+        quote_literal(&fleet_like_pattern(fleet))
+    );
+    let rows = conn.simple_query(&sql).await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| ServerError::Protocol("budget query returned no row".into()))?;
+    let num = |i: usize| -> Result<u32, ServerError> {
+        row.get(i)
+            .and_then(|v| v.as_deref())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                ServerError::Protocol(format!("budget query: column {i} is not a number"))
+            })
+    };
+    Ok(Upstream {
+        max_connections: num(0)?,
+        superuser_reserved_connections: num(1)?,
+        reserved_connections: num(2)?,
+        connections: num(3)?,
+        members: num(4)?.max(1),
+    })
+}
+
+/// Keeps the budget of upstream `budget` up to date, forever.
+pub async fn run(pools: Arc<Pools>, budget: BudgetId, settings: PoolSettings) {
+    let config = pools.config().budget.clone();
+    let fleet = pools.config().fleet.name.clone();
+    let member = format!("{:016x}", rand::rng().random::<u64>());
+    let application_name = member_application_name(&fleet, &member);
+    let connect_timeout = pools.config().server_connect_timeout;
+    let mut conn: Option<ServerConn> = None;
+    let mut snapshot = Snapshot {
+        mode: "auto",
+        refresh_interval: config.refresh_interval,
+        ..Snapshot::default()
+    };
+    let mut known = false;
+    loop {
+        let result = async {
+            if conn.is_none() {
+                conn = Some(
+                    ServerConn::connect_as(
+                        &settings,
+                        &application_name,
+                        usize::MAX,
+                        0,
+                        connect_timeout,
+                    )
+                    .await?,
+                );
+            }
+            let c = conn.as_mut().expect("connected above");
+            tokio::time::timeout(connect_timeout, read_upstream(c, &fleet))
+                .await
+                .map_err(|_| ServerError::ConnectTimeout("budget query".into()))?
+        }
+        .await;
+        match result {
+            Ok(up) => {
+                let fleet_total = fleet_budget(up.max_connections, config.fraction, config.reserve);
+                let my_share = share(fleet_total, up.members);
+                let mine = pools.budget_open(budget) + 1;
+                let allowed = limit(my_share, mine, &up);
+                if snapshot.limit != allowed || snapshot.upstream.members != up.members || !known {
+                    tracing::info!(
+                        max_connections = up.max_connections,
+                        fleet_budget = fleet_total,
+                        members = up.members,
+                        share = my_share,
+                        limit = allowed,
+                        "connection budget"
+                    );
+                }
+                snapshot.upstream = up;
+                snapshot.fleet_budget = fleet_total;
+                snapshot.share = my_share;
+                snapshot.limit = allowed;
+                snapshot.last_refresh = Some(SystemTime::now());
+                snapshot.last_error = None;
+                known = true;
+                // The control connection counts against the budget; the pools keep at least one.
+                pools.set_budget(
+                    budget,
+                    Some(allowed.saturating_sub(1).max(1)),
+                    1,
+                    snapshot.clone(),
+                );
+            }
+            Err(e) => {
+                conn = None;
+                snapshot.refresh_errors += 1;
+                snapshot.last_error = Some(e.to_string());
+                tracing::warn!(error = %e, "could not read the connection budget");
+                if !known {
+                    // Unknown so far: the fallback if configured, else clients get an error.
+                    if let Some(f) = config.fallback {
+                        snapshot.limit = f;
+                    }
+                    pools.set_budget(budget, config.fallback, 0, snapshot.clone());
+                } else {
+                    // Keep the last known budget; just record the error.
+                    pools.set_budget(
+                        budget,
+                        Some(snapshot.limit.saturating_sub(1).max(1)),
+                        0,
+                        snapshot.clone(),
+                    );
+                }
+            }
+        }
+        tokio::time::sleep(if known {
+            config.refresh_interval
+        } else {
+            RETRY.min(config.refresh_interval)
+        })
+        .await;
+    }
+}
