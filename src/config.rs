@@ -700,19 +700,6 @@ impl Config {
                 "use letters, digits, '-' and '.' only",
             ));
         }
-        if b.mode() == BudgetMode::Auto {
-            for db in self.databases.values() {
-                if self.control_settings(&db.host, db.port).is_none() {
-                    return Err(invalid(
-                        "budget",
-                        format!(
-                            "no credentials for the budget's control connection to {}:{}: set budget.user and budget.password, a plain user password, or budget.mode = \"fixed\"",
-                            db.host, db.port
-                        ),
-                    ));
-                }
-            }
-        }
         for (key, d) in [
             ("budget.refresh_interval", self.budget.refresh_interval),
             ("query_wait_timeout", self.query_wait_timeout),
@@ -762,6 +749,19 @@ impl Config {
                     format!("users.{name}.pool_size"),
                     "must be at least 1",
                 ));
+            }
+        }
+        if self.budget.mode() == BudgetMode::Auto {
+            for db in self.databases.values() {
+                if self.control_settings(&db.host, db.port).is_none() {
+                    return Err(invalid(
+                        "budget",
+                        format!(
+                            "no credentials for the budget's control connection to {}:{}: set budget.user and budget.password, a plain user password, or budget.mode = \"fixed\"",
+                            db.host, db.port
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
