@@ -1,0 +1,411 @@
+//! The global connection budget against PostgreSQL servers with `max_connections = 20`:
+//! the fleet budget is then floor(20 × 0.5) = 10. Each test starts its own server, since
+//! every proxy (and the test's own connections) changes what the others see.
+
+mod common;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tokio_postgres::Client;
+
+/// Connections of the given roles (pools and control connections alike).
+async fn conns_of(admin: &Client, roles: &[&str]) -> i64 {
+    let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = ANY($1)",
+            &[&roles],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Samples `conns_of` every 50 ms into `max` until `stop`.
+fn sampler(
+    admin: Client,
+    roles: Vec<&'static str>,
+    max: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let n = conns_of(&admin, &roles).await as u64;
+            max.fetch_max(n, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+fn db_user(pg: &TestPostgres, name: &str) -> String {
+    format!(
+        "[databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\n[users.{name}]\npassword = \"{name}-pw\"\nauth_type = \"trust\"\n",
+        pg.port
+    )
+}
+
+fn budget(proxy: &Proxy) -> pgsluice::budget::Snapshot {
+    proxy.shared.pools.budget_snapshots().remove(0).1
+}
+
+/// One proxy, four pools whose sizes add up to 32, 100 clients: the proxy never holds more
+/// than 10 connections, and every client's work commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_pools_stay_within_half_of_max_connections() {
+    let pg = TestPostgres::start(&["max_connections = 20"]);
+    let names = ["bq1", "bq2", "bq3", "bq4"];
+    let mut toml = "pool_size = 8\n[budget]\nrefresh_interval = \"1s\"\n".to_owned();
+    for n in names {
+        pg.create_app(n).await;
+        toml.push_str(&db_user(&pg, n));
+    }
+    let proxy = Proxy::start(&toml).await;
+    for n in names {
+        proxy
+            .client(n)
+            .await
+            .batch_execute("CREATE TABLE work (client int, i int)")
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            budget(&proxy).limit == 10
+        })
+        .await,
+        "{:?}",
+        budget(&proxy)
+    );
+    let max = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = sampler(pg.admin().await, names.to_vec(), max.clone(), stop.clone());
+    let mut tasks = Vec::new();
+    for client in 0..100 {
+        let name = names[client % 4];
+        let c = proxy.client(name).await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..5 {
+                c.batch_execute(&format!(
+                    "BEGIN; INSERT INTO work VALUES ({client}, {i}); SELECT pg_sleep(0.01); COMMIT"
+                ))
+                .await
+                .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("work finishes")
+            .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    watch.await.unwrap();
+    for n in names {
+        assert_eq!(
+            scalar(&proxy.client(n).await, "SELECT count(*) FROM work").await,
+            "125",
+            "{n}"
+        );
+    }
+    let max = max.load(Ordering::Relaxed);
+    assert!(
+        max <= 10,
+        "the proxy held {max} connections; the budget is 10"
+    );
+    assert!(max >= 6, "the budget was used ({max})");
+}
+
+/// Runs `clients` clients in a loop of short transactions until `stop`; counts errors.
+fn workload(
+    proxy: &Proxy,
+    name: &'static str,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let conn = proxy.conn(name, "x", name);
+    (0..clients)
+        .map(|_| {
+            let (conn, stop, errors, done) =
+                (conn.clone(), stop.clone(), errors.clone(), done.clone());
+            tokio::spawn(async move {
+                let c = connect(&conn).await;
+                while !stop.load(Ordering::Relaxed) {
+                    match c
+                        .batch_execute("BEGIN; SELECT pg_sleep(0.02); COMMIT")
+                        .await
+                    {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("workload error: {e}");
+                            errors.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        })
+        .collect()
+}
+
+/// Two proxies share 10; two more join (deploy overlap) and the fleet stays under what the
+/// database accepts, back to 10 within two refresh intervals; two leave and the others grow
+/// back. Client work never fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_shares_the_budget_through_a_deploy() {
+    let pg = TestPostgres::start(&["max_connections = 20"]);
+    pg.create_app("fl").await;
+    let toml = format!(
+        "pool_size = 10\n[fleet]\nname = \"shop\"\n[budget]\nrefresh_interval = \"1s\"\n{}",
+        db_user(&pg, "fl")
+    );
+    let (stop, errors, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let admin = pg.admin().await;
+    let p1 = Proxy::start(&toml).await;
+    let p2 = Proxy::start(&toml).await;
+    let both_half = || async { budget(&p1).share == 5 && budget(&p2).share == 5 };
+    assert!(
+        eventually(Duration::from_secs(5), both_half).await,
+        "{:?}",
+        budget(&p1)
+    );
+    let mut tasks = workload(&p1, "fl", 8, stop.clone(), errors.clone(), done.clone());
+    tasks.extend(workload(
+        &p2,
+        "fl",
+        8,
+        stop.clone(),
+        errors.clone(),
+        done.clone(),
+    ));
+
+    // Two members: at most 10 together.
+    let max = Arc::new(AtomicU64::new(0));
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let watch = sampler(
+        pg.admin().await,
+        vec!["fl"],
+        max.clone(),
+        stop_sampling.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        max.load(Ordering::Relaxed) <= 10,
+        "two members held {}",
+        max.load(Ordering::Relaxed)
+    );
+    assert!(max.load(Ordering::Relaxed) >= 6, "the budget was used");
+
+    // Deploy: two more members. Never past max_connections - superuser_reserved (17).
+    max.store(0, Ordering::Relaxed);
+    let p3 = Proxy::start(&toml).await;
+    let p4 = Proxy::start(&toml).await;
+    tasks.extend(workload(
+        &p3,
+        "fl",
+        8,
+        stop.clone(),
+        errors.clone(),
+        done.clone(),
+    ));
+    tasks.extend(workload(
+        &p4,
+        "fl",
+        8,
+        stop.clone(),
+        errors.clone(),
+        done.clone(),
+    ));
+    let started = std::time::Instant::now();
+    let converged = eventually(Duration::from_secs(4), || async {
+        conns_of(&admin, &["fl"]).await <= 10
+    })
+    .await;
+    assert!(
+        converged,
+        "back under the fleet budget within two refresh intervals"
+    );
+    eprintln!("converged after {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let transition_max = max.load(Ordering::Relaxed);
+    assert!(
+        transition_max <= 17,
+        "the fleet held {transition_max}, past what the database accepts"
+    );
+    // Steady with four members: each share is 2, the total at most 10.
+    max.store(0, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        max.load(Ordering::Relaxed) <= 10,
+        "four members held {}",
+        max.load(Ordering::Relaxed)
+    );
+    for p in [&p1, &p2, &p3, &p4] {
+        assert_eq!(budget(p).share, 2);
+        assert_eq!(budget(p).upstream.members, 4);
+    }
+
+    // Two leave: the others grow back to a share of 5.
+    drop(p3);
+    drop(p4);
+    assert!(
+        eventually(Duration::from_secs(5), both_half).await,
+        "{:?}",
+        budget(&p1)
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+    }
+    stop_sampling.store(true, Ordering::Relaxed);
+    watch.await.unwrap();
+    assert!(max.load(Ordering::Relaxed) <= 17);
+    // Clients of the stopped proxies lose their connections; the others never fail.
+    assert!(
+        done.load(Ordering::Relaxed) > 100,
+        "work got done: {}",
+        done.load(Ordering::Relaxed)
+    );
+    let errs = errors.load(Ordering::Relaxed);
+    assert!(
+        errs <= 16,
+        "only the stopped proxies' clients may fail once each ({errs})"
+    );
+}
+
+/// Budget full, pool A idle, pool B waits: an idle server of A is closed for B. And with the
+/// budget full, clients of different pools are served in arrival order.
+#[tokio::test]
+async fn waiters_take_over_idle_servers_and_keep_arrival_order() {
+    let pg = TestPostgres::start(&["max_connections = 20"]);
+    pg.create_app("ta").await;
+    pg.create_app("tb").await;
+    let toml = format!(
+        "pool_size = 2\nquery_wait_timeout = \"5s\"\n[budget]\nmax_server_connections = 2\n{}{}",
+        db_user(&pg, "ta"),
+        db_user(&pg, "tb")
+    );
+    let proxy = Proxy::start(&toml).await;
+    let admin = pg.admin().await;
+    let (a1, a2) = (proxy.client("ta").await, proxy.client("ta").await);
+    a1.batch_execute("BEGIN").await.unwrap();
+    a2.batch_execute("BEGIN").await.unwrap();
+    a1.batch_execute("COMMIT").await.unwrap();
+    a2.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        server_conns(&admin, "ta").await,
+        2,
+        "pool A holds the whole budget, idle"
+    );
+    let b = proxy.client("tb").await;
+    let started = std::time::Instant::now();
+    assert_eq!(scalar(&b, "SELECT 1").await, "1");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "B did not wait for a timeout"
+    );
+    assert_eq!(server_conns(&admin, "ta").await, 1);
+    assert_eq!(server_conns(&admin, "tb").await, 1);
+
+    // Arrival order: A holds both servers in transactions; B queues, then A3 queues.
+    a1.batch_execute("BEGIN").await.unwrap();
+    a2.batch_execute("BEGIN").await.unwrap();
+    let b_task = tokio::spawn(async move {
+        scalar(
+            &b,
+            "SELECT extract(epoch FROM clock_timestamp()) FROM pg_sleep(0.3)",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a3 = proxy.client("ta").await;
+    let a3_task =
+        tokio::spawn(
+            async move { scalar(&a3, "SELECT extract(epoch FROM clock_timestamp())").await },
+        );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a1.batch_execute("COMMIT").await.unwrap(); // frees one: B waited longest
+    let b_at: f64 = b_task.await.unwrap().parse().unwrap();
+    a2.batch_execute("COMMIT").await.unwrap();
+    let a3_at: f64 = a3_task.await.unwrap().parse().unwrap();
+    assert!(
+        b_at < a3_at,
+        "B (queued first) ran at {b_at}, A3 at {a3_at}"
+    );
+}
+
+/// max_connections raised on the server: the budget follows at the next refresh.
+#[tokio::test]
+async fn budget_follows_max_connections() {
+    let pg = TestPostgres::start(&["max_connections = 20"]);
+    pg.create_app("mc").await;
+    let proxy = Proxy::start(&format!(
+        "[budget]\nrefresh_interval = \"1s\"\n{}",
+        db_user(&pg, "mc")
+    ))
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            budget(&proxy).fleet_budget == 10
+        })
+        .await
+    );
+    assert_eq!(budget(&proxy).upstream.max_connections, 20);
+    pg.admin()
+        .await
+        .batch_execute("ALTER SYSTEM SET max_connections = 40")
+        .await
+        .unwrap();
+    pg.ctl_stop();
+    pg.ctl_start();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            budget(&proxy).fleet_budget == 20
+        })
+        .await,
+        "{:?}",
+        budget(&proxy)
+    );
+    assert!(
+        budget(&proxy).refresh_errors >= 1,
+        "the restart was seen as a failed refresh"
+    );
+    assert_eq!(scalar(&proxy.client("mc").await, "SELECT 1").await, "1");
+}
+
+/// Upstream down when the proxy starts: clients get a clear error, then service once it is up.
+#[tokio::test]
+async fn upstream_down_at_start_then_up() {
+    let pg = TestPostgres::start(&["max_connections = 20"]);
+    pg.create_app("late").await;
+    pg.ctl_stop();
+    let proxy = Proxy::start(&format!(
+        "[budget]\nrefresh_interval = \"1s\"\n{}",
+        db_user(&pg, "late")
+    ))
+    .await;
+    let e = try_connect(&proxy.conn("late", "x", "late"))
+        .await
+        .err()
+        .expect("no server yet");
+    assert_eq!(code(&e), "08006", "{e}");
+    assert!(budget(&proxy).last_error.is_some());
+    pg.ctl_start();
+    let served = eventually(Duration::from_secs(10), || async {
+        match try_connect(&proxy.conn("late", "x", "late")).await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(served, "served once the server is up");
+    assert_eq!(budget(&proxy).fleet_budget, 10);
+}
