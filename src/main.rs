@@ -14,6 +14,8 @@ use pgsluice::config::{Config, LogFormat};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Configuration file (TOML). Also PGSLUICE_CONFIG.
     #[arg(short, long, env = "PGSLUICE_CONFIG")]
     config: Option<PathBuf>,
@@ -109,8 +111,22 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Commands besides running the proxy (which needs none).
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print the live connection budget of a database; with --plan, check a fleet's plan.
+    Budget(pgsluice::budget::report::BudgetArgs),
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Budget(args)) = &cli.command {
+        if !cli.flags().is_empty() || cli.check_config.is_some() {
+            eprintln!("pgsluice budget: put the command's options after `budget` (see pgsluice budget --help)");
+            return ExitCode::from(2);
+        }
+        return pgsluice::budget::report::run(args);
+    }
     if let Some(path) = &cli.check_config {
         return match Config::load(Some(path), &[]) {
             Ok(c) => {

@@ -9,6 +9,8 @@
 //! See `docs/budget.md` for the reasoning.
 
 pub mod control;
+pub mod plan;
+pub mod report;
 
 use std::time::{Duration, SystemTime};
 
