@@ -5,7 +5,12 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use std::time::Instant;
+
+use crate::admin::Console;
 use crate::auth::Credentials;
+use crate::clients::Clients;
+use crate::metrics::Metrics;
 use crate::budget::control;
 use crate::cancel::Cancels;
 use crate::config::{BudgetMode, Config};
@@ -19,15 +24,26 @@ pub struct Shared {
     pub pools: Arc<Pools>,
     pub credentials: Credentials,
     pub cancels: Arc<Cancels>,
+    pub metrics: Arc<Metrics>,
+    /// Logged-in clients (SHOW CLIENTS, client gauges).
+    pub clients: Arc<Clients>,
+    /// State the admin console changes: paused databases, draining, shutdown.
+    pub console: Console,
+    pub started: Instant,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
         let credentials = Credentials::from_config(&config);
+        let metrics = Arc::new(Metrics::new(config.metrics.max_applications as usize));
         Arc::new(Shared {
             pools: Pools::new(Arc::new(config)),
             credentials,
             cancels: Arc::new(Cancels::default()),
+            metrics,
+            clients: Arc::new(Clients::default()),
+            console: Console::default(),
+            started: Instant::now(),
         })
     }
 }
@@ -55,6 +71,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
     tokio::select! {
         _ = listener::run(listener, shared.clone()) => {}
         _ = shutdown => tracing::info!("shutting down"),
+        _ = shared.console.shutdown_requested() => tracing::info!("shutting down (admin console SHUTDOWN)"),
+        _ = crate::http::run(shared.clone()) => {}
     }
     for task in background {
         task.abort();

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -19,6 +20,8 @@ use crate::protocol::{frontend, TransactionStatus};
 use crate::relay::{self, ClientConn, Leftover, Outcome, Peek, Txn};
 use crate::server::{ServerConn, ServerError};
 use crate::sql::SessionEffects;
+use crate::clients::{AppSlot, NewClient, Registration, ServerLink};
+use crate::metrics::{ErrorKind, Meter, TxnCounts};
 
 /// Startup parameters kept per client and applied to whichever server it gets
 /// (lower case), besides `track_extra_parameters`.
@@ -86,10 +89,12 @@ async fn fatal(stream: &mut TcpStream, e: &ErrorFields) {
 
 async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String> {
     let config = shared.pools.config();
+    let logging_in = shared.clients.logging_in();
     let login =
         tokio::time::timeout(config.client_login_timeout, handshake(&mut stream, shared)).await;
     let login = match login {
         Err(_) => {
+            shared.metrics.error(ErrorKind::LoginTimeout);
             let e = ErrorFields::new(
                 Severity::Fatal,
                 "08P01",
@@ -102,6 +107,10 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(End::Quiet)) => return Err("connection closed during login".into()),
         Ok(Err(End::Tell(e))) => {
+            shared.metrics.error(match e.code.as_str() {
+                "28P01" | "28000" => ErrorKind::AuthFailed,
+                _ => ErrorKind::BadStartup,
+            });
             fatal(&mut stream, &e).await;
             return Err(e.message);
         }
@@ -109,7 +118,18 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String
     tracing::Span::current()
         .record("user", login.user.as_str())
         .record("database", login.database.as_str());
+    if crate::admin::is_console(&login.database) {
+        drop(logging_in);
+        return console(stream, shared, &login).await;
+    }
+    if shared.console.is_draining() {
+        let e = ErrorFields::new(Severity::Fatal, "08P01", "pooler is shutting down")
+            .with_hint("pgsluice is draining: connect to another instance");
+        fatal(&mut stream, &e).await;
+        return Err(e.message);
+    }
     let Some(pool) = shared.pools.pool_for(&login.database, &login.user) else {
+        shared.metrics.error(ErrorKind::UnknownDatabase);
         let e = ErrorFields::new(
             Severity::Fatal,
             "3D000",
@@ -134,16 +154,86 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String
         return Err(e.message);
     }
     tracing::debug!(user = %login.user, database = %login.database, "client logged in");
+    let app_name = login
+        .params
+        .get("application_name")
+        .cloned()
+        .unwrap_or_default();
+    let registration = shared.clients.register(NewClient {
+        pool,
+        database: login.database.clone(),
+        user: login.user.clone(),
+        addr: stream.peer_addr().ok(),
+        local: stream.local_addr().ok(),
+        pid: cancel.client.pid,
+        app: AppSlot {
+            metrics: shared.metrics.app(&login.database, &login.user, &app_name),
+            name: app_name,
+        },
+    });
+    drop(logging_in);
+    let meter = Arc::new(Meter {
+        pool: shared.metrics.pool(pool, &login.database, &login.user),
+        app: registration.client.app().metrics,
+        client: registration.client.clone(),
+    });
     let mut session = Session {
-        client: ClientConn::new(stream, config.max_query_size),
+        client: ClientConn::new(
+            stream,
+            config.max_query_size,
+            config.max_prepared_statements,
+            shared.pools.known_statements(pool),
+        ),
         shared: shared.clone(),
         pool,
         mode: shared.pools.settings(pool).mode,
         startup_params: login.params.clone(),
         params: login.params,
         cancel,
+        meter,
+        registration,
     };
     session.run().await
+}
+
+/// An admin console session (databases `pgbouncer` and `pgsluice`), for `admin_users` only.
+async fn console(mut stream: TcpStream, shared: &Arc<Shared>, login: &Login) -> Result<(), String> {
+    if !shared.pools.config().admin_users.contains(&login.user) {
+        shared.metrics.error(ErrorKind::AdminDenied);
+        let e = ErrorFields::new(
+            Severity::Fatal,
+            "42501",
+            format!("permission denied for the admin console: user \"{}\" is not in admin_users", login.user),
+        )
+        .with_hint("list the user in admin_users in the pgsluice configuration");
+        fatal(&mut stream, &e).await;
+        return Err(e.message);
+    }
+    let cancel = shared.cancels.register();
+    crate::admin::session(stream, shared, cancel.client.pid, cancel.client.secret).await
+}
+
+/// Counts a failed checkout in the pool's (and, once known, the application's) figures.
+fn count_pool_error(
+    shared: &Shared,
+    pool: &crate::metrics::PoolMetrics,
+    app: Option<&crate::metrics::AppMetrics>,
+    e: &PoolError,
+) {
+    match e {
+        PoolError::WaitTimeout(_) => {
+            pool.checkout_timeouts.inc();
+            if let Some(app) = app {
+                app.checkout_timeouts.inc();
+            }
+            shared.metrics.error(ErrorKind::QueryWaitTimeout);
+        }
+        PoolError::Server(_) => {
+            pool.server_connect_errors.inc();
+            shared.metrics.error(ErrorKind::ServerConnect);
+        }
+        PoolError::BudgetUnknown { .. } => shared.metrics.error(ErrorKind::BudgetUnknown),
+    }
 }
 
 /// Reads packets until a StartupMessage, answering SSL and GSS requests with 'N' and
@@ -302,7 +392,11 @@ async fn welcome(
                 .pools
                 .checkout(pool, config.query_wait_timeout)
                 .await
-                .map_err(|e| pool_error(&e, Severity::Fatal))?;
+                .map_err(|e| {
+                    let m = shared.metrics.pool(pool, &login.database, &login.user);
+                    count_pool_error(shared, &m, None, &e);
+                    pool_error(&e, Severity::Fatal)
+                })?;
             checkout.release();
             shared.pools.server_params(pool).unwrap_or_default()
         }
@@ -349,6 +443,10 @@ struct Session {
     /// Tracked parameters the client wants on every server it gets.
     params: BTreeMap<String, String>,
     cancel: crate::cancel::CancelHandle,
+    /// Metric handles of this client's pool and application.
+    meter: Arc<Meter>,
+    /// This client's entry in the registry (SHOW CLIENTS, gauges); removed on drop.
+    registration: Registration,
 }
 
 enum Wait {
@@ -361,6 +459,7 @@ impl Session {
     async fn run(&mut self) -> Result<(), String> {
         let wait = self.shared.pools.config().query_wait_timeout;
         loop {
+            self.registration.client.set_idle();
             // Hold no server until a whole first message of a transaction is here.
             match self.next_request().await {
                 Ok(true) => {}
@@ -388,6 +487,7 @@ impl Session {
                     continue;
                 }
                 Wait::Failed(e) => {
+                    count_pool_error(&self.shared, &self.meter.pool, Some(&self.meter.app), &e);
                     tracing::info!(error = %e, "no server for client");
                     self.refuse_request(&pool_error(&e, Severity::Error))
                         .await?;
@@ -405,10 +505,13 @@ impl Session {
             }
             self.cancel.serving(checkout.server().key);
             let mut txn = Txn::new(self.mode == PoolMode::Transaction);
+            txn.counts = TxnCounts::new(Some(self.meter.clone()));
             let outcome = relay::transaction(&mut self.client, checkout.server(), &mut txn).await;
+            txn.counts.finish();
             let no_cancel_pending = self.cancel.idle();
             match outcome {
-                Outcome::Done if !no_cancel_pending => drop(checkout), // closes the server
+                // A cancel may still hit it, or it said something that retires it: close it.
+                Outcome::Done if !no_cancel_pending || txn.server_in_doubt => drop(checkout),
                 Outcome::Done => {
                     if !txn.effects.is_empty() {
                         if let Err(e) = self.refresh_params(checkout.server(), &txn.effects).await {
@@ -416,6 +519,7 @@ impl Session {
                             drop(checkout);
                             continue;
                         }
+                        self.sync_application();
                     }
                     checkout.release();
                 }
@@ -429,6 +533,9 @@ impl Session {
                     return Ok(());
                 }
                 Outcome::ClientError(e, left) => {
+                    self.shared
+                        .metrics
+                        .error(ErrorKind::of_client_error(&e.code));
                     let left = if no_cancel_pending {
                         left
                     } else {
@@ -439,6 +546,7 @@ impl Session {
                     return Err(e.message);
                 }
                 Outcome::ServerGone(why) => {
+                    self.shared.metrics.error(ErrorKind::ServerLost);
                     let e = ErrorFields::new(Severity::Fatal, "08006", "pgsluice: the server connection closed unexpectedly")
                         .with_hint("the server may have restarted or terminated the session; reconnect and retry");
                     fatal(&mut self.client.stream, &e).await;
@@ -452,19 +560,76 @@ impl Session {
     /// Waits for a server. Meanwhile watches the client: a cancel takes it out of the queue,
     /// and a client that hangs up stops waiting (`None`) instead of running a dead request.
     async fn wait_for_server(&mut self, wait: std::time::Duration) -> Option<Wait> {
+        let began = Instant::now();
+        self.registration.client.set_waiting(began);
+        let shared = self.shared.clone();
+        let (pool, database) = (self.pool, self.meter.pool.database.clone());
         // Cancel safety: dropping the checkout future leaves the queue and returns any grant.
-        let checkout = self.shared.pools.checkout(self.pool, wait);
+        // A paused database holds its clients here; that wait counts toward
+        // query_wait_timeout, as in PgBouncer.
+        let checkout = async move {
+            if !shared.console.is_paused(&database) {
+                return shared.pools.checkout(pool, wait).await;
+            }
+            tokio::time::timeout(wait, shared.console.wait_resumed(&database))
+                .await
+                .map_err(|_| PoolError::WaitTimeout(wait))?;
+            let left = wait.saturating_sub(began.elapsed());
+            shared.pools.checkout(pool, left).await
+        };
         tokio::pin!(checkout);
         let cancelled = self.cancel.cancelled_while_queued();
         tokio::pin!(cancelled);
+        // PgBouncer's query_wait_notify: tell a client queued this long why it waits.
+        let notify = self.shared.pools.config().query_wait_notify;
+        let mut notified = notify.is_zero();
+        let notify_at = tokio::time::Instant::from_std(began + notify);
         loop {
             let room = self.client.buf.len() < relay::HIGH_WATER;
             tokio::select! {
-                r = &mut checkout => return Some(match r {
-                    Ok(c) => Wait::Got(c),
-                    Err(e) => Wait::Failed(e),
-                }),
+                r = &mut checkout => {
+                    let waited = began.elapsed().as_secs_f64();
+                    self.meter.pool.client_wait.observe(waited);
+                    self.meter.app.wait.observe(waited);
+                    return Some(match r {
+                        Ok(mut c) => {
+                            self.meter.pool.server_assignments.inc();
+                            let s = c.server();
+                            self.registration.client.set_active(ServerLink {
+                                id: s.id,
+                                addr: s.key.addr,
+                                local: None,
+                                pid: s.key.pid,
+                                connect_time: SystemTime::now()
+                                    .checked_sub(s.created.elapsed())
+                                    .unwrap_or(SystemTime::UNIX_EPOCH),
+                            });
+                            Wait::Got(c)
+                        }
+                        Err(e) => Wait::Failed(e),
+                    });
+                }
                 _ = &mut cancelled => return Some(Wait::Cancelled),
+                _ = tokio::time::sleep_until(notify_at), if !notified => {
+                    notified = true;
+                    let mut buf = BytesMut::new();
+                    ErrorFields {
+                        severity: "NOTICE".into(),
+                        code: "00000".into(),
+                        message: "No server connection available in postgres backend, client being queued".into(),
+                        detail: Some(format!(
+                            "pgsluice: every server connection of pool {}/{} is busy; waiting up to query_wait_timeout ({}s)",
+                            self.meter.pool.database,
+                            self.meter.pool.user,
+                            wait.as_secs_f64()
+                        )),
+                        hint: None,
+                    }
+                    .encode_notice(&mut buf);
+                    if self.client.stream.write_all(&buf).await.is_err() {
+                        return None;
+                    }
+                }
                 r = self.client.stream.readable(), if room => {
                     r.ok()?;
                     self.client.buf.reserve(8192);
@@ -484,6 +649,12 @@ impl Session {
     async fn next_request(&mut self) -> Result<bool, End> {
         loop {
             match self.client.peek().map_err(End::Tell)? {
+                Peek::Ready(frontend::PARSE) if self.mode == PoolMode::Transaction => {
+                    match self.client.answer_parse() {
+                        Some(reply) => self.client.stream.write_all(&reply).await?,
+                        None => return Ok(true),
+                    }
+                }
                 Peek::Ready(_) => return Ok(true),
                 Peek::Terminate => return Ok(false),
                 Peek::Local(tag, total) => {
@@ -559,6 +730,32 @@ impl Session {
         if clean {
             checkout.release();
         }
+    }
+
+    /// After `SET application_name`: moves the client's figures to its new application.
+    fn sync_application(&mut self) {
+        let name = self
+            .params
+            .get("application_name")
+            .cloned()
+            .unwrap_or_default();
+        let entry = &self.registration.client;
+        if entry.app().name == name {
+            return;
+        }
+        let metrics = self
+            .shared
+            .metrics
+            .app(&entry.database, &entry.user, &name);
+        entry.set_app(AppSlot {
+            name,
+            metrics: metrics.clone(),
+        });
+        self.meter = Arc::new(Meter {
+            pool: self.meter.pool.clone(),
+            app: metrics,
+            client: entry.clone(),
+        });
     }
 
     /// After a transaction that changed session parameters: reads their values back from the

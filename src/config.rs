@@ -130,6 +130,10 @@ pub struct Config {
     /// Default client authentication method.
     #[serde(default = "defaults::auth_type")]
     pub auth_type: AuthType,
+    /// Named statements each server connection keeps prepared in transaction mode (0: named
+    /// statements are refused there).
+    #[serde(default = "defaults::max_prepared_statements", deserialize_with = "de::num")]
+    pub max_prepared_statements: usize,
     /// Largest Query or Parse message (bytes) the proxy buffers to inspect.
     #[serde(default = "defaults::max_query_size", deserialize_with = "de::num")]
     pub max_query_size: usize,
@@ -141,6 +145,18 @@ pub struct Config {
     pub track_extra_parameters: Vec<String>,
     #[serde(default = "defaults::log_format")]
     pub log_format: LogFormat,
+    /// A client queued this long gets a NOTICE that it waits for a server (0: never).
+    #[serde(
+        default = "defaults::query_wait_notify",
+        deserialize_with = "de::duration"
+    )]
+    pub query_wait_notify: Duration,
+    /// Users allowed on the admin console (databases `pgbouncer` and `pgsluice`).
+    #[serde(default, deserialize_with = "de::list")]
+    pub admin_users: Vec<String>,
+    /// The HTTP endpoint for metrics and health checks (`[metrics]`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Most server connections to one database across all its pools (0: no cap).
     #[serde(default, deserialize_with = "de::num")]
     pub max_db_connections: u32,
@@ -248,6 +264,28 @@ impl Default for FleetConfig {
     }
 }
 
+/// `[metrics]`: the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `HOST:PORT` of the HTTP endpoint; off when unset.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Distinct `application_name` values that get their own metric label; later ones
+    /// share the label `other`.
+    #[serde(default = "defaults::max_applications", deserialize_with = "de::num")]
+    pub max_applications: u32,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            max_applications: defaults::max_applications(),
+        }
+    }
+}
+
 /// One client-facing database.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -351,11 +389,20 @@ mod defaults {
     pub fn auth_type() -> AuthType {
         AuthType::ScramSha256
     }
+    pub fn max_prepared_statements() -> usize {
+        200
+    }
     pub fn max_query_size() -> usize {
         32 << 20
     }
     pub fn log_format() -> LogFormat {
         LogFormat::Text
+    }
+    pub fn query_wait_notify() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn max_applications() -> u32 {
+        100
     }
     pub fn fraction() -> f64 {
         0.5
@@ -624,6 +671,10 @@ impl Config {
     fn finish(mut self) -> Result<Config, ConfigError> {
         if let Some(url) = &self.upstream {
             let u = UpstreamUrl::parse(url).map_err(|r| invalid("upstream", r))?;
+            // Quick mode: the upstream user may use the admin console unless told otherwise.
+            if self.admin_users.is_empty() {
+                self.admin_users.push(u.user.clone());
+            }
             self.databases.entry(u.dbname.clone()).or_insert(Database {
                 host: u.host,
                 port: u.port,
@@ -672,6 +723,22 @@ impl Config {
         if self.max_query_size < 1024 {
             return Err(invalid("max_query_size", "must be at least 1024 bytes"));
         }
+        for admin in &self.admin_users {
+            if !self.users.contains_key(admin) {
+                return Err(invalid(
+                    "admin_users",
+                    format!("{admin:?} is not a user: admin users log in with the password in [users.{admin}]"),
+                ));
+            }
+        }
+        if self.metrics.max_applications == 0 {
+            return Err(invalid("metrics.max_applications", "must be at least 1"));
+        }
+        if let Some(addr) = &self.metrics.listen {
+            if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                return Err(invalid("metrics.listen", format!("{addr:?} is not HOST:PORT")));
+            }
+        }
         let b = &self.budget;
         if !(b.fraction > 0.0 && b.fraction <= 1.0) {
             return Err(invalid("budget.fraction", "must be above 0 and at most 1"));
@@ -688,18 +755,7 @@ impl Config {
                 "must be at least 1 (leave it unset for none)",
             ));
         }
-        if self.fleet.name.is_empty()
-            || !self
-                .fleet
-                .name
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
-        {
-            return Err(invalid(
-                "fleet.name",
-                "use letters, digits, '-' and '.' only",
-            ));
-        }
+        crate::budget::check_fleet_name(&self.fleet.name).map_err(|r| invalid("fleet.name", r))?;
         for (key, d) in [
             ("budget.refresh_interval", self.budget.refresh_interval),
             ("query_wait_timeout", self.query_wait_timeout),
@@ -808,34 +864,25 @@ impl Config {
     /// `[budget]` user/password/dbname, else the first database there with usable credentials.
     pub fn control_settings(&self, host: &str, port: u16) -> Option<PoolSettings> {
         let b = &self.budget;
-        for (name, db) in self
-            .databases
-            .iter()
-            .filter(|(_, d)| d.host == host && d.port == port)
-        {
-            let user = match (&b.user, &db.user) {
-                (Some(u), _) | (None, Some(u)) => u.clone(),
-                (None, None) => self
-                    .users
-                    .iter()
-                    .find(|(_, u)| {
-                        db.password.is_some()
-                            || u.password.as_deref().is_some_and(is_plain_password)
-                    })
-                    .map(|(n, _)| n.clone())?,
-            };
-            let mut s = self.pool_settings(name, &user)?;
-            s.database = format!("budget control ({host}:{port})");
-            s.upstream_user = user;
-            if let Some(p) = &b.password {
-                s.upstream_password = Some(p.clone());
-            }
-            if let Some(d) = &b.dbname {
-                s.upstream_dbname = d.clone();
-            }
-            return Some(s);
+        let (name, db) = self.databases.iter().find(|(_, d)| d.host == host && d.port == port)?;
+        let user = match (&b.user, &db.user) {
+            (Some(u), _) | (None, Some(u)) => u.clone(),
+            (None, None) => self
+                .users
+                .iter()
+                .find(|(_, u)| db.password.is_some() || u.password.as_deref().is_some_and(is_plain_password))
+                .map(|(n, _)| n.clone())?,
+        };
+        let mut s = self.pool_settings(name, &user)?;
+        s.database = format!("budget control ({host}:{port})");
+        s.upstream_user = user;
+        if let Some(p) = &b.password {
+            s.upstream_password = Some(p.clone());
         }
-        None
+        if let Some(d) = &b.dbname {
+            s.upstream_dbname = d.clone();
+        }
+        Some(s)
     }
 }
 
@@ -970,6 +1017,31 @@ mod tests {
         );
         assert_eq!(s.upstream_password.as_deref(), Some("secret"));
         assert!(c.pool_settings("other", "app").is_none());
+    }
+
+    #[test]
+    fn admin_users_and_metrics() {
+        let c = Config::load_from(None, &[], &[("upstream", "postgres://app:pw@db/shop".into())])
+            .unwrap();
+        assert_eq!(c.admin_users, ["app"], "quick mode: the upstream user is the admin");
+        assert_eq!(c.metrics.listen, None);
+        assert_eq!(c.query_wait_notify, Duration::from_secs(5));
+        let c = Config::load_from(
+            None,
+            &[("PGSLUICE_METRICS__LISTEN".into(), "127.0.0.1:9127".into())],
+            &[
+                ("upstream", "postgres://app:pw@db/shop".into()),
+                ("admin_users", "".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9127"));
+        assert_eq!(c.admin_users, ["app"], "an empty list still gets the default");
+        let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
+        assert!(err(&format!("admin_users = [\"nobody\"]\n{MIN}")).starts_with("admin_users:"));
+        assert!(err(&format!("[metrics]\nlisten = \"9127\"\n{MIN}")).starts_with("metrics.listen:"));
+        assert!(err(&format!("[metrics]\nmax_applications = 0\n{MIN}"))
+            .starts_with("metrics.max_applications:"));
     }
 
     /// Every file in `config/` parses, so the examples cannot rot.

@@ -9,18 +9,26 @@
 //! - [`server`]: a connection to PostgreSQL (login, the proxy's own queries, cancel).
 //! - [`relay`]: one transaction between a client and a server (the hot path).
 //! - [`protocol`]: framing, startup packets, the few messages built or read whole.
+//! - [`prepared`]: named prepared statements under transaction pooling.
 //! - [`sql`]: statements that change session state, for transaction pooling.
 //! - [`cancel`]: CancelRequest routing.
 //! - [`config`]: the configuration file, environment and flags.
+//! - [`metrics`]: Prometheus metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`;
+//!   [`clients`]: the registry of connected clients; [`admin`]: the admin console.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod budget;
 pub mod cancel;
 pub mod client;
+pub mod clients;
 pub mod config;
+pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
 pub mod relay;
 pub mod server;

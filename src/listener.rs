@@ -34,6 +34,9 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
                 });
             }
             Err(_) => {
+                shared
+                    .metrics
+                    .error(crate::metrics::ErrorKind::TooManyClients);
                 tokio::spawn(refuse(stream, max));
             }
         }

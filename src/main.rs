@@ -64,6 +64,12 @@ struct Cli {
     /// Fixed budget: server connections this proxy may hold (instead of reading max_connections).
     #[arg(long)]
     budget_max_server_connections: Option<String>,
+    /// Serve /metrics, /healthz and /readyz over HTTP on this address, e.g. 127.0.0.1:9127.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Users allowed on the admin console, comma-separated (quick mode: the upstream user).
+    #[arg(long)]
+    admin_users: Option<String>,
 }
 
 impl Cli {
@@ -86,6 +92,8 @@ impl Cli {
                 "budget.max_server_connections",
                 &self.budget_max_server_connections,
             ),
+            ("metrics.listen", &self.metrics_listen),
+            ("admin_users", &self.admin_users),
         ];
         pairs
             .into_iter()
@@ -166,6 +174,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    if let Some(addr) = &config.metrics.listen {
+        // Fail at start, not later in the background: the endpoint binds it again at once.
+        drop(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on metrics.listen {addr}"))?,
+        );
+    }
     tracing::info!(listen = %listener.local_addr()?, databases = config.databases.len(), "pgsluice is ready");
     pgsluice::run(listener, config, shutdown_signal()).await;
     Ok(())

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::PoolSettings;
-use crate::protocol::frame::{self, Scanner};
+use crate::protocol::frame;
 use crate::protocol::messages::{self, CStrings, ErrorFields};
 use crate::protocol::{backend, TransactionStatus};
 
@@ -61,7 +61,9 @@ pub struct ServerConn {
     /// Bytes read from the server and not yet passed on; kept to reuse its allocation.
     pub buf: BytesMut,
     /// Where the relay stands in the server's message stream.
-    pub scanner: Scanner,
+    pub cursor: crate::relay::Cursor,
+    /// Named statements prepared on this connection (transaction mode).
+    pub statements: crate::prepared::ServerStatements,
     pub key: ServerKey,
     /// ParameterStatus values the server reported at login.
     pub reported: Vec<(String, String)>,
@@ -151,7 +153,8 @@ impl ServerConn {
         let mut conn = ServerConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
-            scanner: Scanner::default(),
+            cursor: Default::default(),
+            statements: Default::default(),
             key: ServerKey {
                 addr: peer,
                 pid: 0,
@@ -284,7 +287,7 @@ impl ServerConn {
         &mut self,
         sql: &str,
     ) -> Result<Vec<Vec<Option<String>>>, ServerError> {
-        debug_assert!(self.scanner.at_boundary() && self.buf.is_empty());
+        debug_assert!(self.cursor.at_boundary() && self.buf.is_empty());
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
         self.stream.write_all(&out).await?;

@@ -259,6 +259,48 @@ pub fn classify(
     }
 }
 
+/// A query text that drops prepared statements, when it is a single statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deallocate {
+    /// `DEALLOCATE [PREPARE] name`
+    Name(String),
+    /// `DEALLOCATE [PREPARE] ALL`
+    All,
+    /// `DISCARD ALL`
+    DiscardAll,
+}
+
+/// Recognises `DEALLOCATE name`, `DEALLOCATE ALL` and `DISCARD ALL` as a whole query text.
+pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
+    let mut lexer = Lexer { s: sql, i: 0 };
+    let mut toks = Vec::new();
+    while let Some(t) = lexer.next_token() {
+        if t != Token::Semi {
+            toks.push(t);
+        } else if lexer.next_token().is_some() {
+            return None; // more than one statement
+        }
+        if toks.len() > 3 {
+            return None;
+        }
+    }
+    let first = toks.first();
+    if is(first, "discard") && is(toks.get(1), "all") && toks.len() == 2 {
+        return Some(Deallocate::DiscardAll);
+    }
+    if !is(first, "deallocate") {
+        return None;
+    }
+    let rest = if is(toks.get(1), "prepare") { &toks[2..] } else { &toks[1..] };
+    match rest {
+        [t] if is(Some(t), "all") => Some(Deallocate::All),
+        // Statement names keep their case when quoted.
+        [Token::QuotedIdent(w)] => Some(Deallocate::Name(String::from_utf8_lossy(w).into_owned())),
+        [t] => name_of(Some(t)).map(Deallocate::Name),
+        _ => None,
+    }
+}
+
 fn name_of(t: Option<&Token>) -> Option<String> {
     match t {
         Some(Token::Word(w)) => Some(String::from_utf8_lossy(w).to_ascii_lowercase()),
@@ -497,6 +539,17 @@ mod tests {
             assert_eq!(run(q).0, None, "{q}");
         }
         assert_eq!(run("SELECT $1; LISTEN x").0, Some(Refusal::Listen));
+    }
+
+    #[test]
+    fn deallocate_forms() {
+        assert_eq!(deallocate(b"DEALLOCATE s1"), Some(Deallocate::Name("s1".into())));
+        assert_eq!(deallocate(b"deallocate prepare \"S1\";"), Some(Deallocate::Name("S1".into())));
+        assert_eq!(deallocate(b"DEALLOCATE ALL"), Some(Deallocate::All));
+        assert_eq!(deallocate(b"discard all"), Some(Deallocate::DiscardAll));
+        assert_eq!(deallocate(b"DEALLOCATE s1; SELECT 1"), None);
+        assert_eq!(deallocate(b"SELECT 1"), None);
+        assert_eq!(deallocate(b"DISCARD PLANS"), None);
     }
 
     #[test]

@@ -205,8 +205,8 @@ async fn session_state_is_refused_in_transaction_mode() {
     assert_eq!(scalar(&c, "SELECT count(*) FROM kept").await, "0");
     // The transaction-scoped forms work.
     c.batch_execute("BEGIN; SELECT pg_advisory_xact_lock(42); CREATE TEMP TABLE t2 (a int) ON COMMIT DROP; COMMIT").await.unwrap();
-    // Named protocol-level statements are refused cleanly: FATAL, connection closed.
-    let e = c.prepare("SELECT 1").await.unwrap_err();
+    // A refused statement through the extended protocol: FATAL, the connection closes.
+    let e = c.query_typed("LISTEN jobs", &[]).await.unwrap_err();
     assert_eq!(code(&e), "0A000");
     assert!(c.is_closed() || c.simple_query("SELECT 1").await.is_err());
     // Nothing leaked on the server.

@@ -20,10 +20,13 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// Reads the figures on an open control connection.
 pub async fn read_upstream(conn: &mut ServerConn, fleet: &str) -> Result<Upstream, ServerError> {
+    // A login without pg_read_all_stats sees other roles' backends with a NULL
+    // backend_type; a database id still tells a client backend from a background worker.
     let sql = format!(
         "SELECT current_setting('max_connections'), current_setting('superuser_reserved_connections'), \
          coalesce(current_setting('reserved_connections', true), '0'), \
-         (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'), \
+         (SELECT count(*) FROM pg_catalog.pg_stat_activity \
+          WHERE backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL)), \
          (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE {})",
         quote_literal(&fleet_like_pattern(fleet))
     );

@@ -17,6 +17,18 @@ use std::time::{Duration, SystemTime};
 /// `application_name` prefix of control connections: `pgsluice:fleet=NAME:member=ID`.
 pub const FLEET_APPLICATION_PREFIX: &str = "pgsluice:fleet=";
 
+/// Longest fleet name: `application_name` holds 63 bytes, and the prefix, `:member=` and a
+/// 16-digit member id take 39 of them.
+pub const MAX_FLEET_NAME: usize = 24;
+
+/// Checks a fleet name: 1 to 24 letters, digits, `-` and `.` (none of them special in `LIKE`).
+pub fn check_fleet_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_FLEET_NAME || !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.') {
+        return Err(format!("use 1 to {MAX_FLEET_NAME} letters, digits, '-' and '.'"));
+    }
+    Ok(())
+}
+
 /// The control connection's `application_name` for a fleet member.
 pub fn member_application_name(fleet: &str, member: &str) -> String {
     format!("{FLEET_APPLICATION_PREFIX}{fleet}:member={member}")

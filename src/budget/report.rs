@@ -323,18 +323,9 @@ fn resolve(args: &BudgetArgs) -> Result<(Option<Target>, Settings), String> {
     Ok((Some(target), defaults))
 }
 
-/// Fleet names as the configuration accepts them (`fleet.name`): letters, digits, `-`, `.`.
+/// Fleet names as the configuration accepts them (`fleet.name`).
 fn check_fleet_name(name: &str) -> Result<(), String> {
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
-    {
-        return Err(format!(
-            "--fleet {name:?}: use letters, digits, '-' and '.' only"
-        ));
-    }
-    Ok(())
+    super::check_fleet_name(name).map_err(|r| format!("--fleet {name:?}: {r}"))
 }
 
 /// Connects and reads the live figures; errors say where it tried.

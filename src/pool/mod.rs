@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 
 use crate::budget::Snapshot;
 use crate::config::{BudgetMode, Config, PoolSettings};
+use crate::prepared::KnownStatements;
 use crate::server::{ServerConn, ServerError};
 
 #[derive(Debug, Error)]
@@ -83,6 +84,8 @@ struct Pool {
     params: Option<Arc<Vec<(String, String)>>>,
     /// After a failed connect, the janitor leaves the pool alone until then.
     retry_after: Option<Instant>,
+    /// Named statements a server of this pool prepared successfully.
+    known: Arc<KnownStatements>,
 }
 
 /// The budget of one upstream server, shared by its pools.
@@ -329,6 +332,7 @@ impl Pools {
             waiters: VecDeque::new(),
             params: None,
             retry_after: None,
+            known: Arc::default(),
         });
         st.by_key.insert(key, id);
         Some(id)
@@ -340,6 +344,11 @@ impl Pools {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Named statements known to prepare in this pool (its database and user).
+    pub fn known_statements(&self, pool: PoolId) -> Arc<KnownStatements> {
+        self.lock().pools[pool].known.clone()
     }
 
     /// The ParameterStatus set clients of this pool are shown at login, once known.
@@ -749,7 +758,7 @@ impl Checkout {
     /// transaction, with nothing unread.
     pub fn release(mut self) {
         if let Some(server) = self.server.take() {
-            debug_assert!(server.buf.is_empty() && server.scanner.at_boundary());
+            debug_assert!(server.buf.is_empty() && server.cursor.at_boundary());
             self.pools.checkin(server);
         }
     }

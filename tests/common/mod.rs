@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;

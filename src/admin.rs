@@ -1,0 +1,1193 @@
+//! The admin console: the virtual databases `pgbouncer` and `pgsluice`, for the users in
+//! `admin_users`. It speaks the simple query protocol and answers PgBouncer's commands with
+//! PgBouncer's column names and order (1.25), so that exporters and dashboards written for
+//! PgBouncer work unchanged; see `docs/admin-console.md`.
+//!
+//! [`Console`] also holds the state the commands change: paused databases and shutdown.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::app::Shared;
+use crate::clients::ClientState;
+use crate::config::{Config, PoolMode};
+use crate::metrics::{clients_by_pool, ClientCounts, ServerCounts};
+use crate::protocol::messages::{self, ErrorFields, Severity};
+use crate::protocol::{frame, frontend, TransactionStatus};
+
+/// The names of the admin console's virtual databases.
+pub const CONSOLE_DATABASES: [&str; 2] = ["pgbouncer", "pgsluice"];
+
+/// The PgBouncer release whose admin output this console matches.
+pub const PGBOUNCER_COMPAT: &str = "1.25.0";
+
+/// Longest admin command accepted.
+const MAX_COMMAND: usize = 64 * 1024;
+
+pub fn is_console(database: &str) -> bool {
+    CONSOLE_DATABASES.contains(&database)
+}
+
+/// State changed by admin commands.
+#[derive(Debug, Default)]
+pub struct Console {
+    paused: Mutex<Paused>,
+    resumed: Notify,
+    draining: AtomicBool,
+    shutdown: AtomicBool,
+    shutdown_now: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Paused {
+    all: bool,
+    databases: HashSet<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Console {
+    pub fn is_paused(&self, database: &str) -> bool {
+        let p = lock(&self.paused);
+        p.all || p.databases.contains(database)
+    }
+
+    /// Waits until `database` is not paused. Cancel-safe.
+    pub async fn wait_resumed(&self, database: &str) {
+        loop {
+            let resumed = self.resumed.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if !self.is_paused(database) {
+                return;
+            }
+            resumed.await;
+        }
+    }
+
+    /// No new clients; `/readyz` says not ready. Set by `SHUTDOWN WAIT_FOR_CLIENTS`.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Asks [`crate::app::run`] to stop.
+    pub fn request_shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.shutdown_now.notify_waiters();
+    }
+
+    /// Completes when a shutdown was requested.
+    pub async fn shutdown_requested(&self) {
+        loop {
+            let n = self.shutdown_now.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.shutdown.load(Ordering::SeqCst) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// A result set being built: RowDescription, DataRows, CommandComplete.
+struct Table {
+    buf: BytesMut,
+    columns: usize,
+    rows: usize,
+}
+
+/// Column types (OIDs) the console uses.
+#[derive(Clone, Copy)]
+enum Ty {
+    Text,
+    Int,
+    Float,
+}
+
+impl Ty {
+    fn oid_len(self) -> (i32, i16) {
+        match self {
+            Ty::Text => (25, -1),
+            Ty::Int => (20, 8),
+            Ty::Float => (701, 8),
+        }
+    }
+}
+
+/// A cell value.
+enum V {
+    S(String),
+    I(i64),
+    F(f64),
+    Null,
+}
+
+impl From<&str> for V {
+    fn from(s: &str) -> V {
+        V::S(s.to_owned())
+    }
+}
+impl From<String> for V {
+    fn from(s: String) -> V {
+        V::S(s)
+    }
+}
+impl From<i64> for V {
+    fn from(n: i64) -> V {
+        V::I(n)
+    }
+}
+impl From<u32> for V {
+    fn from(n: u32) -> V {
+        V::I(n as i64)
+    }
+}
+impl From<u64> for V {
+    fn from(n: u64) -> V {
+        V::I(n.min(i64::MAX as u64) as i64)
+    }
+}
+impl From<usize> for V {
+    fn from(n: usize) -> V {
+        V::I(n as i64)
+    }
+}
+impl From<f64> for V {
+    fn from(n: f64) -> V {
+        V::F(n)
+    }
+}
+impl<T: Into<V>> From<Option<T>> for V {
+    fn from(o: Option<T>) -> V {
+        o.map(Into::into).unwrap_or(V::Null)
+    }
+}
+
+impl Table {
+    fn new(columns: &[(&str, Ty)]) -> Table {
+        let mut buf = BytesMut::new();
+        buf.put_u8(b'T');
+        let at = buf.len();
+        buf.put_i32(0);
+        buf.put_i16(columns.len() as i16);
+        for (name, ty) in columns {
+            let (oid, len) = ty.oid_len();
+            buf.put_slice(name.as_bytes());
+            buf.put_u8(0);
+            buf.put_i32(0);
+            buf.put_i16(0);
+            buf.put_i32(oid);
+            buf.put_i16(len);
+            buf.put_i32(-1);
+            buf.put_i16(0);
+        }
+        let n = (buf.len() - at) as i32;
+        buf[at..at + 4].copy_from_slice(&n.to_be_bytes());
+        Table {
+            buf,
+            columns: columns.len(),
+            rows: 0,
+        }
+    }
+
+    fn row(&mut self, values: Vec<V>) {
+        debug_assert_eq!(values.len(), self.columns);
+        let buf = &mut self.buf;
+        buf.put_u8(b'D');
+        let at = buf.len();
+        buf.put_i32(0);
+        buf.put_i16(values.len() as i16);
+        for v in values {
+            let text = match v {
+                V::S(s) => s,
+                V::I(n) => n.to_string(),
+                V::F(f) => format!("{f}"),
+                V::Null => {
+                    buf.put_i32(-1);
+                    continue;
+                }
+            };
+            buf.put_i32(text.len() as i32);
+            buf.put_slice(text.as_bytes());
+        }
+        let n = (buf.len() - at) as i32;
+        buf[at..at + 4].copy_from_slice(&n.to_be_bytes());
+        self.rows += 1;
+    }
+
+    fn finish(mut self, tag: &str) -> BytesMut {
+        command_complete(&mut self.buf, tag);
+        self.buf
+    }
+}
+
+fn command_complete(buf: &mut BytesMut, tag: &str) {
+    buf.put_u8(b'C');
+    buf.put_i32((tag.len() + 5) as i32);
+    buf.put_slice(tag.as_bytes());
+    buf.put_u8(0);
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC`, as PgBouncer shows times.
+pub fn format_time(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// An object address as PgBouncer's `ptr` and `link` columns show it: clients and servers
+/// get distinct ranges so that a client's `link` matches its server's `ptr`.
+pub fn client_ptr(id: u64) -> String {
+    format!("{:#x}", 0x7c00_0000_0000u64 + id)
+}
+
+pub fn server_ptr(id: u64) -> String {
+    format!("{:#x}", 0x5e00_0000_0000u64 + id)
+}
+
+fn pool_mode_str(m: PoolMode) -> &'static str {
+    match m {
+        PoolMode::Transaction => "transaction",
+        PoolMode::Session => "session",
+    }
+}
+
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}", s as u64)
+    } else {
+        format!("{s}")
+    }
+}
+
+/// A failed command: ERROR, then the console carries on.
+fn error(code: &str, msg: impl Into<String>) -> ErrorFields {
+    ErrorFields::new(Severity::Error, code, msg)
+}
+
+/// Serves an admin console session after login; the caller checked the user.
+pub async fn session(mut stream: TcpStream, shared: &Arc<Shared>, pid: i32, secret: i32) -> Result<(), String> {
+    let mut out = BytesMut::new();
+    messages::auth_ok(&mut out);
+    for (name, value) in [
+        ("application_name", ""),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO"),
+        ("integer_datetimes", "on"),
+        ("server_encoding", "UTF8"),
+        ("server_version", concat!(env!("CARGO_PKG_VERSION"), "/pgsluice")),
+        ("standard_conforming_strings", "on"),
+        ("TimeZone", "UTC"),
+    ] {
+        messages::parameter_status(&mut out, name, value);
+    }
+    messages::backend_key_data(&mut out, pid, secret);
+    messages::ready_for_query(&mut out, TransactionStatus::Idle);
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(1024);
+    // In the extended protocol, everything up to Sync is answered by one error.
+    let mut skipping = false;
+    loop {
+        let Some((tag, total)) = frame::header(&buf, MAX_COMMAND).map_err(|e| e.to_string())?
+        else {
+            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                return Ok(());
+            }
+            continue;
+        };
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                return Ok(());
+            }
+            continue;
+        }
+        let msg = buf.split_to(total);
+        let body = &msg[frame::HEADER_LEN..];
+        let mut out = BytesMut::new();
+        match tag {
+            frontend::TERMINATE => return Ok(()),
+            frontend::QUERY => {
+                let sql = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body));
+                match command(shared, sql.trim()).await {
+                    Ok(reply) => out.extend_from_slice(&reply),
+                    Err(e) => e.encode(&mut out),
+                }
+                messages::ready_for_query(&mut out, TransactionStatus::Idle);
+            }
+            frontend::SYNC => {
+                skipping = false;
+                messages::ready_for_query(&mut out, TransactionStatus::Idle);
+            }
+            frontend::FLUSH => {}
+            _ if skipping => {}
+            frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::CLOSE => {
+                skipping = true;
+                error("0A000", "the admin console supports only the simple query protocol")
+                    .with_hint("use psql, or a driver's simple query mode")
+                    .encode(&mut out);
+            }
+            other => {
+                let e = ErrorFields::new(
+                    Severity::Fatal,
+                    "08P01",
+                    format!("invalid frontend message type {other} ({:?}) on the admin console", other as char),
+                );
+                e.encode(&mut out);
+                let _ = stream.write_all(&out).await;
+                return Err(e.message);
+            }
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        }
+        if buf.capacity() > 64 * 1024 && buf.is_empty() {
+            buf = BytesMut::with_capacity(1024);
+        }
+    }
+}
+
+/// Runs one console command; the reply without ReadyForQuery.
+async fn command(shared: &Arc<Shared>, sql: &str) -> Result<BytesMut, ErrorFields> {
+    let text = sql.trim_end_matches(|c: char| c == ';' || c.is_whitespace());
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let lower: Vec<String> = words.iter().map(|w| w.to_ascii_lowercase()).collect();
+    let arg = |i: usize| words.get(i).map(|w| w.trim_matches('"'));
+    let invalid = || {
+        error("42601", format!("invalid command '{sql}', use SHOW HELP;"))
+    };
+    match lower.first().map(String::as_str) {
+        None => {
+            let mut out = BytesMut::new();
+            // An empty query: EmptyQueryResponse.
+            out.put_u8(b'I');
+            out.put_i32(4);
+            Ok(out)
+        }
+        Some("show") if words.len() == 2 => show(shared, &lower[1]),
+        Some("show") => Err(invalid()),
+        Some("pause") if words.len() <= 2 => pause(shared, arg(1)).await,
+        Some("resume") if words.len() <= 2 => resume(shared, arg(1)),
+        Some("shutdown") if words.len() == 1 => {
+            tracing::info!("SHUTDOWN command issued");
+            shared.console.request_shutdown();
+            let mut out = BytesMut::new();
+            command_complete(&mut out, "SHUTDOWN");
+            Ok(out)
+        }
+        Some("shutdown") if words.len() == 2 && lower[1] == "wait_for_clients" => {
+            tracing::info!("SHUTDOWN WAIT_FOR_CLIENTS command issued");
+            shared.console.begin_drain();
+            let s = shared.clone();
+            tokio::spawn(async move {
+                s.clients.wait_until_empty().await;
+                s.console.request_shutdown();
+            });
+            let mut out = BytesMut::new();
+            command_complete(&mut out, "SHUTDOWN");
+            Ok(out)
+        }
+        Some("shutdown") if words.len() == 2 && lower[1] == "wait_for_servers" => Err(error(
+            "0A000",
+            "SHUTDOWN WAIT_FOR_SERVERS is not supported yet",
+        )
+        .with_hint("use SHUTDOWN WAIT_FOR_CLIENTS, or PAUSE then SHUTDOWN")),
+        Some("reload") if words.len() == 1 => Err(error(
+            "0A000",
+            "RELOAD is not supported yet: pgsluice reads its configuration once, at start",
+        )
+        .with_hint("restart pgsluice to apply a configuration change")),
+        Some("set") => set(text),
+        Some(
+            "disable" | "enable" | "kill" | "kill_client" | "reconnect" | "suspend"
+            | "wait_close",
+        ) => Err(error(
+            "0A000",
+            format!("{} is not supported by pgsluice", words[0].to_ascii_uppercase()),
+        )),
+        _ => Err(invalid()),
+    }
+}
+
+/// Settings some drivers SET or SHOW at connect; PgBouncer fakes them, so do we.
+const FAKE_PARAMETERS: [(&str, &str); 6] = [
+    ("client_encoding", "UTF-8"),
+    ("default_transaction_isolation", "read committed"),
+    ("standard_conforming_strings", "on"),
+    ("datestyle", "ISO"),
+    ("timezone", "GMT"),
+    ("extra_float_digits", "2"),
+];
+
+fn set(text: &str) -> Result<BytesMut, ErrorFields> {
+    let rest = text[3..].trim();
+    let key = rest
+        .split(|c: char| c == '=' || c.is_whitespace())
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if FAKE_PARAMETERS.iter().any(|(k, _)| *k == key) {
+        let mut out = BytesMut::new();
+        ErrorFields {
+            severity: "NOTICE".into(),
+            code: "00000".into(),
+            message: "SET ignored".into(),
+            detail: None,
+            hint: None,
+        }
+        .encode_notice(&mut out);
+        command_complete(&mut out, "SET");
+        return Ok(out);
+    }
+    Err(error(
+        "0A000",
+        "SET is not supported by pgsluice: settings come from the configuration file",
+    ))
+}
+
+async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFields> {
+    let config = shared.pools.config();
+    {
+        let mut p = lock(&shared.console.paused);
+        if p.all {
+            return Err(error("55000", "already suspended/paused"));
+        }
+        match db {
+            None => {
+                tracing::info!("PAUSE command issued");
+                p.all = true;
+            }
+            Some(d) if is_console(d) => {
+                return Err(error("55000", format!("cannot pause admin db: {d}")))
+            }
+            Some(d) if !config.databases.contains_key(d) => {
+                return Err(error("3D000", format!("no such database: {d}")))
+            }
+            Some(d) => {
+                tracing::info!(database = d, "PAUSE command issued");
+                p.databases.insert(d.to_owned());
+            }
+        }
+    }
+    // Like PgBouncer, answer once every server of the paused databases is released.
+    loop {
+        let busy = shared
+            .clients
+            .all()
+            .iter()
+            .filter(|c| db.is_none_or(|d| c.database == d))
+            .any(|c| c.state() == ClientState::Active);
+        if !busy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = BytesMut::new();
+    command_complete(&mut out, "PAUSE");
+    Ok(out)
+}
+
+fn resume(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFields> {
+    {
+        let mut p = lock(&shared.console.paused);
+        match db {
+            None if shared.console.is_draining() => {
+                return Err(error("55000", "pooler is shutting down"))
+            }
+            None if !p.all && p.databases.is_empty() => {
+                return Err(error("55000", "pooler is not paused/suspended"))
+            }
+            None => {
+                tracing::info!("RESUME command issued");
+                p.all = false;
+                p.databases.clear();
+            }
+            Some(d) if !shared.pools.config().databases.contains_key(d) => {
+                return Err(error("3D000", format!("no such database: {d}")))
+            }
+            Some(d) if !p.databases.remove(d) => {
+                return Err(error("55000", format!("database {d} is not paused")))
+            }
+            Some(d) => tracing::info!(database = d, "RESUME command issued"),
+        }
+    }
+    shared.console.resumed.notify_waiters();
+    let mut out = BytesMut::new();
+    command_complete(&mut out, "RESUME");
+    Ok(out)
+}
+
+fn show(shared: &Arc<Shared>, what: &str) -> Result<BytesMut, ErrorFields> {
+    let t = match what {
+        "help" => return Ok(help()),
+        "pools" => show_pools(shared),
+        "stats" => show_stats(shared),
+        "clients" => show_clients(shared),
+        "servers" => show_servers(shared),
+        "databases" => show_databases(shared),
+        "users" => show_users(shared),
+        "lists" => show_lists(shared),
+        "config" => show_config(shared.pools.config()),
+        "version" => {
+            let mut t = Table::new(&[("version", Ty::Text)]);
+            t.row(vec![version().into()]);
+            t
+        }
+        "state" => {
+            let paused = lock(&shared.console.paused).all;
+            let mut t = Table::new(&[("key", Ty::Text), ("value", Ty::Text)]);
+            for (k, v) in [("active", !paused), ("paused", paused), ("suspended", false)] {
+                t.row(vec![k.into(), if v { "yes" } else { "no" }.into()]);
+            }
+            t
+        }
+        "applications" => show_applications(shared),
+        "budget" => show_budget(shared),
+        other => {
+            if let Some((name, value)) = FAKE_PARAMETERS.iter().find(|(k, _)| *k == other) {
+                let mut t = Table::new(&[(name, Ty::Text)]);
+                t.row(vec![(*value).into()]);
+                t
+            } else {
+                return Err(error(
+                    "42601",
+                    format!("invalid command 'SHOW {other}', use SHOW HELP;"),
+                ));
+            }
+        }
+    };
+    Ok(t.finish("SHOW"))
+}
+
+/// The version string: pgsluice's, and the PgBouncer release its console matches (tools
+/// that parse `PgBouncer X.Y.Z` find it).
+pub fn version() -> String {
+    format!(
+        "pgsluice {} (PgBouncer {PGBOUNCER_COMPAT} compatible)",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+fn help() -> BytesMut {
+    let mut out = BytesMut::new();
+    ErrorFields {
+        severity: "NOTICE".into(),
+        code: "00000".into(),
+        message: "Console usage".into(),
+        detail: Some(
+            "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n\
+             \tSHOW LISTS|STATE|STATS\n\
+             \tSHOW APPLICATIONS|BUDGET\n\
+             \tPAUSE [<db>]\n\
+             \tRESUME [<db>]\n\
+             \tSHUTDOWN\n\
+             \tSHUTDOWN WAIT_FOR_CLIENTS"
+                .into(),
+        ),
+        hint: None,
+    }
+    .encode_notice(&mut out);
+    command_complete(&mut out, "SHOW");
+    out
+}
+
+fn show_pools(shared: &Shared) -> Table {
+    use Ty::*;
+    let mut t = Table::new(&[
+        ("database", Text),
+        ("user", Text),
+        ("cl_active", Int),
+        ("cl_waiting", Int),
+        ("cl_active_cancel_req", Int),
+        ("cl_waiting_cancel_req", Int),
+        ("sv_active", Int),
+        ("sv_active_cancel", Int),
+        ("sv_being_canceled", Int),
+        ("sv_idle", Int),
+        ("sv_used", Int),
+        ("sv_tested", Int),
+        ("sv_login", Int),
+        ("maxwait", Int),
+        ("maxwait_us", Int),
+        ("pool_mode", Text),
+        ("load_balance_hosts", Text),
+    ]);
+    let by_pool = clients_by_pool(&shared.clients.all(), Instant::now());
+    for p in shared.pools.stats() {
+        let key = (p.database.clone(), p.user.clone());
+        let c = by_pool.get(&key).cloned().unwrap_or_default();
+        let sv = ServerCounts::of(&p, &c);
+        let mode = shared
+            .pools
+            .config()
+            .pool_settings(&p.database, &p.user)
+            .map(|s| pool_mode_str(s.mode));
+        t.row(vec![
+            p.database.clone().into(),
+            p.user.clone().into(),
+            (c.active + c.idle).into(),
+            c.waiting.into(),
+            0i64.into(),
+            0i64.into(),
+            (sv.active + sv.idle_in_transaction).into(),
+            0i64.into(),
+            0i64.into(),
+            sv.idle.into(),
+            0i64.into(),
+            sv.testing.into(),
+            sv.login.into(),
+            c.max_wait.as_secs().into(),
+            (c.max_wait.subsec_micros() as i64).into(),
+            mode.into(),
+            V::Null,
+        ]);
+    }
+    t
+}
+
+/// Totals per database, summed over its pools.
+#[derive(Default)]
+struct DbStats {
+    assignments: u64,
+    xacts: u64,
+    queries: u64,
+    received: u64,
+    sent: u64,
+    xact_us: f64,
+    idle_us: f64,
+    wait_us: f64,
+}
+
+fn show_stats(shared: &Shared) -> Table {
+    use Ty::*;
+    let mut t = Table::new(&[
+        ("database", Text),
+        ("total_server_assignment_count", Int),
+        ("total_xact_count", Int),
+        ("total_query_count", Int),
+        ("total_received", Int),
+        ("total_sent", Int),
+        ("total_xact_time", Int),
+        ("total_query_time", Int),
+        ("total_wait_time", Int),
+        ("total_client_parse_count", Int),
+        ("total_server_parse_count", Int),
+        ("total_bind_count", Int),
+        ("avg_server_assignment_count", Int),
+        ("avg_xact_count", Int),
+        ("avg_query_count", Int),
+        ("avg_recv", Int),
+        ("avg_sent", Int),
+        ("avg_xact_time", Int),
+        ("avg_query_time", Int),
+        ("avg_wait_time", Int),
+        ("avg_client_parse_count", Int),
+        ("avg_server_parse_count", Int),
+        ("avg_bind_count", Int),
+    ]);
+    let mut dbs: BTreeMap<String, DbStats> = shared
+        .pools
+        .config()
+        .databases
+        .keys()
+        .map(|d| (d.clone(), DbStats::default()))
+        .collect();
+    for p in shared.metrics.pool_handles() {
+        let d = dbs.entry(p.database.clone()).or_default();
+        d.assignments += p.server_assignments.get();
+        d.xacts += p.transactions.get();
+        d.queries += p.queries.get();
+        d.received += p.received.get();
+        d.sent += p.sent.get();
+        d.xact_us += p.transaction_duration.get_sample_sum() * 1e6;
+        d.idle_us += p.idle_in_transaction.get() * 1e6;
+        d.wait_us += p.client_wait.get_sample_sum() * 1e6;
+    }
+    let uptime = shared.started.elapsed().as_secs().max(1);
+    let per = |total: u64, n: u64| if n == 0 { 0 } else { total / n };
+    for (name, d) in dbs {
+        let query_us = (d.xact_us - d.idle_us).max(0.0) as u64;
+        let xact_us = d.xact_us as u64;
+        let wait_us = d.wait_us as u64;
+        t.row(vec![
+            name.into(),
+            d.assignments.into(),
+            d.xacts.into(),
+            d.queries.into(),
+            d.received.into(),
+            d.sent.into(),
+            xact_us.into(),
+            query_us.into(),
+            wait_us.into(),
+            0i64.into(),
+            0i64.into(),
+            0i64.into(),
+            (d.assignments / uptime).into(),
+            (d.xacts / uptime).into(),
+            (d.queries / uptime).into(),
+            (d.received / uptime).into(),
+            (d.sent / uptime).into(),
+            per(xact_us, d.xacts).into(),
+            per(query_us, d.queries).into(),
+            per(wait_us, d.assignments).into(),
+            0i64.into(),
+            0i64.into(),
+            0i64.into(),
+        ]);
+    }
+    t
+}
+
+const SOCKET_COLUMNS: [(&str, Ty); 21] = [
+    ("type", Ty::Text),
+    ("user", Ty::Text),
+    ("database", Ty::Text),
+    ("replication", Ty::Text),
+    ("state", Ty::Text),
+    ("addr", Ty::Text),
+    ("port", Ty::Int),
+    ("local_addr", Ty::Text),
+    ("local_port", Ty::Int),
+    ("connect_time", Ty::Text),
+    ("request_time", Ty::Text),
+    ("wait", Ty::Int),
+    ("wait_us", Ty::Int),
+    ("close_needed", Ty::Int),
+    ("ptr", Ty::Text),
+    ("link", Ty::Text),
+    ("remote_pid", Ty::Int),
+    ("tls", Ty::Text),
+    ("application_name", Ty::Text),
+    ("prepared_statements", Ty::Int),
+    ("id", Ty::Int),
+];
+
+fn addr_parts(a: Option<std::net::SocketAddr>) -> (V, V) {
+    match a {
+        Some(a) => (a.ip().to_string().into(), (a.port() as i64).into()),
+        None => (V::Null, V::Null),
+    }
+}
+
+fn show_clients(shared: &Shared) -> Table {
+    let mut t = Table::new(&SOCKET_COLUMNS);
+    let now = Instant::now();
+    for c in shared.clients.all() {
+        let (addr, port) = addr_parts(c.addr);
+        let (laddr, lport) = addr_parts(c.local);
+        let wait = c.waiting_for(now).unwrap_or_default();
+        let link = c.server().map(|s| server_ptr(s.id));
+        t.row(vec![
+            "C".into(),
+            c.user.clone().into(),
+            c.database.clone().into(),
+            "none".into(),
+            c.state().as_str().into(),
+            addr,
+            port,
+            laddr,
+            lport,
+            format_time(c.connect_time).into(),
+            c.request_time().map(format_time).into(),
+            wait.as_secs().into(),
+            (wait.subsec_micros() as i64).into(),
+            0i64.into(),
+            client_ptr(c.id).into(),
+            link.unwrap_or_default().into(),
+            0i64.into(),
+            "".into(),
+            c.app().name.into(),
+            0i64.into(),
+            c.id.into(),
+        ]);
+    }
+    t
+}
+
+fn show_servers(shared: &Shared) -> Table {
+    let mut t = Table::new(&SOCKET_COLUMNS);
+    let config = shared.pools.config();
+    for c in shared.clients.all() {
+        let Some(s) = c.server() else { continue };
+        let (addr, port) = addr_parts(Some(s.addr));
+        let (laddr, lport) = addr_parts(s.local);
+        let user = config
+            .pool_settings(&c.database, &c.user)
+            .map(|p| p.upstream_user)
+            .unwrap_or_else(|| c.user.clone());
+        t.row(vec![
+            "S".into(),
+            user.into(),
+            c.database.clone().into(),
+            "none".into(),
+            "active".into(),
+            addr,
+            port,
+            laddr,
+            lport,
+            format_time(s.connect_time).into(),
+            c.request_time().map(format_time).into(),
+            0i64.into(),
+            0i64.into(),
+            0i64.into(),
+            server_ptr(s.id).into(),
+            client_ptr(c.id).into(),
+            (s.pid as i64).into(),
+            "".into(),
+            c.app().name.into(),
+            0i64.into(),
+            s.id.into(),
+        ]);
+    }
+    t
+}
+
+fn show_databases(shared: &Shared) -> Table {
+    use Ty::*;
+    let config = shared.pools.config();
+    let mut t = Table::new(&[
+        ("name", Text),
+        ("host", Text),
+        ("port", Int),
+        ("database", Text),
+        ("force_user", Text),
+        ("pool_size", Int),
+        ("min_pool_size", Int),
+        ("reserve_pool_size", Int),
+        ("server_lifetime", Int),
+        ("pool_mode", Text),
+        ("load_balance_hosts", Text),
+        ("max_connections", Int),
+        ("current_connections", Int),
+        ("max_client_connections", Int),
+        ("current_client_connections", Int),
+        ("paused", Int),
+        ("disabled", Int),
+    ]);
+    let stats = shared.pools.stats();
+    let clients = shared.clients.all();
+    for (name, db) in &config.databases {
+        let open: u32 = stats
+            .iter()
+            .filter(|p| &p.database == name)
+            .map(|p| p.open)
+            .sum();
+        let n_clients = clients.iter().filter(|c| &c.database == name).count();
+        t.row(vec![
+            name.clone().into(),
+            db.host.clone().into(),
+            (db.port as i64).into(),
+            db.dbname.clone().unwrap_or_else(|| name.clone()).into(),
+            db.user.clone().into(),
+            db.pool_size.unwrap_or(config.pool_size).into(),
+            db.min_pool_size.unwrap_or(config.min_pool_size).into(),
+            0i64.into(),
+            config.server_lifetime.as_secs().into(),
+            db.pool_mode.map(pool_mode_str).into(),
+            V::Null,
+            0i64.into(),
+            open.into(),
+            0i64.into(),
+            n_clients.into(),
+            i64::from(shared.console.is_paused(name)).into(),
+            0i64.into(),
+        ]);
+    }
+    t
+}
+
+fn show_users(shared: &Shared) -> Table {
+    use Ty::*;
+    let config = shared.pools.config();
+    let mut t = Table::new(&[
+        ("name", Text),
+        ("pool_size", Text),
+        ("reserve_pool_size", Text),
+        ("pool_mode", Text),
+        ("max_user_connections", Int),
+        ("current_connections", Int),
+        ("max_user_client_connections", Int),
+        ("current_client_connections", Int),
+    ]);
+    let stats = shared.pools.stats();
+    let clients = shared.clients.all();
+    for (name, u) in &config.users {
+        let open: u32 = stats.iter().filter(|p| &p.user == name).map(|p| p.open).sum();
+        let n_clients = clients.iter().filter(|c| &c.user == name).count();
+        t.row(vec![
+            name.clone().into(),
+            u.pool_size.map(|n| n.to_string()).unwrap_or_default().into(),
+            "".into(),
+            u.pool_mode.map(pool_mode_str).into(),
+            0i64.into(),
+            open.into(),
+            0i64.into(),
+            n_clients.into(),
+        ]);
+    }
+    t
+}
+
+fn show_lists(shared: &Shared) -> Table {
+    let config = shared.pools.config();
+    let stats = shared.pools.stats();
+    let open: u32 = stats.iter().map(|p| p.open).sum();
+    let mut t = Table::new(&[("list", Ty::Text), ("items", Ty::Int)]);
+    for (name, n) in [
+        ("databases", config.databases.len()),
+        ("users", config.users.len()),
+        ("peers", 0),
+        ("pools", stats.len()),
+        ("peer_pools", 0),
+        ("free_clients", 0),
+        ("used_clients", shared.clients.len()),
+        ("login_clients", shared.clients.login_count() as usize),
+        ("free_servers", 0),
+        ("used_servers", open as usize),
+        ("dns_names", 0),
+        ("dns_zones", 0),
+        ("dns_queries", 0),
+        ("dns_pending", 0),
+    ] {
+        t.row(vec![name.into(), n.into()]);
+    }
+    t
+}
+
+/// `(key, value, default)` of the settings SHOW CONFIG lists. Durations in seconds, as
+/// PgBouncer shows them.
+pub fn config_rows(c: &Config) -> Vec<(&'static str, String, &'static str)> {
+    let list = |v: &[String]| v.join(",");
+    vec![
+        ("listen", c.listen.clone(), "127.0.0.1:6432"),
+        ("pool_mode", pool_mode_str(c.pool_mode).into(), "transaction"),
+        ("pool_size", c.pool_size.to_string(), "20"),
+        ("min_pool_size", c.min_pool_size.to_string(), "0"),
+        ("max_client_conn", c.max_client_conn.to_string(), "10000"),
+        ("query_wait_timeout", secs(c.query_wait_timeout), "120"),
+        ("query_wait_notify", secs(c.query_wait_notify), "5"),
+        ("client_login_timeout", secs(c.client_login_timeout), "60"),
+        ("server_connect_timeout", secs(c.server_connect_timeout), "15"),
+        ("server_idle_timeout", secs(c.server_idle_timeout), "600"),
+        ("server_lifetime", secs(c.server_lifetime), "3600"),
+        ("server_cleanup_timeout", secs(c.server_cleanup_timeout), "5"),
+        ("server_reset_query", c.server_reset_query.clone(), "DISCARD ALL"),
+        (
+            "auth_type",
+            match c.auth_type {
+                crate::config::AuthType::ScramSha256 => "scram-sha-256",
+                crate::config::AuthType::Md5 => "md5",
+                crate::config::AuthType::Trust => "trust",
+            }
+            .into(),
+            "scram-sha-256",
+        ),
+        ("max_query_size", c.max_query_size.to_string(), "33554432"),
+        ("ignore_startup_parameters", list(&c.ignore_startup_parameters), ""),
+        ("track_extra_parameters", list(&c.track_extra_parameters), ""),
+        (
+            "log_format",
+            match c.log_format {
+                crate::config::LogFormat::Text => "text",
+                crate::config::LogFormat::Json => "json",
+            }
+            .into(),
+            "text",
+        ),
+        ("admin_users", list(&c.admin_users), ""),
+        (
+            "metrics.listen",
+            c.metrics.listen.clone().unwrap_or_default(),
+            "",
+        ),
+        (
+            "metrics.max_applications",
+            c.metrics.max_applications.to_string(),
+            "100",
+        ),
+    ]
+}
+
+fn show_config(c: &Config) -> Table {
+    let mut t = Table::new(&[
+        ("key", Ty::Text),
+        ("value", Ty::Text),
+        ("default", Ty::Text),
+        ("changeable", Ty::Text),
+    ]);
+    for (k, v, d) in config_rows(c) {
+        t.row(vec![k.into(), v.into(), d.into(), "no".into()]);
+    }
+    t
+}
+
+fn show_applications(shared: &Shared) -> Table {
+    use Ty::*;
+    let mut t = Table::new(&[
+        ("database", Text),
+        ("user", Text),
+        ("application", Text),
+        ("cl_active", Int),
+        ("cl_waiting", Int),
+        ("cl_idle", Int),
+        ("sv_idle_in_transaction", Int),
+        ("max_idle_in_transaction", Float),
+        ("total_idle_in_transaction", Float),
+        ("total_wait_time", Float),
+        ("checkout_timeouts", Int),
+    ]);
+    let now = Instant::now();
+    let mut by_app: BTreeMap<(String, String, String), (ClientCounts, Duration)> =
+        BTreeMap::new();
+    for c in shared.clients.all() {
+        let a = c.app().metrics;
+        let e = by_app
+            .entry((a.database.clone(), a.user.clone(), a.label.clone()))
+            .or_default();
+        match c.state() {
+            ClientState::Active => e.0.active += 1,
+            ClientState::Waiting => e.0.waiting += 1,
+            ClientState::Idle => e.0.idle += 1,
+        }
+        if let Some(d) = c.idle_in_transaction_for(now) {
+            e.0.idle_in_transaction += 1;
+            e.1 = e.1.max(d);
+        }
+    }
+    for a in shared.metrics.apps() {
+        let (c, max) = by_app
+            .remove(&(a.database.clone(), a.user.clone(), a.label.clone()))
+            .unwrap_or_default();
+        t.row(vec![
+            a.database.clone().into(),
+            a.user.clone().into(),
+            a.label.clone().into(),
+            c.active.into(),
+            c.waiting.into(),
+            c.idle.into(),
+            c.idle_in_transaction.into(),
+            max.as_secs_f64().into(),
+            a.idle_in_transaction.get().into(),
+            a.wait.get_sample_sum().into(),
+            a.checkout_timeouts.get().into(),
+        ]);
+    }
+    t
+}
+
+fn show_budget(shared: &Shared) -> Table {
+    use Ty::*;
+    let mut t = Table::new(&[
+        ("upstream", Text),
+        ("mode", Text),
+        ("limit", Int),
+        ("share", Int),
+        ("fleet_budget", Int),
+        ("max_connections", Int),
+        ("superuser_reserved_connections", Int),
+        ("reserved_connections", Int),
+        ("connections", Int),
+        ("members", Int),
+        ("in_use", Int),
+        ("last_refresh", Text),
+        ("last_error", Text),
+        ("refresh_errors", Int),
+        ("refresh_interval", Float),
+    ]);
+    for (upstream, s) in shared.pools.budget_snapshots() {
+        t.row(vec![
+            upstream.into(),
+            s.mode.into(),
+            s.limit.into(),
+            s.share.into(),
+            s.fleet_budget.into(),
+            s.upstream.max_connections.into(),
+            s.upstream.superuser_reserved_connections.into(),
+            s.upstream.reserved_connections.into(),
+            s.upstream.connections.into(),
+            s.upstream.members.into(),
+            s.in_use.into(),
+            s.last_refresh.map(format_time).into(),
+            s.last_error.into(),
+            s.refresh_errors.into(),
+            s.refresh_interval.as_secs_f64().into(),
+        ]);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_look_like_pgbouncer_s() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(format_time(t), "2023-11-14 22:13:20 UTC");
+        assert_eq!(format_time(SystemTime::UNIX_EPOCH), "1970-01-01 00:00:00 UTC");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(format_time(leap), "2000-02-29 00:00:00 UTC");
+    }
+
+    #[test]
+    fn config_defaults_are_the_real_defaults() {
+        let c = Config::from_toml("upstream = \"postgres://u:p@h/d\"\nlisten = \"127.0.0.1:6432\"\n")
+            .unwrap();
+        for (k, v, d) in config_rows(&c) {
+            if k == "admin_users" {
+                assert_eq!(v, "u", "quick mode makes the upstream user an admin");
+                continue;
+            }
+            assert_eq!(v, d, "{k}: SHOW CONFIG's default column is stale");
+        }
+    }
+
+    #[test]
+    fn table_encoding() {
+        let mut t = Table::new(&[("a", Ty::Text), ("b", Ty::Int)]);
+        t.row(vec!["x".into(), V::Null]);
+        let b = t.finish("SHOW");
+        assert_eq!(b[0], b'T');
+        let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        assert_eq!(b[1 + len], b'D');
+        assert!(b.ends_with(b"C\0\0\0\x09SHOW\0"));
+    }
+}

@@ -1,0 +1,346 @@
+//! The connected clients, for `SHOW CLIENTS`, `SHOW SERVERS`, the client gauges and the
+//! per-application figures.
+//!
+//! Each logged-in client has one [`Client`] entry. Its session writes the entry's state
+//! with plain atomic stores, once per transaction (waiting, active, idle) and, inside the
+//! relay, at the start and end of each stretch in which its server sits idle inside an open
+//! transaction. Readers (a scrape, the admin console) walk the registry under its lock,
+//! which no client path takes after login.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::metrics::AppMetrics;
+use crate::pool::PoolId;
+
+/// Where a client stands (PgBouncer's client states, plus `idle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// Logged in, holding no server, nothing asked.
+    Idle = 0,
+    /// Sent a request and waits for a server.
+    Waiting = 1,
+    /// Holds a server.
+    Active = 2,
+}
+
+impl ClientState {
+    pub const ALL: [ClientState; 3] = [ClientState::Active, ClientState::Waiting, ClientState::Idle];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Idle => "idle",
+            ClientState::Waiting => "waiting",
+            ClientState::Active => "active",
+        }
+    }
+
+    fn from_u8(v: u8) -> ClientState {
+        match v {
+            1 => ClientState::Waiting,
+            2 => ClientState::Active,
+            _ => ClientState::Idle,
+        }
+    }
+}
+
+/// The server a client holds, as far as `SHOW SERVERS` shows it.
+#[derive(Debug, Clone)]
+pub struct ServerLink {
+    pub id: u64,
+    /// The PostgreSQL server's address.
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    /// The backend's process id (from its BackendKeyData).
+    pub pid: i32,
+    pub connect_time: SystemTime,
+}
+
+/// The application a client belongs to: its `application_name` and the metric handles of
+/// the (bounded) label it was given.
+#[derive(Debug, Clone)]
+pub struct AppSlot {
+    pub name: String,
+    pub metrics: Arc<AppMetrics>,
+}
+
+/// One logged-in client.
+#[derive(Debug)]
+pub struct Client {
+    pub id: u64,
+    pub pool: PoolId,
+    pub database: String,
+    pub user: String,
+    pub addr: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub connect_time: SystemTime,
+    /// The process id in the BackendKeyData pgsluice gave the client.
+    pub pid: i32,
+    /// Time origin of the microsecond stamps below (the registry's).
+    base: Instant,
+    state: AtomicU8,
+    /// When the current wait began (µs since `base`, plus 1); 0 when not waiting.
+    wait_began: AtomicU64,
+    /// Latest request, µs since the Unix epoch.
+    request_time: AtomicU64,
+    /// When the server this client holds last became idle inside an open transaction
+    /// (µs since `base`, plus 1); 0 when it is not idle in a transaction.
+    idle_began: AtomicU64,
+    /// Up to when that idle stretch has been added to the application's counter (same
+    /// unit); moved forward by scrapes, taken by the relay when the stretch ends.
+    idle_counted: AtomicU64,
+    app: Mutex<AppSlot>,
+    server: Mutex<Option<ServerLink>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unix_micros(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+impl Client {
+    /// A stamp for the atomics above: µs since `base`, plus 1 (so that 0 means none).
+    #[inline]
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_micros() as u64 + 1
+    }
+
+    fn since(&self, stamp: u64, now: Instant) -> Duration {
+        let now = self.stamp(now);
+        Duration::from_micros(now.saturating_sub(stamp))
+    }
+
+    pub fn state(&self) -> ClientState {
+        ClientState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// The client sent a request and waits for a server from `since`.
+    pub fn set_waiting(&self, since: Instant) {
+        self.request_time
+            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+        self.wait_began.store(self.stamp(since), Ordering::Relaxed);
+        self.state
+            .store(ClientState::Waiting as u8, Ordering::Relaxed);
+    }
+
+    /// The client got `server`.
+    pub fn set_active(&self, server: ServerLink) {
+        *lock(&self.server) = Some(server);
+        self.wait_began.store(0, Ordering::Relaxed);
+        self.state.store(ClientState::Active as u8, Ordering::Relaxed);
+    }
+
+    /// The client holds no server and waits for nothing.
+    pub fn set_idle(&self) {
+        self.wait_began.store(0, Ordering::Relaxed);
+        self.idle_began.store(0, Ordering::Relaxed);
+        self.state.store(ClientState::Idle as u8, Ordering::Relaxed);
+        *lock(&self.server) = None;
+    }
+
+    /// How long the client has been waiting for a server, if it is.
+    pub fn waiting_for(&self, now: Instant) -> Option<Duration> {
+        match self.wait_began.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(self.since(s, now)),
+        }
+    }
+
+    pub fn request_time(&self) -> Option<SystemTime> {
+        match self.request_time.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(SystemTime::UNIX_EPOCH + Duration::from_micros(us)),
+        }
+    }
+
+    pub fn server(&self) -> Option<ServerLink> {
+        lock(&self.server).clone()
+    }
+
+    pub fn app(&self) -> AppSlot {
+        lock(&self.app).clone()
+    }
+
+    pub fn set_app(&self, slot: AppSlot) {
+        *lock(&self.app) = slot;
+    }
+
+    /// The server became idle inside an open transaction at `at` (from the relay).
+    #[inline]
+    pub fn idle_in_transaction_began(&self, at: Instant) {
+        let s = self.stamp(at);
+        self.idle_counted.store(s, Ordering::Relaxed);
+        self.idle_began.store(s, Ordering::Relaxed);
+    }
+
+    /// The idle stretch ended at `at`; returns the part of it not yet added to the
+    /// application's counter by a scrape.
+    #[inline]
+    pub fn idle_in_transaction_ended(&self, at: Instant) -> Duration {
+        self.idle_began.store(0, Ordering::Relaxed);
+        match self.idle_counted.swap(0, Ordering::AcqRel) {
+            0 => Duration::ZERO,
+            s => self.since(s, at),
+        }
+    }
+
+    /// How long the server has been idle inside the current transaction, if it is.
+    pub fn idle_in_transaction_for(&self, now: Instant) -> Option<Duration> {
+        match self.idle_began.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(self.since(s, now)),
+        }
+    }
+
+    /// For a scrape: takes the uncounted part of the current idle stretch up to `now`, so
+    /// the application's counter grows while a transaction hoards its server.
+    pub fn take_idle_in_transaction(&self, now: Instant) -> Duration {
+        let s = self.idle_counted.load(Ordering::Acquire);
+        if s == 0 {
+            return Duration::ZERO;
+        }
+        let n = self.stamp(now).max(s);
+        match self
+            .idle_counted
+            .compare_exchange(s, n, Ordering::AcqRel, Ordering::Relaxed)
+        {
+            Ok(_) => Duration::from_micros(n - s),
+            // The stretch ended meanwhile; the relay counted it.
+            Err(_) => Duration::ZERO,
+        }
+    }
+}
+
+/// Everyone connected.
+#[derive(Debug)]
+pub struct Clients {
+    base: Instant,
+    next_id: AtomicU64,
+    map: Mutex<BTreeMap<u64, Arc<Client>>>,
+    /// Connections that have not finished logging in.
+    logging_in: AtomicU32,
+    /// Woken whenever a client leaves (for draining).
+    left: tokio::sync::Notify,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients {
+            base: Instant::now(),
+            next_id: AtomicU64::new(1),
+            map: Mutex::new(BTreeMap::new()),
+            logging_in: AtomicU32::new(0),
+            left: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// A new client's details, for [`Clients::register`].
+#[derive(Debug)]
+pub struct NewClient {
+    pub pool: PoolId,
+    pub database: String,
+    pub user: String,
+    pub addr: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub pid: i32,
+    pub app: AppSlot,
+}
+
+/// A client's place in the registry; dropping it removes the client.
+#[derive(Debug)]
+pub struct Registration {
+    clients: Arc<Clients>,
+    pub client: Arc<Client>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.clients.map).remove(&self.client.id);
+        self.clients.left.notify_waiters();
+    }
+}
+
+/// A connection still logging in; dropping it ends the count.
+#[derive(Debug)]
+pub struct LoginGuard(Arc<Clients>);
+
+impl Drop for LoginGuard {
+    fn drop(&mut self) {
+        self.0.logging_in.fetch_sub(1, Ordering::Relaxed);
+        self.0.left.notify_waiters();
+    }
+}
+
+impl Clients {
+    pub fn register(self: &Arc<Self>, c: NewClient) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let client = Arc::new(Client {
+            id,
+            pool: c.pool,
+            database: c.database,
+            user: c.user,
+            addr: c.addr,
+            local: c.local,
+            connect_time: SystemTime::now(),
+            pid: c.pid,
+            base: self.base,
+            state: AtomicU8::new(ClientState::Idle as u8),
+            wait_began: AtomicU64::new(0),
+            request_time: AtomicU64::new(0),
+            idle_began: AtomicU64::new(0),
+            idle_counted: AtomicU64::new(0),
+            app: Mutex::new(c.app),
+            server: Mutex::new(None),
+        });
+        lock(&self.map).insert(id, client.clone());
+        Registration {
+            clients: self.clone(),
+            client,
+        }
+    }
+
+    /// Counts a connection as logging in until the guard drops.
+    pub fn logging_in(self: &Arc<Self>) -> LoginGuard {
+        self.logging_in.fetch_add(1, Ordering::Relaxed);
+        LoginGuard(self.clone())
+    }
+
+    pub fn login_count(&self) -> u32 {
+        self.logging_in.load(Ordering::Relaxed)
+    }
+
+    /// Every logged-in client, oldest first.
+    pub fn all(&self) -> Vec<Arc<Client>> {
+        lock(&self.map).values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until no client is connected or logging in.
+    pub async fn wait_until_empty(&self) {
+        loop {
+            let left = self.left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            if self.is_empty() && self.login_count() == 0 {
+                return;
+            }
+            left.await;
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The HTTP endpoint on `metrics.listen`: `/metrics` (Prometheus text format), `/healthz`
+//! (the process runs) and `/readyz` (clients can be served: not draining, and every
+//! upstream server answers). HTTP/1.1 only, a few connections at a time.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::app::Shared;
+
+/// HTTP connections served at once; more wait for a slot.
+const MAX_CONNECTIONS: usize = 16;
+/// How long a request's headers may take to arrive.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an upstream probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a probe result is reused, so that frequent `/readyz` calls cost little.
+const PROBE_CACHE: Duration = Duration::from_secs(1);
+
+/// Serves `metrics.listen` until dropped; completes only if the address cannot be bound
+/// (after logging why). Pending forever when `metrics.listen` is not set.
+pub async fn run(shared: Arc<Shared>) {
+    let Some(addr) = shared.pools.config().metrics.listen.clone() else {
+        return std::future::pending().await;
+    };
+    let listener = match TcpListener::bind(&addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen on metrics.listen {addr}");
+            return;
+        }
+    };
+    tracing::info!(listen = %addr, "serving /metrics, /healthz and /readyz");
+    serve(listener, shared).await
+}
+
+/// Serves HTTP on `listener` forever.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let health = Arc::new(Health::default());
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                let health = health.clone();
+                async move { Ok::<_, Infallible>(route(&shared, &health, req).await) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("a valid response")
+}
+
+async fn route(shared: &Arc<Shared>, health: &Health, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let shared = shared.clone();
+            // Scraping walks every client; keep it off the async worker threads' hot loop.
+            let body = tokio::task::spawn_blocking(move || crate::metrics::scrape(&shared))
+                .await
+                .unwrap_or_default();
+            reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
+        }
+        "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
+        "/readyz" => match health.ready(shared).await {
+            Ok(()) => reply(StatusCode::OK, TEXT, "ready\n"),
+            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready: {why}\n")),
+        },
+        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found: try /metrics, /healthz or /readyz\n"),
+    }
+}
+
+/// The readiness check, with its last upstream probe.
+#[derive(Debug, Default)]
+struct Health {
+    last: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl Health {
+    async fn ready(&self, shared: &Shared) -> Result<(), String> {
+        if shared.console.is_draining() {
+            return Err("draining (shutting down)".into());
+        }
+        if let Some((at, r)) = self.last.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            if at.elapsed() < PROBE_CACHE {
+                return r.clone();
+            }
+        }
+        let upstreams: BTreeSet<(String, u16)> = shared
+            .pools
+            .config()
+            .databases
+            .values()
+            .map(|d| (d.host.clone(), d.port))
+            .collect();
+        let mut result = Ok(());
+        for (host, port) in upstreams {
+            if let Err(e) = probe(&host, port).await {
+                result = Err(format!("upstream {host}:{port} does not answer: {e}"));
+                break;
+            }
+        }
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), result.clone()));
+        result
+    }
+}
+
+/// Asks a PostgreSQL server whether it takes SSL: any one-byte answer means it is up and
+/// accepting connections. Closing right after costs the server no log line.
+async fn probe(host: &str, port: u16) -> Result<(), String> {
+    let attempt = async {
+        let mut s = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| e.to_string())?;
+        // SSLRequest: length 8, code 80877103.
+        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut b = [0u8; 1];
+        match s.read(&mut b).await {
+            Ok(1) if b[0] == b'N' || b[0] == b'S' => Ok(()),
+            Ok(0) => Err("connection closed".to_string()),
+            Ok(_) => Err(format!("unexpected answer {:?}", b[0] as char)),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, attempt)
+        .await
+        .map_err(|_| format!("no answer within {PROBE_TIMEOUT:?}"))?
+}

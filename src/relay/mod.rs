@@ -1,0 +1,272 @@
+//! One transaction (or, in session mode, one session) between a client and a server.
+//!
+//! Bytes move in bulk: whatever a read returns is scanned by header and written on as one
+//! piece. The proxy reads only tags and lengths, ReadyForQuery's status byte and small
+//! ErrorResponses; on the client side Query and Parse are held whole to check their text
+//! ([`crate::sql`]), and under transaction pooling the few messages that name a prepared
+//! statement are rewritten ([`crate::prepared`]).
+//!
+//! - [`requests`]: client → server, what each message is owed.
+//! - [`replies`]: server → client, matching replies to what is owed.
+//!
+//! A transaction is over when every reply owed has come, no extended-protocol message waits
+//! for its Sync, no COPY is open, and the server reports status Idle. Only then may the
+//! server serve another client.
+
+mod replies;
+mod requests;
+
+use std::collections::VecDeque;
+
+use bytes::Buf;
+
+use crate::metrics::TxnCounts;
+use crate::protocol::frame::FrameError;
+use crate::protocol::messages::{quote_literal, ErrorFields, Severity};
+use crate::protocol::{backend, frontend, TransactionStatus};
+use crate::server::ServerConn;
+use crate::sql::{Refusal, SessionEffects};
+use replies::Owed;
+pub use replies::Cursor;
+pub use requests::{ClientConn, Peek};
+
+/// Most unsent bytes held per direction before reading that side pauses.
+pub const HIGH_WATER: usize = 256 * 1024;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 32 * 1024;
+/// Largest non-Query message the proxy holds whole before checking a server out.
+const MAX_HELD_MESSAGE: usize = 1 << 20;
+/// Messages may not claim more than PostgreSQL's own limit (1 GB).
+const MAX_MESSAGE: usize = 0x3fff_ffff;
+
+/// Prepared-statement figures of one transaction, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatementStats {
+    /// Named Parse messages from the client.
+    pub client_parses: u32,
+    /// Parse messages sent to the server (the client's or the proxy's).
+    pub server_parses: u32,
+    /// Client Parses answered by the proxy because the server had the statement.
+    pub parse_hits: u32,
+    /// Statements closed on the server to stay within `max_prepared_statements`.
+    pub evictions: u32,
+}
+
+/// Where one transaction stands.
+#[derive(Debug)]
+pub struct Txn {
+    /// Replies the server owes the client, in order.
+    owed: VecDeque<Owed>,
+    /// Extended-protocol messages were sent after the last Sync.
+    unsynced: bool,
+    /// The server waits for COPY data.
+    copy_in: bool,
+    /// An extended-protocol message failed: the server skips to the next Sync.
+    errored: bool,
+    status: TransactionStatus,
+    forwarded: bool,
+    transaction_mode: bool,
+    /// Something the server said means it must not be reused.
+    pub server_in_doubt: bool,
+    /// Session state the transaction's statements may have changed.
+    pub effects: SessionEffects,
+    /// Queries, bytes and idle time, in plain integers; published once per transaction.
+    pub counts: TxnCounts,
+    pub stats: StatementStats,
+}
+
+/// What the server's state is when a client goes away mid-transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftover {
+    /// Idle and clean: reusable as is.
+    Clean,
+    /// In an open (or failed) transaction, or waiting for Sync, with nothing running:
+    /// a Sync and ROLLBACK make it clean.
+    IdleInTransaction { unsynced: bool },
+    /// A query or COPY runs, or a message was cut in half: cancel and close.
+    Busy,
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The transaction is over and the server is clean.
+    Done,
+    /// The client left (Terminate or a closed socket).
+    ClientGone(Leftover),
+    /// The client must be told this error and closed.
+    ClientError(ErrorFields, Leftover),
+    /// The server connection broke; the client must be told and closed.
+    ServerGone(String),
+}
+
+fn violation(msg: impl Into<String>) -> ErrorFields {
+    ErrorFields::new(Severity::Fatal, "08P01", msg)
+}
+
+fn frame_violation(e: FrameError) -> ErrorFields {
+    violation(e.to_string())
+}
+
+/// SQL that makes the server raise a refusal as its own error.
+pub fn raise_sql(r: Refusal) -> String {
+    format!(
+        "DO $pgsluice$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {}, HINT = {}; END$pgsluice$",
+        quote_literal(r.message()),
+        quote_literal(r.hint())
+    )
+}
+
+impl Txn {
+    pub fn new(transaction_mode: bool) -> Txn {
+        Txn {
+            owed: VecDeque::new(),
+            unsynced: false,
+            copy_in: false,
+            errored: false,
+            status: TransactionStatus::Idle,
+            forwarded: false,
+            transaction_mode,
+            server_in_doubt: false,
+            effects: SessionEffects::default(),
+            counts: TxnCounts::default(),
+            stats: StatementStats::default(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.transaction_mode
+            && self.forwarded
+            && self.owed.is_empty()
+            && !self.unsynced
+            && !self.copy_in
+            && self.status == TransactionStatus::Idle
+    }
+
+    /// The server's state if the client vanished now.
+    fn leftover(&self, client: &ClientConn, server: &ServerConn) -> Leftover {
+        let cut = client.ready > 0 || client.pass > 0 || !server.cursor.at_boundary() || !server.buf.is_empty();
+        if cut || !self.owed.is_empty() || self.copy_in || self.server_in_doubt {
+            Leftover::Busy
+        } else if self.unsynced || self.status != TransactionStatus::Idle {
+            Leftover::IdleInTransaction { unsynced: self.unsynced }
+        } else {
+            Leftover::Clean
+        }
+    }
+}
+
+fn would_block(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock
+}
+
+/// Relays until the transaction is over (transaction mode) or the client leaves.
+pub async fn transaction(client: &mut ClientConn, server: &mut ServerConn, txn: &mut Txn) -> Outcome {
+    let mut client_closed = false;
+    // `server.buf[..out]` is read and ready for the client.
+    let mut out = 0;
+    loop {
+        match client.scan(txn, &mut server.statements) {
+            Ok(false) => {}
+            Ok(true) => client_closed = true,
+            Err(e) => return Outcome::ClientError(e, txn.leftover(client, server)),
+        }
+        replies::emit_due(&mut server.buf, &mut out, txn);
+        // Write eagerly: most of the time the socket takes it all and no wait is needed.
+        while out > 0 {
+            match client.stream.try_write(&server.buf[..out]) {
+                Ok(n) => {
+                    txn.counts.sent += n as u64;
+                    server.buf.advance(n);
+                    out -= n;
+                }
+                Err(e) if would_block(&e) => break,
+                Err(_) => return Outcome::ClientGone(txn.leftover(client, server)),
+            }
+        }
+        while client.ready > 0 {
+            match server.stream.try_write(&client.buf[..client.ready]) {
+                Ok(n) => {
+                    txn.counts.received += n as u64;
+                    client.buf.advance(n);
+                    client.ready -= n;
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => return Outcome::ServerGone(e.to_string()),
+            }
+        }
+        if client_closed {
+            return Outcome::ClientGone(txn.leftover(client, server));
+        }
+        if txn.done() && client.ready == 0 && client.pass == 0 && server.buf.is_empty() {
+            return Outcome::Done;
+        }
+        let read_client = client.buf.len() - client.ready < HIGH_WATER;
+        let read_server = server.buf.len() < HIGH_WATER;
+        tokio::select! {
+            r = server.stream.readable(), if read_server => {
+                if let Err(e) = r { return Outcome::ServerGone(e.to_string()) }
+                server.buf.reserve(READ_CHUNK);
+                match server.stream.try_read_buf(&mut server.buf) {
+                    Ok(0) => return Outcome::ServerGone("server closed the connection".into()),
+                    Ok(_) => {
+                        match replies::process(&mut server.buf, out, &mut server.cursor, txn, &mut client.statements, &mut server.statements) {
+                            Ok(end) => out = end,
+                            Err(e) => return Outcome::ServerGone(e.to_string()),
+                        }
+                    }
+                    Err(e) if would_block(&e) => {}
+                    Err(e) => return Outcome::ServerGone(e.to_string()),
+                }
+            }
+            r = client.stream.readable(), if read_client => {
+                if r.is_err() { return Outcome::ClientGone(txn.leftover(client, server)) }
+                client.buf.reserve(READ_CHUNK);
+                match client.stream.try_read_buf(&mut client.buf) {
+                    Ok(0) => return Outcome::ClientGone(txn.leftover(client, server)),
+                    Ok(_) => {}
+                    Err(e) if would_block(&e) => {}
+                    Err(_) => return Outcome::ClientGone(txn.leftover(client, server)),
+                }
+            }
+            r = client.stream.writable(), if out > 0 => {
+                if r.is_err() { return Outcome::ClientGone(txn.leftover(client, server)) }
+            }
+            r = server.stream.writable(), if client.ready > 0 => {
+                if let Err(e) = r { return Outcome::ServerGone(e.to_string()) }
+            }
+        }
+    }
+}
+
+/// After a client left mid-transaction: makes the server clean again, or says it cannot.
+/// Returns true when the server may be reused.
+pub async fn clean_up(server: &mut ServerConn, leftover: Leftover) -> bool {
+    match leftover {
+        Leftover::Clean => true,
+        Leftover::Busy => false,
+        Leftover::IdleInTransaction { unsynced } => {
+            if unsynced {
+                // Close the extended-protocol batch first; its answer is drained below.
+                let sync = [frontend::SYNC, 0, 0, 0, 4];
+                if tokio::io::AsyncWriteExt::write_all(&mut server.stream, &sync).await.is_err() {
+                    return false;
+                }
+                if drain_to_ready(server).await.is_none() {
+                    return false;
+                }
+            }
+            matches!(server.simple_query("ROLLBACK").await, Ok(_))
+        }
+    }
+}
+
+/// Reads and drops server output up to the next ReadyForQuery.
+async fn drain_to_ready(server: &mut ServerConn) -> Option<()> {
+    loop {
+        let (tag, _) = server.read_message().await.ok()?;
+        if tag == backend::READY_FOR_QUERY {
+            return Some(());
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Client → server: the messages a client sends while it holds a server.
+//!
+//! Messages are marked ready for the server by header and streamed through. Query and Parse
+//! are held until whole, to check their text for session state ([`crate::sql`]). Under
+//! transaction pooling, named statements are rewritten ([`crate::prepared`]): a Parse the
+//! server already has is answered by the proxy, a Bind, Describe or Close names the
+//! server-side statement, and a statement the server lacks is prepared first.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::net::TcpStream;
+
+use super::replies::{splice, Reply};
+use super::{frame_violation, raise_sql, violation, Txn, MAX_HELD_MESSAGE, MAX_MESSAGE, READ_CHUNK};
+use crate::prepared::{
+    close_message, ClientStatements, KnownStatements, ServerStatements, Statement, CLOSE_COMPLETE, PARSE_COMPLETE,
+};
+use crate::protocol::frame::{self, HEADER_LEN};
+use crate::protocol::frontend;
+use crate::protocol::messages::{self, CStrings, ErrorFields, Severity};
+use crate::sql::{self, Deallocate, Refusal};
+
+/// Longest statement or portal name the proxy reads before a Bind's parameters.
+const MAX_NAME: usize = 1024;
+
+/// The client side of a connection after login.
+#[derive(Debug)]
+pub struct ClientConn {
+    pub stream: TcpStream,
+    /// `buf[..ready]` is scanned and ready for the server; the rest is not yet scanned.
+    pub buf: BytesMut,
+    pub ready: usize,
+    /// Bytes of a message being streamed through that have not arrived yet.
+    pub(super) pass: usize,
+    pub max_query_size: usize,
+    /// Named statements a server may hold per connection in transaction mode (0: named
+    /// statements are refused there).
+    pub max_prepared: usize,
+    /// The client's named statements (transaction mode).
+    pub statements: ClientStatements,
+}
+
+/// The first message a client sent while holding no server.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Peek {
+    /// More bytes are needed.
+    NeedMore,
+    /// A message that needs a server (tag; whole message buffered unless it is huge).
+    Ready(u8),
+    /// Sync, Flush or COPY messages with no server: answered or dropped by the proxy
+    /// (`total` bytes long).
+    Local(u8, usize),
+    Terminate,
+}
+
+fn unknown_message(tag: u8) -> ErrorFields {
+    violation(format!("invalid frontend message type {} ({:?})", tag, tag as char))
+}
+
+fn query_too_long(len: usize, max: usize) -> ErrorFields {
+    ErrorFields::new(Severity::Fatal, "54000", format!("message of {len} bytes is over pgsluice's max_query_size ({max} bytes)"))
+}
+
+fn refuse(r: Refusal) -> ErrorFields {
+    // Within the extended protocol a refusal cannot be placed in the stream cleanly, so the
+    // client is told and disconnected; its transaction rolls back.
+    ErrorFields::new(Severity::Fatal, "0A000", r.message()).with_hint(r.hint())
+}
+
+/// The C string at the start of `s`, if its terminator is within `limit` bytes.
+fn cstr(s: &[u8], limit: usize) -> Option<&[u8]> {
+    memchr::memchr(0, &s[..s.len().min(limit + 1)]).map(|end| &s[..end])
+}
+
+impl ClientConn {
+    pub fn new(stream: TcpStream, max_query_size: usize, max_prepared: usize, known: Arc<KnownStatements>) -> ClientConn {
+        ClientConn {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            ready: 0,
+            pass: 0,
+            max_query_size,
+            max_prepared,
+            statements: ClientStatements::new(known),
+        }
+    }
+
+    /// Reads more bytes into the buffer; `Ok(false)` at end of stream.
+    pub async fn read_more(&mut self) -> std::io::Result<bool> {
+        use tokio::io::AsyncReadExt;
+        self.buf.reserve(READ_CHUNK);
+        Ok(self.stream.read_buf(&mut self.buf).await? > 0)
+    }
+
+    /// Looks at the first unscanned message while the client holds no server.
+    pub fn peek(&self) -> Result<Peek, ErrorFields> {
+        let Some((tag, total)) = frame::header(&self.buf[self.ready..], MAX_MESSAGE).map_err(frame_violation)? else {
+            return Ok(Peek::NeedMore);
+        };
+        let whole = self.buf.len() - self.ready >= total;
+        match tag {
+            frontend::TERMINATE => Ok(Peek::Terminate),
+            frontend::SYNC | frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                Ok(if whole { Peek::Local(tag, total) } else { Peek::NeedMore })
+            }
+            frontend::QUERY | frontend::PARSE => {
+                if total - 1 > self.max_query_size {
+                    return Err(query_too_long(total - 1, self.max_query_size));
+                }
+                Ok(if whole { Peek::Ready(tag) } else { Peek::NeedMore })
+            }
+            frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE | frontend::CLOSE | frontend::FUNCTION_CALL => {
+                // A client that sent half a message holds no server while it stalls.
+                Ok(if whole || total > MAX_HELD_MESSAGE { Peek::Ready(tag) } else { Peek::NeedMore })
+            }
+            other => Err(unknown_message(other)),
+        }
+    }
+
+    /// With no server: a named Parse followed by Sync or Flush, of a statement some server
+    /// prepared before, is answered here (ParseComplete, and ReadyForQuery for a Sync). A
+    /// client that prepares while another holds the last server (pgbench does, synchronously)
+    /// then need not wait. The statement is prepared on a server when first used; if it no
+    /// longer prepares, the error comes then. Returns the reply to send, if answered.
+    pub fn answer_parse(&mut self) -> Option<Vec<u8>> {
+        if self.max_prepared == 0 || self.ready != 0 {
+            return None;
+        }
+        let (tag, total) = frame::header(&self.buf, MAX_MESSAGE).ok()??;
+        if tag != frontend::PARSE || self.buf.len() < total {
+            return None;
+        }
+        let (next, next_total) = frame::header(&self.buf[total..], MAX_MESSAGE).ok()??;
+        if !(next == frontend::SYNC || next == frontend::FLUSH) {
+            return None;
+        }
+        let body = &self.buf[HEADER_LEN..total];
+        let name = cstr(body, MAX_NAME).filter(|n| !n.is_empty())?;
+        let stmt = Statement::from_parse(&body[name.len() + 1..]);
+        if !self.statements.known.contains(&stmt.server_name) {
+            return None;
+        }
+        let name = name.to_vec();
+        self.statements.insert(&name, Arc::new(stmt));
+        let mut reply = PARSE_COMPLETE.to_vec();
+        if next == frontend::SYNC {
+            reply.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        }
+        self.buf.advance(total + next_total);
+        Some(reply)
+    }
+
+    /// Drops `n` unscanned bytes at the front (a message the proxy handled itself).
+    pub fn consume(&mut self, n: usize) {
+        debug_assert_eq!(self.ready, 0);
+        self.buf.advance(n);
+    }
+
+    /// Drops everything up to and including the next Sync, or a whole simple Query:
+    /// what a client sent for a request the proxy answers with an error. Returns false
+    /// when more bytes are needed.
+    pub fn skip_request(&mut self) -> Result<bool, ErrorFields> {
+        let mut pos = 0;
+        loop {
+            let Some((tag, total)) = frame::header(&self.buf[pos..], MAX_MESSAGE).map_err(frame_violation)? else {
+                return Ok(false);
+            };
+            if self.buf.len() - pos < total {
+                return Ok(false);
+            }
+            pos += total;
+            if tag == frontend::QUERY || tag == frontend::SYNC {
+                self.buf.advance(pos);
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Scans unscanned bytes, marking messages ready for the server and recording the
+    /// replies they are owed. Stops at an incomplete header, or an incomplete message the
+    /// proxy must read. Returns `Ok(true)` when the client sent Terminate.
+    pub(super) fn scan(&mut self, txn: &mut Txn, server: &mut ServerStatements) -> Result<bool, ErrorFields> {
+        loop {
+            if self.pass > 0 {
+                let n = self.pass.min(self.buf.len() - self.ready);
+                self.ready += n;
+                self.pass -= n;
+                if self.pass > 0 {
+                    return Ok(false);
+                }
+            }
+            let at = self.ready;
+            let Some((tag, total)) = frame::header(&self.buf[at..], MAX_MESSAGE).map_err(frame_violation)? else {
+                return Ok(false);
+            };
+            let have = self.buf.len() - at;
+            let rewrite = txn.transaction_mode && self.max_prepared > 0;
+            match tag {
+                frontend::QUERY | frontend::PARSE => {
+                    if total - 1 > self.max_query_size {
+                        return Err(query_too_long(total - 1, self.max_query_size));
+                    }
+                    if have < total {
+                        return Ok(false);
+                    }
+                    if tag == frontend::QUERY {
+                        self.query(total, txn, server)?;
+                    } else {
+                        self.parse(total, txn, server)?;
+                    }
+                    txn.forwarded = true;
+                    txn.counts.client_message();
+                    continue;
+                }
+                frontend::BIND if rewrite => {
+                    // portal\0 statement\0 ...: the names must be here to rewrite them.
+                    let body = &self.buf[at + HEADER_LEN..(at + total).min(self.buf.len())];
+                    let Some(portal) = cstr(body, MAX_NAME) else {
+                        return self.need_more(have, total, "Bind");
+                    };
+                    let Some(name) = cstr(&body[portal.len() + 1..], MAX_NAME) else {
+                        return self.need_more(have, total, "Bind");
+                    };
+                    let prefix = HEADER_LEN + portal.len() + 1 + name.len() + 1;
+                    match self.statements.get(name).cloned() {
+                        Some(stmt) if !name.is_empty() => {
+                            let mut head = self.prepare_first(&stmt, txn, server);
+                            let new_total = total - name.len() + stmt.server_name.len();
+                            head.extend_from_slice(&[frontend::BIND]);
+                            head.extend_from_slice(&((new_total - 1) as i32).to_be_bytes());
+                            head.extend_from_slice(&self.buf[at + HEADER_LEN..at + HEADER_LEN + portal.len() + 1]);
+                            head.extend_from_slice(stmt.server_name.as_bytes());
+                            head.extend_from_slice(&[0]);
+                            splice(&mut self.buf, at, prefix, &head);
+                            self.ready = at + head.len();
+                            self.pass = total - prefix;
+                        }
+                        _ => self.pass = total,
+                    }
+                    txn.owe(Reply::Bind, false, None);
+                    txn.unsynced = true;
+                }
+                frontend::DESCRIBE | frontend::CLOSE if rewrite => {
+                    if total > HEADER_LEN + 1 + MAX_NAME + 1 {
+                        return Err(violation("statement name too long"));
+                    }
+                    if have < total {
+                        return Ok(false);
+                    }
+                    let kind = self.buf.get(at + HEADER_LEN).copied();
+                    let name = cstr(&self.buf[at + HEADER_LEN + 1..at + total], MAX_NAME)
+                        .ok_or_else(|| violation("malformed Describe or Close message"))?
+                        .to_vec();
+                    let named_statement = kind == Some(b'S') && !name.is_empty();
+                    if tag == frontend::CLOSE && named_statement {
+                        // The client forgets it; the server keeps it for whoever prepares it next.
+                        self.statements.remove(&name);
+                        splice(&mut self.buf, at, total, &[]);
+                        txn.owe_synthetic(CLOSE_COMPLETE);
+                        txn.unsynced = true;
+                        continue;
+                    }
+                    match self.statements.get(&name).cloned() {
+                        Some(stmt) if named_statement => {
+                            let mut msg = self.prepare_first(&stmt, txn, server);
+                            msg.extend_from_slice(&[frontend::DESCRIBE]);
+                            msg.extend_from_slice(&((4 + 1 + stmt.server_name.len() + 1) as i32).to_be_bytes());
+                            msg.extend_from_slice(&[b'S']);
+                            msg.extend_from_slice(stmt.server_name.as_bytes());
+                            msg.extend_from_slice(&[0]);
+                            splice(&mut self.buf, at, total, &msg);
+                            self.ready = at + msg.len();
+                        }
+                        _ => self.ready = at + total,
+                    }
+                    txn.owe(if tag == frontend::CLOSE { Reply::Close } else { Reply::Describe }, false, None);
+                    txn.unsynced = true;
+                }
+                frontend::SYNC => {
+                    txn.owe(Reply::Sync, false, None);
+                    txn.unsynced = false;
+                    self.pass = total;
+                }
+                frontend::FUNCTION_CALL => {
+                    txn.owe(Reply::FunctionCall, false, None);
+                    self.pass = total;
+                }
+                frontend::BIND | frontend::DESCRIBE | frontend::CLOSE | frontend::EXECUTE => {
+                    let kind = match tag {
+                        frontend::BIND => Reply::Bind,
+                        frontend::DESCRIBE => Reply::Describe,
+                        frontend::CLOSE => Reply::Close,
+                        _ => Reply::Execute,
+                    };
+                    txn.owe(kind, false, None);
+                    txn.unsynced = true;
+                    self.pass = total;
+                }
+                frontend::FLUSH => {
+                    txn.unsynced = true;
+                    self.pass = total;
+                }
+                frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => self.pass = total,
+                frontend::TERMINATE => return Ok(true),
+                other => return Err(unknown_message(other)),
+            }
+            txn.forwarded = true;
+            txn.counts.client_message();
+        }
+    }
+
+    /// A message whose leading names are not all here yet.
+    fn need_more(&self, have: usize, total: usize, what: &str) -> Result<bool, ErrorFields> {
+        if have >= total || have >= HEADER_LEN + 2 * (MAX_NAME + 1) {
+            return Err(violation(format!("malformed {what} message")));
+        }
+        Ok(false)
+    }
+
+    /// Messages to put before one that uses `stmt`: if the server lacks it, a Parse (and a
+    /// Close of the statement it evicts), whose replies the client will not see.
+    fn prepare_first(&self, stmt: &Arc<Statement>, txn: &mut Txn, server: &mut ServerStatements) -> Vec<u8> {
+        let mut out = Vec::new();
+        if server.touch(&stmt.server_name) {
+            return out;
+        }
+        if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared) {
+            out.extend_from_slice(&close_message(&evicted));
+            txn.owe(Reply::Close, true, None);
+            txn.stats.evictions += 1;
+        }
+        out.extend_from_slice(&stmt.parse);
+        txn.owe(Reply::Parse, true, Some((stmt.clone(), None)));
+        txn.stats.server_parses += 1;
+        out
+    }
+
+    /// A whole Query at `buf[ready..]`: session state, refusals, DEALLOCATE.
+    fn query(&mut self, total: usize, txn: &mut Txn, server: &mut ServerStatements) -> Result<(), ErrorFields> {
+        let at = self.ready;
+        let body = &self.buf[at + HEADER_LEN..at + total];
+        let text = body.strip_suffix(&[0]).ok_or_else(|| violation("Query message is not NUL-terminated"))?;
+        let refusal = sql::classify(text, txn.transaction_mode, &mut txn.effects);
+        let dealloc = if txn.transaction_mode && self.max_prepared > 0 { sql::deallocate(text) } else { None };
+        txn.owe(Reply::Query, false, None);
+        let replacement = match (refusal, dealloc) {
+            // The server raises the refusal itself, so the error, the transaction state and
+            // the ReadyForQuery all come from the server.
+            (Some(r), _) => Some(raise_sql(r)),
+            (None, Some(d)) => {
+                // Client names mean nothing on the server: drop the client's and let the
+                // server drop all of its own, which are prepared again on demand.
+                match &d {
+                    Deallocate::Name(n) => self.statements.remove(n.as_bytes()),
+                    Deallocate::All | Deallocate::DiscardAll => self.statements.clear(),
+                }
+                server.clear();
+                matches!(d, Deallocate::Name(_)).then(|| "DEALLOCATE ALL".to_owned())
+            }
+            (None, None) => None,
+        };
+        match replacement {
+            None => self.ready += total,
+            Some(sql) => {
+                let mut msg = BytesMut::new();
+                messages::query(&mut msg, &sql);
+                splice(&mut self.buf, at, total, &msg);
+                self.ready = at + msg.len();
+            }
+        }
+        Ok(())
+    }
+
+    /// A whole Parse at `buf[ready..]`.
+    fn parse(&mut self, total: usize, txn: &mut Txn, server: &mut ServerStatements) -> Result<(), ErrorFields> {
+        let at = self.ready;
+        let body = &self.buf[at + HEADER_LEN..at + total];
+        let mut strs = CStrings(body);
+        let (name, text) = strs.next_str().zip(strs.next_str()).ok_or_else(|| violation("malformed Parse message"))?;
+        if let Some(r) = sql::classify(text, txn.transaction_mode, &mut txn.effects) {
+            return Err(refuse(r));
+        }
+        txn.unsynced = true;
+        if name.is_empty() || !txn.transaction_mode {
+            txn.owe(Reply::Parse, false, None);
+            self.ready += total;
+            return Ok(());
+        }
+        if self.max_prepared == 0 {
+            return Err(refuse(Refusal::NamedStatement));
+        }
+        txn.stats.client_parses += 1;
+        let name = name.to_vec();
+        let stmt = Arc::new(Statement::from_parse(&body[name.len() + 1..]));
+        self.statements.insert(&name, stmt.clone());
+        if server.touch(&stmt.server_name) {
+            // The server has it: answer the client's Parse ourselves.
+            splice(&mut self.buf, at, total, &[]);
+            txn.owe_synthetic(PARSE_COMPLETE);
+            txn.stats.parse_hits += 1;
+            return Ok(());
+        }
+        let mut msg = Vec::new();
+        if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared) {
+            msg.extend_from_slice(&close_message(&evicted));
+            txn.owe(Reply::Close, true, None);
+            txn.stats.evictions += 1;
+        }
+        msg.extend_from_slice(&stmt.parse);
+        txn.owe(Reply::Parse, false, Some((stmt.clone(), Some(name.into()))));
+        txn.stats.server_parses += 1;
+        splice(&mut self.buf, at, total, &msg);
+        self.ready = at + msg.len();
+        Ok(())
+    }
+}

@@ -1,0 +1,412 @@
+//! The admin console against a real PostgreSQL, through tokio-postgres (simple protocol) and
+//! psql: every SHOW command's columns, and values checked against what the pools hold.
+
+mod common;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// An app `name` whose user is an admin.
+async fn admin_app(name: &str, top: &str) -> Proxy {
+    app(name, &format!("admin_users = \"{name}\"\n{top}")).await
+}
+
+async fn console(proxy: &Proxy, name: &str) -> Client {
+    connect(&proxy.conn(name, &format!("{name}-pw"), "pgbouncer")).await
+}
+
+/// Column names and rows (as maps) of a SHOW command.
+async fn show(c: &Client, sql: &str) -> (Vec<String>, Vec<HashMap<String, Option<String>>>) {
+    let mut columns = Vec::new();
+    let mut rows = Vec::new();
+    for m in c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")) {
+        match m {
+            SimpleQueryMessage::RowDescription(cols) => {
+                columns = cols.iter().map(|c| c.name().to_owned()).collect();
+            }
+            SimpleQueryMessage::Row(r) => {
+                let mut row = HashMap::new();
+                for (i, col) in r.columns().iter().enumerate() {
+                    row.insert(col.name().to_owned(), r.get(i).map(str::to_owned));
+                }
+                rows.push(row);
+            }
+            _ => {}
+        }
+    }
+    (columns, rows)
+}
+
+fn field<'a>(row: &'a HashMap<String, Option<String>>, name: &str) -> &'a str {
+    row.get(name)
+        .unwrap_or_else(|| panic!("no column {name}"))
+        .as_deref()
+        .unwrap_or("NULL")
+}
+
+fn row_of<'a>(
+    rows: &'a [HashMap<String, Option<String>>],
+    column: &str,
+    value: &str,
+) -> &'a HashMap<String, Option<String>> {
+    rows.iter()
+        .find(|r| field(r, column) == value)
+        .unwrap_or_else(|| panic!("no row with {column} = {value}"))
+}
+
+fn cols(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn non_admin_users_are_refused() {
+    let proxy = app("a_denied", "").await;
+    let e = try_connect(&proxy.conn("a_denied", "a_denied-pw", "pgbouncer"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42501");
+    let e = try_connect(&proxy.conn("a_denied", "a_denied-pw", "pgsluice"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "42501");
+    // A wrong password is still a wrong password.
+    let e = try_connect(&proxy.conn("a_denied", "nope", "pgbouncer")).await.unwrap_err();
+    assert_eq!(code(&e), "28P01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_pools_matches_the_pool() {
+    let proxy = admin_app("a_pools", "pool_size = 2").await;
+    let admin = console(&proxy, "a_pools").await;
+    let holder = proxy.client("a_pools").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let idle = proxy.client("a_pools").await;
+    idle.simple_query("SELECT 1").await.unwrap(); // opens the second server
+    let (columns, rows) = show(&admin, "SHOW POOLS").await;
+    assert_eq!(
+        columns,
+        cols(&[
+            "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
+            "cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled",
+            "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us",
+            "pool_mode", "load_balance_hosts",
+        ])
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let (_, rows) = show(&admin, "SHOW POOLS").await;
+            let r = row_of(&rows, "database", "a_pools");
+            field(r, "sv_idle") == "1"
+        })
+        .await
+    );
+    let (_, rows2) = show(&admin, "SHOW POOLS").await;
+    let r = row_of(&rows2, "database", "a_pools");
+    let get = |c: &str| field(r, c).to_owned();
+    assert_eq!(get("user"), "a_pools");
+    assert_eq!(get("cl_active"), "2", "linked and idle clients, as PgBouncer counts");
+    assert_eq!(get("cl_waiting"), "0");
+    assert_eq!(get("sv_active"), "1");
+    assert_eq!(get("sv_idle"), "1");
+    assert_eq!(get("sv_login"), "0");
+    assert_eq!(get("maxwait"), "0");
+    assert_eq!(get("pool_mode"), "transaction");
+    assert_eq!(get("load_balance_hosts"), "NULL");
+    drop(rows);
+
+    // A third client waits: cl_waiting and maxwait follow.
+    holder.batch_execute("SELECT 1").await.unwrap();
+    let busy = proxy.client("a_pools").await;
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiter = proxy.client("a_pools").await;
+    let w = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, rows) = show(&admin, "SHOW POOLS").await;
+    let r = row_of(&rows, "database", "a_pools");
+    assert_eq!(field(r, "cl_waiting"), "1");
+    assert_eq!(field(r, "maxwait"), "1");
+    assert_eq!(field(r, "sv_active"), "2");
+    busy.batch_execute("COMMIT").await.unwrap();
+    w.await.unwrap().unwrap();
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn show_stats_counts_the_workload() {
+    let proxy = admin_app("a_stats", "").await;
+    let admin = console(&proxy, "a_stats").await;
+    let c = proxy.client("a_stats").await;
+    for _ in 0..4 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SELECT 1").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    let (columns, rows) = show(&admin, "SHOW STATS").await;
+    assert_eq!(
+        columns,
+        cols(&[
+            "database", "total_server_assignment_count", "total_xact_count", "total_query_count",
+            "total_received", "total_sent", "total_xact_time", "total_query_time",
+            "total_wait_time", "total_client_parse_count", "total_server_parse_count",
+            "total_bind_count", "avg_server_assignment_count", "avg_xact_count",
+            "avg_query_count", "avg_recv", "avg_sent", "avg_xact_time", "avg_query_time",
+            "avg_wait_time", "avg_client_parse_count", "avg_server_parse_count",
+            "avg_bind_count",
+        ])
+    );
+    let r = row_of(&rows, "database", "a_stats");
+    // The first client's login opened the pool's server: that checkout ran no transaction.
+    assert_eq!(field(r, "total_xact_count"), "5");
+    assert_eq!(field(r, "total_query_count"), "7");
+    assert_eq!(field(r, "total_server_assignment_count"), "7");
+    let n = |c: &str| field(r, c).parse::<u64>().unwrap();
+    assert!(n("total_received") > 0 && n("total_sent") > 0);
+    assert!(n("total_xact_time") >= n("total_query_time"));
+    assert_eq!(n("avg_xact_time"), n("total_xact_time") / 5);
+}
+
+#[tokio::test]
+async fn show_clients_and_servers_link_up() {
+    let proxy = admin_app("a_socks", "").await;
+    let admin = console(&proxy, "a_socks").await;
+    let worker = connect(&format!(
+        "{} application_name=worker",
+        proxy.conn("a_socks", "a_socks-pw", "a_socks")
+    ))
+    .await;
+    worker.batch_execute("BEGIN").await.unwrap();
+    let pid = scalar(&worker, "SELECT pg_backend_pid()").await;
+    let idle = proxy.client("a_socks").await;
+    let (columns, clients) = show(&admin, "SHOW CLIENTS").await;
+    let socket_columns = cols(&[
+        "type", "user", "database", "replication", "state", "addr", "port", "local_addr",
+        "local_port", "connect_time", "request_time", "wait", "wait_us", "close_needed",
+        "ptr", "link", "remote_pid", "tls", "application_name", "prepared_statements", "id",
+    ]);
+    assert_eq!(columns, socket_columns);
+    assert_eq!(clients.len(), 2, "admin sessions are not listed");
+    let w = row_of(&clients, "application_name", "worker");
+    assert_eq!(field(w, "type"), "C");
+    assert_eq!(field(w, "state"), "active");
+    assert_eq!(field(w, "user"), "a_socks");
+    assert_eq!(field(w, "addr"), "127.0.0.1");
+    assert_eq!(field(w, "local_port"), proxy.addr.port().to_string());
+    assert!(field(w, "connect_time").ends_with(" UTC"));
+    let i = clients.iter().find(|r| field(r, "application_name") == "").unwrap();
+    assert_eq!(field(i, "state"), "idle");
+    assert_eq!(field(i, "link"), "");
+    let (columns, servers) = show(&admin, "SHOW SERVERS").await;
+    assert_eq!(columns, socket_columns);
+    assert_eq!(servers.len(), 1, "the server lent to the worker");
+    let s = &servers[0];
+    assert_eq!(field(s, "type"), "S");
+    assert_eq!(field(s, "state"), "active");
+    assert_eq!(field(s, "remote_pid"), pid, "the backend's own pid");
+    assert_eq!(field(s, "port"), pg().port.to_string());
+    assert_eq!(field(s, "link"), field(w, "ptr"));
+    assert_eq!(field(w, "link"), field(s, "ptr"));
+    assert_eq!(field(s, "application_name"), "worker");
+    worker.batch_execute("COMMIT").await.unwrap();
+    drop(idle);
+}
+
+#[tokio::test]
+async fn show_databases_users_lists_config_version_state() {
+    let proxy = admin_app("a_misc", "pool_size = 7\nquery_wait_timeout = \"45s\"").await;
+    let admin = console(&proxy, "a_misc").await;
+    let c = proxy.client("a_misc").await;
+    c.simple_query("SELECT 1").await.unwrap();
+
+    let (columns, rows) = show(&admin, "SHOW DATABASES").await;
+    assert_eq!(
+        columns,
+        cols(&[
+            "name", "host", "port", "database", "force_user", "pool_size", "min_pool_size",
+            "reserve_pool_size", "server_lifetime", "pool_mode", "load_balance_hosts",
+            "max_connections", "current_connections", "max_client_connections",
+            "current_client_connections", "paused", "disabled",
+        ])
+    );
+    let d = row_of(&rows, "name", "a_misc");
+    assert_eq!(field(d, "host"), "127.0.0.1");
+    assert_eq!(field(d, "port"), pg().port.to_string());
+    assert_eq!(field(d, "database"), "a_misc");
+    assert_eq!(field(d, "force_user"), "NULL");
+    assert_eq!(field(d, "pool_size"), "7");
+    assert_eq!(field(d, "current_connections"), "1");
+    assert_eq!(field(d, "current_client_connections"), "1");
+    assert_eq!(field(d, "paused"), "0");
+
+    let (columns, rows) = show(&admin, "SHOW USERS").await;
+    assert_eq!(columns[0], "name");
+    let u = row_of(&rows, "name", "a_misc");
+    assert_eq!(field(u, "current_connections"), "1");
+    assert_eq!(field(u, "current_client_connections"), "1");
+
+    let (columns, rows) = show(&admin, "SHOW LISTS").await;
+    assert_eq!(columns, cols(&["list", "items"]));
+    let items = |name: &str| field(row_of(&rows, "list", name), "items").to_owned();
+    assert_eq!(items("databases"), "1");
+    assert_eq!(items("users"), "1");
+    assert_eq!(items("pools"), "1");
+    assert_eq!(items("used_clients"), "1");
+    assert_eq!(items("used_servers"), "1");
+
+    let (columns, rows) = show(&admin, "SHOW CONFIG").await;
+    assert_eq!(columns, cols(&["key", "value", "default", "changeable"]));
+    let q = row_of(&rows, "key", "query_wait_timeout");
+    assert_eq!((field(q, "value"), field(q, "default")), ("45", "120"));
+    assert_eq!(field(row_of(&rows, "key", "pool_size"), "value"), "7");
+    assert_eq!(field(row_of(&rows, "key", "admin_users"), "value"), "a_misc");
+
+    let (columns, rows) = show(&admin, "SHOW VERSION").await;
+    assert_eq!(columns, cols(&["version"]));
+    assert!(field(&rows[0], "version").contains("PgBouncer 1.25.0"));
+    assert!(field(&rows[0], "version").starts_with("pgsluice "));
+
+    let (_, rows) = show(&admin, "show state;").await;
+    assert_eq!(field(row_of(&rows, "key", "paused"), "value"), "no");
+
+    let (columns, rows) = show(&admin, "SHOW BUDGET").await;
+    assert_eq!(columns[..3], cols(&["upstream", "mode", "limit"]));
+    let b = &rows[0];
+    assert_eq!(field(b, "upstream"), format!("127.0.0.1:{}", pg().port));
+    assert_eq!(field(b, "mode"), "fixed");
+    assert_eq!(field(b, "limit"), "80");
+    assert_eq!(field(b, "in_use"), "1");
+}
+
+#[tokio::test]
+async fn show_applications_names_the_hoarder() {
+    let proxy = admin_app("a_apps", "").await;
+    let admin = console(&proxy, "a_apps").await;
+    let base = proxy.conn("a_apps", "a_apps-pw", "a_apps");
+    let hoarder = connect(&format!("{base} application_name=uploader")).await;
+    let web = connect(&format!("{base} application_name=web")).await;
+    web.simple_query("SELECT 1").await.unwrap();
+    hoarder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (columns, rows) = show(&admin, "SHOW APPLICATIONS").await;
+    assert_eq!(
+        columns,
+        cols(&[
+            "database", "user", "application", "cl_active", "cl_waiting", "cl_idle",
+            "sv_idle_in_transaction", "max_idle_in_transaction", "total_idle_in_transaction",
+            "total_wait_time", "checkout_timeouts",
+        ])
+    );
+    let u = row_of(&rows, "application", "uploader");
+    assert_eq!(field(u, "cl_active"), "1");
+    assert_eq!(field(u, "sv_idle_in_transaction"), "1");
+    let max: f64 = field(u, "max_idle_in_transaction").parse().unwrap();
+    assert!((0.5..5.0).contains(&max), "{max}");
+    let w = row_of(&rows, "application", "web");
+    assert_eq!((field(w, "cl_idle"), field(w, "sv_idle_in_transaction")), ("1", "0"));
+    hoarder.batch_execute("COMMIT").await.unwrap();
+    let (_, rows) = show(&admin, "SHOW APPLICATIONS").await;
+    let u = row_of(&rows, "application", "uploader");
+    let total: f64 = field(u, "total_idle_in_transaction").parse().unwrap();
+    assert!(total >= 0.5, "{total}");
+    assert_eq!(field(u, "max_idle_in_transaction"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_waits_for_transactions_and_holds_clients_until_resume() {
+    let proxy = admin_app("a_pause", "").await;
+    let admin = console(&proxy, "a_pause").await;
+    let holder = proxy.client("a_pause").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let admin = std::sync::Arc::new(admin);
+    let a = admin.clone();
+    let pause = tokio::spawn(async move { a.simple_query("PAUSE a_pause").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pause.is_finished(), "PAUSE waits for the open transaction");
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), pause).await.unwrap().unwrap().unwrap();
+    let (_, rows) = show(&admin, "SHOW DATABASES").await;
+    assert_eq!(field(row_of(&rows, "name", "a_pause"), "paused"), "1");
+    // A request now waits, and shows as waiting.
+    let c = proxy.client("a_pause").await;
+    let q = tokio::spawn(async move { c.simple_query("SELECT 42").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!q.is_finished(), "paused: the query waits");
+    let (_, rows) = show(&admin, "SHOW POOLS").await;
+    assert_eq!(field(row_of(&rows, "database", "a_pause"), "cl_waiting"), "1");
+    let e = admin.simple_query("PAUSE a_pause_nope").await.unwrap_err();
+    assert_eq!(code(&e), "3D000");
+    admin.simple_query("RESUME a_pause").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), q).await.unwrap().unwrap().unwrap();
+    let e = admin.simple_query("RESUME").await.unwrap_err();
+    assert_eq!(message(&e), "pooler is not paused/suspended");
+    // PAUSE of everything, then RESUME.
+    admin.simple_query("PAUSE").await.unwrap();
+    let (_, rows) = show(&admin, "SHOW STATE").await;
+    assert_eq!(field(row_of(&rows, "key", "paused"), "value"), "yes");
+    admin.simple_query("RESUME").await.unwrap();
+    holder.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_keep_the_console_usable() {
+    let proxy = admin_app("a_errors", "").await;
+    let admin = console(&proxy, "a_errors").await;
+    let e = admin.simple_query("SHOW NONSENSE").await.unwrap_err();
+    assert_eq!(code(&e), "42601");
+    let e = admin.simple_query("DROP TABLE x").await.unwrap_err();
+    assert_eq!(code(&e), "42601");
+    assert!(message(&e).contains("SHOW HELP"));
+    let e = admin.simple_query("RELOAD").await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    assert!(message(&e).contains("not supported yet"));
+    let e = admin.simple_query("SHUTDOWN WAIT_FOR_SERVERS").await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    let e = admin.simple_query("KILL a_errors").await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    // The extended protocol gets an error, not a dropped connection.
+    let e = admin.query("SHOW POOLS", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "0A000");
+    // Drivers' fake settings.
+    admin.simple_query("SET extra_float_digits = 3").await.unwrap();
+    let (_, rows) = show(&admin, "SHOW client_encoding").await;
+    assert_eq!(field(&rows[0], "client_encoding"), "UTF-8");
+    // Still fine.
+    let (_, rows) = show(&admin, "SHOW VERSION").await;
+    assert_eq!(rows.len(), 1);
+    admin.simple_query("").await.unwrap();
+}
+
+/// psql, as an operator would use it.
+#[tokio::test]
+async fn psql_shows_pools() {
+    let proxy = admin_app("a_psql", "").await;
+    let c = proxy.client("a_psql").await;
+    c.simple_query("SELECT 1").await.unwrap();
+    let psql = pg().client_bin("psql");
+    let run = |sql: &'static str| {
+        let out = std::process::Command::new(&psql)
+            .args(["-X", "-A", "-F", "|", "-h", "127.0.0.1", "-p"])
+            .arg(proxy.addr.port().to_string())
+            .args(["-U", "a_psql", "-d", "pgbouncer", "-c", sql])
+            .env("PGPASSWORD", "a_psql-pw")
+            .output()
+            .expect("psql runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let pools = run("SHOW POOLS");
+    let mut lines = pools.lines();
+    assert!(lines
+        .next()
+        .unwrap()
+        .starts_with("database|user|cl_active|cl_waiting|"));
+    assert!(lines.next().unwrap().starts_with("a_psql|a_psql|1|0|"));
+    let stats = run("SHOW STATS;");
+    assert!(stats.starts_with("database|total_server_assignment_count|"));
+}
