@@ -145,6 +145,9 @@ pub struct Config {
     pub track_extra_parameters: Vec<String>,
     #[serde(default = "defaults::log_format")]
     pub log_format: LogFormat,
+    /// Threads serving connections; 0: one per core. Restart to change.
+    #[serde(default, deserialize_with = "de::num")]
+    pub worker_threads: usize,
     /// A client queued this long gets a NOTICE that it waits for a server (0: never).
     #[serde(
         default = "defaults::query_wait_notify",

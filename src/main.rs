@@ -160,7 +160,20 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    match serve(config) {
+    let runtime = match config.worker_threads {
+        // One thread: no work stealing and no cross-thread wake-ups.
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgsluice: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -169,7 +182,6 @@ fn main() -> ExitCode {
     }
 }
 
-#[tokio::main]
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
