@@ -118,6 +118,13 @@ pub struct Config {
         deserialize_with = "de::duration"
     )]
     pub server_lifetime: Duration,
+    /// How long a client keeps retrying a server connection that fails for a passing
+    /// reason (the database restarts, is full) before it gets the error.
+    #[serde(
+        default = "defaults::server_login_retry",
+        deserialize_with = "de::duration"
+    )]
+    pub server_login_retry: Duration,
     /// How long the proxy spends cleaning a server a client left mid-transaction before closing it.
     #[serde(
         default = "defaults::server_cleanup_timeout",
@@ -132,7 +139,10 @@ pub struct Config {
     pub auth_type: AuthType,
     /// Named statements each server connection keeps prepared in transaction mode (0: named
     /// statements are refused there).
-    #[serde(default = "defaults::max_prepared_statements", deserialize_with = "de::num")]
+    #[serde(
+        default = "defaults::max_prepared_statements",
+        deserialize_with = "de::num"
+    )]
     pub max_prepared_statements: usize,
     /// Largest Query or Parse message (bytes) the proxy buffers to inspect.
     #[serde(default = "defaults::max_query_size", deserialize_with = "de::num")]
@@ -382,6 +392,9 @@ mod defaults {
     }
     pub fn server_lifetime() -> Duration {
         Duration::from_secs(3600)
+    }
+    pub fn server_login_retry() -> Duration {
+        Duration::from_secs(15)
     }
     pub fn server_cleanup_timeout() -> Duration {
         Duration::from_secs(5)
@@ -738,8 +751,14 @@ impl Config {
             return Err(invalid("metrics.max_applications", "must be at least 1"));
         }
         if let Some(addr) = &self.metrics.listen {
-            if addr.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
-                return Err(invalid("metrics.listen", format!("{addr:?} is not HOST:PORT")));
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(invalid(
+                    "metrics.listen",
+                    format!("{addr:?} is not HOST:PORT"),
+                ));
             }
         }
         let b = &self.budget;
@@ -867,13 +886,18 @@ impl Config {
     /// `[budget]` user/password/dbname, else the first database there with usable credentials.
     pub fn control_settings(&self, host: &str, port: u16) -> Option<PoolSettings> {
         let b = &self.budget;
-        let (name, db) = self.databases.iter().find(|(_, d)| d.host == host && d.port == port)?;
+        let (name, db) = self
+            .databases
+            .iter()
+            .find(|(_, d)| d.host == host && d.port == port)?;
         let user = match (&b.user, &db.user) {
             (Some(u), _) | (None, Some(u)) => u.clone(),
             (None, None) => self
                 .users
                 .iter()
-                .find(|(_, u)| db.password.is_some() || u.password.as_deref().is_some_and(is_plain_password))
+                .find(|(_, u)| {
+                    db.password.is_some() || u.password.as_deref().is_some_and(is_plain_password)
+                })
                 .map(|(n, _)| n.clone())?,
         };
         let mut s = self.pool_settings(name, &user)?;
@@ -1024,9 +1048,17 @@ mod tests {
 
     #[test]
     fn admin_users_and_metrics() {
-        let c = Config::load_from(None, &[], &[("upstream", "postgres://app:pw@db/shop".into())])
-            .unwrap();
-        assert_eq!(c.admin_users, ["app"], "quick mode: the upstream user is the admin");
+        let c = Config::load_from(
+            None,
+            &[],
+            &[("upstream", "postgres://app:pw@db/shop".into())],
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin_users,
+            ["app"],
+            "quick mode: the upstream user is the admin"
+        );
         assert_eq!(c.metrics.listen, None);
         assert_eq!(c.query_wait_notify, Duration::from_secs(5));
         let c = Config::load_from(
@@ -1039,7 +1071,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9127"));
-        assert_eq!(c.admin_users, ["app"], "an empty list still gets the default");
+        assert_eq!(
+            c.admin_users,
+            ["app"],
+            "an empty list still gets the default"
+        );
         let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
         assert!(err(&format!("admin_users = [\"nobody\"]\n{MIN}")).starts_with("admin_users:"));
         assert!(err(&format!("[metrics]\nlisten = \"9127\"\n{MIN}")).starts_with("metrics.listen:"));

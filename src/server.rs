@@ -46,6 +46,24 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
+impl ServerError {
+    /// A failure that may go away in a moment: the server restarts (refused, starting up,
+    /// shutting down), is full, or the network dropped. Login errors such as a wrong
+    /// password or a missing database are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ServerError::Connect { .. } | ServerError::ConnectTimeout(_) | ServerError::Io(_) => {
+                true
+            }
+            ServerError::Rejected(f) => matches!(
+                f.code.as_str(),
+                "57P03" | "57P01" | "57P02" | "53300" | "08006"
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// What identifies a server session for CancelRequest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerKey {

@@ -45,6 +45,11 @@ pub enum PoolError {
 /// How long the janitor waits before topping a pool up again after a failed connect.
 const CONNECT_RETRY_DELAY: Duration = Duration::from_secs(5);
 
+/// First pause before a client retries a failed server connection; it doubles up to the max.
+const FIRST_RETRY_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest pause between retries: a database back up is used within this.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
 /// Identifies a pool for its whole life.
 pub type PoolId = usize;
 /// Identifies an upstream server's budget.
@@ -444,6 +449,8 @@ impl Pools {
         let deadline = Instant::now()
             .checked_add(wait)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
+        let retry_until = Instant::now() + self.config.server_login_retry;
+        let mut backoff = FIRST_RETRY_BACKOFF;
         loop {
             let mut victim = None;
             let step = {
@@ -518,12 +525,25 @@ impl Pools {
                         pools: self.clone(),
                     });
                 }
-                Grant::Slot => {
-                    return self.open(pool).await.map(|server| Checkout {
-                        server: Some(server),
-                        pools: self.clone(),
-                    })
-                }
+                Grant::Slot => match self.open(pool).await {
+                    Ok(server) => {
+                        return Ok(Checkout {
+                            server: Some(server),
+                            pools: self.clone(),
+                        })
+                    }
+                    // The database restarts or is full for a moment: try again shortly,
+                    // within server_login_retry and the client's own wait.
+                    Err(PoolError::Server(e))
+                        if e.is_transient()
+                            && Instant::now() + backoff < retry_until.min(deadline) =>
+                    {
+                        tracing::debug!(error = %e, "server connection failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+                    }
+                    Err(e) => return Err(e),
+                },
             }
         }
     }
