@@ -124,6 +124,12 @@ fn init_logging(format: LogFormat) {
 enum Command {
     /// Print the live connection budget of a database; with --plan, check a fleet's plan.
     Budget(pgsluice::budget::report::BudgetArgs),
+    /// Exit 0 when the proxy's HTTP endpoint answers 200 (for container health checks).
+    Health {
+        /// The URL to check.
+        #[arg(long, default_value = "http://127.0.0.1:9127/readyz")]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -134,6 +140,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         return pgsluice::budget::report::run(args);
+    }
+    if let Some(Command::Health { url }) = &cli.command {
+        return match health(url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pgsluice health: {url}: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Some(path) = &cli.check_config {
         return match Config::load(Some(path), &[]) {
@@ -162,9 +177,16 @@ fn main() -> ExitCode {
     init_logging(config.log_format);
     let runtime = match config.worker_threads {
         // One thread: no work stealing and no cross-thread wake-ups.
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
     };
     let runtime = match runtime {
         Ok(r) => r,
@@ -205,5 +227,37 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// A GET over plain HTTP/1.0 with a short timeout; Ok when the status is 200. Enough for a
+/// health check in an image that has no curl.
+fn health(url: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    use std::time::Duration;
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs")?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let addr = host
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let timeout = Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).map_err(|e| e.to_string())?;
+    let status = String::from_utf8_lossy(&head[..n]);
+    match status.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        Some(code) => Err(format!("status {code}")),
+        None => Err("no HTTP status".into()),
     }
 }
