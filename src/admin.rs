@@ -300,7 +300,12 @@ fn error(code: &str, msg: impl Into<String>) -> ErrorFields {
 }
 
 /// Serves an admin console session after login; the caller checked the user.
-pub async fn session(mut stream: TcpStream, shared: &Arc<Shared>, pid: i32, secret: i32) -> Result<(), String> {
+pub async fn session(
+    mut stream: TcpStream,
+    shared: &Arc<Shared>,
+    pid: i32,
+    secret: i32,
+) -> Result<(), String> {
     let mut out = BytesMut::new();
     messages::auth_ok(&mut out);
     for (name, value) in [
@@ -309,7 +314,10 @@ pub async fn session(mut stream: TcpStream, shared: &Arc<Shared>, pid: i32, secr
         ("DateStyle", "ISO"),
         ("integer_datetimes", "on"),
         ("server_encoding", "UTF8"),
-        ("server_version", concat!(env!("CARGO_PKG_VERSION"), "/pgsluice")),
+        (
+            "server_version",
+            concat!(env!("CARGO_PKG_VERSION"), "/pgsluice"),
+        ),
         ("standard_conforming_strings", "on"),
         ("TimeZone", "UTC"),
     ] {
@@ -361,15 +369,21 @@ pub async fn session(mut stream: TcpStream, shared: &Arc<Shared>, pid: i32, secr
             | frontend::EXECUTE
             | frontend::CLOSE => {
                 skipping = true;
-                error("0A000", "the admin console supports only the simple query protocol")
-                    .with_hint("use psql, or a driver's simple query mode")
-                    .encode(&mut out);
+                error(
+                    "0A000",
+                    "the admin console supports only the simple query protocol",
+                )
+                .with_hint("use psql, or a driver's simple query mode")
+                .encode(&mut out);
             }
             other => {
                 let e = ErrorFields::new(
                     Severity::Fatal,
                     "08P01",
-                    format!("invalid frontend message type {other} ({:?}) on the admin console", other as char),
+                    format!(
+                        "invalid frontend message type {other} ({:?}) on the admin console",
+                        other as char
+                    ),
                 );
                 e.encode(&mut out);
                 let _ = stream.write_all(&out).await;
@@ -391,9 +405,7 @@ async fn command(shared: &Arc<Shared>, sql: &str) -> Result<BytesMut, ErrorField
     let words: Vec<&str> = text.split_whitespace().collect();
     let lower: Vec<String> = words.iter().map(|w| w.to_ascii_lowercase()).collect();
     let arg = |i: usize| words.get(i).map(|w| w.trim_matches('"'));
-    let invalid = || {
-        error("42601", format!("invalid command '{sql}', use SHOW HELP;"))
-    };
+    let invalid = || error("42601", format!("invalid command '{sql}', use SHOW HELP;"));
     match lower.first().map(String::as_str) {
         None => {
             let mut out = BytesMut::new();
@@ -437,11 +449,13 @@ async fn command(shared: &Arc<Shared>, sql: &str) -> Result<BytesMut, ErrorField
         .with_hint("restart pgsluice to apply a configuration change")),
         Some("set") => set(text),
         Some(
-            "disable" | "enable" | "kill" | "kill_client" | "reconnect" | "suspend"
-            | "wait_close",
+            "disable" | "enable" | "kill" | "kill_client" | "reconnect" | "suspend" | "wait_close",
         ) => Err(error(
             "0A000",
-            format!("{} is not supported by pgsluice", words[0].to_ascii_uppercase()),
+            format!(
+                "{} is not supported by pgsluice",
+                words[0].to_ascii_uppercase()
+            ),
         )),
         _ => Err(invalid()),
     }
@@ -574,7 +588,11 @@ fn show(shared: &Arc<Shared>, what: &str) -> Result<BytesMut, ErrorFields> {
         "state" => {
             let paused = lock(&shared.console.paused).all;
             let mut t = Table::new(&[("key", Ty::Text), ("value", Ty::Text)]);
-            for (k, v) in [("active", !paused), ("paused", paused), ("suspended", false)] {
+            for (k, v) in [
+                ("active", !paused),
+                ("paused", paused),
+                ("suspended", false),
+            ] {
                 t.row(vec![k.into(), if v { "yes" } else { "no" }.into()]);
             }
             t
@@ -950,11 +968,18 @@ fn show_users(shared: &Shared) -> Table {
     let stats = shared.pools.stats();
     let clients = shared.clients.all();
     for (name, u) in &config.users {
-        let open: u32 = stats.iter().filter(|p| &p.user == name).map(|p| p.open).sum();
+        let open: u32 = stats
+            .iter()
+            .filter(|p| &p.user == name)
+            .map(|p| p.open)
+            .sum();
         let n_clients = clients.iter().filter(|c| &c.user == name).count();
         t.row(vec![
             name.clone().into(),
-            u.pool_size.map(|n| n.to_string()).unwrap_or_default().into(),
+            u.pool_size
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+                .into(),
             "".into(),
             u.pool_mode.map(pool_mode_str).into(),
             0i64.into(),
@@ -998,18 +1023,34 @@ pub fn config_rows(c: &Config) -> Vec<(&'static str, String, &'static str)> {
     let list = |v: &[String]| v.join(",");
     vec![
         ("listen", c.listen.clone(), "127.0.0.1:6432"),
-        ("pool_mode", pool_mode_str(c.pool_mode).into(), "transaction"),
+        (
+            "pool_mode",
+            pool_mode_str(c.pool_mode).into(),
+            "transaction",
+        ),
         ("pool_size", c.pool_size.to_string(), "20"),
         ("min_pool_size", c.min_pool_size.to_string(), "0"),
         ("max_client_conn", c.max_client_conn.to_string(), "10000"),
         ("query_wait_timeout", secs(c.query_wait_timeout), "120"),
         ("query_wait_notify", secs(c.query_wait_notify), "5"),
         ("client_login_timeout", secs(c.client_login_timeout), "60"),
-        ("server_connect_timeout", secs(c.server_connect_timeout), "15"),
+        (
+            "server_connect_timeout",
+            secs(c.server_connect_timeout),
+            "15",
+        ),
         ("server_idle_timeout", secs(c.server_idle_timeout), "600"),
         ("server_lifetime", secs(c.server_lifetime), "3600"),
-        ("server_cleanup_timeout", secs(c.server_cleanup_timeout), "5"),
-        ("server_reset_query", c.server_reset_query.clone(), "DISCARD ALL"),
+        (
+            "server_cleanup_timeout",
+            secs(c.server_cleanup_timeout),
+            "5",
+        ),
+        (
+            "server_reset_query",
+            c.server_reset_query.clone(),
+            "DISCARD ALL",
+        ),
         (
             "auth_type",
             match c.auth_type {
@@ -1021,8 +1062,16 @@ pub fn config_rows(c: &Config) -> Vec<(&'static str, String, &'static str)> {
             "scram-sha-256",
         ),
         ("max_query_size", c.max_query_size.to_string(), "33554432"),
-        ("ignore_startup_parameters", list(&c.ignore_startup_parameters), ""),
-        ("track_extra_parameters", list(&c.track_extra_parameters), ""),
+        (
+            "ignore_startup_parameters",
+            list(&c.ignore_startup_parameters),
+            "",
+        ),
+        (
+            "track_extra_parameters",
+            list(&c.track_extra_parameters),
+            "",
+        ),
         (
             "log_format",
             match c.log_format {
@@ -1075,8 +1124,7 @@ fn show_applications(shared: &Shared) -> Table {
         ("checkout_timeouts", Int),
     ]);
     let now = Instant::now();
-    let mut by_app: BTreeMap<(String, String, String), (ClientCounts, Duration)> =
-        BTreeMap::new();
+    let mut by_app: BTreeMap<(String, String, String), (ClientCounts, Duration)> = BTreeMap::new();
     for c in shared.clients.all() {
         let a = c.app().metrics;
         let e = by_app
@@ -1162,15 +1210,19 @@ mod tests {
     fn times_look_like_pgbouncer_s() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(format_time(t), "2023-11-14 22:13:20 UTC");
-        assert_eq!(format_time(SystemTime::UNIX_EPOCH), "1970-01-01 00:00:00 UTC");
+        assert_eq!(
+            format_time(SystemTime::UNIX_EPOCH),
+            "1970-01-01 00:00:00 UTC"
+        );
         let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(format_time(leap), "2000-02-29 00:00:00 UTC");
     }
 
     #[test]
     fn config_defaults_are_the_real_defaults() {
-        let c = Config::from_toml("upstream = \"postgres://u:p@h/d\"\nlisten = \"127.0.0.1:6432\"\n")
-            .unwrap();
+        let c =
+            Config::from_toml("upstream = \"postgres://u:p@h/d\"\nlisten = \"127.0.0.1:6432\"\n")
+                .unwrap();
         for (k, v, d) in config_rows(&c) {
             if k == "admin_users" {
                 assert_eq!(v, "u", "quick mode makes the upstream user an admin");

@@ -28,7 +28,8 @@ pub enum ClientState {
 }
 
 impl ClientState {
-    pub const ALL: [ClientState; 3] = [ClientState::Active, ClientState::Waiting, ClientState::Idle];
+    pub const ALL: [ClientState; 3] =
+        [ClientState::Active, ClientState::Waiting, ClientState::Idle];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -135,7 +136,8 @@ impl Client {
     pub fn set_active(&self, server: ServerLink) {
         *lock(&self.server) = Some(server);
         self.wait_began.store(0, Ordering::Relaxed);
-        self.state.store(ClientState::Active as u8, Ordering::Relaxed);
+        self.state
+            .store(ClientState::Active as u8, Ordering::Relaxed);
     }
 
     /// The client holds no server and waits for nothing.

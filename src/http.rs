@@ -87,7 +87,11 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
         .expect("a valid response")
 }
 
-async fn route(shared: &Arc<Shared>, health: &Health, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    shared: &Arc<Shared>,
+    health: &Health,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n");
@@ -99,14 +103,26 @@ async fn route(shared: &Arc<Shared>, health: &Health, req: Request<Incoming>) ->
             let body = tokio::task::spawn_blocking(move || crate::metrics::scrape(&shared))
                 .await
                 .unwrap_or_default();
-            reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            )
         }
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
         "/readyz" => match health.ready(shared).await {
             Ok(()) => reply(StatusCode::OK, TEXT, "ready\n"),
-            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready: {why}\n")),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                format!("not ready: {why}\n"),
+            ),
         },
-        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found: try /metrics, /healthz or /readyz\n"),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found: try /metrics, /healthz or /readyz\n",
+        ),
     }
 }
 
@@ -140,7 +156,8 @@ impl Health {
                 break;
             }
         }
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), result.clone()));
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), result.clone()));
         result
     }
 }

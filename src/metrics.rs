@@ -708,7 +708,10 @@ impl ClientCounts {
 }
 
 /// Client figures per (database, user) pool.
-pub fn clients_by_pool(clients: &[Arc<Client>], now: Instant) -> HashMap<(String, String), ClientCounts> {
+pub fn clients_by_pool(
+    clients: &[Arc<Client>],
+    now: Instant,
+) -> HashMap<(String, String), ClientCounts> {
     let mut out: HashMap<(String, String), ClientCounts> = HashMap::new();
     for c in clients {
         out.entry((c.database.clone(), c.user.clone()))
@@ -819,7 +822,9 @@ pub fn scrape(shared: &Shared) -> Vec<u8> {
         m.upstream_max_connections
             .with_label_values(&l)
             .set(s.upstream.max_connections as i64);
-        m.fleet_budget.with_label_values(&l).set(s.fleet_budget as i64);
+        m.fleet_budget
+            .with_label_values(&l)
+            .set(s.fleet_budget as i64);
         m.budget.with_label_values(&l).set(s.limit as i64);
         m.budget_in_use.with_label_values(&l).set(s.in_use as i64);
         m.fleet_members
@@ -851,7 +856,11 @@ mod tests {
         assert_eq!(m.app("d", "u", "a").label, "a");
         assert_eq!(m.app("d", "u", "").label, UNNAMED_APPLICATION);
         assert_eq!(m.app("d", "u", "c").label, OTHER_APPLICATION);
-        assert_eq!(m.app("d2", "u", "a").label, "a", "a known name keeps its label");
+        assert_eq!(
+            m.app("d2", "u", "a").label,
+            "a",
+            "a known name keeps its label"
+        );
         let long = "é".repeat(40);
         let m = Metrics::new(5);
         let label = m.app("d", "u", &long).label.clone();
@@ -886,6 +895,9 @@ mod tests {
         let missing: Vec<_> = registered.difference(&documented).collect();
         let stale: Vec<_> = documented.difference(&registered).collect();
         assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
-        assert!(stale.is_empty(), "in docs/metrics.md but not registered: {stale:?}");
+        assert!(
+            stale.is_empty(),
+            "in docs/metrics.md but not registered: {stale:?}"
+        );
     }
 }

@@ -30,8 +30,10 @@ async fn proxy(name: &str, top: &str) -> (Proxy, u16) {
 /// GET over HTTP/1.1: (status, body).
 async fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -70,7 +72,11 @@ impl Scrape {
                 other => panic!("{name}: not a single value: {other:?}"),
             })
             .collect();
-        assert!(found.len() <= 1, "{name} {labels:?}: {} samples", found.len());
+        assert!(
+            found.len() <= 1,
+            "{name} {labels:?}: {} samples",
+            found.len()
+        );
         found.first().copied().unwrap_or(0.0)
     }
 
@@ -107,25 +113,41 @@ async fn three_checkout_timeouts_for_the_right_pool_and_application() {
     let app = |a: &'static str| [p[0], p[1], ("application", a)];
     assert_eq!(s.value("pgsluice_checkout_timeouts_total", &p), 3.0);
     assert_eq!(
-        s.value("pgsluice_application_checkout_timeouts_total", &app("reporter")),
+        s.value(
+            "pgsluice_application_checkout_timeouts_total",
+            &app("reporter")
+        ),
         3.0
     );
     assert_eq!(
-        s.value("pgsluice_application_checkout_timeouts_total", &app("holder")),
+        s.value(
+            "pgsluice_application_checkout_timeouts_total",
+            &app("holder")
+        ),
         0.0
     );
     assert_eq!(
-        s.value("pgsluice_errors_total", &[("kind", "query_wait_timeout"), ("side", "client")]),
+        s.value(
+            "pgsluice_errors_total",
+            &[("kind", "query_wait_timeout"), ("side", "client")]
+        ),
         3.0
     );
     // Every wait is observed, the three that gave up included, each about 300 ms.
-    assert_eq!(s.value("pgsluice_application_wait_seconds_count", &app("reporter")), 3.0);
+    assert_eq!(
+        s.value("pgsluice_application_wait_seconds_count", &app("reporter")),
+        3.0
+    );
     let waited = s.value("pgsluice_application_wait_seconds_sum", &app("reporter"));
     assert!((0.85..3.0).contains(&waited), "waited {waited}");
     holder.batch_execute("COMMIT").await.unwrap();
     reporter.simple_query("SELECT 1").await.unwrap();
     let s = Scrape::take(port).await;
-    assert_eq!(s.value("pgsluice_checkout_timeouts_total", &p), 3.0, "a success adds no timeout");
+    assert_eq!(
+        s.value("pgsluice_checkout_timeouts_total", &p),
+        3.0,
+        "a success adds no timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,9 +156,16 @@ async fn a_server_held_idle_in_a_transaction_is_measured() {
     let worker = client_as(&proxy, "m_hoard", "llm-worker").await;
     let other = client_as(&proxy, "m_hoard", "web").await;
     other.simple_query("SELECT 1").await.unwrap();
-    let app = [("database", "m_hoard"), ("user", "m_hoard"), ("application", "llm-worker")];
+    let app = [
+        ("database", "m_hoard"),
+        ("user", "m_hoard"),
+        ("application", "llm-worker"),
+    ];
     let before = Scrape::take(port).await;
-    let base = before.value("pgsluice_application_idle_in_transaction_seconds_total", &app);
+    let base = before.value(
+        "pgsluice_application_idle_in_transaction_seconds_total",
+        &app,
+    );
     assert_eq!(base, 0.0);
     worker.batch_execute("BEGIN; SELECT 1").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -144,24 +173,39 @@ async fn a_server_held_idle_in_a_transaction_is_measured() {
     let during = Scrape::take(port).await;
     let max = during.value("pgsluice_application_idle_in_transaction_max_seconds", &app);
     assert!((1.1..3.0).contains(&max), "max {max}");
-    let so_far = during.value("pgsluice_application_idle_in_transaction_seconds_total", &app);
+    let so_far = during.value(
+        "pgsluice_application_idle_in_transaction_seconds_total",
+        &app,
+    );
     assert!((1.1..3.0).contains(&so_far), "counted so far {so_far}");
     let p = pool("m_hoard");
     let sv = |s: &Scrape, state: &'static str| {
-        s.value("pgsluice_server_connections", &[p[0], p[1], ("state", state)])
+        s.value(
+            "pgsluice_server_connections",
+            &[p[0], p[1], ("state", state)],
+        )
     };
     assert_eq!(sv(&during, "idle_in_transaction"), 1.0);
     assert_eq!(sv(&during, "active"), 0.0);
     assert_eq!(
-        during.value("pgsluice_application_clients", &[app[0], app[1], app[2], ("state", "active")]),
+        during.value(
+            "pgsluice_application_clients",
+            &[app[0], app[1], app[2], ("state", "active")]
+        ),
         1.0
     );
     tokio::time::sleep(Duration::from_millis(900)).await;
     worker.batch_execute("COMMIT").await.unwrap();
     let after = Scrape::take(port).await;
-    let total = after.value("pgsluice_application_idle_in_transaction_seconds_total", &app);
+    let total = after.value(
+        "pgsluice_application_idle_in_transaction_seconds_total",
+        &app,
+    );
     assert!((2.0..3.5).contains(&total), "hoarded {total}");
-    assert_eq!(after.value("pgsluice_application_idle_in_transaction_max_seconds", &app), 0.0);
+    assert_eq!(
+        after.value("pgsluice_application_idle_in_transaction_max_seconds", &app),
+        0.0
+    );
     assert_eq!(sv(&after, "idle_in_transaction"), 0.0);
     assert_eq!(
         after.value(
@@ -186,10 +230,16 @@ async fn forty_waiting_clients_then_back_to_baseline() {
     }
     let p = pool("m_forty");
     let cl = |s: &Scrape, state: &'static str| {
-        s.value("pgsluice_client_connections", &[p[0], p[1], ("state", state)])
+        s.value(
+            "pgsluice_client_connections",
+            &[p[0], p[1], ("state", state)],
+        )
     };
     let s = Scrape::take(port).await;
-    assert_eq!((cl(&s, "waiting"), cl(&s, "active"), cl(&s, "idle")), (0.0, 1.0, 40.0));
+    assert_eq!(
+        (cl(&s, "waiting"), cl(&s, "active"), cl(&s, "idle")),
+        (0.0, 1.0, 40.0)
+    );
     let mut tasks = Vec::new();
     for c in clients {
         tasks.push(tokio::spawn(async move {
@@ -210,7 +260,10 @@ async fn forty_waiting_clients_then_back_to_baseline() {
     assert_eq!(cl(&s, "active"), 1.0);
     assert!(s.value("pgsluice_client_max_wait_seconds", &p) > 0.0);
     assert_eq!(
-        s.value("pgsluice_server_connections", &[p[0], p[1], ("state", "idle_in_transaction")]),
+        s.value(
+            "pgsluice_server_connections",
+            &[p[0], p[1], ("state", "idle_in_transaction")]
+        ),
         1.0
     );
     assert_eq!(s.value("pgsluice_pool_size", &p), 1.0);
@@ -231,8 +284,21 @@ async fn forty_waiting_clients_then_back_to_baseline() {
     let s = Scrape::take(port).await;
     assert_eq!(s.value("pgsluice_application_clients", &burst), 0.0);
     assert_eq!(s.value("pgsluice_client_max_wait_seconds", &p), 0.0);
-    let sv = |state: &'static str| s.value("pgsluice_server_connections", &[p[0], p[1], ("state", state)]);
-    assert_eq!((sv("active"), sv("idle"), sv("idle_in_transaction"), sv("login")), (0.0, 1.0, 0.0, 0.0));
+    let sv = |state: &'static str| {
+        s.value(
+            "pgsluice_server_connections",
+            &[p[0], p[1], ("state", state)],
+        )
+    };
+    assert_eq!(
+        (
+            sv("active"),
+            sv("idle"),
+            sv("idle_in_transaction"),
+            sv("login")
+        ),
+        (0.0, 1.0, 0.0, 0.0)
+    );
     // 1 (holder) + 40 checkouts, and as many waits observed.
     assert_eq!(s.value("pgsluice_server_assignments_total", &p), 41.0);
     assert_eq!(s.value("pgsluice_client_wait_seconds_count", &p), 41.0);
@@ -261,13 +327,19 @@ async fn transactions_and_queries_are_counted_exactly() {
     c.batch_execute("BEGIN").await.unwrap(); // 1 transaction, 3 queries
     c.batch_execute("SELECT 1").await.unwrap();
     c.batch_execute("COMMIT").await.unwrap();
-    c.query_typed("SELECT $1::int", &[(&7i32, tokio_postgres::types::Type::INT4)])
-        .await
-        .unwrap(); // extended protocol, one Sync: 1 and 1
+    c.query_typed(
+        "SELECT $1::int",
+        &[(&7i32, tokio_postgres::types::Type::INT4)],
+    )
+    .await
+    .unwrap(); // extended protocol, one Sync: 1 and 1
     let after = Scrape::take(port).await;
     assert_eq!(delta(&after, "pgsluice_transactions_total"), 8.0);
     assert_eq!(delta(&after, "pgsluice_queries_total"), 10.0);
-    assert_eq!(delta(&after, "pgsluice_transaction_duration_seconds_count"), 8.0);
+    assert_eq!(
+        delta(&after, "pgsluice_transaction_duration_seconds_count"),
+        8.0
+    );
     assert_eq!(delta(&after, "pgsluice_server_assignments_total"), 8.0);
     assert!(delta(&after, "pgsluice_client_received_bytes_total") > 100.0);
     assert!(delta(&after, "pgsluice_client_sent_bytes_total") > 100.0);
@@ -279,13 +351,20 @@ async fn build_info_budget_errors_and_process_metrics() {
     let (proxy, port) = proxy("m_misc", "").await;
     let c = proxy.client("m_misc").await;
     c.simple_query("SELECT 1").await.unwrap();
-    let e = try_connect(&proxy.conn("m_misc", "wrong", "m_misc")).await.unwrap_err();
+    let e = try_connect(&proxy.conn("m_misc", "wrong", "m_misc"))
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "28P01");
-    let e = try_connect(&proxy.conn("m_misc", "m_misc-pw", "nosuchdb")).await.unwrap_err();
+    let e = try_connect(&proxy.conn("m_misc", "m_misc-pw", "nosuchdb"))
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), "3D000");
     let s = Scrape::take(port).await;
     assert_eq!(
-        s.value("pgsluice_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+        s.value(
+            "pgsluice_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
         1.0
     );
     let err = |kind: &str| s.value("pgsluice_errors_total", &[("kind", kind)]);
@@ -295,13 +374,12 @@ async fn build_info_budget_errors_and_process_metrics() {
     assert!(s.has("process_resident_memory_bytes"));
     assert!(s.has("process_open_fds"));
     // The test harness gives every proxy a fixed budget of 80.
-    let upstream = s
-        .0
-        .samples
-        .iter()
-        .find(|x| x.metric == "pgsluice_budget_connections")
-        .and_then(|x| x.labels.get("upstream").map(str::to_owned))
-        .expect("a budget per upstream");
+    let upstream =
+        s.0.samples
+            .iter()
+            .find(|x| x.metric == "pgsluice_budget_connections")
+            .and_then(|x| x.labels.get("upstream").map(str::to_owned))
+            .expect("a budget per upstream");
     let u = [("upstream", upstream.as_str())];
     assert_eq!(s.value("pgsluice_budget_connections", &u), 80.0);
     assert_eq!(s.value("pgsluice_budget_in_use_connections", &u), 1.0);
@@ -321,10 +399,17 @@ async fn application_labels_are_bounded() {
     let idle = |a: &'static str| {
         s.value(
             "pgsluice_application_clients",
-            &[("database", "m_apps"), ("application", a), ("state", "idle")],
+            &[
+                ("database", "m_apps"),
+                ("application", a),
+                ("state", "idle"),
+            ],
         )
     };
-    assert_eq!((idle("one"), idle("two"), idle("three"), idle("other")), (1.0, 1.0, 1.0, 0.0));
+    assert_eq!(
+        (idle("one"), idle("two"), idle("three"), idle("other")),
+        (1.0, 1.0, 1.0, 0.0)
+    );
 
     // With max_applications = 2, the third name shares "other".
     let port2 = free_port();
@@ -345,20 +430,31 @@ async fn application_labels_are_bounded() {
     let idle = |a: &'static str| {
         s.value(
             "pgsluice_application_clients",
-            &[("database", "m_apps"), ("application", a), ("state", "idle")],
+            &[
+                ("database", "m_apps"),
+                ("application", a),
+                ("state", "idle"),
+            ],
         )
     };
     assert_eq!((idle("one"), idle("two"), idle("other")), (1.0, 1.0, 2.0));
     assert_eq!(idle("three"), 0.0);
     // SET application_name moves a client to its new label (once its session is back to
     // idle: the proxy reads the setting back after the client has its answer).
-    keep2[0].batch_execute("SET application_name = 'two'").await.unwrap();
+    keep2[0]
+        .batch_execute("SET application_name = 'two'")
+        .await
+        .unwrap();
     let moved = eventually(Duration::from_secs(5), || async {
         let s = Scrape::take(port2).await;
         let idle = |a: &'static str| {
             s.value(
                 "pgsluice_application_clients",
-                &[("database", "m_apps"), ("application", a), ("state", "idle")],
+                &[
+                    ("database", "m_apps"),
+                    ("application", a),
+                    ("state", "idle"),
+                ],
             )
         };
         (idle("one"), idle("two")) == (0.0, 2.0)
@@ -383,7 +479,12 @@ async fn health_endpoints_and_unknown_paths() {
          [databases.gone]\nport = {dead}\n[users.gone]\npassword = \"pw\"\n"
     ))
     .await;
-    assert!(eventually(Duration::from_secs(5), || async move { get(port, "/healthz").await.is_ok() }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async move {
+            get(port, "/healthz").await.is_ok()
+        })
+        .await
+    );
     let (status, body) = get(port, "/readyz").await.unwrap();
     assert_eq!(status, 503);
     assert!(body.contains(&format!("127.0.0.1:{dead}")), "{body}");
@@ -404,16 +505,31 @@ async fn readyz_flips_while_the_upstream_is_down() {
     .await;
     let c = proxy.client("m_flip").await;
     c.simple_query("SELECT 1").await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async move { matches!(get(port, "/readyz").await, Ok((200, _))) }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async move {
+            matches!(get(port, "/readyz").await, Ok((200, _)))
+        })
+        .await
+    );
     own.ctl_stop();
     assert!(
-        eventually(Duration::from_secs(5), || async move { matches!(get(port, "/readyz").await, Ok((503, _))) }).await,
+        eventually(Duration::from_secs(5), || async move {
+            matches!(get(port, "/readyz").await, Ok((503, _)))
+        })
+        .await,
         "not ready while the upstream is down"
     );
-    assert_eq!(get(port, "/healthz").await.unwrap().0, 200, "alive all the same");
+    assert_eq!(
+        get(port, "/healthz").await.unwrap().0,
+        200,
+        "alive all the same"
+    );
     own.ctl_start();
     assert!(
-        eventually(Duration::from_secs(5), || async move { matches!(get(port, "/readyz").await, Ok((200, _))) }).await,
+        eventually(Duration::from_secs(5), || async move {
+            matches!(get(port, "/readyz").await, Ok((200, _)))
+        })
+        .await,
         "ready again"
     );
 }
@@ -426,17 +542,27 @@ async fn readyz_is_false_while_draining() {
     let c = proxy.client("m_drain").await;
     c.simple_query("SELECT 1").await.unwrap();
     let admin = connect(&proxy.conn("m_drain", "m_drain-pw", "pgbouncer")).await;
-    admin.simple_query("SHUTDOWN WAIT_FOR_CLIENTS").await.unwrap();
+    admin
+        .simple_query("SHUTDOWN WAIT_FOR_CLIENTS")
+        .await
+        .unwrap();
     let (status, body) = get(port, "/readyz").await.unwrap();
     assert_eq!(status, 503);
     assert!(body.contains("draining"), "{body}");
-    let e = try_connect(&proxy.conn("m_drain", "m_drain-pw", "m_drain")).await.unwrap_err();
+    let e = try_connect(&proxy.conn("m_drain", "m_drain-pw", "m_drain"))
+        .await
+        .unwrap_err();
     assert_eq!(message(&e), "pooler is shutting down");
-    c.simple_query("SELECT 1").await.expect("existing clients keep working");
+    c.simple_query("SELECT 1")
+        .await
+        .expect("existing clients keep working");
     drop(admin);
     drop(c);
     assert!(
-        eventually(Duration::from_secs(5), || async move { get(port, "/healthz").await.is_err() }).await,
+        eventually(Duration::from_secs(5), || async move {
+            get(port, "/healthz").await.is_err()
+        })
+        .await,
         "the proxy stops once its last client left"
     );
 }
