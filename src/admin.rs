@@ -740,6 +740,9 @@ fn show_stats(shared: &Shared) -> Table {
         ("avg_client_parse_count", Int),
         ("avg_server_parse_count", Int),
         ("avg_bind_count", Int),
+        // PgBouncer before 1.8 (exporters written for it, such as Debian's
+        // prometheus-pgbouncer-exporter, still read it): requests = queries.
+        ("total_requests", Int),
     ]);
     let mut dbs: BTreeMap<String, DbStats> = shared
         .pools
@@ -789,6 +792,7 @@ fn show_stats(shared: &Shared) -> Table {
             0i64.into(),
             0i64.into(),
             0i64.into(),
+            d.queries.into(),
         ]);
     }
     t
@@ -919,6 +923,8 @@ fn show_databases(shared: &Shared) -> Table {
         ("current_client_connections", Int),
         ("paused", Int),
         ("disabled", Int),
+        // PgBouncer before 1.8's name of reserve_pool_size, for old exporters.
+        ("reserve_pool", Int),
     ]);
     let stats = shared.pools.stats();
     let clients = shared.clients.all();
@@ -946,6 +952,7 @@ fn show_databases(shared: &Shared) -> Table {
             0i64.into(),
             n_clients.into(),
             i64::from(shared.console.is_paused(name)).into(),
+            0i64.into(),
             0i64.into(),
         ]);
     }

@@ -194,6 +194,7 @@ async fn show_stats_counts_the_workload() {
             "avg_client_parse_count",
             "avg_server_parse_count",
             "avg_bind_count",
+            "total_requests",
         ])
     );
     let r = row_of(&rows, "database", "a_stats");
@@ -203,6 +204,11 @@ async fn show_stats_counts_the_workload() {
     assert_eq!(field(r, "total_xact_count"), "5");
     assert_eq!(field(r, "total_query_count"), "7");
     assert_eq!(field(r, "total_server_assignment_count"), "5");
+    assert_eq!(
+        field(r, "total_requests"),
+        "7",
+        "PgBouncer 1.7's name for queries"
+    );
     let n = |c: &str| field(r, c).parse::<u64>().unwrap();
     assert!(n("total_received") > 0 && n("total_sent") > 0);
     assert!(n("total_xact_time") >= n("total_query_time"));
@@ -303,6 +309,7 @@ async fn show_databases_users_lists_config_version_state() {
             "current_client_connections",
             "paused",
             "disabled",
+            "reserve_pool",
         ])
     );
     let d = row_of(&rows, "name", "a_misc");
