@@ -13,7 +13,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -162,26 +161,13 @@ impl Health {
     }
 }
 
-/// Asks a PostgreSQL server whether it takes SSL: any one-byte answer means it is up and
-/// accepting connections. Closing right after costs the server no log line.
+/// Opens a TCP connection to a PostgreSQL server and closes it without sending anything:
+/// a stopped server refuses it. PostgreSQL logs nothing for a connection that sends no data
+/// (an SSLRequest would make a server with `ssl = on` log a failed handshake per probe).
 async fn probe(host: &str, port: u16) -> Result<(), String> {
-    let attempt = async {
-        let mut s = TcpStream::connect((host, port))
-            .await
-            .map_err(|e| e.to_string())?;
-        // SSLRequest: length 8, code 80877103.
-        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut b = [0u8; 1];
-        match s.read(&mut b).await {
-            Ok(1) if b[0] == b'N' || b[0] == b'S' => Ok(()),
-            Ok(0) => Err("connection closed".to_string()),
-            Ok(_) => Err(format!("unexpected answer {:?}", b[0] as char)),
-            Err(e) => Err(e.to_string()),
-        }
-    };
-    tokio::time::timeout(PROBE_TIMEOUT, attempt)
-        .await
-        .map_err(|_| format!("no answer within {PROBE_TIMEOUT:?}"))?
+    match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect((host, port))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+    }
 }
