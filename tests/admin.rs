@@ -149,7 +149,8 @@ async fn show_pools_matches_the_pool() {
     let (_, rows) = show(&admin, "SHOW POOLS").await;
     let r = row_of(&rows, "database", "a_pools");
     assert_eq!(field(r, "cl_waiting"), "1");
-    assert_eq!(field(r, "maxwait"), "1");
+    let maxwait: u64 = field(r, "maxwait").parse().unwrap();
+    assert!((1..30).contains(&maxwait), "maxwait {maxwait}");
     assert_eq!(field(r, "sv_active"), "2");
     busy.batch_execute("COMMIT").await.unwrap();
     w.await.unwrap().unwrap();
