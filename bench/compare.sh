@@ -1,0 +1,504 @@
+#!/usr/bin/env bash
+# pgsluice vs PgBouncer vs direct PostgreSQL, side by side in one run.
+#
+#   bench/compare.sh            full run (about 45 minutes with the defaults on 2 cores)
+#   bench/compare.sh --smoke    ~20 s check that the benchmark still works (CI): debug build,
+#                               1 s runs, 16 clients, select-only, 100 idle clients, storm of 50
+#
+# Builds pgsluice, starts a throwaway PostgreSQL (fsync off) in a temporary directory as the
+# postgres user, starts pgsluice (worker_threads 0 and 1) and PgBouncer (if installed) in
+# transaction mode with pool size 20 and the same SCRAM verifier, then runs pgbench through
+# each and directly, interleaved (A B direct, B direct A, ...) so that machine noise hits all
+# alike. Writes results.md, results.json and the raw runs under bench/results/DATE/.
+# See docs/performance.md for the method and how to read the figures.
+#
+# Settings (environment):
+#   BENCH_SECONDS=10         length of each pgbench run
+#   BENCH_REPEATS=3          rounds; figures are medians, ratios are paired per round
+#   BENCH_CLIENTS="16 100 500 1000"
+#   BENCH_WORKLOADS="select-simple select-extended select-prepared tpcb"
+#   BENCH_TARGETS="pgsluice pgsluice-1t pgbouncer direct"
+#                            pgsluice = worker_threads 0 (one per core), pgsluice-1t = 1
+#   BENCH_JOBS=2             pgbench threads (-j)
+#   BENCH_SCALE=10           pgbench scale
+#   BENCH_IDLE="2000 10000"  idle-client counts for RSS per client ("" skips)
+#   BENCH_STORM=1000         clients in the connect-query-leave storm (0 skips)
+#   BENCH_STORM_AUTH="scram-sha-256 trust"
+#   BENCH_STRACE_CLIENTS="16 100"   client counts of the strace -c pass ("" skips)
+#   BENCH_STRACE_SECONDS=5
+#   BENCH_PROFILE=release    cargo profile of pgsluice (debug in --smoke)
+#   BENCH_PG_BIN             PostgreSQL bin directory (default: newest /usr/lib/postgresql/*/bin)
+#   BENCH_RESULTS=bench/results
+#   BENCH_KEEP=0             1 keeps the temporary directory (configs, logs, pgbench logs)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+HELPER="$HERE/helper.py"
+PY=${PYTHON:-python3}
+
+SMOKE=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) SMOKE=1 ;;
+    -h | --help)
+      sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "unknown argument: $arg (try --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+if [ "$SMOKE" = 1 ]; then
+  SECONDS_PER_RUN=${BENCH_SECONDS:-1}
+  REPEATS=${BENCH_REPEATS:-1}
+  CLIENTS=${BENCH_CLIENTS:-16}
+  WORKLOADS=${BENCH_WORKLOADS:-select-simple}
+  TARGETS=${BENCH_TARGETS:-pgsluice pgbouncer direct}
+  SCALE=${BENCH_SCALE:-1}
+  IDLE=${BENCH_IDLE-100}
+  STORM=${BENCH_STORM:-50}
+  STORM_AUTH=${BENCH_STORM_AUTH:-scram-sha-256}
+  STRACE_CLIENTS=${BENCH_STRACE_CLIENTS-}
+  STRACE_SECONDS=${BENCH_STRACE_SECONDS:-1}
+  PROFILE=${BENCH_PROFILE:-debug}
+  WARMUP=1
+else
+  SECONDS_PER_RUN=${BENCH_SECONDS:-10}
+  REPEATS=${BENCH_REPEATS:-3}
+  CLIENTS=${BENCH_CLIENTS:-16 100 500 1000}
+  WORKLOADS=${BENCH_WORKLOADS:-select-simple select-extended select-prepared tpcb}
+  SCALE=${BENCH_SCALE:-10}
+  IDLE=${BENCH_IDLE-2000 10000}
+  STORM=${BENCH_STORM:-1000}
+  STORM_AUTH=${BENCH_STORM_AUTH:-scram-sha-256 trust}
+  STRACE_CLIENTS=${BENCH_STRACE_CLIENTS-16 100}
+  STRACE_SECONDS=${BENCH_STRACE_SECONDS:-5}
+  PROFILE=${BENCH_PROFILE:-release}
+  WARMUP=3
+fi
+TARGETS=${TARGETS:-${BENCH_TARGETS:-pgsluice pgsluice-1t pgbouncer direct}}
+JOBS=${BENCH_JOBS:-2}
+POOL_SIZE=20
+KEEP=${BENCH_KEEP:-0}
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() {
+  log "error: $*"
+  exit 1
+}
+
+# --- tools ---------------------------------------------------------------------------------
+PG_BIN=${BENCH_PG_BIN:-}
+if [ -z "$PG_BIN" ]; then
+  PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+  [ -n "$PG_BIN" ] || PG_BIN=$(pg_config --bindir 2>/dev/null || true)
+fi
+for tool in initdb pg_ctl psql pgbench; do
+  [ -x "$PG_BIN/$tool" ] || die "$tool not found in '$PG_BIN' (set BENCH_PG_BIN)"
+done
+command -v "$PY" >/dev/null || die "python3 is needed for bench/helper.py"
+command -v cargo >/dev/null || die "cargo is needed to build pgsluice"
+
+PGBOUNCER=$(command -v pgbouncer || true)
+if [ -z "$PGBOUNCER" ] && [ -x /usr/sbin/pgbouncer ]; then PGBOUNCER=/usr/sbin/pgbouncer; fi
+if [ -z "$PGBOUNCER" ]; then
+  log "PgBouncer is not installed (apt-get install pgbouncer): comparing with direct only"
+  TARGETS=$(echo "$TARGETS" | tr ' ' '\n' | grep -vx pgbouncer | tr '\n' ' ')
+fi
+STRACE=$(command -v strace || true)
+[ -n "$STRACE" ] || STRACE_CLIENTS=""
+
+# PostgreSQL and PgBouncer refuse to run as root: run them as postgres.
+if [ "$(id -u)" = 0 ]; then
+  id postgres >/dev/null 2>&1 || die "run as a normal user, or create the postgres user"
+  as_pg() { runuser -u postgres -- "$@"; }
+  PG_OWNER=postgres
+else
+  as_pg() { "$@"; }
+  PG_OWNER=$(id -un)
+fi
+
+# Idle clients and 1000-client runs need file descriptors.
+max_idle=0
+for n in $IDLE; do [ "$n" -gt "$max_idle" ] && max_idle=$n; done
+max_clients=0
+for n in $CLIENTS; do [ "$n" -gt "$max_clients" ] && max_clients=$n; done
+want_fds=$((max_idle + max_clients + 1000))
+ulimit -n "$want_fds" 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+FDS=$(ulimit -n)
+if [ "$FDS" -lt "$want_fds" ]; then
+  log "ulimit -n is $FDS (hard limit): idle-client counts above $((FDS - 200)) are skipped"
+fi
+MAX_CONN=$((max_clients + 3 * POOL_SIZE + 40))
+
+# --- build ---------------------------------------------------------------------------------
+log "building pgsluice ($PROFILE)"
+case "$PROFILE" in
+  debug | dev) PROFILE=dev PROFILE_DIR=debug ;;
+  *) PROFILE_DIR=$PROFILE ;;
+esac
+(cd "$ROOT" && cargo build --profile "$PROFILE" --quiet --bin pgsluice)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN="$TARGET_DIR/$PROFILE_DIR/pgsluice"
+[ -x "$BIN" ] || die "no binary at $BIN"
+
+# --- results and scratch -------------------------------------------------------------------
+STAMP=$(date +%Y%m%d-%H%M%S)
+[ "$SMOKE" = 1 ] && STAMP="$STAMP-smoke"
+RESULTS="${BENCH_RESULTS:-$ROOT/bench/results}/$STAMP"
+mkdir -p "$RESULTS"
+WORK=$(mktemp -d /tmp/pgsluice-bench.XXXXXX)
+chmod 755 "$WORK"
+mkdir -p "$WORK/pgb" "$WORK/pg" "$WORK/logs"
+chmod 700 "$WORK/pg"
+[ "$(id -u)" = 0 ] && chown "$PG_OWNER" "$WORK/pgb" "$WORK/pg"
+
+declare -A PORT PID
+PG_STARTED=0
+
+stop_pid() { # pid: SIGTERM, wait up to 10 s, then SIGKILL
+  local pid=$1 i
+  [ -n "$pid" ] && [ "$pid" != 0 ] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 1 100); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local t
+  for t in "${!PID[@]}"; do stop_pid "${PID[$t]}"; done
+  if [ "$PG_STARTED" = 1 ]; then
+    as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+freeport() { "$PY" "$HELPER" freeport; }
+
+wait_port() { # port: until it accepts, at most 20 s
+  local i
+  for i in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+PASSWORD="bench-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+PORT[direct]=$(freeport)
+log "starting PostgreSQL on 127.0.0.1:${PORT[direct]} (max_connections $MAX_CONN, scale $SCALE) in $WORK"
+printf '%s\n' "$PASSWORD" >"$WORK/pgb/pwfile"
+as_pg "$PG_BIN/initdb" -D "$WORK/pg" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+  -E UTF8 --no-sync >"$WORK/initdb.log" 2>&1 || {
+  cat "$WORK/initdb.log" >&2
+  die "initdb failed"
+}
+shared_buffers=512MB
+[ "$SMOKE" = 1 ] && shared_buffers=128MB
+cat >>"$WORK/pg/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = ${PORT[direct]}
+unix_socket_directories = '$WORK/pgb'
+max_connections = $MAX_CONN
+shared_buffers = $shared_buffers
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+autovacuum = off
+max_wal_size = 4GB
+checkpoint_timeout = 1h
+password_encryption = 'scram-sha-256'
+EOF
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pgb/postgres.log" -w -t 60 start >/dev/null ||
+  die "PostgreSQL did not start (see $WORK/pgb/postgres.log)"
+PG_STARTED=1
+psql_admin() { as_pg "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$WORK/pgb" -p "${PORT[direct]}" -U postgres "$@"; }
+psql_admin -d postgres -c "CREATE ROLE bench LOGIN PASSWORD '$PASSWORD'" -c "CREATE DATABASE bench OWNER bench"
+as_pg "$PG_BIN/pgbench" -i -q -s "$SCALE" -h "$WORK/pgb" -p "${PORT[direct]}" -U bench bench >"$WORK/pgbench-init.log" 2>&1 ||
+  die "pgbench -i failed (see $WORK/pgbench-init.log)"
+VERIFIER=$(psql_admin -d postgres -At -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'")
+case "$VERIFIER" in SCRAM-SHA-256*) ;; *) die "no SCRAM verifier for role bench" ;; esac
+export PGPASSWORD="$PASSWORD"
+
+# --- proxies -------------------------------------------------------------------------------
+# Both proxies check client passwords against the same SCRAM verifier (no PBKDF2 per login);
+# with auth "trust" they check nothing. pgsluice logs in to PostgreSQL with the plain-text
+# password (PBKDF2 once per server connection, 20 per pool); PgBouncer reuses the client's
+# SCRAM keys with the verifier, or the plain-text password under trust.
+start_pgsluice() { # target workers auth
+  local t=$1 workers=$2 auth=$3
+  PORT[$t]=$(freeport)
+  cat >"$WORK/$t.toml" <<EOF
+listen = "127.0.0.1:${PORT[$t]}"
+pool_mode = "transaction"
+pool_size = $POOL_SIZE
+max_client_conn = $((max_idle + max_clients + 500))
+auth_type = "$auth"
+worker_threads = $workers
+
+[budget]
+max_server_connections = $((POOL_SIZE * 5))
+
+[databases.bench]
+host = "127.0.0.1"
+port = ${PORT[direct]}
+password = "$PASSWORD"
+
+[users.bench]
+password = "$VERIFIER"
+EOF
+  PGSLUICE_LOG=${PGSLUICE_LOG:-warn} "$BIN" --config "$WORK/$t.toml" >>"$WORK/$t.log" 2>&1 &
+  PID[$t]=$!
+  wait_port "${PORT[$t]}" || die "$t did not start (see $WORK/$t.log)"
+}
+
+start_pgbouncer() { # auth
+  local auth=$1 t=pgbouncer
+  PORT[$t]=$(freeport)
+  if [ "$auth" = trust ]; then
+    printf '"bench" "%s"\n' "$PASSWORD" >"$WORK/pgb/userlist.txt"
+  else
+    printf '"bench" "%s"\n' "$VERIFIER" >"$WORK/pgb/userlist.txt"
+  fi
+  cat >"$WORK/pgb/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=${PORT[direct]} dbname=bench
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = ${PORT[$t]}
+unix_socket_dir =
+auth_type = $auth
+auth_file = $WORK/pgb/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL_SIZE
+max_client_conn = $((max_idle + max_clients + 500))
+listen_backlog = 4096
+log_connections = 0
+log_disconnections = 0
+logfile = $WORK/pgb/pgbouncer.log
+pidfile = $WORK/pgb/pgbouncer.pid
+EOF
+  [ "$(id -u)" = 0 ] && chown "$PG_OWNER" "$WORK/pgb/userlist.txt" "$WORK/pgb/pgbouncer.ini"
+  rm -f "$WORK/pgb/pgbouncer.pid"
+  as_pg bash -c "ulimit -n $FDS; exec '$PGBOUNCER' -d '$WORK/pgb/pgbouncer.ini'" >>"$WORK/pgbouncer.out" 2>&1 ||
+    die "PgBouncer did not start (see $WORK/pgb/pgbouncer.log)"
+  local i
+  for i in $(seq 1 100); do
+    [ -s "$WORK/pgb/pgbouncer.pid" ] && break
+    sleep 0.1
+  done
+  PID[$t]=$(cat "$WORK/pgb/pgbouncer.pid")
+  wait_port "${PORT[$t]}" || die "PgBouncer did not start (see $WORK/pgb/pgbouncer.log)"
+}
+
+start_target() { # target auth
+  case $1 in
+    pgsluice) start_pgsluice pgsluice 0 "$2" ;;
+    pgsluice-1t) start_pgsluice pgsluice-1t 1 "$2" ;;
+    pgbouncer) start_pgbouncer "$2" ;;
+    direct) PID[direct]=0 ;;
+  esac
+}
+
+stop_target() {
+  if [ "$1" != direct ]; then
+    stop_pid "${PID[$1]:-}"
+    PID[$1]=0
+  fi
+}
+
+proxies() { echo "$TARGETS" | tr ' ' '\n' | grep -v -e '^direct$' -e '^$' || true; }
+
+# --- pgbench runs --------------------------------------------------------------------------
+workload_args() {
+  case $1 in
+    select-simple) echo "-S -M simple" ;;
+    select-extended) echo "-S -M extended" ;;
+    select-prepared) echo "-S -M prepared" ;;
+    tpcb) echo "-M simple" ;;
+    *) die "unknown workload $1" ;;
+  esac
+}
+
+statements_per_txn() { if [ "$1" = tpcb ]; then echo 7; else echo 1; fi; }
+
+skip_run() { # target workload clients
+  # PgBouncer before 1.21 has no prepared statements in transaction mode.
+  if [ "$1" = pgbouncer ] && [ "$2" = select-prepared ]; then
+    local v
+    v=$("$PGBOUNCER" --version | sed -n 's/^PgBouncer \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+    set -- $v
+    [ "${1:-0}" -gt 1 ] || [ "${2:-0}" -ge 21 ] || return 0
+  fi
+  return 1
+}
+
+run_one() { # target workload clients repeat [seconds] [warmup]
+  local t=$1 wl=$2 c=$3 r=$4 secs=${5:-$SECONDS_PER_RUN} warm=${6:-0}
+  local pid=${PID[$t]:-0} dir="$WORK/logs/$t-$wl-$c-$r"
+  mkdir -p "$dir"
+  if [ "$pid" != 0 ] && [ -w "/proc/$pid/clear_refs" ]; then echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true; fi
+  local sargs=()
+  [ "$pid" != 0 ] && sargs=(--pid "$pid")
+  "$PY" "$HELPER" sample "${sargs[@]}" --interval 0.2 --max-seconds $((secs + 300)) --out "$dir/samples" &
+  local spid=$! ec=0
+  # shellcheck disable=SC2046
+  timeout $((secs + 240)) "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "${PORT[$t]}" -U bench -c "$c" -j "$JOBS" -T "$secs" \
+    $(workload_args "$wl") -l --log-prefix="$dir/tx" bench >"$dir/out" 2>&1 || ec=$?
+  stop_pid "$spid"
+  wait "$spid" 2>/dev/null || true
+  if [ "$warm" = 1 ]; then
+    [ "$ec" = 0 ] || log "warm-up of $t failed: $(tail -3 "$dir/out")"
+  else
+    local res
+    res=$("$PY" "$HELPER" analyze --target "$t" --workload "$wl" --clients "$c" --repeat "$r" --pid "$pid" \
+      --exit-code "$ec" --log-prefix "$dir/tx" --pgbench-output "$dir/out" --samples "$dir/samples")
+    echo "$res" >>"$RESULTS/runs.jsonl"
+    "$PY" -c 'import json,sys; r=json.loads(sys.argv[1]); print("  %-12s %-16s c=%-5s r=%s  tps=%-9s p99=%-8s cpu=%s us/txn (user %s)%s" % (r["target"], r["workload"], r["clients"], r["repeat"], r.get("tps"), r.get("p99_ms"), r.get("cpu_us_per_txn"), r.get("user_us_per_txn"), "  FAILED" if r.get("exit_code") or r.get("aborted") else ""), file=sys.stderr)' "$res"
+    [ "$ec" = 0 ] || tail -5 "$dir/out" >&2
+  fi
+  [ "$KEEP" = 1 ] || rm -rf "$dir"
+}
+
+# --- meta ----------------------------------------------------------------------------------
+commit=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(cd "$ROOT" && git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]; then commit="$commit+dirty"; fi
+"$PY" - "$RESULTS/meta.json" <<EOF
+import json, os, sys
+model = ""
+try:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip(); break
+except OSError:
+    pass
+json.dump({
+    "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "cpus": os.cpu_count(), "cpu_model": model,
+    "kernel": os.uname().release, "commit": "$commit",
+    "pgsluice_version": "$("$BIN" --version)", "profile": "$PROFILE",
+    "pgbouncer_version": "$([ -n "$PGBOUNCER" ] && "$PGBOUNCER" --version | head -1)",
+    "pg_version": "$("$PG_BIN/postgres" --version | awk '{print $3}')",
+    "seconds": $SECONDS_PER_RUN, "repeats": $REPEATS, "scale": $SCALE, "jobs": $JOBS,
+    "clients": "$CLIENTS", "workloads": "$WORKLOADS", "targets": "$TARGETS", "smoke": $SMOKE,
+}, open(sys.argv[1], "w"), indent=1)
+EOF
+
+# --- 1. throughput, latency, CPU per transaction -------------------------------------------
+for t in $TARGETS; do start_target "$t" scram-sha-256; done
+log "targets: $(for t in $TARGETS; do printf '%s=%s ' "$t" "${PORT[$t]}"; done)"
+if [ "$WARMUP" -gt 0 ]; then
+  for t in $TARGETS; do run_one "$t" select-simple 16 0 "$WARMUP" 1; done
+fi
+
+read -r -a order <<<"$TARGETS"
+n=${#order[@]}
+for wl in $WORKLOADS; do
+  for c in $CLIENTS; do
+    for r in $(seq 1 "$REPEATS"); do
+      log "$wl, $c clients, round $r/$REPEATS"
+      for i in $(seq 0 $((n - 1))); do
+        t=${order[$(((i + r - 1) % n))]}
+        skip_run "$t" "$wl" "$c" && continue
+        if [ "$t" = direct ] && [ "$c" -gt $((MAX_CONN - 3 * POOL_SIZE - 5)) ]; then continue; fi
+        run_one "$t" "$wl" "$c" "$r"
+      done
+    done
+  done
+done
+
+# --- 2. syscalls per transaction (strace -c -f, separate pass) -----------------------------
+for wl in select-simple tpcb; do
+  echo " $WORKLOADS " | grep -q " $wl " || continue
+  for c in $STRACE_CLIENTS; do
+    for t in $(proxies); do
+      skip_run "$t" "$wl" "$c" && continue
+      log "strace: $t, $wl, $c clients"
+      dir="$WORK/logs/strace-$t-$wl-$c"
+      mkdir -p "$dir"
+      # shellcheck disable=SC2046
+      timeout $((STRACE_SECONDS + 240)) "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "${PORT[$t]}" -U bench -c "$c" -j "$JOBS" \
+        -T $((STRACE_SECONDS + 4)) $(workload_args "$wl") -l --log-prefix="$dir/tx" bench >"$dir/out" 2>&1 &
+      bpid=$!
+      sleep 2
+      t0=$(date +%s.%N)
+      timeout -s INT "$STRACE_SECONDS" "$STRACE" -c -f -q -p "${PID[$t]}" -o "$dir/strace" 2>/dev/null || true
+      t1=$(date +%s.%N)
+      wait "$bpid" || log "pgbench failed during strace of $t: $(tail -2 "$dir/out")"
+      "$PY" "$HELPER" strace --target "$t" --workload "$wl" --clients "$c" --start "$t0" --end "$t1" \
+        --statements "$(statements_per_txn "$wl")" --strace-output "$dir/strace" --log-prefix "$dir/tx" >>"$RESULTS/strace.jsonl"
+      [ "$KEEP" = 1 ] || rm -rf "$dir"
+    done
+  done
+done
+for t in $TARGETS; do stop_target "$t"; done
+
+# --- 3. idle clients: RSS per client (a fresh proxy each time) -----------------------------
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+for n in $IDLE; do
+  if [ "$n" -gt $((FDS - 200)) ]; then continue; fi
+  for t in $(proxies); do
+    start_target "$t" scram-sha-256
+    "$PY" "$HELPER" storm --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" --n 20 --concurrency 20 >/dev/null
+    sleep 0.5
+    before=$(rss_kib "${PID[$t]}")
+    log "idle: $t, $n clients"
+    fifo="$WORK/idle-$t-$n"
+    "$PY" "$HELPER" idle --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" --n "$n" \
+      --concurrency 200 --hold 300 >"$fifo" 2>"$fifo.err" &
+    ipid=$!
+    for i in $(seq 1 1200); do
+      [ -s "$fifo" ] && break
+      kill -0 "$ipid" 2>/dev/null || break
+      sleep 0.1
+    done
+    sleep 1
+    after=$(rss_kib "${PID[$t]}")
+    stop_pid "$ipid"
+    wait "$ipid" 2>/dev/null || true
+    "$PY" - "$t" "$n" "$before" "$after" "$fifo" >>"$RESULTS/idle.jsonl" <<'EOF'
+import json, sys
+t, n, before, after, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+try:
+    r = json.loads(open(path).readline())
+except ValueError:
+    r = {"connected": 0, "errors": n, "first_error": "idle helper failed"}
+r.update(target=t, clients=n, rss_before_kib=before, rss_after_kib=after,
+         kib_per_client=round((after - before) / r["connected"], 3) if r["connected"] else None)
+print(json.dumps(r))
+EOF
+    stop_target "$t"
+  done
+done
+
+# --- 4. connection storm: proxy CPU per connection -----------------------------------------
+if [ "$STORM" -gt 0 ]; then
+  for auth in $STORM_AUTH; do
+    for t in $(proxies); do
+      start_target "$t" "$auth"
+      # Open the pool first: the storm measures logins, not server connections.
+      "$PY" "$HELPER" storm --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" --n 40 --concurrency 40 >/dev/null
+      log "storm: $t, $auth, $STORM clients"
+      res=$("$PY" "$HELPER" storm --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" \
+        --n "$STORM" --concurrency "$STORM" --timeout 120 --pid "${PID[$t]}")
+      "$PY" -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(target=sys.argv[2], auth=sys.argv[3]); print(json.dumps(r))' \
+        "$res" "$t" "$auth" >>"$RESULTS/storm.jsonl"
+      stop_target "$t"
+    done
+  done
+fi
+
+# --- report --------------------------------------------------------------------------------
+"$PY" "$HELPER" report --dir "$RESULTS" >/dev/null
+cat "$RESULTS/results.md"
+log "results: $RESULTS/results.md and results.json"
