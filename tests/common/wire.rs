@@ -130,8 +130,65 @@ impl Wire {
         packet.extend(body);
         w.stream.write_all(&packet).await.unwrap();
         let login = w.until_ready().await;
-        assert!(login.iter().all(|m| m.tag != b'E'), "login failed: {login:?}");
+        assert!(
+            login.iter().all(|m| m.tag != b'E'),
+            "login failed: {login:?}"
+        );
         w
+    }
+
+    /// Connects and logs in with a password (SCRAM-SHA-256 or cleartext, as the server
+    /// asks): for PostgreSQL itself, or a proxy user that needs one.
+    pub async fn connect_password(port: u16, user: &str, database: &str, password: &str) -> Wire {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut w = Wire { stream };
+        let mut body = 196608i32.to_be_bytes().to_vec();
+        for (k, v) in [("user", user), ("database", database)] {
+            body.extend(cstr(k));
+            body.extend(cstr(v));
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        packet.extend(body);
+        w.stream.write_all(&packet).await.unwrap();
+        let mut scram = None;
+        loop {
+            let m = w.recv().await;
+            match m.tag {
+                b'R' => match i32::from_be_bytes(m.body[..4].try_into().unwrap()) {
+                    0 => {}
+                    3 => w.send(&[msg(b'p', &cstr(password))]).await,
+                    10 => {
+                        let s =
+                            ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                        let mut b = cstr("SCRAM-SHA-256");
+                        b.extend_from_slice(&(s.message().len() as i32).to_be_bytes());
+                        b.extend_from_slice(s.message());
+                        w.send(&[msg(b'p', &b)]).await;
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram.as_mut().expect("SASL continue before SASL start");
+                        s.update(&m.body[4..]).expect("SCRAM server-first message");
+                        let reply = s.message().to_vec();
+                        w.send(&[msg(b'p', &reply)]).await;
+                    }
+                    12 => scram
+                        .as_mut()
+                        .expect("SASL final before SASL start")
+                        .finish(&m.body[4..])
+                        .expect("SCRAM server signature"),
+                    other => panic!("unsupported authentication request {other}"),
+                },
+                b'E' => panic!(
+                    "login as {user} failed: {:?}",
+                    String::from_utf8_lossy(&m.body)
+                ),
+                b'Z' => return w,
+                _ => {}
+            }
+        }
     }
 
     pub async fn send(&mut self, parts: &[Vec<u8>]) {
@@ -141,7 +198,10 @@ impl Wire {
 
     pub async fn recv(&mut self) -> Msg {
         let mut hdr = [0u8; 5];
-        tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut hdr)).await.expect("reply within 10 s").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut hdr))
+            .await
+            .expect("reply within 10 s")
+            .unwrap();
         let len = i32::from_be_bytes(hdr[1..5].try_into().unwrap()) as usize;
         let mut body = vec![0u8; len - 4];
         self.stream.read_exact(&mut body).await.unwrap();
