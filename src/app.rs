@@ -9,13 +9,14 @@ use std::time::Instant;
 
 use crate::admin::Console;
 use crate::auth::Credentials;
-use crate::clients::Clients;
-use crate::metrics::Metrics;
 use crate::budget::control;
 use crate::cancel::Cancels;
+use crate::clients::Clients;
 use crate::config::{BudgetMode, Config};
 use crate::listener;
+use crate::metrics::Metrics;
 use crate::pool::{janitor, Pools};
+use crate::shutdown::Stop;
 
 /// State shared by every connection task. There are no mutable statics: two proxies can
 /// run in one process (the tests do).
@@ -30,6 +31,8 @@ pub struct Shared {
     /// State the admin console changes: paused databases, draining, shutdown.
     pub console: Console,
     pub started: Instant,
+    /// Draining and stopping (SIGTERM, SHUTDOWN).
+    pub stop: Stop,
 }
 
 impl Shared {
@@ -44,6 +47,7 @@ impl Shared {
             clients: Arc::new(Clients::default()),
             console: Console::default(),
             started: Instant::now(),
+            stop: Stop::default(),
         })
     }
 }
@@ -68,12 +72,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
             )));
         }
     }
+    // The HTTP endpoint keeps answering while draining (/readyz says not ready).
+    background.push(tokio::spawn(crate::http::run(shared.clone())));
     tokio::select! {
         _ = listener::run(listener, shared.clone()) => {}
         _ = shutdown => tracing::info!("shutting down"),
         _ = shared.console.shutdown_requested() => tracing::info!("shutting down (admin console SHUTDOWN)"),
-        _ = crate::http::run(shared.clone()) => {}
     }
+    // The listener is dropped: no new clients.
+    crate::shutdown::drain(&shared).await;
     for task in background {
         task.abort();
     }

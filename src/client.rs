@@ -12,7 +12,9 @@ use tracing::Instrument;
 
 use crate::app::Shared;
 use crate::auth;
+use crate::clients::{AppSlot, NewClient, Registration, ServerLink};
 use crate::config::PoolMode;
+use crate::metrics::{ErrorKind, Meter, TxnCounts};
 use crate::pool::{Checkout, PoolError, PoolId};
 use crate::protocol::messages::{self, quote_ident, quote_literal, ErrorFields, Severity};
 use crate::protocol::startup::{self, Startup, StartupError, StartupPacket};
@@ -20,8 +22,6 @@ use crate::protocol::{frontend, TransactionStatus};
 use crate::relay::{self, ClientConn, Leftover, Outcome, Peek, Txn};
 use crate::server::{ServerConn, ServerError};
 use crate::sql::SessionEffects;
-use crate::clients::{AppSlot, NewClient, Registration, ServerLink};
-use crate::metrics::{ErrorKind, Meter, TxnCounts};
 
 /// Startup parameters kept per client and applied to whichever server it gets
 /// (lower case), besides `track_extra_parameters`.
@@ -203,7 +203,10 @@ async fn console(mut stream: TcpStream, shared: &Arc<Shared>, login: &Login) -> 
         let e = ErrorFields::new(
             Severity::Fatal,
             "42501",
-            format!("permission denied for the admin console: user \"{}\" is not in admin_users", login.user),
+            format!(
+                "permission denied for the admin console: user \"{}\" is not in admin_users",
+                login.user
+            ),
         )
         .with_hint("list the user in admin_users in the pgsluice configuration");
         fatal(&mut stream, &e).await;
@@ -415,6 +418,16 @@ async fn welcome(
         .map_err(|e| ErrorFields::new(Severity::Fatal, "08006", e.to_string()))
 }
 
+/// What a client is told when pgsluice closes it to shut down.
+fn shutting_down() -> ErrorFields {
+    ErrorFields::new(
+        Severity::Fatal,
+        "57P01",
+        "terminating connection because pgsluice is shutting down",
+    )
+    .with_hint("reconnect: another instance, or this one once restarted, will serve you")
+}
+
 /// The error a client gets when no server could be had.
 fn pool_error(e: &PoolError, severity: Severity) -> ErrorFields {
     match e {
@@ -453,6 +466,8 @@ enum Wait {
     Got(Checkout),
     Cancelled,
     Failed(PoolError),
+    /// Draining: the client leaves instead of waiting.
+    Drained,
 }
 
 impl Session {
@@ -476,6 +491,11 @@ impl Session {
             self.cancel.idle();
             let mut checkout = match got {
                 Wait::Got(c) => c,
+                Wait::Drained => {
+                    let e = shutting_down();
+                    fatal(&mut self.client.stream, &e).await;
+                    return Err(e.message);
+                }
                 Wait::Cancelled => {
                     let e = ErrorFields::new(
                         Severity::Error,
@@ -506,7 +526,13 @@ impl Session {
             self.cancel.serving(checkout.server().key);
             let mut txn = Txn::new(self.mode == PoolMode::Transaction);
             txn.counts = TxnCounts::new(Some(self.meter.clone()));
-            let outcome = relay::transaction(&mut self.client, checkout.server(), &mut txn).await;
+            let outcome = relay::transaction(
+                &mut self.client,
+                checkout.server(),
+                &mut txn,
+                &self.shared.stop,
+            )
+            .await;
             txn.counts.finish();
             let no_cancel_pending = self.cancel.idle();
             match outcome {
@@ -543,6 +569,27 @@ impl Session {
                     };
                     fatal(&mut self.client.stream, &e).await;
                     self.leave(checkout, left).await;
+                    return Err(e.message);
+                }
+                Outcome::Drained => {
+                    self.leave(checkout, Leftover::Clean).await;
+                    let e = shutting_down();
+                    fatal(&mut self.client.stream, &e).await;
+                    return Err(e.message);
+                }
+                Outcome::Aborted(left) => {
+                    let e = ErrorFields::new(Severity::Fatal, "57P01", "terminating connection because pgsluice is shutting down and shutdown_timeout passed")
+                        .with_hint("the transaction was cancelled and rolled back; reconnect and retry");
+                    fatal(&mut self.client.stream, &e).await;
+                    self.leave(
+                        checkout,
+                        if left == Leftover::Clean {
+                            left
+                        } else {
+                            Leftover::Busy
+                        },
+                    )
+                    .await;
                     return Err(e.message);
                 }
                 Outcome::ServerGone(why) => {
@@ -610,6 +657,7 @@ impl Session {
                     });
                 }
                 _ = &mut cancelled => return Some(Wait::Cancelled),
+                _ = self.shared.stop.drain.cancelled() => return Some(Wait::Drained),
                 _ = tokio::time::sleep_until(notify_at), if !notified => {
                     notified = true;
                     let mut buf = BytesMut::new();
@@ -648,6 +696,10 @@ impl Session {
     /// and stray COPY messages. `Ok(false)` when the client left.
     async fn next_request(&mut self) -> Result<bool, End> {
         loop {
+            // Draining: this is the client's transaction boundary.
+            if self.shared.stop.drain.is_cancelled() {
+                return Err(End::Tell(shutting_down()));
+            }
             match self.client.peek().map_err(End::Tell)? {
                 Peek::Ready(frontend::PARSE) if self.mode == PoolMode::Transaction => {
                     match self.client.answer_parse() {
@@ -666,8 +718,15 @@ impl Session {
                     }
                 }
                 Peek::NeedMore => {
-                    if !self.client.read_more().await.unwrap_or(false) {
-                        return Ok(false);
+                    let shared = self.shared.clone();
+                    tokio::select! {
+                        more = self.client.read_more() => {
+                            if !more.unwrap_or(false) {
+                                return Ok(false);
+                            }
+                        }
+                        // Cancel safety: read_buf loses nothing when dropped before it reads.
+                        _ = shared.stop.drain.cancelled() => return Err(End::Tell(shutting_down())),
                     }
                 }
             }
@@ -743,10 +802,7 @@ impl Session {
         if entry.app().name == name {
             return;
         }
-        let metrics = self
-            .shared
-            .metrics
-            .app(&entry.database, &entry.user, &name);
+        let metrics = self.shared.metrics.app(&entry.database, &entry.user, &name);
         entry.set_app(AppSlot {
             name,
             metrics: metrics.clone(),

@@ -118,6 +118,12 @@ pub struct Config {
         deserialize_with = "de::duration"
     )]
     pub server_lifetime: Duration,
+    /// How long a shutdown waits for transactions to finish before cutting them.
+    #[serde(
+        default = "defaults::shutdown_timeout",
+        deserialize_with = "de::duration"
+    )]
+    pub shutdown_timeout: Duration,
     /// How long a client keeps retrying a server connection that fails for a passing
     /// reason (the database restarts, is full) before it gets the error.
     #[serde(
@@ -392,6 +398,9 @@ mod defaults {
     }
     pub fn server_lifetime() -> Duration {
         Duration::from_secs(3600)
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(25)
     }
     pub fn server_login_retry() -> Duration {
         Duration::from_secs(15)

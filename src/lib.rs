@@ -32,6 +32,7 @@ pub mod prepared;
 pub mod protocol;
 pub mod relay;
 pub mod server;
+pub mod shutdown;
 pub mod sql;
 
 pub use app::run;

@@ -28,7 +28,8 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let shared = shared.clone();
-                tokio::spawn(async move {
+                let tracker = shared.stop.clients.clone();
+                tracker.spawn(async move {
                     client::handle(stream, shared).await;
                     drop(permit);
                 });

@@ -221,7 +221,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Completes at the first SIGTERM or SIGINT: pgsluice drains. A second one exits at once.
 async fn shutdown_signal() {
+    signal().await;
+    tracing::info!("draining: a second SIGTERM or SIGINT exits at once");
+    tokio::spawn(async {
+        signal().await;
+        tracing::warn!("second signal: exiting without waiting");
+        std::process::exit(1);
+    });
+}
+
+async fn signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     tokio::select! {

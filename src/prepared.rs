@@ -40,7 +40,10 @@ impl Statement {
         parse.put_slice(name.as_bytes());
         parse.put_u8(0);
         parse.put_slice(after_name);
-        Statement { server_name: name.into(), parse: parse.freeze() }
+        Statement {
+            server_name: name.into(),
+            parse: parse.freeze(),
+        }
     }
 }
 
@@ -56,7 +59,10 @@ const MAX_KNOWN: usize = 100_000;
 
 impl KnownStatements {
     pub fn contains(&self, name: &str) -> bool {
-        self.names.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
     }
 
     pub fn insert(&self, name: &Arc<str>) {
@@ -78,7 +84,10 @@ pub struct ClientStatements {
 
 impl ClientStatements {
     pub fn new(known: Arc<KnownStatements>) -> ClientStatements {
-        ClientStatements { map: HashMap::new(), known }
+        ClientStatements {
+            map: HashMap::new(),
+            known,
+        }
     }
 
     pub fn get(&self, name: &[u8]) -> Option<&Arc<Statement>> {
@@ -137,7 +146,11 @@ impl ServerStatements {
     /// first when that would pass `max` statements.
     pub fn add(&mut self, name: Arc<str>, max: usize) -> Option<Arc<str>> {
         let evicted = if self.used.len() >= max.max(1) {
-            let oldest = self.used.iter().min_by_key(|(_, t)| **t).map(|(n, _)| n.clone())?;
+            let oldest = self
+                .used
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(n, _)| n.clone())?;
             self.used.remove(&oldest);
             Some(oldest)
         } else {
@@ -200,7 +213,10 @@ mod tests {
         assert_eq!(a.server_name.len(), 41);
         // The Parse message carries the server name and the client's query and types.
         assert_eq!(&a.parse[..1], b"P");
-        assert_eq!(i32::from_be_bytes(a.parse[1..5].try_into().unwrap()) as usize, a.parse.len() - 1);
+        assert_eq!(
+            i32::from_be_bytes(a.parse[1..5].try_into().unwrap()) as usize,
+            a.parse.len() - 1
+        );
         assert!(a.parse.ends_with(b"SELECT 1\0\0\0"));
     }
 

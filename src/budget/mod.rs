@@ -23,8 +23,15 @@ pub const MAX_FLEET_NAME: usize = 24;
 
 /// Checks a fleet name: 1 to 24 letters, digits, `-` and `.` (none of them special in `LIKE`).
 pub fn check_fleet_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_FLEET_NAME || !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.') {
-        return Err(format!("use 1 to {MAX_FLEET_NAME} letters, digits, '-' and '.'"));
+    if name.is_empty()
+        || name.len() > MAX_FLEET_NAME
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+    {
+        return Err(format!(
+            "use 1 to {MAX_FLEET_NAME} letters, digits, '-' and '.'"
+        ));
     }
     Ok(())
 }

@@ -633,6 +633,26 @@ impl Pools {
         st.grant_slots(b);
     }
 
+    /// Closes every idle server (at shutdown); returns how many.
+    pub fn close_idle(&self) -> usize {
+        let idle: Vec<ServerConn> = {
+            let mut st = self.lock();
+            let mut out = Vec::new();
+            for id in 0..st.pools.len() {
+                while let Some(server) = st.pools[id].idle.pop() {
+                    st.release(id);
+                    out.push(server);
+                }
+            }
+            out
+        };
+        let n = idle.len();
+        for server in idle {
+            server.close();
+        }
+        n
+    }
+
     /// Removes idle servers past `server_lifetime`, or past `server_idle_timeout` above
     /// `min_pool_size`; returns them for closing outside the lock. Used by the janitor.
     fn take_expired(&self, now: Instant) -> Vec<ServerConn> {

@@ -25,9 +25,10 @@ use crate::protocol::frame::FrameError;
 use crate::protocol::messages::{quote_literal, ErrorFields, Severity};
 use crate::protocol::{backend, frontend, TransactionStatus};
 use crate::server::ServerConn;
+use crate::shutdown::Stop;
 use crate::sql::{Refusal, SessionEffects};
-use replies::Owed;
 pub use replies::Cursor;
+use replies::Owed;
 pub use requests::{ClientConn, Peek};
 
 /// Most unsent bytes held per direction before reading that side pauses.
@@ -98,6 +99,10 @@ pub enum Outcome {
     ClientError(ErrorFields, Leftover),
     /// The server connection broke; the client must be told and closed.
     ServerGone(String),
+    /// Session mode, draining: the session reached a transaction boundary.
+    Drained,
+    /// The shutdown timeout passed mid-transaction.
+    Aborted(Leftover),
 }
 
 fn violation(msg: impl Into<String>) -> ErrorFields {
@@ -145,11 +150,16 @@ impl Txn {
 
     /// The server's state if the client vanished now.
     fn leftover(&self, client: &ClientConn, server: &ServerConn) -> Leftover {
-        let cut = client.ready > 0 || client.pass > 0 || !server.cursor.at_boundary() || !server.buf.is_empty();
+        let cut = client.ready > 0
+            || client.pass > 0
+            || !server.cursor.at_boundary()
+            || !server.buf.is_empty();
         if cut || !self.owed.is_empty() || self.copy_in || self.server_in_doubt {
             Leftover::Busy
         } else if self.unsynced || self.status != TransactionStatus::Idle {
-            Leftover::IdleInTransaction { unsynced: self.unsynced }
+            Leftover::IdleInTransaction {
+                unsynced: self.unsynced,
+            }
         } else {
             Leftover::Clean
         }
@@ -160,8 +170,14 @@ fn would_block(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock
 }
 
-/// Relays until the transaction is over (transaction mode) or the client leaves.
-pub async fn transaction(client: &mut ClientConn, server: &mut ServerConn, txn: &mut Txn) -> Outcome {
+/// Relays until the transaction is over (transaction mode) or the client leaves; in session
+/// mode also until a drain finds the session between transactions.
+pub async fn transaction(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+    txn: &mut Txn,
+    stop: &Stop,
+) -> Outcome {
     let mut client_closed = false;
     // `server.buf[..out]` is read and ready for the client.
     let mut out = 0;
@@ -198,8 +214,15 @@ pub async fn transaction(client: &mut ClientConn, server: &mut ServerConn, txn: 
         if client_closed {
             return Outcome::ClientGone(txn.leftover(client, server));
         }
-        if txn.done() && client.ready == 0 && client.pass == 0 && server.buf.is_empty() {
+        let quiet = client.ready == 0 && client.pass == 0 && server.buf.is_empty();
+        if txn.done() && quiet {
             return Outcome::Done;
+        }
+        // A session between transactions may end when draining.
+        let between =
+            !txn.transaction_mode && quiet && txn.leftover(client, server) == Leftover::Clean;
+        if between && stop.drain.is_cancelled() {
+            return Outcome::Drained;
         }
         let read_client = client.buf.len() - client.ready < HIGH_WATER;
         let read_server = server.buf.len() < HIGH_WATER;
@@ -235,6 +258,8 @@ pub async fn transaction(client: &mut ClientConn, server: &mut ServerConn, txn: 
             r = server.stream.writable(), if client.ready > 0 => {
                 if let Err(e) = r { return Outcome::ServerGone(e.to_string()) }
             }
+            _ = stop.drain.cancelled(), if between => {}
+            _ = stop.abort.cancelled() => return Outcome::Aborted(txn.leftover(client, server)),
         }
     }
 }
@@ -249,7 +274,10 @@ pub async fn clean_up(server: &mut ServerConn, leftover: Leftover) -> bool {
             if unsynced {
                 // Close the extended-protocol batch first; its answer is drained below.
                 let sync = [frontend::SYNC, 0, 0, 0, 4];
-                if tokio::io::AsyncWriteExt::write_all(&mut server.stream, &sync).await.is_err() {
+                if tokio::io::AsyncWriteExt::write_all(&mut server.stream, &sync)
+                    .await
+                    .is_err()
+                {
                     return false;
                 }
                 if drain_to_ready(server).await.is_none() {

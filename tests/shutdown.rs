@@ -1,0 +1,180 @@
+//! SIGTERM on the real binary: transactions in flight finish, every client is closed at its
+//! next transaction boundary with 57P01, the process exits 0 within shutdown_timeout; a
+//! transaction that does not finish is cut at the timeout.
+
+mod common;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Binary {
+    child: Child,
+    port: u16,
+}
+
+impl Binary {
+    async fn start(name: &str, shutdown_timeout: &str, mode: &str) -> Binary {
+        let pg = pg();
+        pg.create_app(name).await;
+        let port = pg::free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_pgsluice"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--pool-mode",
+                mode,
+            ])
+            .args(["--upstream", &pg.url(name, &format!("{name}-pw"), name)])
+            .args(["--budget-max-server-connections", "10"])
+            .env("PGSLUICE_SHUTDOWN_TIMEOUT", shutdown_timeout)
+            .env("PGSLUICE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(10), || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            })
+            .await
+        );
+        Binary { child, port }
+    }
+
+    fn conn(&self, name: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={name} password={name}-pw dbname={name}",
+            self.port
+        )
+    }
+
+    fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits for the process to exit; its exit code and when.
+    async fn exit(&mut self, within: Duration) -> (Option<i32>, Instant) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), Instant::now());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgsluice did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_transactions_finish() {
+    let mut proxy = Binary::start("sd_drain", "10s", "transaction").await;
+    let setup = connect(&proxy.conn("sd_drain")).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    drop(setup);
+    let a = connect(&proxy.conn("sd_drain")).await;
+    let b = connect(&proxy.conn("sd_drain")).await;
+    assert_eq!(scalar(&b, "SELECT 1").await, "1");
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    proxy.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No new clients.
+    assert!(
+        try_connect(&proxy.conn("sd_drain")).await.is_err(),
+        "new connections are refused while draining"
+    );
+    // The idle client was closed with 57P01.
+    let e = b.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        e.as_db_error().is_none_or(|d| d.code().code() == "57P01"),
+        "{e}"
+    );
+    // The open transaction finishes and commits.
+    a.batch_execute("INSERT INTO t VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let e = a.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        e.as_db_error().is_none_or(|d| d.code().code() == "57P01"),
+        "{e}"
+    );
+    let (code, _) = proxy.exit(Duration::from_secs(8)).await;
+    assert_eq!(code, Some(0));
+    let direct = connect(&format!(
+        "host=127.0.0.1 port={} user=sd_drain password=sd_drain-pw dbname=sd_drain",
+        pg().port
+    ))
+    .await;
+    assert_eq!(
+        scalar(&direct, "SELECT count(*) FROM t").await,
+        "2",
+        "the transaction committed"
+    );
+}
+
+#[tokio::test]
+async fn a_stuck_transaction_is_cut_at_the_timeout() {
+    let mut proxy = Binary::start("sd_stuck", "2s", "transaction").await;
+    let setup = connect(&proxy.conn("sd_stuck")).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    drop(setup);
+    let a = connect(&proxy.conn("sd_stuck")).await;
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    proxy.sigterm();
+    let (code, at) = proxy.exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0));
+    let took = at.duration_since(started);
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(6),
+        "exited after {took:?}"
+    );
+    assert!(a.simple_query("SELECT 1").await.is_err());
+    let direct = connect(&format!(
+        "host=127.0.0.1 port={} user=sd_stuck password=sd_stuck-pw dbname=sd_stuck",
+        pg().port
+    ))
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            scalar(&direct, "SELECT count(*) FROM t").await == "0"
+        })
+        .await,
+        "the cut transaction rolled back"
+    );
+}
+
+#[tokio::test]
+async fn session_mode_clients_leave_between_transactions() {
+    let mut proxy = Binary::start("sd_sess", "10s", "session").await;
+    let a = connect(&proxy.conn("sd_sess")).await;
+    a.batch_execute("CREATE TABLE t (v int); BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    proxy.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.batch_execute("COMMIT").await.unwrap();
+    let (code, _) = proxy.exit(Duration::from_secs(8)).await;
+    assert_eq!(code, Some(0));
+    assert!(a.simple_query("SELECT 1").await.is_err());
+}
