@@ -291,7 +291,11 @@ pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
     if !is(first, "deallocate") {
         return None;
     }
-    let rest = if is(toks.get(1), "prepare") { &toks[2..] } else { &toks[1..] };
+    let rest = if is(toks.get(1), "prepare") {
+        &toks[2..]
+    } else {
+        &toks[1..]
+    };
     match rest {
         [t] if is(Some(t), "all") => Some(Deallocate::All),
         // Statement names keep their case when quoted.
@@ -543,8 +547,14 @@ mod tests {
 
     #[test]
     fn deallocate_forms() {
-        assert_eq!(deallocate(b"DEALLOCATE s1"), Some(Deallocate::Name("s1".into())));
-        assert_eq!(deallocate(b"deallocate prepare \"S1\";"), Some(Deallocate::Name("S1".into())));
+        assert_eq!(
+            deallocate(b"DEALLOCATE s1"),
+            Some(Deallocate::Name("s1".into()))
+        );
+        assert_eq!(
+            deallocate(b"deallocate prepare \"S1\";"),
+            Some(Deallocate::Name("S1".into()))
+        );
         assert_eq!(deallocate(b"DEALLOCATE ALL"), Some(Deallocate::All));
         assert_eq!(deallocate(b"discard all"), Some(Deallocate::DiscardAll));
         assert_eq!(deallocate(b"DEALLOCATE s1; SELECT 1"), None);

@@ -264,7 +264,12 @@ async fn json_logs() {
     pg().create_app("jsonlog").await;
     let port = pg::free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgsluice"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-format", "json"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log-format",
+            "json",
+        ])
         .args(["--upstream", &pg().url("jsonlog", "jsonlog-pw", "jsonlog")])
         .env("PGSLUICE_LOG", "info")
         .stderr(Stdio::piped())
@@ -275,13 +280,19 @@ async fn json_logs() {
     let line = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
         let mut first = String::new();
-        std::io::BufReader::new(stderr).read_line(&mut first).unwrap();
+        std::io::BufReader::new(stderr)
+            .read_line(&mut first)
+            .unwrap();
         first
     });
-    let line = tokio::time::timeout(Duration::from_secs(10), line).await.unwrap().unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(10), line)
+        .await
+        .unwrap()
+        .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(v["level"], "INFO", "{line}");
     assert!(v["message"].as_str().is_some(), "{line}");
 }

@@ -37,8 +37,17 @@ async fn tokio_postgres_prepared_statements_over_a_small_pool() {
     for t in 0..50i32 {
         let c = proxy.client("ps_many").await;
         tasks.push(tokio::spawn(async move {
-            let by_id = c.prepare("SELECT id, label FROM items WHERE id = $1").await.unwrap();
-            let range = c.prepare_typed("SELECT id FROM items WHERE id BETWEEN $1 AND $2 ORDER BY id", &[Type::INT4, Type::INT4]).await.unwrap();
+            let by_id = c
+                .prepare("SELECT id, label FROM items WHERE id = $1")
+                .await
+                .unwrap();
+            let range = c
+                .prepare_typed(
+                    "SELECT id FROM items WHERE id BETWEEN $1 AND $2 ORDER BY id",
+                    &[Type::INT4, Type::INT4],
+                )
+                .await
+                .unwrap();
             for i in 0..20i32 {
                 let id = (t * 7 + i) % 200 + 1;
                 let row = c.query_one(&by_id, &[&id]).await.unwrap();
@@ -49,17 +58,30 @@ async fn tokio_postgres_prepared_statements_over_a_small_pool() {
                 let ids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
                 assert_eq!(ids, (lo..=lo + 9).collect::<Vec<_>>());
                 // `query` with a string prepares (and closes) an unnamed-to-us named statement.
-                let n: i64 = c.query_one("SELECT count(*) FROM items WHERE id <= $1", &[&id]).await.unwrap().get(0);
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM items WHERE id <= $1", &[&id])
+                    .await
+                    .unwrap()
+                    .get(0);
                 assert_eq!(n, id as i64);
             }
             // Inside an explicit transaction too.
             c.batch_execute("BEGIN").await.unwrap();
-            assert_eq!(c.query_one(&by_id, &[&1i32]).await.unwrap().get::<_, i32>(0), 1);
+            assert_eq!(
+                c.query_one(&by_id, &[&1i32])
+                    .await
+                    .unwrap()
+                    .get::<_, i32>(0),
+                1
+            );
             c.batch_execute("COMMIT").await.unwrap();
         }));
     }
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(120), t).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .unwrap()
+            .unwrap();
     }
     let admin = pg().admin().await;
     assert!(server_conns(&admin, "ps_many").await <= 5);
@@ -74,14 +96,41 @@ async fn exact_replies_and_one_server_statement_per_text() {
     let mut a = Wire::connect(port, "ps_exact", "ps_exact").await;
     let mut b = Wire::connect(port, "ps_exact", "ps_exact").await;
     // a prepares "q1", b prepares the same text as "other": one server-side statement.
-    let (tags, _) = a.round(&[wire::parse("q1", "SELECT $1::int + 1"), wire::describe_statement("q1"), wire::sync()]).await;
+    let (tags, _) = a
+        .round(&[
+            wire::parse("q1", "SELECT $1::int + 1"),
+            wire::describe_statement("q1"),
+            wire::sync(),
+        ])
+        .await;
     assert_eq!(tags, "1tTZ");
-    let (tags, _) = b.round(&[wire::parse("other", "SELECT $1::int + 1"), wire::describe_statement("other"), wire::sync()]).await;
-    assert_eq!(tags, "1tTZ", "ParseComplete from the proxy, the rest from the server");
-    let (tags, msgs) = a.round(&[wire::bind("", "q1", &["41"]), wire::execute(""), wire::sync()]).await;
+    let (tags, _) = b
+        .round(&[
+            wire::parse("other", "SELECT $1::int + 1"),
+            wire::describe_statement("other"),
+            wire::sync(),
+        ])
+        .await;
+    assert_eq!(
+        tags, "1tTZ",
+        "ParseComplete from the proxy, the rest from the server"
+    );
+    let (tags, msgs) = a
+        .round(&[
+            wire::bind("", "q1", &["41"]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
     assert_eq!(tags, "2DCZ");
     assert_eq!(msgs[1].row(), vec![Some("42".to_owned())]);
-    let (tags, msgs) = b.round(&[wire::bind("", "other", &["1"]), wire::execute(""), wire::sync()]).await;
+    let (tags, msgs) = b
+        .round(&[
+            wire::bind("", "other", &["1"]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
     assert_eq!(tags, "2DCZ");
     assert_eq!(msgs[1].row(), vec![Some("2".to_owned())]);
     let c = proxy.client("ps_exact").await;
@@ -90,19 +139,35 @@ async fn exact_replies_and_one_server_statement_per_text() {
     assert!(names[0].starts_with("pgsluice_"), "{names:?}");
     // Pipelined: Parse, Bind, Execute of a new statement, then Close, in one batch.
     let (tags, _) = a
-        .round(&[wire::parse("q2", "SELECT 'x'"), wire::bind("", "q2", &[]), wire::execute(""), wire::close_statement("q2"), wire::sync()])
+        .round(&[
+            wire::parse("q2", "SELECT 'x'"),
+            wire::bind("", "q2", &[]),
+            wire::execute(""),
+            wire::close_statement("q2"),
+            wire::sync(),
+        ])
         .await;
     assert_eq!(tags, "12DC3Z");
     // A closed name can be used again, for another text.
-    let (tags, msgs) = a.round(&[wire::parse("q2", "SELECT 'y'"), wire::bind("", "q2", &[]), wire::execute(""), wire::sync()]).await;
+    let (tags, msgs) = a
+        .round(&[
+            wire::parse("q2", "SELECT 'y'"),
+            wire::bind("", "q2", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
     assert_eq!(tags, "12DCZ");
     assert_eq!(msgs[2].row(), vec![Some("y".to_owned())]);
     // An unknown name fails as in PostgreSQL.
-    let (tags, msgs) = a.round(&[wire::bind("", "nope", &[]), wire::execute(""), wire::sync()]).await;
+    let (tags, msgs) = a
+        .round(&[wire::bind("", "nope", &[]), wire::execute(""), wire::sync()])
+        .await;
     assert_eq!(tags, "EZ");
     assert_eq!(msgs[0].code().as_deref(), Some("26000"));
     // Flush without Sync: the ParseComplete the proxy owes still arrives.
-    a.send(&[wire::parse("q3", "SELECT $1::int + 1"), wire::flush()]).await;
+    a.send(&[wire::parse("q3", "SELECT $1::int + 1"), wire::flush()])
+        .await;
     assert_eq!(a.recv().await.tag, b'1');
     let (tags, _) = a.round(&[wire::sync()]).await;
     assert_eq!(tags, "Z");
@@ -114,21 +179,45 @@ async fn exact_replies_and_one_server_statement_per_text() {
 async fn failed_parse_is_not_registered() {
     let proxy = trust_app("ps_fail", "pool_size = 1").await;
     let mut a = Wire::connect(proxy.addr.port(), "ps_fail", "ps_fail").await;
-    let (tags, msgs) = a.round(&[wire::parse("bad", "SELEC 1"), wire::bind("", "bad", &[]), wire::execute(""), wire::sync()]).await;
+    let (tags, msgs) = a
+        .round(&[
+            wire::parse("bad", "SELEC 1"),
+            wire::bind("", "bad", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
     assert_eq!(tags, "EZ");
     assert_eq!(msgs[0].code().as_deref(), Some("42601"));
-    let (tags, msgs) = a.round(&[wire::bind("", "bad", &[]), wire::execute(""), wire::sync()]).await;
+    let (tags, msgs) = a
+        .round(&[wire::bind("", "bad", &[]), wire::execute(""), wire::sync()])
+        .await;
     assert_eq!(tags, "EZ");
-    assert_eq!(msgs[0].code().as_deref(), Some("26000"), "the failed statement does not exist");
+    assert_eq!(
+        msgs[0].code().as_deref(),
+        Some("26000"),
+        "the failed statement does not exist"
+    );
     // An error before a Parse the proxy would answer: no ParseComplete after the error.
-    a.round(&[wire::parse("ok", "SELECT 1"), wire::sync()]).await;
+    a.round(&[wire::parse("ok", "SELECT 1"), wire::sync()])
+        .await;
     let (tags, _) = a.round(&[wire::query("SELECT 1")]).await;
     assert_eq!(tags, "TDCZ");
     let (tags, _) = a
-        .round(&[wire::parse("", "SELECT 1/0"), wire::bind("", "", &[]), wire::execute(""), wire::parse("ok", "SELECT 1"), wire::close_statement("ok"), wire::sync()])
+        .round(&[
+            wire::parse("", "SELECT 1/0"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::parse("ok", "SELECT 1"),
+            wire::close_statement("ok"),
+            wire::sync(),
+        ])
         .await;
     // PostgreSQL folds 1/0 when the unnamed statement is planned, at Bind.
-    assert_eq!(tags, "1EZ", "nothing after the error: no ParseComplete or CloseComplete from the proxy");
+    assert_eq!(
+        tags, "1EZ",
+        "nothing after the error: no ParseComplete or CloseComplete from the proxy"
+    );
 }
 
 /// SQL-level DEALLOCATE and DISCARD ALL act on the client's own statements.
@@ -139,15 +228,28 @@ async fn deallocate_and_discard() {
     let mut c = Wire::connect(port, "ps_dealloc", "ps_dealloc").await;
     let mut d = Wire::connect(port, "ps_dealloc", "ps_dealloc").await;
     let run = |name: &str| vec![wire::bind("", name, &[]), wire::execute(""), wire::sync()];
-    c.round(&[wire::parse("s1", "SELECT 1"), wire::parse("s2", "SELECT 2"), wire::sync()]).await;
+    c.round(&[
+        wire::parse("s1", "SELECT 1"),
+        wire::parse("s2", "SELECT 2"),
+        wire::sync(),
+    ])
+    .await;
     let (tags, _) = c.round(&[wire::query("DEALLOCATE s1")]).await;
     assert_eq!(tags, "CZ");
     let (tags, msgs) = c.round(&run("s1")).await;
-    assert_eq!((tags.as_str(), msgs[0].code().as_deref()), ("EZ", Some("26000")));
-    assert_eq!(c.round(&run("s2")).await.0, "2DCZ", "the other statement is still there");
+    assert_eq!(
+        (tags.as_str(), msgs[0].code().as_deref()),
+        ("EZ", Some("26000"))
+    );
+    assert_eq!(
+        c.round(&run("s2")).await.0,
+        "2DCZ",
+        "the other statement is still there"
+    );
     assert_eq!(c.round(&[wire::query("DEALLOCATE ALL")]).await.0, "CZ");
     assert_eq!(c.round(&run("s2")).await.0, "EZ");
-    c.round(&[wire::parse("s3", "SELECT 3"), wire::sync()]).await;
+    c.round(&[wire::parse("s3", "SELECT 3"), wire::sync()])
+        .await;
     assert_eq!(c.round(&[wire::query("DISCARD ALL")]).await.0, "CZ");
     assert_eq!(c.round(&run("s3")).await.0, "EZ");
     // Another client's statement on the same server is prepared again when needed.
@@ -170,7 +272,10 @@ async fn eviction_keeps_the_server_within_max_prepared_statements() {
     }
     for _ in 0..3 {
         for (i, s) in stmts.iter().enumerate() {
-            assert_eq!(c.query_one(s, &[]).await.unwrap().get::<_, i32>(0), i as i32 + 1);
+            assert_eq!(
+                c.query_one(s, &[]).await.unwrap().get::<_, i32>(0),
+                i as i32 + 1
+            );
         }
     }
     let names = server_statements(&c).await;
@@ -182,15 +287,30 @@ async fn eviction_keeps_the_server_within_max_prepared_statements() {
 async fn cached_plan_error_recovers() {
     let proxy = trust_app("ps_ddl", "pool_size = 1").await;
     let setup = proxy.client("ps_ddl").await;
-    setup.batch_execute("CREATE TABLE t (a int); INSERT INTO t VALUES (1)").await.unwrap();
+    setup
+        .batch_execute("CREATE TABLE t (a int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
     let mut w = Wire::connect(proxy.addr.port(), "ps_ddl", "ps_ddl").await;
-    let (tags, _) = w.round(&[wire::parse("s", "SELECT * FROM t"), wire::bind("", "s", &[]), wire::execute(""), wire::sync()]).await;
+    let (tags, _) = w
+        .round(&[
+            wire::parse("s", "SELECT * FROM t"),
+            wire::bind("", "s", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
     assert_eq!(tags, "12DCZ");
-    setup.batch_execute("ALTER TABLE t ADD COLUMN b int DEFAULT 7").await.unwrap();
+    setup
+        .batch_execute("ALTER TABLE t ADD COLUMN b int DEFAULT 7")
+        .await
+        .unwrap();
     let mut saw_error = false;
     let mut recovered = false;
     for _ in 0..3 {
-        let (tags, msgs) = w.round(&[wire::bind("", "s", &[]), wire::execute(""), wire::sync()]).await;
+        let (tags, msgs) = w
+            .round(&[wire::bind("", "s", &[]), wire::execute(""), wire::sync()])
+            .await;
         if tags == "EZ" {
             assert_eq!(msgs[0].code().as_deref(), Some("0A000"));
             saw_error = true;
@@ -214,7 +334,10 @@ async fn disabled_refuses_named_statements() {
     assert_eq!(code(&e), "0A000");
     assert!(message(&e).contains("named prepared statements"));
     let d = proxy.client("ps_off").await;
-    assert_eq!(scalar(&d, "SELECT count(*) FROM pg_prepared_statements").await, "0");
+    assert_eq!(
+        scalar(&d, "SELECT count(*) FROM pg_prepared_statements").await,
+        "0"
+    );
 }
 
 /// `pgbench -M prepared` with 100 clients over a small pool, zero failures.
@@ -223,16 +346,48 @@ async fn pgbench_prepared() {
     let pg = pg();
     let proxy = app("ps_bench", "pool_size = 5\nmax_client_conn = 200").await;
     let out = std::process::Command::new(pg.client_bin("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "ps_bench", "-i", "-s", "1", "-q", "ps_bench"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "ps_bench",
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "ps_bench",
+        ])
         .env("PGPASSWORD", "ps_bench-pw")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let port = proxy.addr.port().to_string();
     let bin = pg.client_bin("pgbench");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(bin)
-            .args(["-h", "127.0.0.1", "-p", &port, "-U", "ps_bench", "-M", "prepared", "-c", "100", "-j", "2", "-T", "4", "ps_bench"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "ps_bench",
+                "-M",
+                "prepared",
+                "-c",
+                "100",
+                "-j",
+                "2",
+                "-T",
+                "4",
+                "ps_bench",
+            ])
             .env("PGPASSWORD", "ps_bench-pw")
             .output()
             .unwrap()
@@ -240,6 +395,13 @@ async fn pgbench_prepared() {
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("number of failed transactions: 0 (0.000%)"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("number of failed transactions: 0 (0.000%)"),
+        "{text}"
+    );
 }

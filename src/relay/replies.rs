@@ -85,12 +85,21 @@ impl Cursor {
 
 impl Txn {
     /// Records that the server owes a reply to a message just passed on.
-    pub(super) fn owe(&mut self, kind: Reply, internal: bool, prepares: Option<(Arc<Statement>, Option<Box<[u8]>>)>) {
+    pub(super) fn owe(
+        &mut self,
+        kind: Reply,
+        internal: bool,
+        prepares: Option<(Arc<Statement>, Option<Box<[u8]>>)>,
+    ) {
         // After an error the server skips to the next Sync: nothing else will be answered.
         if self.errored && !kind.ends_batch() {
             return;
         }
-        self.owed.push_back(Owed::Reply { kind, internal, prepares });
+        self.owed.push_back(Owed::Reply {
+            kind,
+            internal,
+            prepares,
+        });
     }
 
     /// Records a reply the proxy makes itself.
@@ -102,12 +111,19 @@ impl Txn {
 
     /// Replies still owed that end with ReadyForQuery.
     pub(super) fn batches_owed(&self) -> usize {
-        self.owed.iter().filter(|o| matches!(o, Owed::Reply { kind, .. } if kind.ends_batch())).count()
+        self.owed
+            .iter()
+            .filter(|o| matches!(o, Owed::Reply { kind, .. } if kind.ends_batch()))
+            .count()
     }
 
     /// A reply entry that failed on the server: forget what it would have prepared.
     fn failed(entry: Owed, clients: &mut ClientStatements, servers: &mut ServerStatements) {
-        if let Owed::Reply { prepares: Some((stmt, client_name)), .. } = entry {
+        if let Owed::Reply {
+            prepares: Some((stmt, client_name)),
+            ..
+        } = entry
+        {
             servers.forget(&stmt.server_name);
             if let Some(name) = client_name {
                 clients.remove_if(&name, &stmt);
@@ -116,7 +132,12 @@ impl Txn {
     }
 
     /// A server message is complete.
-    fn complete(&mut self, tag: u8, clients: &mut ClientStatements, servers: &mut ServerStatements) {
+    fn complete(
+        &mut self,
+        tag: u8,
+        clients: &mut ClientStatements,
+        servers: &mut ServerStatements,
+    ) {
         match tag {
             backend::READY_FOR_QUERY => {
                 self.copy_in = false;
@@ -173,8 +194,11 @@ impl Txn {
         // server until the statement is prepared again: retire the server.
         // A statement the proxy thought missing but the server had (42P05) or the reverse
         // (26000 for a proxy-prepared name) means the proxy's record of it is wrong.
-        let stale_plan = e.code == "0A000" && e.message.contains("cached plan must not change result type");
-        let wrong_record = (e.code == "42P05" || e.code == "26000") && e.message.contains("pgsluice_");
+        let stale_plan = e.code == "0A000"
+            && e.message
+                .contains("cached plan must not change result type");
+        let wrong_record =
+            (e.code == "42P05" || e.code == "26000") && e.message.contains("pgsluice_");
         if stale_plan || wrong_record {
             self.server_in_doubt = true;
         }
@@ -230,17 +254,24 @@ pub(super) fn process(
         let Some((tag, total)) = frame::header(&buf[at..], MAX_MESSAGE)? else {
             return Ok(at);
         };
-        let inspect = tag == backend::READY_FOR_QUERY || (tag == backend::ERROR_RESPONSE && total <= INSPECTED_ERROR);
+        let inspect = tag == backend::READY_FOR_QUERY
+            || (tag == backend::ERROR_RESPONSE && total <= INSPECTED_ERROR);
         if inspect && buf.len() - at < total {
             return Ok(at);
         }
         match tag {
             backend::READY_FOR_QUERY => {
-                if let Some(s) = buf.get(at + HEADER_LEN).copied().and_then(TransactionStatus::from_byte) {
+                if let Some(s) = buf
+                    .get(at + HEADER_LEN)
+                    .copied()
+                    .and_then(TransactionStatus::from_byte)
+                {
                     txn.status = s;
                 }
             }
-            backend::ERROR_RESPONSE if inspect => txn.inspect_error(&buf[at + HEADER_LEN..at + total]),
+            backend::ERROR_RESPONSE if inspect => {
+                txn.inspect_error(&buf[at + HEADER_LEN..at + total])
+            }
             _ => {}
         }
         if txn.swallows(tag) {
@@ -285,7 +316,15 @@ mod tests {
             let n = cuts[i % cuts.len()].clamp(1, rest.len());
             buf.extend_from_slice(&rest[..n]);
             rest = &rest[n..];
-            ready = process(&mut buf, ready, &mut cursor, txn, &mut clients, &mut servers).unwrap();
+            ready = process(
+                &mut buf,
+                ready,
+                &mut cursor,
+                txn,
+                &mut clients,
+                &mut servers,
+            )
+            .unwrap();
             out.extend_from_slice(&buf[..ready]);
             buf.advance(ready);
             ready = 0;
@@ -343,7 +382,11 @@ mod tests {
         let (mut clients, mut servers) = (ClientStatements::default(), ServerStatements::default());
         clients.insert(b"s1", s.clone());
         servers.add(s.server_name.clone(), 10);
-        txn.owe(Reply::Parse, false, Some((s.clone(), Some(b"s1".to_vec().into()))));
+        txn.owe(
+            Reply::Parse,
+            false,
+            Some((s.clone(), Some(b"s1".to_vec().into()))),
+        );
         txn.owe(Reply::Bind, false, None);
         txn.owe_synthetic(crate::prepared::CLOSE_COMPLETE);
         txn.owe(Reply::Execute, false, None);
@@ -352,10 +395,25 @@ mod tests {
         wire.extend(msg(b'Z', b"I"));
         let mut buf = BytesMut::from(&wire[..]);
         let mut cursor = Cursor::default();
-        let end = process(&mut buf, 0, &mut cursor, &mut txn, &mut clients, &mut servers).unwrap();
-        assert_eq!(&buf[..end], &wire[..], "the error and ReadyForQuery pass; no CloseComplete after the error");
+        let end = process(
+            &mut buf,
+            0,
+            &mut cursor,
+            &mut txn,
+            &mut clients,
+            &mut servers,
+        )
+        .unwrap();
+        assert_eq!(
+            &buf[..end],
+            &wire[..],
+            "the error and ReadyForQuery pass; no CloseComplete after the error"
+        );
         assert!(txn.owed.is_empty());
-        assert!(clients.get(b"s1").is_none(), "a failed Parse is not registered");
+        assert!(
+            clients.get(b"s1").is_none(),
+            "a failed Parse is not registered"
+        );
         assert!(!servers.touch(&s.server_name));
     }
 
@@ -364,7 +422,10 @@ mod tests {
         let mut txn = Txn::new(true);
         txn.owe(Reply::Execute, false, None);
         txn.owe(Reply::Sync, false, None);
-        let mut wire = msg(b'E', b"SERROR\0C0A000\0Mcached plan must not change result type\0\0");
+        let mut wire = msg(
+            b'E',
+            b"SERROR\0C0A000\0Mcached plan must not change result type\0\0",
+        );
         wire.extend(msg(b'Z', b"I"));
         run(&mut txn, &wire, &[3]);
         assert!(txn.server_in_doubt);

@@ -12,9 +12,12 @@ use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
 use super::replies::{splice, Reply};
-use super::{frame_violation, raise_sql, violation, Txn, MAX_HELD_MESSAGE, MAX_MESSAGE, READ_CHUNK};
+use super::{
+    frame_violation, raise_sql, violation, Txn, MAX_HELD_MESSAGE, MAX_MESSAGE, READ_CHUNK,
+};
 use crate::prepared::{
-    close_message, ClientStatements, KnownStatements, ServerStatements, Statement, CLOSE_COMPLETE, PARSE_COMPLETE,
+    close_message, ClientStatements, KnownStatements, ServerStatements, Statement, CLOSE_COMPLETE,
+    PARSE_COMPLETE,
 };
 use crate::protocol::frame::{self, HEADER_LEN};
 use crate::protocol::frontend;
@@ -55,11 +58,18 @@ pub enum Peek {
 }
 
 fn unknown_message(tag: u8) -> ErrorFields {
-    violation(format!("invalid frontend message type {} ({:?})", tag, tag as char))
+    violation(format!(
+        "invalid frontend message type {} ({:?})",
+        tag, tag as char
+    ))
 }
 
 fn query_too_long(len: usize, max: usize) -> ErrorFields {
-    ErrorFields::new(Severity::Fatal, "54000", format!("message of {len} bytes is over pgsluice's max_query_size ({max} bytes)"))
+    ErrorFields::new(
+        Severity::Fatal,
+        "54000",
+        format!("message of {len} bytes is over pgsluice's max_query_size ({max} bytes)"),
+    )
 }
 
 fn refuse(r: Refusal) -> ErrorFields {
@@ -74,7 +84,12 @@ fn cstr(s: &[u8], limit: usize) -> Option<&[u8]> {
 }
 
 impl ClientConn {
-    pub fn new(stream: TcpStream, max_query_size: usize, max_prepared: usize, known: Arc<KnownStatements>) -> ClientConn {
+    pub fn new(
+        stream: TcpStream,
+        max_query_size: usize,
+        max_prepared: usize,
+        known: Arc<KnownStatements>,
+    ) -> ClientConn {
         ClientConn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
@@ -95,24 +110,44 @@ impl ClientConn {
 
     /// Looks at the first unscanned message while the client holds no server.
     pub fn peek(&self) -> Result<Peek, ErrorFields> {
-        let Some((tag, total)) = frame::header(&self.buf[self.ready..], MAX_MESSAGE).map_err(frame_violation)? else {
+        let Some((tag, total)) =
+            frame::header(&self.buf[self.ready..], MAX_MESSAGE).map_err(frame_violation)?
+        else {
             return Ok(Peek::NeedMore);
         };
         let whole = self.buf.len() - self.ready >= total;
         match tag {
             frontend::TERMINATE => Ok(Peek::Terminate),
-            frontend::SYNC | frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
-                Ok(if whole { Peek::Local(tag, total) } else { Peek::NeedMore })
-            }
+            frontend::SYNC
+            | frontend::FLUSH
+            | frontend::COPY_DATA
+            | frontend::COPY_DONE
+            | frontend::COPY_FAIL => Ok(if whole {
+                Peek::Local(tag, total)
+            } else {
+                Peek::NeedMore
+            }),
             frontend::QUERY | frontend::PARSE => {
                 if total - 1 > self.max_query_size {
                     return Err(query_too_long(total - 1, self.max_query_size));
                 }
-                Ok(if whole { Peek::Ready(tag) } else { Peek::NeedMore })
+                Ok(if whole {
+                    Peek::Ready(tag)
+                } else {
+                    Peek::NeedMore
+                })
             }
-            frontend::BIND | frontend::DESCRIBE | frontend::EXECUTE | frontend::CLOSE | frontend::FUNCTION_CALL => {
+            frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::CLOSE
+            | frontend::FUNCTION_CALL => {
                 // A client that sent half a message holds no server while it stalls.
-                Ok(if whole || total > MAX_HELD_MESSAGE { Peek::Ready(tag) } else { Peek::NeedMore })
+                Ok(if whole || total > MAX_HELD_MESSAGE {
+                    Peek::Ready(tag)
+                } else {
+                    Peek::NeedMore
+                })
             }
             other => Err(unknown_message(other)),
         }
@@ -163,7 +198,9 @@ impl ClientConn {
     pub fn skip_request(&mut self) -> Result<bool, ErrorFields> {
         let mut pos = 0;
         loop {
-            let Some((tag, total)) = frame::header(&self.buf[pos..], MAX_MESSAGE).map_err(frame_violation)? else {
+            let Some((tag, total)) =
+                frame::header(&self.buf[pos..], MAX_MESSAGE).map_err(frame_violation)?
+            else {
                 return Ok(false);
             };
             if self.buf.len() - pos < total {
@@ -180,7 +217,11 @@ impl ClientConn {
     /// Scans unscanned bytes, marking messages ready for the server and recording the
     /// replies they are owed. Stops at an incomplete header, or an incomplete message the
     /// proxy must read. Returns `Ok(true)` when the client sent Terminate.
-    pub(super) fn scan(&mut self, txn: &mut Txn, server: &mut ServerStatements) -> Result<bool, ErrorFields> {
+    pub(super) fn scan(
+        &mut self,
+        txn: &mut Txn,
+        server: &mut ServerStatements,
+    ) -> Result<bool, ErrorFields> {
         loop {
             if self.pass > 0 {
                 let n = self.pass.min(self.buf.len() - self.ready);
@@ -191,7 +232,9 @@ impl ClientConn {
                 }
             }
             let at = self.ready;
-            let Some((tag, total)) = frame::header(&self.buf[at..], MAX_MESSAGE).map_err(frame_violation)? else {
+            let Some((tag, total)) =
+                frame::header(&self.buf[at..], MAX_MESSAGE).map_err(frame_violation)?
+            else {
                 return Ok(false);
             };
             let have = self.buf.len() - at;
@@ -229,7 +272,9 @@ impl ClientConn {
                             let new_total = total - name.len() + stmt.server_name.len();
                             head.extend_from_slice(&[frontend::BIND]);
                             head.extend_from_slice(&((new_total - 1) as i32).to_be_bytes());
-                            head.extend_from_slice(&self.buf[at + HEADER_LEN..at + HEADER_LEN + portal.len() + 1]);
+                            head.extend_from_slice(
+                                &self.buf[at + HEADER_LEN..at + HEADER_LEN + portal.len() + 1],
+                            );
                             head.extend_from_slice(stmt.server_name.as_bytes());
                             head.extend_from_slice(&[0]);
                             splice(&mut self.buf, at, prefix, &head);
@@ -265,7 +310,9 @@ impl ClientConn {
                         Some(stmt) if named_statement => {
                             let mut msg = self.prepare_first(&stmt, txn, server);
                             msg.extend_from_slice(&[frontend::DESCRIBE]);
-                            msg.extend_from_slice(&((4 + 1 + stmt.server_name.len() + 1) as i32).to_be_bytes());
+                            msg.extend_from_slice(
+                                &((4 + 1 + stmt.server_name.len() + 1) as i32).to_be_bytes(),
+                            );
                             msg.extend_from_slice(&[b'S']);
                             msg.extend_from_slice(stmt.server_name.as_bytes());
                             msg.extend_from_slice(&[0]);
@@ -274,7 +321,15 @@ impl ClientConn {
                         }
                         _ => self.ready = at + total,
                     }
-                    txn.owe(if tag == frontend::CLOSE { Reply::Close } else { Reply::Describe }, false, None);
+                    txn.owe(
+                        if tag == frontend::CLOSE {
+                            Reply::Close
+                        } else {
+                            Reply::Describe
+                        },
+                        false,
+                        None,
+                    );
                     txn.unsynced = true;
                 }
                 frontend::SYNC => {
@@ -301,7 +356,9 @@ impl ClientConn {
                     txn.unsynced = true;
                     self.pass = total;
                 }
-                frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => self.pass = total,
+                frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                    self.pass = total
+                }
                 frontend::TERMINATE => return Ok(true),
                 other => return Err(unknown_message(other)),
             }
@@ -320,7 +377,12 @@ impl ClientConn {
 
     /// Messages to put before one that uses `stmt`: if the server lacks it, a Parse (and a
     /// Close of the statement it evicts), whose replies the client will not see.
-    fn prepare_first(&self, stmt: &Arc<Statement>, txn: &mut Txn, server: &mut ServerStatements) -> Vec<u8> {
+    fn prepare_first(
+        &self,
+        stmt: &Arc<Statement>,
+        txn: &mut Txn,
+        server: &mut ServerStatements,
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         if server.touch(&stmt.server_name) {
             return out;
@@ -337,12 +399,23 @@ impl ClientConn {
     }
 
     /// A whole Query at `buf[ready..]`: session state, refusals, DEALLOCATE.
-    fn query(&mut self, total: usize, txn: &mut Txn, server: &mut ServerStatements) -> Result<(), ErrorFields> {
+    fn query(
+        &mut self,
+        total: usize,
+        txn: &mut Txn,
+        server: &mut ServerStatements,
+    ) -> Result<(), ErrorFields> {
         let at = self.ready;
         let body = &self.buf[at + HEADER_LEN..at + total];
-        let text = body.strip_suffix(&[0]).ok_or_else(|| violation("Query message is not NUL-terminated"))?;
+        let text = body
+            .strip_suffix(&[0])
+            .ok_or_else(|| violation("Query message is not NUL-terminated"))?;
         let refusal = sql::classify(text, txn.transaction_mode, &mut txn.effects);
-        let dealloc = if txn.transaction_mode && self.max_prepared > 0 { sql::deallocate(text) } else { None };
+        let dealloc = if txn.transaction_mode && self.max_prepared > 0 {
+            sql::deallocate(text)
+        } else {
+            None
+        };
         txn.owe(Reply::Query, false, None);
         let replacement = match (refusal, dealloc) {
             // The server raises the refusal itself, so the error, the transaction state and
@@ -373,11 +446,19 @@ impl ClientConn {
     }
 
     /// A whole Parse at `buf[ready..]`.
-    fn parse(&mut self, total: usize, txn: &mut Txn, server: &mut ServerStatements) -> Result<(), ErrorFields> {
+    fn parse(
+        &mut self,
+        total: usize,
+        txn: &mut Txn,
+        server: &mut ServerStatements,
+    ) -> Result<(), ErrorFields> {
         let at = self.ready;
         let body = &self.buf[at + HEADER_LEN..at + total];
         let mut strs = CStrings(body);
-        let (name, text) = strs.next_str().zip(strs.next_str()).ok_or_else(|| violation("malformed Parse message"))?;
+        let (name, text) = strs
+            .next_str()
+            .zip(strs.next_str())
+            .ok_or_else(|| violation("malformed Parse message"))?;
         if let Some(r) = sql::classify(text, txn.transaction_mode, &mut txn.effects) {
             return Err(refuse(r));
         }
