@@ -98,8 +98,14 @@ impl ClientStatements {
         self.map.insert(name.into(), stmt);
     }
 
-    pub fn remove(&mut self, name: &[u8]) {
-        self.map.remove(name);
+    /// Forgets `name`; returns what it meant.
+    pub fn remove(&mut self, name: &[u8]) -> Option<Arc<Statement>> {
+        self.map.remove(name)
+    }
+
+    /// Puts back a name a skipped Close or DEALLOCATE removed, unless it was reused since.
+    pub fn restore(&mut self, name: &[u8], stmt: Arc<Statement>) {
+        self.map.entry(name.into()).or_insert(stmt);
     }
 
     /// Forgets `name` if it still means `stmt` (a failed Parse is not registered).
@@ -164,6 +170,12 @@ impl ServerStatements {
     /// Forgets a statement the server turned out not to have (its Parse failed).
     pub fn forget(&mut self, name: &str) {
         self.used.remove(name);
+    }
+
+    /// Puts back a statement whose eviction Close the server skipped: it still has it.
+    pub fn restore(&mut self, name: Arc<str>) {
+        self.tick += 1;
+        self.used.entry(name).or_insert(self.tick);
     }
 
     /// The server dropped all its statements (DEALLOCATE ALL, DISCARD ALL).

@@ -194,7 +194,6 @@ async fn psycopg3_prepare_threshold_0() {
 /// as a named prepared statement (Parse/Bind/Execute), as any driver using the extended
 /// protocol does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: DEALLOCATE ALL sent as a prepared statement is not seen; other clients then fail with 26000 on pgsluice_ names (see prepared_model::bug_deallocate_as_a_prepared_statement)"]
 async fn psycopg3_execute_deallocate_all() {
     let py = tokio::task::spawn_blocking(psycopg_python).await.unwrap();
     let proxy = app("drv_psycopg_dealloc", POOL).await;

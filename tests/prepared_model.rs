@@ -500,7 +500,6 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 #[test]
-#[ignore = "bug: pgsluice differs from PostgreSQL on DEALLOCATE name, a Parse of a name in use, messages skipped after an error, DEALLOCATE inside a multi-statement query or as a prepared statement: see the bug_* tests"]
 fn rewriting_matches_postgresql() {
     run_cases(case());
 }
@@ -556,7 +555,6 @@ const Q_SELECT_DEALLOCATE: u8 = 5;
 /// `DEALLOCATE ALL` (psycopg and pgjdbc clear their whole statement cache on it) instead of
 /// `DEALLOCATE`.
 #[test]
-#[ignore = "bug: DEALLOCATE name answers with the command tag DEALLOCATE ALL"]
 fn bug_deallocate_name_tag() {
     known(
         1,
@@ -571,7 +569,6 @@ fn bug_deallocate_name_tag() {
 /// `DEALLOCATE s2` of a name the client never prepared fails in PostgreSQL (26000); through
 /// pgsluice it succeeds.
 #[test]
-#[ignore = "bug: DEALLOCATE of an unknown name succeeds instead of failing with 26000"]
 fn bug_deallocate_unknown_name() {
     known(1, 200, vec![(0, Round::Query(Q_DEALLOCATE_S2))]);
 }
@@ -579,7 +576,6 @@ fn bug_deallocate_unknown_name() {
 /// A Parse of a name the client already has fails in PostgreSQL (42P05) and the name keeps
 /// its statement; pgsluice answers ParseComplete and the name now means the new text.
 #[test]
-#[ignore = "bug: Parse of a name in use succeeds (and redefines it) instead of 42P05"]
 fn bug_parse_of_a_name_in_use() {
     known(
         1,
@@ -595,7 +591,6 @@ fn bug_parse_of_a_name_in_use() {
 /// After an error PostgreSQL skips to Sync, so a Close after it does not happen; pgsluice
 /// forgets the statement when it reads the Close, and the next Bind fails with 26000.
 #[test]
-#[ignore = "bug: a Close skipped after an error still forgets the statement"]
 fn bug_close_after_an_error() {
     known(
         1,
@@ -613,7 +608,6 @@ fn bug_close_after_an_error() {
 /// server already had that text (here from another client) pgsluice answers the Parse itself
 /// and registers the name, and the next Bind runs instead of failing with 26000.
 #[test]
-#[ignore = "bug: a Parse skipped after an error is still registered when pgsluice answers it"]
 fn bug_parse_after_an_error() {
     known(
         1,
@@ -631,7 +625,6 @@ fn bug_parse_after_an_error() {
 /// and keeps it; the next Bind of it prepares the text again and fails with 42601, where
 /// PostgreSQL says 26000 (no such statement).
 #[test]
-#[ignore = "bug: a Parse answered by pgsluice for a statement whose server Parse fails stays registered"]
 fn bug_parse_sharing_a_failed_parse() {
     known(
         1,
@@ -651,7 +644,6 @@ fn bug_parse_sharing_a_failed_parse() {
 /// believes it gone, prepares it again later and the server answers 42P05 (already
 /// exists), which reaches the client.
 #[test]
-#[ignore = "bug: an eviction Close skipped after an error leaves pgsluice's record wrong (42P05 to the client)"]
 fn bug_eviction_skipped_after_an_error() {
     known(
         1,
@@ -676,7 +668,6 @@ fn bug_eviction_skipped_after_an_error() {
 /// drops every statement while pgsluice believes it still has them: another client's
 /// statement then fails with 26000 on a `pgsluice_…` name.
 #[test]
-#[ignore = "bug: DEALLOCATE ALL inside a multi-statement Query is not seen"]
 fn bug_deallocate_in_a_multi_statement_query() {
     known(
         1,
@@ -693,7 +684,6 @@ fn bug_deallocate_in_a_multi_statement_query() {
 /// any prepare threshold it reaches) is not seen either: another client's statement then
 /// fails with 26000 on a `pgsluice_…` name.
 #[test]
-#[ignore = "bug: DEALLOCATE ALL sent through Parse/Bind/Execute is not seen"]
 fn bug_deallocate_as_a_prepared_statement() {
     known(
         1,

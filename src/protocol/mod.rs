@@ -36,6 +36,7 @@ pub mod backend {
     pub const NOTICE_RESPONSE: u8 = b'N';
     pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
     pub const DATA_ROW: u8 = b'D';
+    pub const COMMAND_COMPLETE: u8 = b'C';
     pub const COPY_IN_RESPONSE: u8 = b'G';
     pub const COPY_OUT_RESPONSE: u8 = b'H';
     pub const COPY_BOTH_RESPONSE: u8 = b'W';

@@ -19,6 +19,8 @@ use crate::protocol::frame::{self, FrameError, HEADER_LEN};
 use crate::protocol::messages::ErrorFields;
 use crate::protocol::{backend, TransactionStatus};
 
+/// CommandComplete messages up to this size are read whole, to see DEALLOCATE ALL.
+const INSPECTED_TAG: usize = 32;
 /// ErrorResponses up to this size are read whole, to recognise a few that matter.
 const INSPECTED_ERROR: usize = 4096;
 
@@ -61,12 +63,61 @@ pub enum Owed {
         kind: Reply,
         /// A message the proxy added: its success reply is not the client's.
         internal: bool,
-        /// A Parse that prepares a named statement on this server, and the client's name
-        /// for it (`None` when the proxy added the Parse), to undo if it fails.
-        prepares: Option<(Arc<Statement>, Option<Box<[u8]>>)>,
+        /// What to take back if the server fails or skips the message.
+        undo: Undo,
     },
     /// A reply the proxy sends itself once everything before it is answered.
-    Synthetic(&'static [u8]),
+    Synthetic { reply: Synthetic, undo: Undo },
+}
+
+/// A reply the proxy makes in place of the server's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synthetic {
+    /// A fixed message (ParseComplete, CloseComplete).
+    Message(&'static [u8]),
+    /// `DEALLOCATE name` answered: CommandComplete and ReadyForQuery.
+    Deallocate,
+}
+
+/// A change to the statement records made when a message was passed on, to take back if
+/// PostgreSQL fails or skips the message (it skips everything up to Sync after an error).
+#[derive(Debug)]
+pub enum Undo {
+    None,
+    /// The server was to prepare `stmt`; the client named it `client_name` (a client's Parse).
+    Prepare {
+        stmt: Arc<Statement>,
+        client_name: Option<Box<[u8]>>,
+    },
+    /// The client's name was registered for a Parse the proxy answered.
+    Register {
+        name: Box<[u8]>,
+        stmt: Arc<Statement>,
+    },
+    /// The client's name was dropped for a Close or DEALLOCATE the proxy answered.
+    Unregister {
+        name: Box<[u8]>,
+        stmt: Arc<Statement>,
+    },
+    /// The server's record dropped a statement it was about to close (an eviction).
+    Evict(Arc<str>),
+}
+
+impl Undo {
+    pub(super) fn apply(self, clients: &mut ClientStatements, servers: &mut ServerStatements) {
+        match self {
+            Undo::None => {}
+            Undo::Prepare { stmt, client_name } => {
+                servers.forget(&stmt.server_name);
+                if let Some(name) = client_name {
+                    clients.remove_if(&name, &stmt);
+                }
+            }
+            Undo::Register { name, stmt } => clients.remove_if(&name, &stmt),
+            Undo::Unregister { name, stmt } => clients.restore(&name, stmt),
+            Undo::Evict(name) => servers.restore(name),
+        }
+    }
 }
 
 /// Where the relay stands inside the server's message stream.
@@ -84,29 +135,56 @@ impl Cursor {
 }
 
 impl Txn {
-    /// Records that the server owes a reply to a message just passed on.
-    pub(super) fn owe(
-        &mut self,
-        kind: Reply,
-        internal: bool,
-        prepares: Option<(Arc<Statement>, Option<Box<[u8]>>)>,
-    ) {
-        // After an error the server skips to the next Sync: nothing else will be answered.
-        if self.errored && !kind.ends_batch() {
-            return;
+    /// Records that the server owes a reply to a message just passed on. Returns false
+    /// when the server will skip the message (an earlier error in the batch): the caller
+    /// then takes back what it changed.
+    pub(super) fn owe(&mut self, kind: Reply, internal: bool, undo: Undo) -> Option<Undo> {
+        if self.skipping() && !kind.ends_batch() {
+            return Some(undo);
         }
         self.owed.push_back(Owed::Reply {
             kind,
             internal,
-            prepares,
+            undo,
         });
+        None
     }
 
-    /// Records a reply the proxy makes itself.
-    pub(super) fn owe_synthetic(&mut self, reply: &'static [u8]) {
-        if !self.errored {
-            self.owed.push_back(Owed::Synthetic(reply));
+    /// Records a reply the proxy makes itself; false when PostgreSQL would not answer (an
+    /// earlier error in the batch).
+    pub(super) fn owe_synthetic(&mut self, reply: Synthetic, undo: Undo) -> Option<Undo> {
+        if self.skipping() {
+            return Some(undo);
         }
+        self.owed.push_back(Owed::Synthetic { reply, undo });
+        None
+    }
+
+    /// True while an earlier batch (closed by a Sync already passed on) holds a change to
+    /// the statement records that the server may still take back by failing. A message
+    /// that reads those records must wait for that batch's answer: within one batch an
+    /// error skips everything after it anyway, across batches it does not.
+    pub(super) fn speculating(&self) -> bool {
+        let mut changed = false;
+        for entry in &self.owed {
+            match entry {
+                Owed::Reply { kind, .. } if kind.ends_batch() => {
+                    if changed {
+                        return true;
+                    }
+                }
+                Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. } => {
+                    changed |= !matches!(undo, Undo::None)
+                }
+            }
+        }
+        false
+    }
+
+    /// True when the server will skip a message passed on now: it reported an error and
+    /// the Sync that ends its skipping has not been passed on yet.
+    fn skipping(&self) -> bool {
+        self.errored && self.batches_owed() == 0
     }
 
     /// Replies still owed that end with ReadyForQuery.
@@ -117,17 +195,22 @@ impl Txn {
             .count()
     }
 
-    /// A reply entry that failed on the server: forget what it would have prepared.
-    fn failed(entry: Owed, clients: &mut ClientStatements, servers: &mut ServerStatements) {
-        if let Owed::Reply {
-            prepares: Some((stmt, client_name)),
-            ..
-        } = entry
-        {
-            servers.forget(&stmt.server_name);
-            if let Some(name) = client_name {
-                clients.remove_if(&name, &stmt);
-            }
+    /// Entries that will not be answered, in stream order: their changes are taken back
+    /// newest first.
+    fn all_unanswered(
+        entries: Vec<Owed>,
+        clients: &mut ClientStatements,
+        servers: &mut ServerStatements,
+    ) {
+        for entry in entries.into_iter().rev() {
+            Self::unanswered(entry, clients, servers);
+        }
+    }
+
+    /// An entry that will not be answered (it failed, or the server skipped it).
+    fn unanswered(entry: Owed, clients: &mut ClientStatements, servers: &mut ServerStatements) {
+        match entry {
+            Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. } => undo.apply(clients, servers),
         }
     }
 
@@ -142,37 +225,38 @@ impl Txn {
             backend::READY_FOR_QUERY => {
                 self.copy_in = false;
                 self.errored = false;
+                let mut skipped = Vec::new();
                 while let Some(entry) = self.owed.pop_front() {
                     match entry {
                         Owed::Reply { kind, .. } if kind.ends_batch() => break,
-                        other => Self::failed(other, clients, servers),
+                        other => skipped.push(other),
                     }
                 }
+                Self::all_unanswered(skipped, clients, servers);
                 self.counts.ready(self.status, self.batches_owed() == 0);
             }
             backend::ERROR_RESPONSE => match self.owed.front() {
                 Some(Owed::Reply { kind, .. }) if kind.ends_batch() => {}
                 Some(_) => {
-                    // An extended-protocol message failed: the server skips to the next Sync.
+                    // An extended-protocol message failed: the server skips to the next
+                    // Sync, and answers nothing before it.
                     self.errored = true;
-                    while let Some(Owed::Reply { kind, .. }) = self.owed.front() {
-                        if kind.ends_batch() {
+                    let mut skipped = Vec::new();
+                    while let Some(entry) = self.owed.front() {
+                        if matches!(entry, Owed::Reply { kind, .. } if kind.ends_batch()) {
                             break;
                         }
-                        let entry = self.owed.pop_front().expect("front exists");
-                        Self::failed(entry, clients, servers);
+                        skipped.push(self.owed.pop_front().expect("front exists"));
                     }
-                    while matches!(self.owed.front(), Some(Owed::Synthetic(_))) {
-                        self.owed.pop_front();
-                    }
+                    Self::all_unanswered(skipped, clients, servers);
                 }
                 None => {}
             },
             backend::COPY_IN_RESPONSE | backend::COPY_BOTH_RESPONSE => self.copy_in = true,
             _ => {
-                if let Some(Owed::Reply { kind, prepares, .. }) = self.owed.front() {
+                if let Some(Owed::Reply { kind, undo, .. }) = self.owed.front() {
                     if kind.completed_by(tag) {
-                        if let Some((stmt, _)) = prepares {
+                        if let Undo::Prepare { stmt, .. } = undo {
                             clients.known.insert(&stmt.server_name);
                         }
                         self.owed.pop_front();
@@ -191,14 +275,12 @@ impl Txn {
     fn inspect_error(&mut self, body: &[u8]) {
         let e = ErrorFields::parse(body);
         // A cached plan that no longer matches its statement (after DDL) fails on this
-        // server until the statement is prepared again: retire the server.
-        // A statement the proxy thought missing but the server had (42P05) or the reverse
-        // (26000 for a proxy-prepared name) means the proxy's record of it is wrong.
+        // server until the statement is prepared again; a proxy-named statement the server
+        // does not have means the proxy's record is wrong. Either way: retire the server.
         let stale_plan = e.code == "0A000"
             && e.message
                 .contains("cached plan must not change result type");
-        let wrong_record =
-            (e.code == "42P05" || e.code == "26000") && e.message.contains("pgsluice_");
+        let wrong_record = e.code == "26000" && e.message.contains("pgsluice_");
         if stale_plan || wrong_record {
             self.server_in_doubt = true;
         }
@@ -208,11 +290,22 @@ impl Txn {
 /// Splices in the proxy's own replies that are due (everything before them is answered)
 /// at `at`, the end of what is ready for the client.
 pub(super) fn emit_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn) {
-    while let Some(Owed::Synthetic(reply)) = txn.owed.front() {
+    while let Some(Owed::Synthetic { reply, .. }) = txn.owed.front() {
         let reply = *reply;
         txn.owed.pop_front();
-        splice(buf, *at, 0, reply);
-        *at += reply.len();
+        let bytes: std::borrow::Cow<[u8]> = match reply {
+            Synthetic::Message(m) => m.into(),
+            Synthetic::Deallocate => {
+                let mut m = Vec::with_capacity(22);
+                m.extend_from_slice(&[b'C', 0, 0, 0, 15]);
+                m.extend_from_slice(b"DEALLOCATE\0");
+                m.extend_from_slice(&[backend::READY_FOR_QUERY, 0, 0, 0, 5, txn.status.as_byte()]);
+                txn.counts.ready(txn.status, txn.batches_owed() == 0);
+                m.into()
+            }
+        };
+        splice(buf, *at, 0, &bytes);
+        *at += bytes.len();
     }
 }
 
@@ -255,7 +348,8 @@ pub(super) fn process(
             return Ok(at);
         };
         let inspect = tag == backend::READY_FOR_QUERY
-            || (tag == backend::ERROR_RESPONSE && total <= INSPECTED_ERROR);
+            || (tag == backend::ERROR_RESPONSE && total <= INSPECTED_ERROR)
+            || (tag == backend::COMMAND_COMPLETE && total <= INSPECTED_TAG);
         if inspect && buf.len() - at < total {
             return Ok(at);
         }
@@ -271,6 +365,15 @@ pub(super) fn process(
             }
             backend::ERROR_RESPONSE if inspect => {
                 txn.inspect_error(&buf[at + HEADER_LEN..at + total])
+            }
+            backend::COMMAND_COMPLETE if inspect => {
+                // DEALLOCATE ALL or DISCARD ALL ran, however it was sent: the server has no
+                // prepared statement left, and neither has the client.
+                let tag = &buf[at + HEADER_LEN..at + total];
+                if tag == b"DEALLOCATE ALL\0" || tag == b"DISCARD ALL\0" {
+                    clients.clear();
+                    servers.clear();
+                }
             }
             _ => {}
         }
@@ -346,12 +449,12 @@ mod tests {
         fn splicing_is_chunking_independent(rows in 0usize..20, cuts in proptest::collection::vec(1usize..40, 1..20)) {
             let mut txn = Txn::new(true);
             // Client: Execute (earlier portal), Parse(known: synthetic), internal Parse, Bind, Execute, Sync.
-            txn.owe(Reply::Execute, false, None);
-            txn.owe_synthetic(crate::prepared::PARSE_COMPLETE);
-            txn.owe(Reply::Parse, true, Some((stmt(), None)));
-            txn.owe(Reply::Bind, false, None);
-            txn.owe(Reply::Execute, false, None);
-            txn.owe(Reply::Sync, false, None);
+            txn.owe(Reply::Execute, false, Undo::None);
+            txn.owe_synthetic(Synthetic::Message(crate::prepared::PARSE_COMPLETE), Undo::None);
+            txn.owe(Reply::Parse, true, Undo::Prepare { stmt: stmt(), client_name: None });
+            txn.owe(Reply::Bind, false, Undo::None);
+            txn.owe(Reply::Execute, false, Undo::None);
+            txn.owe(Reply::Sync, false, Undo::None);
             let mut server: Vec<u8> = Vec::new();
             let mut expected: Vec<u8> = Vec::new();
             for r in 0..rows {
@@ -385,12 +488,23 @@ mod tests {
         txn.owe(
             Reply::Parse,
             false,
-            Some((s.clone(), Some(b"s1".to_vec().into()))),
+            Undo::Prepare {
+                stmt: s.clone(),
+                client_name: Some(b"s1".to_vec().into()),
+            },
         );
-        txn.owe(Reply::Bind, false, None);
-        txn.owe_synthetic(crate::prepared::CLOSE_COMPLETE);
-        txn.owe(Reply::Execute, false, None);
-        txn.owe(Reply::Sync, false, None);
+        txn.owe(Reply::Bind, false, Undo::None);
+        // A Close the proxy answered; skipped after the error, so the client keeps "s2".
+        clients.remove(b"s2");
+        txn.owe_synthetic(
+            Synthetic::Message(crate::prepared::CLOSE_COMPLETE),
+            Undo::Unregister {
+                name: b"s2".to_vec().into(),
+                stmt: s.clone(),
+            },
+        );
+        txn.owe(Reply::Execute, false, Undo::None);
+        txn.owe(Reply::Sync, false, Undo::None);
         let mut wire = msg(b'E', b"SERROR\0C42601\0Msyntax error\0\0");
         wire.extend(msg(b'Z', b"I"));
         let mut buf = BytesMut::from(&wire[..]);
@@ -420,8 +534,8 @@ mod tests {
     #[test]
     fn stale_plan_errors_retire_the_server() {
         let mut txn = Txn::new(true);
-        txn.owe(Reply::Execute, false, None);
-        txn.owe(Reply::Sync, false, None);
+        txn.owe(Reply::Execute, false, Undo::None);
+        txn.owe(Reply::Sync, false, Undo::None);
         let mut wire = msg(
             b'E',
             b"SERROR\0C0A000\0Mcached plan must not change result type\0\0",

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
-use super::replies::{splice, Reply};
+use super::replies::{splice, Reply, Synthetic, Undo};
 use super::{
     frame_violation, raise_sql, violation, Txn, MAX_HELD_MESSAGE, MAX_MESSAGE, READ_CHUNK,
 };
@@ -22,6 +22,7 @@ use crate::prepared::{
 use crate::protocol::frame::{self, HEADER_LEN};
 use crate::protocol::frontend;
 use crate::protocol::messages::{self, CStrings, ErrorFields, Severity};
+use crate::protocol::TransactionStatus;
 use crate::sql::{self, Deallocate, Refusal};
 
 /// Longest statement or portal name the proxy reads before a Bind's parameters.
@@ -171,7 +172,9 @@ impl ClientConn {
             return None;
         }
         let body = &self.buf[HEADER_LEN..total];
-        let name = cstr(body, MAX_NAME).filter(|n| !n.is_empty())?;
+        // A name in use must fail on the server (42P05), as in PostgreSQL.
+        let name =
+            cstr(body, MAX_NAME).filter(|n| !n.is_empty() && self.statements.get(n).is_none())?;
         let stmt = Statement::from_parse(&body[name.len() + 1..]);
         if !self.statements.known.contains(&stmt.server_name) {
             return None;
@@ -247,6 +250,9 @@ impl ClientConn {
                     if have < total {
                         return Ok(false);
                     }
+                    if rewrite && txn.speculating() && self.reads_statements(tag, at, total) {
+                        return Ok(false); // wait for the earlier batch's answer
+                    }
                     if tag == frontend::QUERY {
                         self.query(total, txn, server)?;
                     } else {
@@ -265,15 +271,24 @@ impl ClientConn {
                     let Some(name) = cstr(&body[portal.len() + 1..], MAX_NAME) else {
                         return self.need_more(have, total, "Bind");
                     };
-                    let prefix = HEADER_LEN + portal.len() + 1 + name.len() + 1;
-                    match self.statements.get(name).cloned() {
-                        Some(stmt) if !name.is_empty() => {
+                    if !name.is_empty() && txn.speculating() {
+                        return Ok(false); // wait for the earlier batch's answer
+                    }
+                    let (portal_len, name_len) = (portal.len(), name.len());
+                    let prefix = HEADER_LEN + portal_len + 1 + name_len + 1;
+                    let known = if name.is_empty() {
+                        None
+                    } else {
+                        self.statements.get(name).cloned()
+                    };
+                    match known {
+                        Some(stmt) => {
                             let mut head = self.prepare_first(&stmt, txn, server);
-                            let new_total = total - name.len() + stmt.server_name.len();
+                            let new_total = total - name_len + stmt.server_name.len();
                             head.extend_from_slice(&[frontend::BIND]);
                             head.extend_from_slice(&((new_total - 1) as i32).to_be_bytes());
                             head.extend_from_slice(
-                                &self.buf[at + HEADER_LEN..at + HEADER_LEN + portal.len() + 1],
+                                &self.buf[at + HEADER_LEN..at + HEADER_LEN + portal_len + 1],
                             );
                             head.extend_from_slice(stmt.server_name.as_bytes());
                             head.extend_from_slice(&[0]);
@@ -281,9 +296,9 @@ impl ClientConn {
                             self.ready = at + head.len();
                             self.pass = total - prefix;
                         }
-                        _ => self.pass = total,
+                        None => self.pass = total,
                     }
-                    txn.owe(Reply::Bind, false, None);
+                    self.owe(txn, server, Reply::Bind, false, Undo::None);
                     txn.unsynced = true;
                 }
                 frontend::DESCRIBE | frontend::CLOSE if rewrite => {
@@ -298,11 +313,21 @@ impl ClientConn {
                         .ok_or_else(|| violation("malformed Describe or Close message"))?
                         .to_vec();
                     let named_statement = kind == Some(b'S') && !name.is_empty();
+                    if named_statement && txn.speculating() {
+                        return Ok(false); // wait for the earlier batch's answer
+                    }
                     if tag == frontend::CLOSE && named_statement {
-                        // The client forgets it; the server keeps it for whoever prepares it next.
-                        self.statements.remove(&name);
+                        // The client forgets it (a name it never had closes quietly, as in
+                        // PostgreSQL); the server keeps it for whoever prepares it next.
                         splice(&mut self.buf, at, total, &[]);
-                        txn.owe_synthetic(CLOSE_COMPLETE);
+                        let undo = match self.statements.remove(&name) {
+                            Some(stmt) => Undo::Unregister {
+                                name: name.into(),
+                                stmt,
+                            },
+                            None => Undo::None,
+                        };
+                        self.owe_synthetic(txn, server, Synthetic::Message(CLOSE_COMPLETE), undo);
                         txn.unsynced = true;
                         continue;
                     }
@@ -321,24 +346,21 @@ impl ClientConn {
                         }
                         _ => self.ready = at + total,
                     }
-                    txn.owe(
-                        if tag == frontend::CLOSE {
-                            Reply::Close
-                        } else {
-                            Reply::Describe
-                        },
-                        false,
-                        None,
-                    );
+                    let kind = if tag == frontend::CLOSE {
+                        Reply::Close
+                    } else {
+                        Reply::Describe
+                    };
+                    self.owe(txn, server, kind, false, Undo::None);
                     txn.unsynced = true;
                 }
                 frontend::SYNC => {
-                    txn.owe(Reply::Sync, false, None);
+                    self.owe(txn, server, Reply::Sync, false, Undo::None);
                     txn.unsynced = false;
                     self.pass = total;
                 }
                 frontend::FUNCTION_CALL => {
-                    txn.owe(Reply::FunctionCall, false, None);
+                    self.owe(txn, server, Reply::FunctionCall, false, Undo::None);
                     self.pass = total;
                 }
                 frontend::BIND | frontend::DESCRIBE | frontend::CLOSE | frontend::EXECUTE => {
@@ -348,7 +370,7 @@ impl ClientConn {
                         frontend::CLOSE => Reply::Close,
                         _ => Reply::Execute,
                     };
-                    txn.owe(kind, false, None);
+                    self.owe(txn, server, kind, false, Undo::None);
                     txn.unsynced = true;
                     self.pass = total;
                 }
@@ -367,6 +389,17 @@ impl ClientConn {
         }
     }
 
+    /// True when a whole Query or Parse at `at` depends on the client's statement names: a
+    /// named Parse, or `DEALLOCATE name`.
+    fn reads_statements(&self, tag: u8, at: usize, total: usize) -> bool {
+        let body = &self.buf[at + HEADER_LEN..at + total];
+        if tag == frontend::PARSE {
+            return body.first().is_some_and(|&b| b != 0);
+        }
+        let text = body.strip_suffix(&[0]).unwrap_or(body);
+        matches!(sql::deallocate(text), Some(Deallocate::Name(_)))
+    }
+
     /// A message whose leading names are not all here yet.
     fn need_more(&self, have: usize, total: usize, what: &str) -> Result<bool, ErrorFields> {
         if have >= total || have >= HEADER_LEN + 2 * (MAX_NAME + 1) {
@@ -375,10 +408,38 @@ impl ClientConn {
         Ok(false)
     }
 
+    /// Records the reply owed for a message passed on; if the server will skip it (an
+    /// earlier error in the batch), takes back what passing it on changed.
+    fn owe(
+        &mut self,
+        txn: &mut Txn,
+        server: &mut ServerStatements,
+        kind: Reply,
+        internal: bool,
+        undo: Undo,
+    ) {
+        if let Some(undo) = txn.owe(kind, internal, undo) {
+            undo.apply(&mut self.statements, server);
+        }
+    }
+
+    /// Records a reply the proxy makes itself, as [`ClientConn::owe`].
+    fn owe_synthetic(
+        &mut self,
+        txn: &mut Txn,
+        server: &mut ServerStatements,
+        reply: Synthetic,
+        undo: Undo,
+    ) {
+        if let Some(undo) = txn.owe_synthetic(reply, undo) {
+            undo.apply(&mut self.statements, server);
+        }
+    }
+
     /// Messages to put before one that uses `stmt`: if the server lacks it, a Parse (and a
     /// Close of the statement it evicts), whose replies the client will not see.
     fn prepare_first(
-        &self,
+        &mut self,
         stmt: &Arc<Statement>,
         txn: &mut Txn,
         server: &mut ServerStatements,
@@ -389,12 +450,21 @@ impl ClientConn {
         }
         if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared) {
             out.extend_from_slice(&close_message(&evicted));
-            txn.owe(Reply::Close, true, None);
             txn.stats.evictions += 1;
+            self.owe(txn, server, Reply::Close, true, Undo::Evict(evicted));
         }
         out.extend_from_slice(&stmt.parse);
-        txn.owe(Reply::Parse, true, Some((stmt.clone(), None)));
         txn.stats.server_parses += 1;
+        self.owe(
+            txn,
+            server,
+            Reply::Parse,
+            true,
+            Undo::Prepare {
+                stmt: stmt.clone(),
+                client_name: None,
+            },
+        );
         out
     }
 
@@ -411,33 +481,31 @@ impl ClientConn {
             .strip_suffix(&[0])
             .ok_or_else(|| violation("Query message is not NUL-terminated"))?;
         let refusal = sql::classify(text, txn.transaction_mode, &mut txn.effects);
-        let dealloc = if txn.transaction_mode && self.max_prepared > 0 {
-            sql::deallocate(text)
-        } else {
-            None
-        };
-        txn.owe(Reply::Query, false, None);
-        let replacement = match (refusal, dealloc) {
-            // The server raises the refusal itself, so the error, the transaction state and
-            // the ReadyForQuery all come from the server.
-            (Some(r), _) => Some(raise_sql(r)),
-            (None, Some(d)) => {
-                // Client names mean nothing on the server: drop the client's and let the
-                // server drop all of its own, which are prepared again on demand.
-                match &d {
-                    Deallocate::Name(n) => self.statements.remove(n.as_bytes()),
-                    Deallocate::All | Deallocate::DiscardAll => self.statements.clear(),
+        let statements = txn.transaction_mode && self.max_prepared > 0;
+        if statements && refusal.is_none() && txn.status != TransactionStatus::Failed {
+            if let Some(Deallocate::Name(name)) = sql::deallocate(text) {
+                if let Some(stmt) = self.statements.remove(name.as_bytes()) {
+                    // The client's name goes; the server's statement stays for others.
+                    // PostgreSQL answers DEALLOCATE and ReadyForQuery; so does the proxy.
+                    splice(&mut self.buf, at, total, &[]);
+                    let undo = Undo::Unregister {
+                        name: name.into_bytes().into(),
+                        stmt,
+                    };
+                    self.owe_synthetic(txn, server, Synthetic::Deallocate, undo);
+                    return Ok(());
                 }
-                server.clear();
-                matches!(d, Deallocate::Name(_)).then(|| "DEALLOCATE ALL".to_owned())
+                // A name the client does not have: the server fails it (26000) as PostgreSQL would.
             }
-            (None, None) => None,
-        };
-        match replacement {
+        }
+        self.owe(txn, server, Reply::Query, false, Undo::None);
+        match refusal {
             None => self.ready += total,
-            Some(sql) => {
+            Some(r) => {
+                // The server raises the refusal itself, so the error, the transaction state
+                // and the ReadyForQuery all come from the server.
                 let mut msg = BytesMut::new();
-                messages::query(&mut msg, &sql);
+                messages::query(&mut msg, &raise_sql(r));
                 splice(&mut self.buf, at, total, &msg);
                 self.ready = at + msg.len();
             }
@@ -462,9 +530,10 @@ impl ClientConn {
         if let Some(r) = sql::classify(text, txn.transaction_mode, &mut txn.effects) {
             return Err(refuse(r));
         }
+        let name = name.to_vec();
         txn.unsynced = true;
         if name.is_empty() || !txn.transaction_mode {
-            txn.owe(Reply::Parse, false, None);
+            self.owe(txn, server, Reply::Parse, false, Undo::None);
             self.ready += total;
             return Ok(());
         }
@@ -472,27 +541,56 @@ impl ClientConn {
             return Err(refuse(Refusal::NamedStatement));
         }
         txn.stats.client_parses += 1;
-        let name = name.to_vec();
-        let stmt = Arc::new(Statement::from_parse(&body[name.len() + 1..]));
+        let after_name = self.buf[at + HEADER_LEN + name.len() + 1..at + total].to_vec();
+        if let Some(existing) = self.statements.get(&name).cloned() {
+            // PostgreSQL refuses to redefine a name in use (42P05). Let the server say so:
+            // the new text goes under the server name of the statement the client has.
+            let mut msg = self.prepare_first(&existing, txn, server);
+            msg.push(frontend::PARSE);
+            msg.extend_from_slice(
+                &((4 + existing.server_name.len() + 1 + after_name.len()) as i32).to_be_bytes(),
+            );
+            msg.extend_from_slice(existing.server_name.as_bytes());
+            msg.push(0);
+            msg.extend_from_slice(&after_name);
+            splice(&mut self.buf, at, total, &msg);
+            self.ready = at + msg.len();
+            self.owe(txn, server, Reply::Parse, false, Undo::None);
+            return Ok(());
+        }
+        let stmt = Arc::new(Statement::from_parse(&after_name));
         self.statements.insert(&name, stmt.clone());
         if server.touch(&stmt.server_name) {
             // The server has it: answer the client's Parse ourselves.
             splice(&mut self.buf, at, total, &[]);
-            txn.owe_synthetic(PARSE_COMPLETE);
             txn.stats.parse_hits += 1;
+            let undo = Undo::Register {
+                name: name.into(),
+                stmt,
+            };
+            self.owe_synthetic(txn, server, Synthetic::Message(PARSE_COMPLETE), undo);
             return Ok(());
         }
         let mut msg = Vec::new();
         if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared) {
             msg.extend_from_slice(&close_message(&evicted));
-            txn.owe(Reply::Close, true, None);
             txn.stats.evictions += 1;
+            self.owe(txn, server, Reply::Close, true, Undo::Evict(evicted));
         }
         msg.extend_from_slice(&stmt.parse);
-        txn.owe(Reply::Parse, false, Some((stmt.clone(), Some(name.into()))));
         txn.stats.server_parses += 1;
         splice(&mut self.buf, at, total, &msg);
         self.ready = at + msg.len();
+        self.owe(
+            txn,
+            server,
+            Reply::Parse,
+            false,
+            Undo::Prepare {
+                stmt,
+                client_name: Some(name.into()),
+            },
+        );
         Ok(())
     }
 }
