@@ -141,8 +141,10 @@ fn workload(
                     {
                         Ok(()) => done.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
+                            // The client's proxy stopped: this client is done.
                             eprintln!("workload error: {e}");
-                            errors.fetch_add(1, Ordering::Relaxed)
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            break;
                         }
                     };
                 }
