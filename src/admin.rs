@@ -899,6 +899,33 @@ fn show_servers(shared: &Shared) -> Table {
             s.id.into(),
         ]);
     }
+    for s in shared.pools.idle_servers() {
+        let (addr, port) = addr_parts(Some(s.addr));
+        let (laddr, lport) = addr_parts(s.local);
+        t.row(vec![
+            "S".into(),
+            s.user.into(),
+            s.database.into(),
+            "none".into(),
+            "idle".into(),
+            addr,
+            port,
+            laddr,
+            lport,
+            format_time(s.connect_time).into(),
+            format_time(s.last_used).into(),
+            0i64.into(),
+            0i64.into(),
+            0i64.into(),
+            server_ptr(s.id).into(),
+            "".into(),
+            (s.pid as i64).into(),
+            "".into(),
+            "".into(),
+            0i64.into(),
+            s.id.into(),
+        ]);
+    }
     t
 }
 

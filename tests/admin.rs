@@ -279,6 +279,11 @@ async fn show_clients_and_servers_link_up() {
     assert_eq!(field(w, "link"), field(s, "ptr"));
     assert_eq!(field(s, "application_name"), "worker");
     worker.batch_execute("COMMIT").await.unwrap();
+    // Back in the pool, the same server is listed idle, lent to no one.
+    let (_, servers) = show(&admin, "SHOW SERVERS").await;
+    let back = row_of(&servers, "remote_pid", &pid);
+    assert_eq!(field(back, "state"), "idle");
+    assert_eq!(field(back, "link"), "");
     drop(idle);
 }
 

@@ -236,6 +236,20 @@ pub struct PoolStats {
     pub waiting: u32,
 }
 
+/// An idle server as SHOW SERVERS lists it.
+#[derive(Debug, Clone)]
+pub struct IdleServer {
+    pub id: u64,
+    pub database: String,
+    /// The user the server is logged in as.
+    pub user: String,
+    pub addr: std::net::SocketAddr,
+    pub local: Option<std::net::SocketAddr>,
+    pub pid: i32,
+    pub connect_time: std::time::SystemTime,
+    pub last_used: std::time::SystemTime,
+}
+
 /// All pools of the proxy.
 #[derive(Debug)]
 pub struct Pools {
@@ -631,6 +645,27 @@ impl Pools {
         st.release(pool);
         let b = st.pools[pool].budget;
         st.grant_slots(b);
+    }
+
+    /// The idle servers of every pool, for SHOW SERVERS.
+    pub fn idle_servers(&self) -> Vec<IdleServer> {
+        let st = self.lock();
+        let mut out = Vec::new();
+        for p in &st.pools {
+            for s in &p.idle {
+                out.push(IdleServer {
+                    id: s.id,
+                    database: p.settings.database.clone(),
+                    user: p.settings.upstream_user.clone(),
+                    addr: s.key.addr,
+                    local: s.stream.local_addr().ok(),
+                    pid: s.key.pid,
+                    connect_time: std::time::SystemTime::now() - s.created.elapsed(),
+                    last_used: std::time::SystemTime::now() - s.last_used.elapsed(),
+                });
+            }
+        }
+        out
     }
 
     /// Closes every idle server (at shutdown); returns how many.
