@@ -444,10 +444,23 @@ impl ClientConn {
         txn: &mut Txn,
         server: &mut ServerStatements,
     ) -> Vec<u8> {
-        let mut out = Vec::new();
         if server.touch(&stmt.server_name) {
-            return out;
+            return Vec::new();
         }
+        self.prepare_on_server(stmt, txn, server, None)
+    }
+
+    /// A Parse of `stmt` for a server that lacks it, after a Close of the statement it
+    /// evicts. `client_name`: the client's own Parse, whose reply is the client's; `None`:
+    /// a Parse the proxy adds, whose reply the client does not see.
+    fn prepare_on_server(
+        &mut self,
+        stmt: &Arc<Statement>,
+        txn: &mut Txn,
+        server: &mut ServerStatements,
+        client_name: Option<Box<[u8]>>,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
         if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared) {
             out.extend_from_slice(&close_message(&evicted));
             txn.stats.evictions += 1;
@@ -455,16 +468,12 @@ impl ClientConn {
         }
         out.extend_from_slice(&stmt.parse);
         txn.stats.server_parses += 1;
-        self.owe(
-            txn,
-            server,
-            Reply::Parse,
-            true,
-            Undo::Prepare {
-                stmt: stmt.clone(),
-                client_name: None,
-            },
-        );
+        let internal = client_name.is_none();
+        let undo = Undo::Prepare {
+            stmt: stmt.clone(),
+            client_name,
+        };
+        self.owe(txn, server, Reply::Parse, internal, undo);
         out
     }
 
@@ -571,26 +580,9 @@ impl ClientConn {
             self.owe_synthetic(txn, server, Synthetic::Message(PARSE_COMPLETE), undo);
             return Ok(());
         }
-        let mut msg = Vec::new();
-        if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared) {
-            msg.extend_from_slice(&close_message(&evicted));
-            txn.stats.evictions += 1;
-            self.owe(txn, server, Reply::Close, true, Undo::Evict(evicted));
-        }
-        msg.extend_from_slice(&stmt.parse);
-        txn.stats.server_parses += 1;
+        let msg = self.prepare_on_server(&stmt, txn, server, Some(name.into()));
         splice(&mut self.buf, at, total, &msg);
         self.ready = at + msg.len();
-        self.owe(
-            txn,
-            server,
-            Reply::Parse,
-            false,
-            Undo::Prepare {
-                stmt,
-                client_name: Some(name.into()),
-            },
-        );
         Ok(())
     }
 }
