@@ -170,6 +170,31 @@ fn would_block(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock
 }
 
+/// Reads what the socket holds into `buf`'s spare room. A read that leaves room unfilled has
+/// drained the socket, so it also clears the socket's readiness (as tokio's own `poll_read`
+/// does): the next wait then goes to epoll instead of to a `recv` that fails with EAGAIN, and
+/// an idle server's liveness check ([`ServerConn::looks_alive`]) costs no system call.
+pub(crate) fn read_some(
+    stream: &tokio::net::TcpStream,
+    buf: &mut bytes::BytesMut,
+) -> std::io::Result<usize> {
+    let mut got = 0;
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        let room = buf.capacity() - buf.len();
+        got = stream.try_read_buf(buf)?;
+        if got > 0 && got < room {
+            // Not an error: tells try_io to clear the readiness it saw.
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    });
+    match r {
+        Err(e) if would_block(&e) && got > 0 => Ok(got),
+        r => r,
+    }
+}
+
 /// Relays until the transaction is over (transaction mode) or the client leaves; in session
 /// mode also until a drain finds the session between transactions.
 pub async fn transaction(
@@ -230,7 +255,7 @@ pub async fn transaction(
             r = server.stream.readable(), if read_server => {
                 if let Err(e) = r { return Outcome::ServerGone(e.to_string()) }
                 server.buf.reserve(READ_CHUNK);
-                match server.stream.try_read_buf(&mut server.buf) {
+                match read_some(&server.stream, &mut server.buf) {
                     Ok(0) => return Outcome::ServerGone("server closed the connection".into()),
                     Ok(_) => {
                         match replies::process(&mut server.buf, out, &mut server.cursor, txn, &mut client.statements, &mut server.statements) {
@@ -245,7 +270,7 @@ pub async fn transaction(
             r = client.stream.readable(), if read_client => {
                 if r.is_err() { return Outcome::ClientGone(txn.leftover(client, server)) }
                 client.buf.reserve(READ_CHUNK);
-                match client.stream.try_read_buf(&mut client.buf) {
+                match read_some(&client.stream, &mut client.buf) {
                     Ok(0) => return Outcome::ClientGone(txn.leftover(client, server)),
                     Ok(_) => {}
                     Err(e) if would_block(&e) => {}
