@@ -705,6 +705,9 @@ fn show_pools(shared: &Shared) -> Table {
 #[derive(Default)]
 struct DbStats {
     assignments: u64,
+    client_parses: u64,
+    server_parses: u64,
+    binds: u64,
     xacts: u64,
     queries: u64,
     received: u64,
@@ -753,6 +756,9 @@ fn show_stats(shared: &Shared) -> Table {
         .collect();
     for p in shared.metrics.pool_handles() {
         let d = dbs.entry(p.database.clone()).or_default();
+        d.client_parses += p.client_parses.get();
+        d.server_parses += p.server_parses.get();
+        d.binds += p.binds.get();
         d.assignments += p.server_assignments.get();
         d.xacts += p.transactions.get();
         d.queries += p.queries.get();
@@ -778,9 +784,9 @@ fn show_stats(shared: &Shared) -> Table {
             xact_us.into(),
             query_us.into(),
             wait_us.into(),
-            0i64.into(),
-            0i64.into(),
-            0i64.into(),
+            d.client_parses.into(),
+            d.server_parses.into(),
+            d.binds.into(),
             (d.assignments / uptime).into(),
             (d.xacts / uptime).into(),
             (d.queries / uptime).into(),
@@ -789,9 +795,9 @@ fn show_stats(shared: &Shared) -> Table {
             per(xact_us, d.xacts).into(),
             per(query_us, d.queries).into(),
             per(wait_us, d.assignments).into(),
-            0i64.into(),
-            0i64.into(),
-            0i64.into(),
+            (d.client_parses / uptime).into(),
+            (d.server_parses / uptime).into(),
+            (d.binds / uptime).into(),
             d.queries.into(),
         ]);
     }

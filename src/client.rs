@@ -534,6 +534,14 @@ impl Session {
             )
             .await;
             txn.counts.finish();
+            if txn.stats != relay::StatementStats::default() {
+                let (p, s) = (&self.meter.pool, txn.stats);
+                p.client_parses.inc_by(s.client_parses.into());
+                p.server_parses.inc_by(s.server_parses.into());
+                p.parse_hits.inc_by(s.parse_hits.into());
+                p.evictions.inc_by(s.evictions.into());
+                p.binds.inc_by(s.binds.into());
+            }
             let no_cancel_pending = self.cancel.idle();
             match outcome {
                 // A cancel may still hit it, or it said something that retires it: close it.

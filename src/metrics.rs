@@ -136,6 +136,11 @@ pub struct PoolMetrics {
     pub received: IntCounter,
     pub sent: IntCounter,
     pub idle_in_transaction: prometheus::Counter,
+    pub client_parses: IntCounter,
+    pub server_parses: IntCounter,
+    pub parse_hits: IntCounter,
+    pub evictions: IntCounter,
+    pub binds: IntCounter,
 }
 
 /// Handles of one (database, user, application) label set, resolved once per client.
@@ -291,6 +296,11 @@ pub struct Metrics {
     transaction_duration: HistogramVec,
     server_connect_errors: IntCounterVec,
     server_assignments: IntCounterVec,
+    client_parses: IntCounterVec,
+    server_parses: IntCounterVec,
+    parse_hits: IntCounterVec,
+    evictions: IntCounterVec,
+    binds: IntCounterVec,
     received: IntCounterVec,
     sent: IntCounterVec,
     idle_in_transaction: CounterVec,
@@ -428,6 +438,27 @@ impl Metrics {
             "Times a server was lent to a client.",
             POOL,
         );
+        let client_parses = b.counter(
+            "pgsluice_prepared_client_parses_total",
+            "Named Parse messages from clients in transaction mode.",
+            POOL,
+        );
+        let server_parses = b.counter(
+            "pgsluice_prepared_server_parses_total",
+            "Parse messages of named statements sent to servers (the client's or pgsluice's own).",
+            POOL,
+        );
+        let parse_hits = b.counter(
+            "pgsluice_prepared_hits_total",
+            "Client Parses answered by pgsluice because the server already had the statement.",
+            POOL,
+        );
+        let evictions = b.counter(
+            "pgsluice_prepared_evictions_total",
+            "Statements closed on a server to stay within max_prepared_statements.",
+            POOL,
+        );
+        let binds = b.counter("pgsluice_binds_total", "Bind messages from clients.", POOL);
         let received = b.counter(
             "pgsluice_client_received_bytes_total",
             "Bytes received from clients and passed to servers.",
@@ -553,6 +584,11 @@ impl Metrics {
             transaction_duration,
             server_connect_errors,
             server_assignments,
+            client_parses,
+            server_parses,
+            parse_hits,
+            evictions,
+            binds,
             received,
             sent,
             idle_in_transaction,
@@ -611,6 +647,11 @@ impl Metrics {
             received: self.received.with_label_values(&l),
             sent: self.sent.with_label_values(&l),
             idle_in_transaction: self.idle_in_transaction.with_label_values(&l),
+            client_parses: self.client_parses.with_label_values(&l),
+            server_parses: self.server_parses.with_label_values(&l),
+            parse_hits: self.parse_hits.with_label_values(&l),
+            evictions: self.evictions.with_label_values(&l),
+            binds: self.binds.with_label_values(&l),
         });
         pools.insert(id, p.clone());
         p

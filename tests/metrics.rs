@@ -600,3 +600,34 @@ async fn queued_clients_are_told_why_they_wait() {
     );
     assert!(rx.try_recv().is_err(), "only one notice");
 }
+
+/// Prepared-statement counters: client Parses, server Parses, hits, evictions, Binds.
+#[tokio::test]
+async fn prepared_statements_are_counted() {
+    let (proxy, port) = proxy("m_prep", "pool_size = 1\nmax_prepared_statements = 1").await;
+    let a = proxy.client("m_prep").await;
+    let b = proxy.client("m_prep").await;
+    a.simple_query("SELECT 1").await.unwrap(); // the pool's server is open now
+    let p = pool("m_prep");
+    let before = Scrape::take(port).await;
+    let delta = |after: &Scrape, name: &str| after.value(name, &p) - before.value(name, &p);
+    // a prepares (server parse); b prepares the same text (a hit: answered by pgsluice).
+    let s1 = a.prepare("SELECT 1::int").await.unwrap();
+    let s2 = b.prepare("SELECT 1::int").await.unwrap();
+    a.query(&s1, &[]).await.unwrap();
+    b.query(&s2, &[]).await.unwrap();
+    // Another text evicts the first (max 1); using the first again prepares it again.
+    let s3 = a.prepare("SELECT 2::int").await.unwrap();
+    a.query(&s3, &[]).await.unwrap();
+    a.query(&s1, &[]).await.unwrap();
+    let after = Scrape::take(port).await;
+    assert_eq!(delta(&after, "pgsluice_prepared_client_parses_total"), 3.0);
+    assert_eq!(delta(&after, "pgsluice_prepared_hits_total"), 1.0);
+    assert_eq!(
+        delta(&after, "pgsluice_prepared_server_parses_total"),
+        3.0,
+        "SELECT 1, SELECT 2, SELECT 1 again"
+    );
+    assert_eq!(delta(&after, "pgsluice_prepared_evictions_total"), 2.0);
+    assert_eq!(delta(&after, "pgsluice_binds_total"), 4.0);
+}

@@ -51,6 +51,8 @@ pub struct StatementStats {
     pub parse_hits: u32,
     /// Statements closed on the server to stay within `max_prepared_statements`.
     pub evictions: u32,
+    /// Bind messages from the client.
+    pub binds: u32,
 }
 
 /// Where one transaction stands.

@@ -241,6 +241,9 @@ impl ClientConn {
                 return Ok(false);
             };
             let have = self.buf.len() - at;
+            if tag == frontend::BIND {
+                txn.stats.binds += 1;
+            }
             let rewrite = txn.transaction_mode && self.max_prepared > 0;
             match tag {
                 frontend::QUERY | frontend::PARSE => {
