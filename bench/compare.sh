@@ -2,6 +2,8 @@
 # pgsluice vs PgBouncer vs direct PostgreSQL, side by side in one run.
 #
 #   bench/compare.sh            full run (about 45 minutes with the defaults on 2 cores)
+#   bench/compare.sh --serve    set everything up, print how to reach it, and wait (for
+#                               profiling by hand; BENCH_SERVE_SECONDS=3600, Ctrl-C ends it)
 #   bench/compare.sh --smoke    ~20 s check that the benchmark still works (CI): debug build,
 #                               1 s runs, 16 clients, select-only, 100 idle clients, storm of 50
 #
@@ -19,6 +21,8 @@
 #   BENCH_WORKLOADS="select-simple select-extended select-prepared tpcb"
 #   BENCH_TARGETS="pgsluice pgsluice-1t pgbouncer direct"
 #                            pgsluice = worker_threads 0 (one per core), pgsluice-1t = 1
+#   BENCH_ALT_BIN            another pgsluice binary (say, a build of main before a change): adds
+#                            targets pgsluice-alt and pgsluice-alt-1t unless BENCH_TARGETS is set
 #   BENCH_JOBS=2             pgbench threads (-j)
 #   BENCH_SCALE=10           pgbench scale
 #   BENCH_IDLE="2000 10000"  idle-client counts for RSS per client ("" skips)
@@ -38,9 +42,11 @@ HELPER="$HERE/helper.py"
 PY=${PYTHON:-python3}
 
 SMOKE=0
+SERVE=0
 for arg in "$@"; do
   case "$arg" in
     --smoke) SMOKE=1 ;;
+    --serve) SERVE=1 ;;
     -h | --help)
       sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
       exit 0
@@ -79,6 +85,11 @@ else
   STRACE_SECONDS=${BENCH_STRACE_SECONDS:-5}
   PROFILE=${BENCH_PROFILE:-release}
   WARMUP=3
+fi
+ALT_BIN=${BENCH_ALT_BIN:-}
+if [ -n "$ALT_BIN" ]; then
+  [ -x "$ALT_BIN" ] || { echo "BENCH_ALT_BIN: $ALT_BIN is not an executable" >&2; exit 2; }
+  TARGETS=${TARGETS:-${BENCH_TARGETS:-pgsluice pgsluice-alt pgsluice-1t pgsluice-alt-1t pgbouncer direct}}
 fi
 TARGETS=${TARGETS:-${BENCH_TARGETS:-pgsluice pgsluice-1t pgbouncer direct}}
 JOBS=${BENCH_JOBS:-2}
@@ -133,7 +144,8 @@ FDS=$(ulimit -n)
 if [ "$FDS" -lt "$want_fds" ]; then
   log "ulimit -n is $FDS (hard limit): idle-client counts above $((FDS - 200)) are skipped"
 fi
-MAX_CONN=$((max_clients + 3 * POOL_SIZE + 40))
+n_proxies=$(echo "$TARGETS" | tr ' ' '\n' | grep -c -v -e '^direct$' -e '^$' || true)
+MAX_CONN=$((max_clients + (n_proxies + 1) * POOL_SIZE + 40))
 
 # --- build ---------------------------------------------------------------------------------
 log "building pgsluice ($PROFILE)"
@@ -235,8 +247,8 @@ export PGPASSWORD="$PASSWORD"
 # with auth "trust" they check nothing. pgsluice logs in to PostgreSQL with the plain-text
 # password (PBKDF2 once per server connection, 20 per pool); PgBouncer reuses the client's
 # SCRAM keys with the verifier, or the plain-text password under trust.
-start_pgsluice() { # target workers auth
-  local t=$1 workers=$2 auth=$3
+start_pgsluice() { # target workers auth [binary]
+  local t=$1 workers=$2 auth=$3 bin=${4:-$BIN}
   PORT[$t]=$(freeport)
   cat >"$WORK/$t.toml" <<EOF
 listen = "127.0.0.1:${PORT[$t]}"
@@ -257,7 +269,7 @@ password = "$PASSWORD"
 [users.bench]
 password = "$VERIFIER"
 EOF
-  PGSLUICE_LOG=${PGSLUICE_LOG:-warn} "$BIN" --config "$WORK/$t.toml" >>"$WORK/$t.log" 2>&1 &
+  PGSLUICE_LOG=${PGSLUICE_LOG:-warn} "$bin" --config "$WORK/$t.toml" >>"$WORK/$t.log" 2>&1 &
   PID[$t]=$!
   wait_port "${PORT[$t]}" || die "$t did not start (see $WORK/$t.log)"
 }
@@ -306,6 +318,8 @@ start_target() { # target auth
   case $1 in
     pgsluice) start_pgsluice pgsluice 0 "$2" ;;
     pgsluice-1t) start_pgsluice pgsluice-1t 1 "$2" ;;
+    pgsluice-alt) start_pgsluice pgsluice-alt 0 "$2" "$ALT_BIN" ;;
+    pgsluice-alt-1t) start_pgsluice pgsluice-alt-1t 1 "$2" "$ALT_BIN" ;;
     pgbouncer) start_pgbouncer "$2" ;;
     direct) PID[direct]=0 ;;
   esac
@@ -397,6 +411,17 @@ EOF
 # --- 1. throughput, latency, CPU per transaction -------------------------------------------
 for t in $TARGETS; do start_target "$t" scram-sha-256; done
 log "targets: $(for t in $TARGETS; do printf '%s=%s ' "$t" "${PORT[$t]}"; done)"
+if [ "$SERVE" = 1 ]; then
+  {
+    echo "export PGPASSWORD='$PASSWORD' PGUSER=bench PGDATABASE=bench PGHOST=127.0.0.1 PG_BIN='$PG_BIN'"
+    for t in $TARGETS; do
+      echo "export PORT_${t//-/_}=${PORT[$t]} PID_${t//-/_}=${PID[$t]:-0}"
+    done
+  } >"$RESULTS/serve.env"
+  log "serving; source $RESULTS/serve.env, then e.g. pgbench -S -c 16 -T 10 -p \$PORT_pgsluice"
+  sleep "${BENCH_SERVE_SECONDS:-3600}" || true
+  exit 0
+fi
 if [ "$WARMUP" -gt 0 ]; then
   for t in $TARGETS; do run_one "$t" select-simple 16 0 "$WARMUP" 1; done
 fi
@@ -410,7 +435,7 @@ for wl in $WORKLOADS; do
       for i in $(seq 0 $((n - 1))); do
         t=${order[$(((i + r - 1) % n))]}
         skip_run "$t" "$wl" "$c" && continue
-        if [ "$t" = direct ] && [ "$c" -gt $((MAX_CONN - 3 * POOL_SIZE - 5)) ]; then continue; fi
+        if [ "$t" = direct ] && [ "$c" -gt $((MAX_CONN - (n_proxies + 1) * POOL_SIZE - 5)) ]; then continue; fi
         run_one "$t" "$wl" "$c" "$r"
       done
     done

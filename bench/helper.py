@@ -487,9 +487,12 @@ def cmd_strace(args):
 LABEL = {
     "pgsluice": "pgsluice",
     "pgsluice-1t": "pgsluice (1 thread)",
+    "pgsluice-alt": "pgsluice alt",
+    "pgsluice-alt-1t": "pgsluice alt (1 thread)",
     "pgbouncer": "PgBouncer",
     "direct": "direct",
 }
+PGSLUICE_TARGETS = ["pgsluice", "pgsluice-1t", "pgsluice-alt", "pgsluice-alt-1t"]
 
 
 def med(vals):
@@ -552,8 +555,8 @@ def cmd_report(args):
         groups.setdefault((r["workload"], r["clients"]), []).append(r)
     workloads_order = ["select-simple", "select-extended", "select-prepared", "tpcb"]
     keys = sorted(groups, key=lambda k: (workloads_order.index(k[0]) if k[0] in workloads_order else 9, k[1]))
-    targets_order = ["pgsluice", "pgsluice-1t", "pgbouncer", "direct"]
-    proxies = [t for t in ("pgsluice", "pgsluice-1t") if any(r["target"] == t for r in runs)]
+    targets_order = PGSLUICE_TARGETS + ["pgbouncer", "direct"]
+    proxies = [t for t in PGSLUICE_TARGETS if any(r["target"] == t for r in runs)]
 
     summary = []
     for k in keys:
@@ -680,7 +683,7 @@ def cmd_report(args):
     L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in ratios:
         L.append(
-            f"| {row['workload']} | {row['clients']} | {LABEL[row['proxy']]} | "
+            f"| {row['workload']} | {row['clients']} | {LABEL.get(row['proxy'], row['proxy'])} | "
             f"{ratio_fmt(row.get('tps_vs_pgbouncer'))} | {ratio_fmt(row.get('p99_ms_vs_pgbouncer'))} | "
             f"{ratio_fmt(row.get('cpu_us_per_txn_vs_pgbouncer'))} | {ratio_fmt(row.get('user_us_per_txn_vs_pgbouncer'))} | "
             f"{ratio_fmt(row.get('tps_vs_direct'))} | {ratio_fmt(row.get('p99_ms_vs_direct'))} |"
@@ -693,7 +696,7 @@ def cmd_report(args):
     for row in summary:
         rss = row["peak_rss_kib"] / 1024 if row["peak_rss_kib"] else None
         L.append(
-            f"| {row['workload']} | {row['clients']} | {LABEL[row['target']]} | {fmt(row['tps'], 0)} | "
+            f"| {row['workload']} | {row['clients']} | {LABEL.get(row['target'], row['target'])} | {fmt(row['tps'], 0)} | "
             f"{fmt(row['p50_ms'], 3)} | {fmt(row['p99_ms'], 3)} | {fmt(row['cpu_us_per_txn'])} | "
             f"{fmt(row['user_us_per_txn'])} | {fmt(row['sys_us_per_txn'])} | {fmt(rss)} | "
             f"{fmt(row['machine_us_per_txn'])} | {row['failed'] + row['aborted']} |"
@@ -743,7 +746,7 @@ def cmd_report(args):
         L.append("| proxy | target | value | met |")
         L.append("|---|---|---:|---|")
         for c in checks:
-            L.append(f"| {LABEL[c['proxy']]} | {c['target']} | {c['shown']} | {'yes' if c['met'] else '**no**'} |")
+            L.append(f"| {LABEL.get(c['proxy'], c['proxy'])} | {c['target']} | {c['shown']} | {'yes' if c['met'] else '**no**'} |")
     L.append("")
     with open(os.path.join(d, "results.md"), "w") as f:
         f.write("\n".join(L))
