@@ -442,11 +442,18 @@ async fn command(shared: &Arc<Shared>, sql: &str) -> Result<BytesMut, ErrorField
             "SHUTDOWN WAIT_FOR_SERVERS is not supported yet",
         )
         .with_hint("use SHUTDOWN WAIT_FOR_CLIENTS, or PAUSE then SHUTDOWN")),
-        Some("reload") if words.len() == 1 => Err(error(
-            "0A000",
-            "RELOAD is not supported yet: pgsluice reads its configuration once, at start",
-        )
-        .with_hint("restart pgsluice to apply a configuration change")),
+        Some("reload") if words.len() == 1 => match crate::reload::reload(shared) {
+            Ok(()) => {
+                let mut out = BytesMut::new();
+                command_complete(&mut out, "RELOAD");
+                Ok(out)
+            }
+            // PgBouncer's SQLSTATE for a failed RELOAD.
+            Err(e) => Err(error(
+                "F0000",
+                format!("RELOAD refused, the old configuration stays: {e}"),
+            )),
+        },
         Some("set") => set(text),
         Some(
             "disable" | "enable" | "kill" | "kill_client" | "reconnect" | "suspend" | "wait_close",
@@ -579,7 +586,7 @@ fn show(shared: &Arc<Shared>, what: &str) -> Result<BytesMut, ErrorFields> {
         "databases" => show_databases(shared),
         "users" => show_users(shared),
         "lists" => show_lists(shared),
-        "config" => show_config(shared.pools.config()),
+        "config" => show_config(&shared.pools.config()),
         "version" => {
             let mut t = Table::new(&[("version", Ty::Text)]);
             t.row(vec![version().into()]);

@@ -1,7 +1,10 @@
 //! Wiring: builds the state every task shares and runs the listener and the janitor.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::task::JoinHandle;
 
 use tokio::net::TcpListener;
 
@@ -15,7 +18,8 @@ use crate::clients::Clients;
 use crate::config::{BudgetMode, Config};
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::pool::{janitor, Pools};
+use crate::pool::{janitor, BudgetId, Pools};
+use crate::reload::ConfigSource;
 use crate::shutdown::Stop;
 
 /// State shared by every connection task. There are no mutable statics: two proxies can
@@ -23,7 +27,12 @@ use crate::shutdown::Stop;
 #[derive(Debug)]
 pub struct Shared {
     pub pools: Arc<Pools>,
-    pub credentials: Credentials,
+    /// Who may log in; swapped whole by a reload.
+    pub credentials: ArcSwap<Credentials>,
+    /// Where the configuration came from, to read it again on reload.
+    pub source: ConfigSource,
+    /// Background tasks (janitor, control connections, HTTP), stopped at the end.
+    pub background: Mutex<Vec<JoinHandle<()>>>,
     pub cancels: Arc<Cancels>,
     pub metrics: Arc<Metrics>,
     /// Logged-in clients (SHOW CLIENTS, client gauges).
@@ -37,11 +46,18 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
-        let credentials = Credentials::from_config(&config);
+        Self::with_source(config, ConfigSource::default())
+    }
+
+    /// State for a configuration loaded from `source`, which a reload reads again.
+    pub fn with_source(config: Config, source: ConfigSource) -> Arc<Shared> {
+        let credentials = ArcSwap::from_pointee(Credentials::from_config(&config));
         let metrics = Arc::new(Metrics::new(config.metrics.max_applications as usize));
         Arc::new(Shared {
             pools: Pools::new(Arc::new(config)),
             credentials,
+            source,
+            background: Mutex::new(Vec::new()),
             cancels: Arc::new(Cancels::default()),
             metrics,
             clients: Arc::new(Clients::default()),
@@ -59,21 +75,16 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future) {
 
 /// [`run`] with state built by the caller, who may keep a handle on it (tests, metrics).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future) {
-    let mut background = vec![tokio::spawn(janitor::run(shared.pools.clone()))];
-    if shared.pools.config().budget.mode() == BudgetMode::Auto {
-        for (budget, host, port) in shared.pools.upstreams() {
-            let Some(settings) = shared.pools.config().control_settings(&host, port) else {
-                continue; // validation guarantees credentials for every configured upstream
-            };
-            background.push(tokio::spawn(control::run(
-                shared.pools.clone(),
-                budget,
-                settings,
-            )));
-        }
-    }
+    shared.spawn(janitor::run(shared.pools.clone()));
+    let budgets: Vec<BudgetId> = shared
+        .pools
+        .upstreams()
+        .into_iter()
+        .map(|(b, _, _)| b)
+        .collect();
+    start_control(&shared, &budgets);
     // The HTTP endpoint keeps answering while draining (/readyz says not ready).
-    background.push(tokio::spawn(crate::http::run(shared.clone())));
+    shared.spawn(crate::http::run(shared.clone()));
     tokio::select! {
         _ = listener::run(listener, shared.clone()) => {}
         _ = shutdown => tracing::info!("shutting down"),
@@ -81,7 +92,40 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
     }
     // The listener is dropped: no new clients.
     crate::shutdown::drain(&shared).await;
-    for task in background {
+    for task in shared
+        .background
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+    {
         task.abort();
+    }
+}
+
+/// In auto mode, starts the control connection of each of these budgets.
+pub fn start_control(shared: &Arc<Shared>, budgets: &[BudgetId]) {
+    let config = shared.pools.config();
+    if config.budget.mode() != BudgetMode::Auto {
+        return;
+    }
+    for (budget, host, port) in shared.pools.upstreams() {
+        if !budgets.contains(&budget) {
+            continue;
+        }
+        let Some(settings) = config.control_settings(&host, port) else {
+            continue; // validation guarantees credentials for every configured upstream
+        };
+        shared.spawn(control::run(shared.pools.clone(), budget, settings));
+    }
+}
+
+impl Shared {
+    /// Runs a background task until the proxy stops.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        self.background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle);
     }
 }

@@ -272,7 +272,7 @@ async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Optio
                     messages::negotiate_protocol_version(&mut buf, 0, options.clone());
                     stream.write_all(&buf).await?;
                 }
-                auth::authenticate(stream, &shared.credentials, &login.user)
+                auth::authenticate(stream, &shared.credentials.load(), &login.user)
                     .await
                     .map_err(|e| match e {
                         auth::AuthError::Io(_) => End::Quiet,
@@ -707,6 +707,12 @@ impl Session {
             // Draining: this is the client's transaction boundary.
             if self.shared.stop.drain.is_cancelled() {
                 return Err(End::Tell(shutting_down()));
+            }
+            if self.shared.pools.is_removed(self.pool) {
+                return Err(End::Tell(
+                    ErrorFields::new(Severity::Fatal, "57P01", "terminating connection because its database or user was removed from the pgsluice configuration")
+                        .with_hint("the configuration was reloaded without this database or user"),
+                ));
             }
             match self.client.peek().map_err(End::Tell)? {
                 Peek::Ready(frontend::PARSE) if self.mode == PoolMode::Transaction => {

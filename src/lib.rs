@@ -31,6 +31,7 @@ pub mod pool;
 pub mod prepared;
 pub mod protocol;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod sql;

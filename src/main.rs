@@ -195,7 +195,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    let source = pgsluice::reload::ConfigSource {
+        file: cli.config.clone(),
+        flags: cli
+            .flags()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    };
+    match runtime.block_on(serve(config, source)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -204,7 +212,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, source: pgsluice::reload::ConfigSource) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -217,7 +225,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     tracing::info!(listen = %listener.local_addr()?, databases = config.databases.len(), "pgsluice is ready");
-    pgsluice::run(listener, config, shutdown_signal()).await;
+    let shared = pgsluice::app::Shared::with_source(config, source);
+    // SIGHUP reloads the configuration.
+    let on_hup = shared.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            let _ = pgsluice::reload::reload(&on_hup);
+        }
+    });
+    pgsluice::app::serve(listener, shared, shutdown_signal()).await;
     Ok(())
 }
 

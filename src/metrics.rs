@@ -283,6 +283,8 @@ struct Apps {
 
 /// All metrics of one proxy.
 pub struct Metrics {
+    /// Reloads refused (the old configuration stayed).
+    pub config_reload_errors: IntCounter,
     registry: Registry,
     names: Vec<String>,
     max_applications: usize,
@@ -530,6 +532,13 @@ impl Metrics {
             "Live members of this proxy's fleet on this upstream, itself included.",
             UPSTREAM,
         );
+        let config_reload_errors = b
+            .counter(
+                "pgsluice_config_reload_errors_total",
+                "Configuration reloads refused: the file did not load or changed a key that needs a restart.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]);
         let budget_refresh_errors = b.counter(
             "pgsluice_budget_refresh_errors_total",
             "Failed attempts to read the budget figures from the upstream server.",
@@ -603,6 +612,7 @@ impl Metrics {
             budget,
             budget_in_use,
             fleet_members,
+            config_reload_errors,
             budget_refresh_errors,
             budget_last_refresh,
             errors,

@@ -28,6 +28,8 @@ use thiserror::Error;
 use tokio::sync::oneshot;
 
 use crate::budget::Snapshot;
+use arc_swap::{ArcSwap, Guard};
+
 use crate::config::{BudgetMode, Config, PoolSettings};
 use crate::prepared::KnownStatements;
 use crate::server::{ServerConn, ServerError};
@@ -91,6 +93,9 @@ struct Pool {
     retry_after: Option<Instant>,
     /// Named statements a server of this pool prepared successfully.
     known: Arc<KnownStatements>,
+    /// Its database or user left the configuration: its clients leave at their next
+    /// transaction boundary and no new client gets it.
+    removed: bool,
 }
 
 /// The budget of one upstream server, shared by its pools.
@@ -254,7 +259,8 @@ pub struct IdleServer {
 #[derive(Debug)]
 pub struct Pools {
     state: Mutex<State>,
-    config: Arc<Config>,
+    /// The configuration, swapped whole by a reload.
+    config: ArcSwap<Config>,
     next_id: AtomicU64,
 }
 
@@ -265,16 +271,17 @@ impl Pools {
     pub fn new(config: Arc<Config>) -> Arc<Pools> {
         let pools = Arc::new(Pools {
             state: Mutex::new(State::default()),
-            config,
+            config: config.into(),
             next_id: AtomicU64::new(1),
         });
-        for db in pools.config.databases.values() {
+        for db in pools.config.load().databases.values() {
             pools.budget_for(&db.host, db.port);
         }
-        for db in pools.config.databases.keys() {
-            for user in pools.config.users.keys() {
+        for db in pools.config.load().databases.keys() {
+            for user in pools.config.load().users.keys() {
                 if pools
                     .config
+                    .load()
                     .pool_settings(db, user)
                     .is_some_and(|s| s.min_pool_size > 0)
                 {
@@ -297,7 +304,7 @@ impl Pools {
         if let Some(i) = st.budgets.iter().position(|b| b.upstream == upstream) {
             return i;
         }
-        let b = &self.config.budget;
+        let b = &self.config.load().budget;
         let fixed = (b.mode() == BudgetMode::Fixed).then(|| b.max_server_connections.unwrap_or(1));
         st.budgets.push(Budget {
             upstream,
@@ -332,10 +339,11 @@ impl Pools {
     /// The pool for a client-facing database and user; `None` when the database is unknown.
     pub fn pool_for(&self, database: &str, user: &str) -> Option<PoolId> {
         let key = (database.to_owned(), user.to_owned());
-        if let Some(&id) = self.lock().by_key.get(&key) {
-            return Some(id);
+        let existing = self.lock().by_key.get(&key).copied();
+        if let Some(id) = existing {
+            return (!self.lock().pools[id].removed).then_some(id);
         }
-        let settings = self.config.pool_settings(database, user)?;
+        let settings = self.config.load().pool_settings(database, user)?;
         let budget = self.budget_for(&settings.host, settings.port);
         let mut st = self.lock();
         if let Some(&id) = st.by_key.get(&key) {
@@ -352,6 +360,7 @@ impl Pools {
             params: None,
             retry_after: None,
             known: Arc::default(),
+            removed: false,
         });
         st.by_key.insert(key, id);
         Some(id)
@@ -361,8 +370,70 @@ impl Pools {
         self.lock().pools[pool].settings.clone()
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration in force (a cheap guard; a reload swaps it).
+    pub fn config(&self) -> Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// True when the pool's database or user left the configuration.
+    pub fn is_removed(&self, pool: PoolId) -> bool {
+        self.lock().pools[pool].removed
+    }
+
+    /// Applies a new configuration (already validated, see `crate::reload`): pools take
+    /// their new sizes and limits, pools whose database or user is gone are removed (their
+    /// idle servers close now, their clients leave at their next transaction boundary), a
+    /// fixed budget takes its new size, and new upstream servers get a budget. Returns the
+    /// budgets it created (in auto mode they need a control connection).
+    pub fn reload(&self, new: Config) -> Vec<BudgetId> {
+        let new = Arc::new(new);
+        self.config.store(new.clone());
+        let before = self.lock().budgets.len();
+        for db in new.databases.values() {
+            self.budget_for(&db.host, db.port);
+        }
+        let mut closing = Vec::new();
+        let mut st = self.lock();
+        let created: Vec<BudgetId> = (before..st.budgets.len()).collect();
+        if new.budget.mode() == BudgetMode::Fixed {
+            let max = new.budget.max_server_connections.unwrap_or(1);
+            for b in st.budgets.iter_mut() {
+                b.limit = Some(max);
+                b.snapshot.limit = max;
+                b.snapshot.share = max;
+                b.snapshot.fleet_budget = max;
+            }
+        }
+        for id in 0..st.pools.len() {
+            let p = &mut st.pools[id];
+            match new.pool_settings(&p.settings.database, &p.settings.user) {
+                Some(s) => {
+                    p.removed = false;
+                    p.settings = Arc::new(s);
+                }
+                None => p.removed = true,
+            }
+            // Idle servers above the new size (all of them for a removed pool) close now;
+            // busy ones close when returned.
+            loop {
+                let p = &st.pools[id];
+                let surplus = p.removed || p.open > p.settings.pool_size;
+                if !surplus || p.idle.is_empty() {
+                    break;
+                }
+                let server = st.pools[id].idle.remove(0);
+                closing.push(server);
+                st.release(id);
+            }
+        }
+        for b in 0..st.budgets.len() {
+            st.grant_slots(b);
+        }
+        drop(st);
+        for server in closing {
+            server.close();
+        }
+        created
     }
 
     /// Named statements known to prepare in this pool (its database and user).
@@ -463,7 +534,7 @@ impl Pools {
         let deadline = Instant::now()
             .checked_add(wait)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
-        let retry_until = Instant::now() + self.config.server_login_retry;
+        let retry_until = Instant::now() + self.config.load().server_login_retry;
         let mut backoff = FIRST_RETRY_BACKOFF;
         loop {
             let mut victim = None;
@@ -583,8 +654,13 @@ impl Pools {
         };
         let settings = self.settings(pool);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let server =
-            ServerConn::connect(&settings, pool, id, self.config.server_connect_timeout).await;
+        let server = ServerConn::connect(
+            &settings,
+            pool,
+            id,
+            self.config.load().server_connect_timeout,
+        )
+        .await;
         match server {
             Ok(server) => {
                 slot.armed = false;
@@ -608,7 +684,7 @@ impl Pools {
     /// Returns a clean, idle server (see the module rules).
     fn checkin(&self, mut server: ServerConn) {
         server.last_used = Instant::now();
-        if server.created.elapsed() >= self.config.server_lifetime {
+        if server.created.elapsed() >= self.config.load().server_lifetime {
             return self.discard(server);
         }
         let mut st = self.lock();
@@ -619,7 +695,9 @@ impl Pools {
         // the budget gets the room (this server closes, it opens one).
         let own = st.pools[pool].waiters.front().map(|w| w.seq);
         let other = st.oldest_budget_waiter(b, Some(pool));
-        if over || other.is_some_and(|o| own.is_none_or(|own| o < own)) {
+        let p = &st.pools[pool];
+        let shrunk = p.removed || p.open > p.settings.pool_size;
+        if over || shrunk || other.is_some_and(|o| own.is_none_or(|own| o < own)) {
             st.release(pool);
             st.grant_slots(b);
             drop(st);
@@ -693,8 +771,8 @@ impl Pools {
     fn take_expired(&self, now: Instant) -> Vec<ServerConn> {
         let mut st = self.lock();
         let mut out = Vec::new();
-        let idle_timeout = self.config.server_idle_timeout;
-        let lifetime = self.config.server_lifetime;
+        let idle_timeout = self.config.load().server_idle_timeout;
+        let lifetime = self.config.load().server_lifetime;
         for id in 0..st.pools.len() {
             let mut i = 0;
             while i < st.pools[id].idle.len() {

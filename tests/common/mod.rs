@@ -61,6 +61,27 @@ impl Proxy {
         }
     }
 
+    /// Starts pgsluice from a configuration file, which a reload reads again.
+    pub async fn start_file(path: &std::path::Path) -> Proxy {
+        let source = pgsluice::reload::ConfigSource {
+            file: Some(path.to_owned()),
+            flags: vec![],
+        };
+        let config = source.load().unwrap_or_else(|e| panic!("test config: {e}"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shared = pgsluice::app::Shared::with_source(config, source);
+        tokio::spawn(pgsluice::app::serve(listener, shared.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Proxy {
+            addr,
+            shared,
+            stop: Some(stop),
+        }
+    }
+
     /// A tokio-postgres connection string to the proxy.
     pub fn conn(&self, user: &str, password: &str, db: &str) -> String {
         format!(

@@ -1,0 +1,197 @@
+//! Configuration reload: pool sizes change under load with no failed transaction, a bad
+//! file keeps the old configuration, a removed database's clients leave at their next
+//! transaction boundary, and SIGHUP reloads the real binary.
+
+mod common;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+fn config(pg: &TestPostgres, dbs: &[&str], pool_size: u32, extra: &str) -> String {
+    let mut s = format!("pool_size = {pool_size}\nquery_wait_timeout = \"30s\"\n{extra}\n[budget]\nmax_server_connections = 40\n");
+    for d in dbs {
+        s.push_str(&format!(
+            "[databases.{d}]\nhost = \"127.0.0.1\"\nport = {}\n[users.{d}]\npassword = \"{d}-pw\"\n",
+            pg.port
+        ));
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_size_changes_under_load() {
+    let pg = pg();
+    pg.create_app("rl_load").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    std::fs::write(&path, config(pg, &["rl_load"], 3, "")).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let admin = pg.admin().await;
+    let (stop, failed, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let c = proxy.client("rl_load").await;
+        let (stop, failed, done) = (stop.clone(), failed.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..2000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match c
+                    .batch_execute("BEGIN; SELECT pg_sleep(0.02); COMMIT")
+                    .await
+                {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(server_conns(&admin, "rl_load").await <= 3);
+    std::fs::write(&path, config(pg, &["rl_load"], 8, "")).unwrap();
+    pgsluice::reload::reload(&proxy.shared).expect("a valid file reloads");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "rl_load").await > 3
+        })
+        .await,
+        "the pool grew"
+    );
+    assert_eq!(proxy.shared.pools.stats()[0].pool_size, 8);
+    // Shrink again: busy servers above the size close as they come back.
+    std::fs::write(&path, config(pg, &["rl_load"], 2, "")).unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "rl_load").await <= 2
+        })
+        .await,
+        "the pool shrank"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no transaction failed");
+    assert!(done.load(Ordering::Relaxed) > 50);
+}
+
+#[tokio::test]
+async fn a_bad_reload_keeps_the_old_configuration() {
+    let pg = pg();
+    pg.create_app("rl_bad").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    std::fs::write(&path, config(pg, &["rl_bad"], 4, "")).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let c = proxy.client("rl_bad").await;
+    std::fs::write(&path, "pool_size = \"many\"\n").unwrap();
+    let e = pgsluice::reload::reload(&proxy.shared).unwrap_err();
+    assert!(e.contains("pool_size"), "{e}");
+    std::fs::write(
+        &path,
+        config(pg, &["rl_bad"], 4, "listen = \"127.0.0.1:1\""),
+    )
+    .unwrap();
+    let e = pgsluice::reload::reload(&proxy.shared).unwrap_err();
+    assert!(e.contains("listen: changing it needs a restart"), "{e}");
+    assert_eq!(proxy.shared.pools.stats()[0].pool_size, 4);
+    assert_eq!(scalar(&c, "SELECT 1").await, "1", "still serving");
+    assert_eq!(
+        scalar(&proxy.client("rl_bad").await, "SELECT 2").await,
+        "2",
+        "still accepting"
+    );
+}
+
+#[tokio::test]
+async fn a_removed_database_drains() {
+    let pg = pg();
+    pg.create_app("rl_keep").await;
+    pg.create_app("rl_gone").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    std::fs::write(&path, config(pg, &["rl_keep", "rl_gone"], 2, "")).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let keep = proxy.client("rl_keep").await;
+    let gone = proxy.client("rl_gone").await;
+    gone.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    std::fs::write(&path, config(pg, &["rl_keep"], 2, "")).unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    // The open transaction finishes; the next one is refused with 57P01.
+    gone.batch_execute("COMMIT").await.unwrap();
+    let e = gone.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        e.as_db_error().is_none_or(|d| d.code().code() == "57P01"),
+        "{e}"
+    );
+    let e = try_connect(&proxy.conn("rl_gone", "rl_gone-pw", "rl_gone"))
+        .await
+        .err()
+        .unwrap();
+    assert!(["3D000", "28P01"].contains(&code(&e).as_str()), "{e}");
+    assert_eq!(scalar(&keep, "SELECT 1").await, "1");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_binary() {
+    let pg = pg();
+    pg.create_app("rl_hup").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    let port = pg::free_port();
+    let listen = format!("listen = \"127.0.0.1:{port}\"\nquery_wait_timeout = \"1s\"");
+    let write = |size: u32| {
+        std::fs::write(
+            &path,
+            config(pg, &["rl_hup"], size, &listen).replace("query_wait_timeout = \"30s\"\n", ""),
+        )
+        .unwrap()
+    };
+    write(1);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgsluice"))
+        .arg("--config")
+        .arg(&path)
+        .env("PGSLUICE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await
+    );
+    let conn = format!("host=127.0.0.1 port={port} user=rl_hup password=rl_hup-pw dbname=rl_hup");
+    let a = connect(&conn).await;
+    let b = connect(&conn).await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let e = b.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "53300", "one server, held by a");
+    write(2);
+    assert!(Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let served = eventually(Duration::from_secs(5), || async {
+        b.simple_query("SELECT 1").await.is_ok()
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(served, "after SIGHUP the pool has a second server");
+}
