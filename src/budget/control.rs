@@ -66,6 +66,9 @@ pub async fn run(pools: Arc<Pools>, budget: BudgetId, settings: PoolSettings) {
     };
     let mut known = false;
     loop {
+        // Read each time: a reload may change fraction, reserve, fallback or the interval.
+        let config = pools.config().budget.clone();
+        snapshot.refresh_interval = config.refresh_interval;
         let result = async {
             if conn.is_none() {
                 conn = Some(
