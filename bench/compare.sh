@@ -28,8 +28,10 @@
 #   BENCH_IDLE="2000 10000"  idle-client counts for RSS per client ("" skips)
 #   BENCH_STORM=1000         clients in the connect-query-leave storm (0 skips)
 #   BENCH_STORM_AUTH="scram-sha-256 trust"
-#   BENCH_STRACE_CLIENTS="16 100"   client counts of the strace -c pass ("" skips)
-#   BENCH_STRACE_SECONDS=5
+#   BENCH_PERF_CLIENTS="16 100 500"  client counts of the syscall-count pass with perf
+#                            tracepoints (root; skipped without perf; "" skips)
+#   BENCH_STRACE_CLIENTS="16 100"   client counts of the strace -c -f pass ("" skips)
+#   BENCH_STRACE_SECONDS=5   length of each syscall pass
 #   BENCH_PROFILE=release    cargo profile of pgsluice (debug in --smoke)
 #   BENCH_PG_BIN             PostgreSQL bin directory (default: newest /usr/lib/postgresql/*/bin)
 #   BENCH_RESULTS=bench/results
@@ -69,6 +71,7 @@ if [ "$SMOKE" = 1 ]; then
   STORM=${BENCH_STORM:-50}
   STORM_AUTH=${BENCH_STORM_AUTH:-scram-sha-256}
   STRACE_CLIENTS=${BENCH_STRACE_CLIENTS-}
+  PERF_CLIENTS=${BENCH_PERF_CLIENTS-}
   STRACE_SECONDS=${BENCH_STRACE_SECONDS:-1}
   PROFILE=${BENCH_PROFILE:-debug}
   WARMUP=1
@@ -82,6 +85,7 @@ else
   STORM=${BENCH_STORM:-1000}
   STORM_AUTH=${BENCH_STORM_AUTH:-scram-sha-256 trust}
   STRACE_CLIENTS=${BENCH_STRACE_CLIENTS-16 100}
+  PERF_CLIENTS=${BENCH_PERF_CLIENTS-16 100 500}
   STRACE_SECONDS=${BENCH_STRACE_SECONDS:-5}
   PROFILE=${BENCH_PROFILE:-release}
   WARMUP=3
@@ -122,6 +126,10 @@ if [ -z "$PGBOUNCER" ]; then
 fi
 STRACE=$(command -v strace || true)
 [ -n "$STRACE" ] || STRACE_CLIENTS=""
+# Syscall tracepoints need perf and root (or perf_event_paranoid <= 1 and tracefs access).
+if ! command -v perf >/dev/null || ! perf stat -e syscalls:sys_enter_sendto -o /dev/null -- true >/dev/null 2>&1; then
+  PERF_CLIENTS=""
+fi
 
 # PostgreSQL and PgBouncer refuse to run as root: run them as postgres.
 if [ "$(id -u)" = 0 ]; then
@@ -442,27 +450,56 @@ for wl in $WORKLOADS; do
   done
 done
 
-# --- 2. syscalls per transaction (strace -c -f, separate pass) -----------------------------
+# --- 2. syscalls per transaction (separate passes) -----------------------------------------
+# perf counts syscall tracepoints in the kernel and barely slows the proxy; strace -c -f stops
+# the proxy at every syscall, which batches more events per epoll_wait than a free run would.
+syscall_pass() { # tool target workload clients seconds
+  local tool=$1 t=$2 wl=$3 c=$4 secs=$5 dir="$WORK/logs/$1-$2-$3-$4" bpid t0 t1
+  mkdir -p "$dir"
+  # shellcheck disable=SC2046
+  timeout $((secs + 240)) "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "${PORT[$t]}" -U bench -c "$c" -j "$JOBS" \
+    -T $((secs + 4 + c / 200)) $(workload_args "$wl") -l --log-prefix="$dir/tx" bench >"$dir/out" 2>&1 &
+  bpid=$!
+  sleep $((2 + c / 200)) # past the logins
+  if [ "$tool" = perf ]; then
+    local ev="" s
+    for s in recvfrom sendto read write readv writev recvmsg sendmsg epoll_wait epoll_pwait futex sched_yield epoll_ctl; do
+      ev="$ev,syscalls:sys_enter_$s"
+    done
+    # The command runs between the counters' start and stop: its clock bounds the window.
+    perf stat -x, -e "${ev#,}" -e syscalls:sys_exit_recvfrom --filter 'ret == -11' -p "${PID[$t]}" -o "$dir/counts" \
+      -- sh -c "date +%s.%N >'$dir/t0'; sleep $secs; date +%s.%N >'$dir/t1'" >/dev/null 2>&1 || true
+    t0=$(cat "$dir/t0" 2>/dev/null || echo 0)
+    t1=$(cat "$dir/t1" 2>/dev/null || echo 0)
+  else
+    t0=$(date +%s.%N)
+    timeout -s INT "$secs" "$STRACE" -c -f -q -p "${PID[$t]}" -o "$dir/counts" 2>/dev/null || true
+    t1=$(date +%s.%N)
+  fi
+  wait "$bpid" || log "pgbench failed during the $tool pass of $t: $(tail -2 "$dir/out")"
+  if [ -s "$dir/counts" ]; then
+    "$PY" "$HELPER" syscalls --tool "$tool" --target "$t" --workload "$wl" --clients "$c" --start "$t0" --end "$t1" \
+      --statements "$(statements_per_txn "$wl")" --counts "$dir/counts" --log-prefix "$dir/tx" >>"$RESULTS/syscalls.jsonl"
+  else
+    log "no $tool counts for $t (is $tool allowed here?)"
+  fi
+  [ "$KEEP" = 1 ] || rm -rf "$dir"
+}
+
 for wl in select-simple tpcb; do
   echo " $WORKLOADS " | grep -q " $wl " || continue
+  for c in $PERF_CLIENTS; do
+    for t in $(proxies); do
+      skip_run "$t" "$wl" "$c" && continue
+      log "perf syscall counts: $t, $wl, $c clients"
+      syscall_pass perf "$t" "$wl" "$c" "$STRACE_SECONDS"
+    done
+  done
   for c in $STRACE_CLIENTS; do
     for t in $(proxies); do
       skip_run "$t" "$wl" "$c" && continue
-      log "strace: $t, $wl, $c clients"
-      dir="$WORK/logs/strace-$t-$wl-$c"
-      mkdir -p "$dir"
-      # shellcheck disable=SC2046
-      timeout $((STRACE_SECONDS + 240)) "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "${PORT[$t]}" -U bench -c "$c" -j "$JOBS" \
-        -T $((STRACE_SECONDS + 4)) $(workload_args "$wl") -l --log-prefix="$dir/tx" bench >"$dir/out" 2>&1 &
-      bpid=$!
-      sleep 2
-      t0=$(date +%s.%N)
-      timeout -s INT "$STRACE_SECONDS" "$STRACE" -c -f -q -p "${PID[$t]}" -o "$dir/strace" 2>/dev/null || true
-      t1=$(date +%s.%N)
-      wait "$bpid" || log "pgbench failed during strace of $t: $(tail -2 "$dir/out")"
-      "$PY" "$HELPER" strace --target "$t" --workload "$wl" --clients "$c" --start "$t0" --end "$t1" \
-        --statements "$(statements_per_txn "$wl")" --strace-output "$dir/strace" --log-prefix "$dir/tx" >>"$RESULTS/strace.jsonl"
-      [ "$KEEP" = 1 ] || rm -rf "$dir"
+      log "strace -c -f: $t, $wl, $c clients"
+      syscall_pass strace "$t" "$wl" "$c" "$STRACE_SECONDS"
     done
   done
 done
@@ -524,6 +561,11 @@ if [ "$STORM" -gt 0 ]; then
 fi
 
 # --- report --------------------------------------------------------------------------------
-"$PY" "$HELPER" report --dir "$RESULTS" >/dev/null
+check=()
+[ "$SMOKE" = 1 ] && check=(--check)
+"$PY" "$HELPER" report --dir "$RESULTS" "${check[@]}" >/dev/null || {
+  cat "$RESULTS/results.md"
+  die "some runs or connections failed (see above)"
+}
 cat "$RESULTS/results.md"
 log "results: $RESULTS/results.md and results.json"
