@@ -2,6 +2,7 @@
 //! binary, and small client helpers.
 #![allow(dead_code)]
 
+pub mod fault;
 pub mod pg;
 pub mod wire;
 
@@ -9,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub use fault::Fault;
 pub use pg::TestPostgres;
 use tokio_postgres::{Client, NoTls};
 
@@ -108,14 +110,19 @@ impl Drop for Proxy {
 /// Unless `top` sets a budget, a fixed one: the tests of a binary share one PostgreSQL, and
 /// an auto budget would split its max_connections between every proxy they start.
 pub fn app_config(pg: &TestPostgres, name: &str, top: &str) -> String {
+    app_config_at(pg.port, name, top)
+}
+
+/// `app_config` with the database at another port on 127.0.0.1 (a `Fault` in front of
+/// PostgreSQL, say).
+pub fn app_config_at(port: u16, name: &str, top: &str) -> String {
     let budget = if top.contains("budget") {
         ""
     } else {
         "[budget]\nmax_server_connections = 80\n"
     };
     format!(
-        "{top}\n{budget}[databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\n[users.{name}]\npassword = \"{name}-pw\"\n",
-        pg.port
+        "{top}\n{budget}[databases.{name}]\nhost = \"127.0.0.1\"\nport = {port}\n[users.{name}]\npassword = \"{name}-pw\"\n"
     )
 }
 
