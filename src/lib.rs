@@ -15,6 +15,7 @@
 //! - [`config`]: the configuration file, environment and flags.
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`;
 //!   [`clients`]: the registry of connected clients; [`admin`]: the admin console.
+//! - [`demo`]: `pgsluice demo`, and the throwaway PostgreSQL it (and the tests) start.
 
 pub mod admin;
 pub mod app;
@@ -24,6 +25,7 @@ pub mod cancel;
 pub mod client;
 pub mod clients;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod listener;
 pub mod metrics;

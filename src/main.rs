@@ -122,6 +122,9 @@ fn init_logging(format: LogFormat) {
 /// Commands besides running the proxy (which needs none).
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Start a throwaway PostgreSQL and pgsluice, and watch many app workers share a few
+    /// connections: first holding them during a slow API call, then releasing them.
+    Demo(pgsluice::demo::DemoArgs),
     /// Print the live connection budget of a database; with --plan, check a fleet's plan.
     Budget(pgsluice::budget::report::BudgetArgs),
     /// Exit 0 when the proxy's HTTP endpoint answers 200 (for container health checks).
@@ -140,6 +143,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         return pgsluice::budget::report::run(args);
+    }
+    if let Some(Command::Demo(args)) = &cli.command {
+        if !cli.flags().is_empty() || cli.check_config.is_some() || cli.config.is_some() {
+            eprintln!("pgsluice demo: it takes no configuration; put its options after `demo` (see pgsluice demo --help)");
+            return ExitCode::from(2);
+        }
+        return pgsluice::demo::run(args);
     }
     if let Some(Command::Health { url }) = &cli.command {
         return match health(url) {
