@@ -2,174 +2,13 @@
 //! login. Each gets a precise FATAL error and a closed socket; none may pin a server
 //! connection, and the proxy keeps serving everyone else.
 mod common;
+use common::wire::*;
 use common::*;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Upper bound for any single network step in these tests.
-const STEP: Duration = Duration::from_secs(10);
-/// How soon the proxy must close a connection it has rejected.
-const CLOSE_WITHIN: Duration = Duration::from_secs(5);
-
-// ---------------------------------------------------------------------------------------
-// Raw-socket helpers
-// ---------------------------------------------------------------------------------------
-
-fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec(); // 3.0
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
-    packet.extend(body);
-    packet
-}
-
-/// A tagged frontend message.
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
-fn query(sql: &str) -> Vec<u8> {
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    message(b'Q', &body)
-}
-
-#[derive(Debug)]
-struct Msg {
-    tag: u8,
-    body: Vec<u8>,
-}
-
-impl Msg {
-    fn fields(&self) -> BTreeMap<char, String> {
-        let mut out = BTreeMap::new();
-        let mut rest = &self.body[..];
-        while let Some((&code, tail)) = rest.split_first() {
-            if code == 0 {
-                break;
-            }
-            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-            out.insert(
-                code as char,
-                String::from_utf8_lossy(&tail[..end]).into_owned(),
-            );
-            rest = tail.get(end + 1..).unwrap_or(&[]);
-        }
-        out
-    }
-}
-
-async fn raw_connect(proxy: &Proxy) -> TcpStream {
-    tokio::time::timeout(STEP, TcpStream::connect(proxy.addr))
-        .await
-        .expect("connect timed out")
-        .expect("connect")
-}
-
-/// Reads one backend message within `within`; `None` at end of stream (or reset).
-async fn read_msg_within(s: &mut TcpStream, within: Duration) -> Option<Msg> {
-    tokio::time::timeout(within, async {
-        let mut tag = [0u8; 1];
-        match s.read_exact(&mut tag).await {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-                ) =>
-            {
-                return None
-            }
-            Err(e) => panic!("read: {e}"),
-        }
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await.expect("message length");
-        let len = i32::from_be_bytes(len);
-        assert!(
-            (4..=1 << 20).contains(&len),
-            "implausible backend message length {len}"
-        );
-        let mut body = vec![0u8; len as usize - 4];
-        s.read_exact(&mut body).await.expect("message body");
-        Some(Msg { tag: tag[0], body })
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no backend message within {within:?}"))
-}
-
-async fn expect_msg(s: &mut TcpStream) -> Msg {
-    read_msg_within(s, STEP)
-        .await
-        .expect("connection closed, expected a message")
-}
-
-/// The proxy closes the connection (EOF, or a reset when our bytes were left unread)
-/// within `CLOSE_WITHIN`, sending nothing more.
-async fn expect_closed(s: &mut TcpStream) {
-    let mut buf = [0u8; 256];
-    match tokio::time::timeout(CLOSE_WITHIN, s.read(&mut buf)).await {
-        Err(_) => panic!("connection still open after {CLOSE_WITHIN:?}"),
-        Ok(Ok(0)) => {}
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Ok(Ok(n)) => panic!("unexpected bytes before close: {:?}", &buf[..n]),
-        Ok(Err(e)) => panic!("read: {e}"),
-    }
-}
-
-/// Reads a FATAL ErrorResponse with `sqlstate`, then end of stream; returns the fields.
-async fn expect_fatal(s: &mut TcpStream, sqlstate: &str) -> BTreeMap<char, String> {
-    let m = expect_msg(s).await;
-    assert_eq!(m.tag, b'E', "expected ErrorResponse, got {m:?}");
-    let f = m.fields();
-    assert_eq!(f.get(&'C').map(String::as_str), Some(sqlstate), "{f:?}");
-    assert_eq!(f.get(&'S').map(String::as_str), Some("FATAL"), "{f:?}");
-    expect_closed(s).await;
-    f
-}
-
-/// Reads messages up to ReadyForQuery (bounded), failing on an ErrorResponse.
-async fn read_until_ready(s: &mut TcpStream) -> Vec<Msg> {
-    let mut out = Vec::new();
-    for _ in 0..200 {
-        let m = expect_msg(s).await;
-        assert_ne!(m.tag, b'E', "unexpected error: {:?}", m.fields());
-        let done = m.tag == b'Z';
-        out.push(m);
-        if done {
-            return out;
-        }
-    }
-    panic!("no ReadyForQuery within 200 messages");
-}
-
-/// A raw client logged in as `name` (the app runs with `auth_type = "trust"`).
-async fn raw_login(proxy: &Proxy, name: &str) -> TcpStream {
-    let mut s = raw_connect(proxy).await;
-    s.write_all(&startup_packet(&[("user", name), ("database", name)]))
-        .await
-        .unwrap();
-    let msgs = read_until_ready(&mut s).await;
-    assert_eq!(
-        (msgs[0].tag, &msgs[0].body[..]),
-        (b'R', &[0u8, 0, 0, 0][..]),
-        "AuthenticationOk first"
-    );
-    assert_eq!(msgs.last().unwrap().body, b"I");
-    s
-}
 
 // ---------------------------------------------------------------------------------------
 // Fixture and after-checks
@@ -232,7 +71,7 @@ async fn assert_no_stuck_server(role: &str) {
 #[tokio::test]
 async fn garbage_instead_of_a_startup_packet() {
     let proxy = trust_app("bi_garbage", "").await;
-    let mut s = raw_connect(&proxy).await;
+    let mut s = raw_connect(proxy.addr.port()).await;
     s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
@@ -240,7 +79,7 @@ async fn garbage_instead_of_a_startup_packet() {
     assert!(f[&'M'].contains("invalid startup packet"), "{f:?}");
 
     // Eight bytes of a plausible length but a nonsense body.
-    let mut s = raw_connect(&proxy).await;
+    let mut s = raw_connect(proxy.addr.port()).await;
     s.write_all(&[0, 0, 0, 8, 0xde, 0xad, 0xbe, 0xef])
         .await
         .unwrap();
@@ -251,7 +90,7 @@ async fn garbage_instead_of_a_startup_packet() {
     let mut p = startup_packet(&[("user", "bi_garbage")]);
     p.pop();
     p[3] -= 1;
-    let mut s = raw_connect(&proxy).await;
+    let mut s = raw_connect(proxy.addr.port()).await;
     s.write_all(&p).await.unwrap();
     expect_fatal(&mut s, "08P01").await;
 
@@ -263,7 +102,7 @@ async fn garbage_instead_of_a_startup_packet() {
 async fn bad_startup_lengths_are_08p01() {
     let proxy = trust_app("bi_startlen", "").await;
     for len in [0i32, 3, -1, 0x4000_0000] {
-        let mut s = raw_connect(&proxy).await;
+        let mut s = raw_connect(proxy.addr.port()).await;
         s.write_all(&len.to_be_bytes()).await.unwrap();
         let started = Instant::now();
         let f = expect_fatal(&mut s, "08P01").await;
@@ -286,7 +125,7 @@ async fn bad_startup_lengths_are_08p01() {
 async fn half_startup_packet_times_out_with_client_login_timeout() {
     let proxy = trust_app("bi_halfstart", "client_login_timeout = \"1s\"").await;
     let packet = startup_packet(&[("user", "bi_halfstart"), ("database", "bi_halfstart")]);
-    let mut s = raw_connect(&proxy).await;
+    let mut s = raw_connect(proxy.addr.port()).await;
     s.write_all(&packet[..packet.len() / 2]).await.unwrap();
     let started = Instant::now();
     let m = read_msg_within(&mut s, Duration::from_secs(3))
@@ -310,7 +149,7 @@ async fn half_startup_packet_times_out_with_client_login_timeout() {
     );
 
     // A connection that sends nothing at all is timed out the same way.
-    let mut s = raw_connect(&proxy).await;
+    let mut s = raw_connect(proxy.addr.port()).await;
     let m = read_msg_within(&mut s, Duration::from_secs(3))
         .await
         .expect("an error before close");
@@ -342,7 +181,7 @@ async fn read_byte(s: &mut TcpStream) -> u8 {
 #[tokio::test]
 async fn encryption_requests_then_startup_log_in() {
     let proxy = trust_app("bi_sslok", "").await;
-    let mut s = raw_connect(&proxy).await;
+    let mut s = raw_connect(proxy.addr.port()).await;
     s.write_all(&GSSENC_REQUEST).await.unwrap();
     assert_eq!(read_byte(&mut s).await, b'N');
     s.write_all(&SSL_REQUEST).await.unwrap();
@@ -363,7 +202,7 @@ async fn encryption_requests_then_startup_log_in() {
 #[tokio::test]
 async fn endless_encryption_requests_are_cut_off_with_08p01() {
     let proxy = trust_app("bi_sslreq", "").await;
-    let mut s = raw_connect(&proxy).await;
+    let mut s = raw_connect(proxy.addr.port()).await;
     // All at once: the answers come back in order whatever the proxy does with the rest.
     s.write_all(&SSL_REQUEST.repeat(5)).await.unwrap();
     let mut refusals = 0;
@@ -402,7 +241,7 @@ async fn endless_encryption_requests_are_cut_off_with_08p01() {
 #[tokio::test]
 async fn a_second_ssl_request_is_refused() {
     let proxy = trust_app("bi_ssl2", "").await;
-    let mut s = raw_connect(&proxy).await;
+    let mut s = raw_connect(proxy.addr.port()).await;
     s.write_all(&SSL_REQUEST).await.unwrap();
     assert_eq!(read_byte(&mut s).await, b'N');
     s.write_all(&SSL_REQUEST).await.unwrap();
@@ -413,7 +252,7 @@ async fn a_second_ssl_request_is_refused() {
 #[tokio::test]
 async fn bogus_cancel_request_is_closed_quietly() {
     let proxy = trust_app("bi_cancel", "").await;
-    let mut s = raw_connect(&proxy).await;
+    let mut s = raw_connect(proxy.addr.port()).await;
     let mut p = vec![0u8, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
     p.extend_from_slice(&12345i32.to_be_bytes());
     p.extend_from_slice(&(-777i32).to_be_bytes());
@@ -429,14 +268,14 @@ async fn bogus_cancel_request_is_closed_quietly() {
 #[tokio::test]
 async fn unknown_message_type_after_login_is_08p01() {
     let proxy = trust_app("bi_unknown", "").await;
-    let mut s = raw_login(&proxy, "bi_unknown").await;
+    let mut s = raw_login(proxy.addr.port(), "bi_unknown").await;
     s.write_all(&[b'!', 0, 0, 0, 4]).await.unwrap();
     let f = expect_fatal(&mut s, "08P01").await;
     assert!(f[&'M'].contains("invalid frontend message type"), "{f:?}");
     assert_serves(&proxy, "bi_unknown").await;
 
     // The same in the middle of a transaction: the server it held is cleaned, not kept busy.
-    let mut s = raw_login(&proxy, "bi_unknown").await;
+    let mut s = raw_login(proxy.addr.port(), "bi_unknown").await;
     s.write_all(&query("BEGIN; SELECT 1")).await.unwrap();
     let msgs = read_until_ready(&mut s).await;
     assert_eq!(msgs.last().unwrap().body, b"T", "in a transaction");
@@ -450,7 +289,7 @@ async fn unknown_message_type_after_login_is_08p01() {
 async fn bad_message_lengths_after_login_are_08p01() {
     let proxy = trust_app("bi_msglen", "").await;
     for (tag, len) in [(b'Q', 2i32), (b'S', 0), (b'B', -1), (b'Q', 0x4000_0000)] {
-        let mut s = raw_login(&proxy, "bi_msglen").await;
+        let mut s = raw_login(proxy.addr.port(), "bi_msglen").await;
         let mut m = vec![tag];
         m.extend_from_slice(&len.to_be_bytes());
         s.write_all(&m).await.unwrap();
@@ -469,7 +308,7 @@ async fn bad_message_lengths_after_login_are_08p01() {
 async fn query_over_max_query_size_is_54000_without_waiting_for_the_body() {
     let proxy = trust_app("bi_bigquery", "max_query_size = 4096").await;
     for tag in [b'Q', b'P'] {
-        let mut s = raw_login(&proxy, "bi_bigquery").await;
+        let mut s = raw_login(proxy.addr.port(), "bi_bigquery").await;
         let mut m = vec![tag];
         m.extend_from_slice(&(1i32 << 20).to_be_bytes());
         s.write_all(&m).await.unwrap();
@@ -480,7 +319,7 @@ async fn query_over_max_query_size_is_54000_without_waiting_for_the_body() {
         assert_serves(&proxy, "bi_bigquery").await;
     }
     // A query just under the limit runs.
-    let mut s = raw_login(&proxy, "bi_bigquery").await;
+    let mut s = raw_login(proxy.addr.port(), "bi_bigquery").await;
     let sql = format!("SELECT '{}' IS NOT NULL", "x".repeat(3000));
     s.write_all(&query(&sql)).await.unwrap();
     let msgs = read_until_ready(&mut s).await;
@@ -492,15 +331,15 @@ async fn query_over_max_query_size_is_54000_without_waiting_for_the_body() {
 async fn half_a_message_then_silence_does_not_pin_the_only_server() {
     let proxy = trust_app("bi_stall", "pool_size = 1\nquery_wait_timeout = \"5s\"").await;
     // Half a Query.
-    let mut stalled_query = raw_login(&proxy, "bi_stall").await;
+    let mut stalled_query = raw_login(proxy.addr.port(), "bi_stall").await;
     let q = query("SELECT 'a stalled query'");
     stalled_query.write_all(&q[..q.len() - 6]).await.unwrap();
     // Half a Bind (small enough to be held whole).
-    let mut stalled_bind = raw_login(&proxy, "bi_stall").await;
-    let b = message(b'B', &[0u8; 64]);
+    let mut stalled_bind = raw_login(proxy.addr.port(), "bi_stall").await;
+    let b = tagged(b'B', &[0u8; 64]);
     stalled_bind.write_all(&b[..20]).await.unwrap();
     // Only a header of a Parse.
-    let mut stalled_parse = raw_login(&proxy, "bi_stall").await;
+    let mut stalled_parse = raw_login(proxy.addr.port(), "bi_stall").await;
     stalled_parse.write_all(&[b'P', 0, 0, 0, 40]).await.unwrap();
 
     // The one server connection is still free for everyone else, several times over.

@@ -2,7 +2,9 @@
 //! binary, and small client helpers.
 #![allow(dead_code)]
 
+pub mod child;
 pub mod fault;
+pub mod leaks;
 pub mod pg;
 pub mod wire;
 
@@ -10,7 +12,12 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+#[allow(unused_imports)]
+pub use child::ProxyProcess;
+#[allow(unused_imports)]
 pub use fault::Fault;
+#[allow(unused_imports)]
+pub use leaks::Leaks;
 pub use pg::TestPostgres;
 use tokio_postgres::{Client, NoTls};
 

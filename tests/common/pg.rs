@@ -68,6 +68,48 @@ impl TestPostgres {
         run(&mut c, "pg_ctl stop");
     }
 
+    /// `pg_ctl stop -m mode` (`smart`, `fast`, `immediate`); `wait` for it to finish.
+    pub fn ctl_stop_mode(&self, mode: &str, wait: bool) {
+        let mut c = pg_command(&self.bin, "pg_ctl");
+        c.arg("-D").arg(self.dir.join("data")).args([
+            "-m",
+            mode,
+            if wait { "-w" } else { "-W" },
+            "stop",
+        ]);
+        run(&mut c, "pg_ctl stop");
+    }
+
+    /// A handle on the same cluster, to start or stop it from another task.
+    pub fn handle(&self) -> TestPostgres {
+        TestPostgres {
+            port: self.port,
+            dir: self.dir.clone(),
+            bin: self.bin.clone(),
+        }
+    }
+
+    /// `ctl_start` without blocking the runtime (the proxy keeps running meanwhile).
+    pub async fn start_async(&self) {
+        let h = self.handle();
+        tokio::task::spawn_blocking(move || h.ctl_start())
+            .await
+            .unwrap();
+    }
+
+    /// `ctl_stop_mode` without blocking the runtime.
+    pub async fn stop_async(&self, mode: &'static str) {
+        let h = self.handle();
+        tokio::task::spawn_blocking(move || h.ctl_stop_mode(mode, true))
+            .await
+            .unwrap();
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
     /// A libpq-style connection string to the server itself.
     pub fn url(&self, user: &str, password: &str, db: &str) -> String {
         format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port)

@@ -230,3 +230,164 @@ impl Wire {
         (msgs.iter().map(|m| m.tag as char).collect(), msgs)
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Raw sockets with hand-made bytes (hostile clients): packets, and reads that expect what
+// the proxy must answer. Every step is bounded.
+// ---------------------------------------------------------------------------------------
+
+/// Upper bound for any single network step of a raw client.
+pub const STEP: Duration = Duration::from_secs(10);
+/// How soon the proxy must close a connection it has rejected.
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+/// A StartupMessage for protocol 3.0.
+pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
+    startup_packet_version(3, 0, params)
+}
+
+/// A StartupMessage for protocol `major.minor`.
+pub fn startup_packet_version(major: u16, minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&major.to_be_bytes());
+    body.extend_from_slice(&minor.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend(body);
+    packet
+}
+
+/// A tagged frontend message.
+pub fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
+    msg(tag, body)
+}
+
+impl Msg {
+    /// The fields of an ErrorResponse or NoticeResponse, by code.
+    pub fn fields(&self) -> std::collections::BTreeMap<char, String> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut rest = &self.body[..];
+        while let Some((&code, tail)) = rest.split_first() {
+            if code == 0 {
+                break;
+            }
+            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+            out.insert(
+                code as char,
+                String::from_utf8_lossy(&tail[..end]).into_owned(),
+            );
+            rest = tail.get(end + 1..).unwrap_or(&[]);
+        }
+        out
+    }
+}
+
+/// A plain TCP connection to 127.0.0.1:`port`.
+pub async fn raw_connect(port: u16) -> TcpStream {
+    tokio::time::timeout(STEP, TcpStream::connect(("127.0.0.1", port)))
+        .await
+        .expect("connect timed out")
+        .expect("connect")
+}
+
+/// Reads one backend message within `within`; `None` at end of stream (or reset).
+pub async fn read_msg_within(s: &mut TcpStream, within: Duration) -> Option<Msg> {
+    tokio::time::timeout(within, async {
+        let mut tag = [0u8; 1];
+        match s.read_exact(&mut tag).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return None
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.expect("message length");
+        let len = i32::from_be_bytes(len);
+        assert!(
+            (4..=1 << 20).contains(&len),
+            "implausible backend message length {len}"
+        );
+        let mut body = vec![0u8; len as usize - 4];
+        s.read_exact(&mut body).await.expect("message body");
+        Some(Msg { tag: tag[0], body })
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no backend message within {within:?}"))
+}
+
+pub async fn expect_msg(s: &mut TcpStream) -> Msg {
+    read_msg_within(s, STEP)
+        .await
+        .expect("connection closed, expected a message")
+}
+
+/// The proxy closes the connection (EOF, or a reset when our bytes were left unread)
+/// within `CLOSE_WITHIN`, sending nothing more.
+pub async fn expect_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(CLOSE_WITHIN, s.read(&mut buf)).await {
+        Err(_) => panic!("connection still open after {CLOSE_WITHIN:?}"),
+        Ok(Ok(0)) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(Ok(n)) => panic!("unexpected bytes before close: {:?}", &buf[..n]),
+        Ok(Err(e)) => panic!("read: {e}"),
+    }
+}
+
+/// Reads a FATAL ErrorResponse with `sqlstate`, then end of stream; returns the fields.
+pub async fn expect_fatal(
+    s: &mut TcpStream,
+    sqlstate: &str,
+) -> std::collections::BTreeMap<char, String> {
+    let m = expect_msg(s).await;
+    assert_eq!(m.tag, b'E', "expected ErrorResponse, got {m:?}");
+    let f = m.fields();
+    assert_eq!(f.get(&'C').map(String::as_str), Some(sqlstate), "{f:?}");
+    assert_eq!(f.get(&'S').map(String::as_str), Some("FATAL"), "{f:?}");
+    expect_closed(s).await;
+    f
+}
+
+/// Reads messages up to ReadyForQuery (bounded), failing on an ErrorResponse.
+pub async fn read_until_ready(s: &mut TcpStream) -> Vec<Msg> {
+    let mut out = Vec::new();
+    for _ in 0..200 {
+        let m = expect_msg(s).await;
+        assert_ne!(m.tag, b'E', "unexpected error: {:?}", m.fields());
+        let done = m.tag == b'Z';
+        out.push(m);
+        if done {
+            return out;
+        }
+    }
+    panic!("no ReadyForQuery within 200 messages");
+}
+
+/// A raw client logged in as `name` to database `name` (the user must need no password:
+/// `auth_type = "trust"`).
+pub async fn raw_login(port: u16, name: &str) -> TcpStream {
+    let mut s = raw_connect(port).await;
+    s.write_all(&startup_packet(&[("user", name), ("database", name)]))
+        .await
+        .unwrap();
+    let msgs = read_until_ready(&mut s).await;
+    assert_eq!(
+        (msgs[0].tag, &msgs[0].body[..]),
+        (b'R', &[0u8, 0, 0, 0][..]),
+        "AuthenticationOk first"
+    );
+    assert_eq!(msgs.last().unwrap().body, b"I");
+    s
+}
