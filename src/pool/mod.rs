@@ -766,8 +766,12 @@ impl Pools {
         n
     }
 
-    /// Removes idle servers past `server_lifetime`, or past `server_idle_timeout` above
-    /// `min_pool_size`; returns them for closing outside the lock. Used by the janitor.
+    /// Removes idle servers past `server_lifetime`, past `server_idle_timeout` above
+    /// `min_pool_size`, or found closed by the server (a restart, `pg_terminate_backend`,
+    /// `idle_session_timeout`: otherwise they would stay counted as idle, and against the
+    /// budget, until a checkout found them); returns them for closing outside the lock.
+    /// Used by the janitor. The liveness check costs no system call unless the socket was
+    /// flagged readable.
     fn take_expired(&self, now: Instant) -> Vec<ServerConn> {
         let mut st = self.lock();
         let mut out = Vec::new();
@@ -782,9 +786,13 @@ impl Pools {
                 let too_idle = !idle_timeout.is_zero()
                     && now.duration_since(s.last_used) >= idle_timeout
                     && p.open > p.settings.min_pool_size;
-                if too_old || too_idle {
+                if too_old || too_idle || !s.looks_alive() {
                     out.push(st.pools[id].idle.remove(i));
                     st.release(id);
+                    // The room freed in the budget goes to any client of another pool
+                    // waiting for it.
+                    let b = st.pools[id].budget;
+                    st.grant_slots(b);
                 } else {
                     i += 1;
                 }
