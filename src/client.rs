@@ -600,11 +600,20 @@ impl Session {
                     .await;
                     return Err(e.message);
                 }
-                Outcome::ServerGone(why) => {
+                Outcome::ServerGone {
+                    why,
+                    between_messages,
+                } => {
                     self.shared.metrics.error(ErrorKind::ServerLost);
                     let e = ErrorFields::new(Severity::Fatal, "08006", "pgsluice: the server connection closed unexpectedly")
                         .with_hint("the server may have restarted or terminated the session; reconnect and retry");
-                    fatal(&mut self.client.stream, &e).await;
+                    if between_messages {
+                        fatal(&mut self.client.stream, &e).await;
+                    } else {
+                        // Cut inside a large message: an ErrorResponse now would be read as
+                        // its rest. Closing tells the client as plainly.
+                        let _ = self.client.stream.shutdown().await;
+                    }
                     drop(checkout);
                     return Err(format!("server connection lost: {why}"));
                 }

@@ -99,8 +99,10 @@ pub enum Outcome {
     ClientGone(Leftover),
     /// The client must be told this error and closed.
     ClientError(ErrorFields, Leftover),
-    /// The server connection broke; the client must be told and closed.
-    ServerGone(String),
+    /// The server connection broke; the client must be closed. `between_messages`: what
+    /// the client was given ends between two messages, so an ErrorResponse can tell it
+    /// why (otherwise it would be read as the rest of a message cut short).
+    ServerGone { why: String, between_messages: bool },
     /// Session mode, draining: the session reached a transaction boundary.
     Drained,
     /// The shutdown timeout passed mid-transaction.
@@ -235,7 +237,7 @@ pub async fn transaction(
                     client.ready -= n;
                 }
                 Err(e) if would_block(&e) => break,
-                Err(e) => return Outcome::ServerGone(e.to_string()),
+                Err(e) => return server_gone(client, server, out, e.to_string()).await,
             }
         }
         if client_closed {
@@ -255,18 +257,18 @@ pub async fn transaction(
         let read_server = server.buf.len() < HIGH_WATER;
         tokio::select! {
             r = server.stream.readable(), if read_server => {
-                if let Err(e) = r { return Outcome::ServerGone(e.to_string()) }
+                if let Err(e) = r { return server_gone(client, server, out, e.to_string()).await }
                 server.buf.reserve(READ_CHUNK);
                 match read_some(&server.stream, &mut server.buf) {
-                    Ok(0) => return Outcome::ServerGone("server closed the connection".into()),
+                    Ok(0) => return server_gone(client, server, out, "server closed the connection".into()).await,
                     Ok(_) => {
                         match replies::process(&mut server.buf, out, &mut server.cursor, txn, &mut client.statements, &mut server.statements) {
                             Ok(end) => out = end,
-                            Err(e) => return Outcome::ServerGone(e.to_string()),
+                            Err(e) => return server_gone(client, server, out, e.to_string()).await,
                         }
                     }
                     Err(e) if would_block(&e) => {}
-                    Err(e) => return Outcome::ServerGone(e.to_string()),
+                    Err(e) => return server_gone(client, server, out, e.to_string()).await,
                 }
             }
             r = client.stream.readable(), if read_client => {
@@ -283,11 +285,34 @@ pub async fn transaction(
                 if r.is_err() { return Outcome::ClientGone(txn.leftover(client, server)) }
             }
             r = server.stream.writable(), if client.ready > 0 => {
-                if let Err(e) = r { return Outcome::ServerGone(e.to_string()) }
+                if let Err(e) = r { return server_gone(client, server, out, e.to_string()).await }
             }
             _ = stop.drain.cancelled(), if between => {}
             _ = stop.abort.cancelled() => return Outcome::Aborted(txn.leftover(client, server)),
         }
+    }
+}
+
+/// The server connection broke. The client gets what was ready for it (whole messages,
+/// unless a large one was streaming), if it takes it within a second.
+async fn server_gone(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+    out: usize,
+    why: String,
+) -> Outcome {
+    let flushed = out == 0
+        || matches!(
+            tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tokio::io::AsyncWriteExt::write_all(&mut client.stream, &server.buf[..out]),
+            )
+            .await,
+            Ok(Ok(()))
+        );
+    Outcome::ServerGone {
+        why,
+        between_messages: flushed && server.cursor.client_between_messages(),
     }
 }
 

@@ -120,17 +120,34 @@ impl Undo {
     }
 }
 
+/// Messages up to this size reach the client whole: a partly read one is held back until
+/// its last byte is here. Larger ones (big rows, COPY data) stream through as they come.
+/// So a server that breaks mid-message leaves the client after a whole message, where an
+/// ErrorResponse can follow, unless that message is a large one.
+pub const WHOLE_MESSAGE: usize = 64 * 1024;
+
 /// Where the relay stands inside the server's message stream.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Cursor {
     tag: u8,
     /// Body bytes of the current message not yet seen.
     left: usize,
+    /// Bytes of the current (small) message already read but held back from the client;
+    /// they follow the end of what is ready for it.
+    held: usize,
+    /// The current message is held back until whole ([`WHOLE_MESSAGE`]).
+    small: bool,
 }
 
 impl Cursor {
     pub fn at_boundary(&self) -> bool {
         self.left == 0
+    }
+
+    /// What the client has been given so far, once everything ready is written, ends
+    /// between two messages.
+    pub fn client_between_messages(&self) -> bool {
+        self.left == 0 || self.small
     }
 }
 
@@ -321,23 +338,31 @@ pub(super) fn splice(buf: &mut BytesMut, at: usize, remove: usize, insert: &[u8]
     buf.extend_from_slice(&tail);
 }
 
-/// Reads the server bytes `buf[at..]`: completes owed replies, splices. Returns the new end
-/// of what is ready for the client; bytes after it (a partial header, or a ReadyForQuery or
-/// small ErrorResponse not yet whole) wait for more.
+/// Reads the server bytes after `buf[..ready]` (what is ready for the client): completes
+/// owed replies, splices. Returns the new end of what is ready for the client; bytes after
+/// it (a partial header, a message under [`WHOLE_MESSAGE`] not yet whole) wait for more.
 pub(super) fn process(
     buf: &mut BytesMut,
-    mut at: usize,
+    ready: usize,
     cursor: &mut Cursor,
     txn: &mut Txn,
     clients: &mut ClientStatements,
     servers: &mut ServerStatements,
 ) -> Result<usize, FrameError> {
+    // Bytes held back last time were read already.
+    let mut start = ready;
+    let mut at = ready + cursor.held;
+    cursor.held = 0;
     loop {
         if cursor.left > 0 {
             let n = cursor.left.min(buf.len() - at);
             at += n;
             cursor.left -= n;
             if cursor.left > 0 {
+                if cursor.small {
+                    cursor.held = at - start;
+                    return Ok(start);
+                }
                 return Ok(at);
             }
             txn.complete(cursor.tag, clients, servers);
@@ -387,6 +412,8 @@ pub(super) fn process(
         }
         cursor.tag = tag;
         cursor.left = total - HEADER_LEN;
+        cursor.small = total <= WHOLE_MESSAGE;
+        start = at;
         at += HEADER_LEN;
         if cursor.left == 0 {
             txn.complete(tag, clients, servers);
@@ -408,6 +435,16 @@ mod tests {
 
     /// Feeds `wire` in chunks of the given sizes; returns what the client gets.
     fn run(txn: &mut Txn, wire: &[u8], cuts: &[usize]) -> Vec<u8> {
+        run_counting(txn, wire, cuts, &mut Vec::new())
+    }
+
+    /// [`run`], also noting where each delivery to the client ended.
+    fn run_counting(
+        txn: &mut Txn,
+        wire: &[u8],
+        cuts: &[usize],
+        deliveries: &mut Vec<usize>,
+    ) -> Vec<u8> {
         let (mut clients, mut servers) = (ClientStatements::default(), ServerStatements::default());
         let mut cursor = Cursor::default();
         let mut buf = BytesMut::new();
@@ -429,6 +466,7 @@ mod tests {
             )
             .unwrap();
             out.extend_from_slice(&buf[..ready]);
+            deliveries.push(out.len());
             buf.advance(ready);
             ready = 0;
             i += 1;
@@ -475,6 +513,48 @@ mod tests {
             prop_assert_eq!(out, expected);
             prop_assert!(txn.owed.is_empty());
             prop_assert_eq!(txn.status, TransactionStatus::Idle);
+        }
+    }
+
+    /// Offsets where each message of `wire` ends.
+    fn boundaries(wire: &[u8]) -> Vec<usize> {
+        let mut out = vec![0];
+        let mut at = 0;
+        while at < wire.len() {
+            let len = i32::from_be_bytes(wire[at + 1..at + 5].try_into().unwrap()) as usize;
+            at += 1 + len;
+            out.push(at);
+        }
+        out
+    }
+
+    proptest! {
+        /// However the server's bytes are cut, the client is only ever given whole messages
+        /// when they are small; a large one streams through in pieces.
+        #[test]
+        fn small_messages_reach_the_client_whole(
+            sizes in proptest::collection::vec(0usize..3000, 1..30),
+            cuts in proptest::collection::vec(1usize..5000, 1..20),
+        ) {
+            let mut txn = Txn::new(true);
+            txn.owe(Reply::Query, false, Undo::None);
+            let mut wire = Vec::new();
+            for n in &sizes {
+                wire.extend(msg(b'D', &vec![b'x'; *n]));
+            }
+            let big = msg(b'd', &vec![b'y'; WHOLE_MESSAGE + 10]);
+            wire.extend(&big);
+            wire.extend(msg(b'C', b"SELECT 1\0"));
+            wire.extend(msg(b'Z', b"I"));
+            let mut deliveries = Vec::new();
+            let out = run_counting(&mut txn, &wire, &cuts, &mut deliveries);
+            prop_assert_eq!(&out, &wire);
+            let ends = boundaries(&wire);
+            let big_at = wire.len() - big.len() - 14 - 6;
+            for d in deliveries {
+                let inside_big = d > big_at && d < big_at + big.len();
+                prop_assert!(ends.contains(&d) || inside_big, "delivery ends at {} mid-message", d);
+            }
         }
     }
 
