@@ -178,6 +178,15 @@ async fn behind_fault(name: &str, top: &str) -> (Proxy, Fault) {
 #[tokio::test]
 async fn pooled_servers_reset_on_the_wire_are_replaced_unseen() {
     let (proxy, fault) = behind_fault("uf_rst_idle", "pool_size = 4").await;
+    let leaks = Leaks::with(
+        &proxy,
+        &["uf_rst_idle"],
+        fault.port(),
+        "uf_rst_idle",
+        "uf_rst_idle",
+        "uf_rst_idle-pw",
+    )
+    .await;
     let mut clients = Vec::new();
     for _ in 0..4 {
         clients.push(proxy.client("uf_rst_idle").await);
@@ -197,4 +206,481 @@ async fn pooled_servers_reset_on_the_wire_are_replaced_unseen() {
         let pid = scalar(c, "SELECT pg_backend_pid()").await;
         assert!(!before.contains(&pid), "a new backend, not {pid}");
     }
+    drop(clients);
+    leaks.check().await;
+}
+
+/// Scenario 4, nobody querying afterwards: servers that died while idle leave the pool
+/// (and its gauge, and the budget) within a janitor round or two, not at the next checkout.
+#[tokio::test]
+async fn servers_that_die_while_idle_leave_the_pool() {
+    let name = "uf_dead_idle";
+    let proxy = app(name, "pool_size = 3").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let clients = [
+        proxy.client(name).await,
+        proxy.client(name).await,
+        proxy.client(name).await,
+    ];
+    for c in &clients {
+        c.batch_execute("BEGIN").await.unwrap();
+    }
+    for c in &clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    let admin = pg().admin().await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    let idle = || async {
+        let text = String::from_utf8(pgsluice::metrics::scrape(&proxy.shared)).unwrap();
+        common::leaks::Metrics::parse(&text).sum("pgsluice_server_connections", &[])
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || async { idle().await == 0.0 }).await,
+        "dead idle servers still counted: {}",
+        idle().await
+    );
+    leaks.holding(3).check().await;
+}
+
+/// Scenario 4: the proxy's backends are terminated out of band while every client is
+/// idle. Each client's next query runs on a new backend with no error, and the dead
+/// servers do not linger in the pool (the leak check compares the pool's gauge with
+/// pg_stat_activity).
+#[tokio::test]
+async fn backends_terminated_out_of_band_are_replaced_unseen() {
+    let name = "uf_terminated";
+    let proxy = app(name, "pool_size = 4").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let clients = [proxy.client(name).await, proxy.client(name).await];
+    // Four servers in the pool (four transactions at once), two clients left using it.
+    let extra = [proxy.client(name).await, proxy.client(name).await];
+    for c in clients.iter().chain(&extra) {
+        c.batch_execute("BEGIN").await.unwrap();
+    }
+    let mut before = Vec::new();
+    for c in clients.iter().chain(&extra) {
+        before.push(scalar(c, "SELECT pg_backend_pid()").await);
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    drop(extra);
+    let admin = pg().admin().await;
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = $1 AND pid <> pg_backend_pid()) k",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 4);
+    // Once the backends are gone (their FATAL and EOF wait in the proxy's idle sockets)...
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, name).await == 0
+        })
+        .await
+    );
+    // ...no client sees an error: a dead idle server is never handed out. (A query that
+    // races the termination itself, sent before the server's FATAL arrives, gets that
+    // FATAL: see docs/reliability.md.)
+    for c in &clients {
+        let pid = scalar(c, "SELECT pg_backend_pid()").await;
+        assert!(!before.contains(&pid), "a new backend, not {pid}");
+    }
+    drop(clients);
+    leaks.check().await;
+}
+
+/// The leak check itself sees what it is meant to see.
+#[tokio::test]
+async fn leak_check_sees_dirty_states() {
+    let proxy = app("uf_leakcheck", "pool_size = 2").await;
+    let leaks = Leaks::new(&proxy, "uf_leakcheck").await;
+    let admin = pg().admin().await;
+    let c = proxy.client("uf_leakcheck").await;
+    c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // A backend idle in a transaction, and a client more than the baseline.
+    let found = leaks.problems(&admin).await;
+    assert!(found.iter().any(|p| p.starts_with("2:")), "{found:?}");
+    assert!(found.iter().any(|p| p.starts_with("4:")), "{found:?}");
+    assert!(found.iter().any(|p| p.starts_with("5:")), "{found:?}");
+    // A backend of the role that is not the proxy's.
+    let direct = connect(&format!(
+        "host=127.0.0.1 port={} user=uf_leakcheck password=uf_leakcheck-pw dbname=uf_leakcheck",
+        pg().port
+    ))
+    .await;
+    let found = leaks.problems(&admin).await;
+    assert!(found.iter().any(|p| p.starts_with("1:")), "{found:?}");
+    drop(direct);
+    c.batch_execute("COMMIT").await.unwrap();
+    leaks.clone_holding(1).check().await;
+    drop(c);
+    leaks.check().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios with their own PostgreSQL (they stop or reconfigure it).
+// ---------------------------------------------------------------------------------------
+
+/// Its own PostgreSQL with app `name` and a proxy in front of it.
+async fn own_pg(name: &str, conf: &[&str], top: &str) -> (TestPostgres, Proxy) {
+    let pg = TestPostgres::start(conf);
+    pg.create_app(name).await;
+    let proxy = Proxy::start(&app_config(&pg, name, top)).await;
+    (pg, proxy)
+}
+
+/// The baseline of the leak check for app `name` on its own PostgreSQL.
+async fn own_leaks<'a>(proxy: &'a Proxy, pg: &TestPostgres, name: &str) -> Leaks<'a> {
+    Leaks::with(proxy, &[name], pg.port, name, name, &format!("{name}-pw")).await
+}
+
+/// A raw client logged in with the app's password.
+async fn wire(proxy: &Proxy, name: &str) -> wire::Wire {
+    wire::Wire::connect_password(proxy.addr.port(), name, name, &format!("{name}-pw")).await
+}
+
+/// Reads messages until the proxy closes; the error codes seen, in order. Every message
+/// read is whole (a cut frame fails the read).
+async fn errors_until_closed(w: &mut wire::Wire) -> Vec<String> {
+    let mut codes = Vec::new();
+    for _ in 0..100 {
+        match wire::read_msg_within(&mut w.stream, Duration::from_secs(15)).await {
+            None => return codes,
+            Some(m) if m.tag == b'E' => codes.push(m.code().unwrap_or_default()),
+            Some(_) => {}
+        }
+    }
+    panic!("the connection was not closed");
+}
+
+fn errors_total(proxy: &Proxy, kind: &str) -> f64 {
+    let text = String::from_utf8(pgsluice::metrics::scrape(&proxy.shared)).unwrap();
+    common::leaks::Metrics::parse(&text).sum("pgsluice_errors_total", &[("kind", kind)])
+}
+
+/// Scenario 1: PostgreSQL crashes (immediate stop) while client A is inside a transaction
+/// and client B is idle. A gets FATAL 08006 and is closed; its INSERT is gone; B's next
+/// query after the restart succeeds on the same client connection.
+#[tokio::test]
+async fn crash_mid_transaction() {
+    let name = "uf_crash";
+    let (pg, proxy) = own_pg(name, &[], "pool_size = 4").await;
+    let leaks = own_leaks(&proxy, &pg, name).await;
+    let b = proxy.client(name).await;
+    b.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    // The test cluster runs with synchronous_commit off: make the table survive the crash.
+    pg.admin().await.batch_execute("CHECKPOINT").await.unwrap();
+    let mut a = wire(&proxy, name).await;
+    let (tags, _) = a
+        .round(&[wire::query("BEGIN; INSERT INTO t VALUES (1)")])
+        .await;
+    assert!(!tags.contains('E'), "{tags}");
+    let lost = errors_total(&proxy, "connection_lost");
+    pg.ctl_stop_mode("immediate", true);
+    let codes = errors_until_closed(&mut a).await;
+    assert_eq!(codes.last().map(String::as_str), Some("08006"), "{codes:?}");
+    pg.start_async().await;
+    assert_eq!(
+        scalar(&b, "SELECT count(*) FROM t").await,
+        "0",
+        "the INSERT was lost"
+    );
+    assert_eq!(errors_total(&proxy, "connection_lost"), lost + 1.0);
+    drop(b);
+    leaks.check_with(&pg.admin().await).await;
+}
+
+/// Scenario 2: fast shutdown with a query in flight and five idle clients. The running
+/// client gets the server's own 57P01; the idle ones see nothing until their next query,
+/// which succeeds once PostgreSQL is back.
+#[tokio::test]
+async fn fast_shutdown_mid_query() {
+    let name = "uf_fast";
+    let (pg, proxy) = own_pg(name, &[], "pool_size = 6").await;
+    let leaks = own_leaks(&proxy, &pg, name).await;
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        let c = proxy.client(name).await;
+        assert_eq!(scalar(&c, "SELECT 1").await, "1");
+        idle.push(c);
+    }
+    let mut busy = wire(&proxy, name).await;
+    busy.send(&[wire::query("SELECT pg_sleep(60)")]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.stop_async("fast").await;
+    let codes = errors_until_closed(&mut busy).await;
+    assert_eq!(
+        codes.first().map(String::as_str),
+        Some("57P01"),
+        "{codes:?}"
+    );
+    pg.start_async().await;
+    for c in &idle {
+        assert_eq!(scalar(c, "SELECT 2").await, "2");
+    }
+    drop(idle);
+    leaks.check_with(&pg.admin().await).await;
+}
+
+/// Scenario 3: smart shutdown while a transaction is open: it can still commit, and a
+/// client that needs a new server gets PostgreSQL's 57P03 (after the login retries) on a
+/// connection that stays usable.
+#[tokio::test]
+async fn smart_shutdown_lets_the_open_transaction_commit() {
+    let name = "uf_smart";
+    let (pg, proxy) = own_pg(
+        name,
+        &[],
+        "pool_size = 2\nserver_login_retry = \"1s\"\nquery_wait_timeout = \"10s\"",
+    )
+    .await;
+    let a = proxy.client(name).await;
+    a.batch_execute("CREATE TABLE t (v int); BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let b = proxy.client(name).await;
+    pg.ctl_stop_mode("smart", false);
+    // PostgreSQL refuses new sessions once the smart shutdown has begun.
+    let admin_probe = pg.url(name, &format!("{name}-pw"), name);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let url = admin_probe.clone();
+            async move { try_connect(&url).await.is_err() }
+        })
+        .await
+    );
+    let started = Instant::now();
+    let e = b.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "57P03", "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let attempts = pg
+        .log()
+        .matches("the database system is shutting down")
+        .count();
+    assert!(
+        attempts <= 12,
+        "{attempts} login attempts in 1 s of server_login_retry: retries back off"
+    );
+    a.batch_execute("INSERT INTO t VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    drop(a);
+    drop(b);
+    // A fast stop ends the smart one; started again, both rows are there.
+    pg.stop_async("fast").await;
+    pg.start_async().await;
+    let direct = connect(&pg.url(name, &format!("{name}-pw"), name)).await;
+    assert_eq!(scalar(&direct, "SELECT count(*) FROM t").await, "2");
+}
+
+/// Scenario 6: logins that hang (a blackhole that accepts and never answers). Each attempt
+/// is abandoned at server_connect_timeout and its socket closed; waiting clients get an
+/// error within their bounds on connections that stay usable; once the upstream answers
+/// again they are served. No socket is left behind.
+#[tokio::test]
+async fn hung_logins_time_out_and_leave_nothing_behind() {
+    let name = "uf_hung_login";
+    let (proxy, fault) = behind_fault(
+        name,
+        "pool_size = 3\nserver_connect_timeout = \"300ms\"\nserver_login_retry = \"1s\"\nquery_wait_timeout = \"2s\"",
+    )
+    .await;
+    let leaks = Leaks::with(
+        &proxy,
+        &[name],
+        fault.port(),
+        name,
+        name,
+        &format!("{name}-pw"),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(proxy.client(name).await);
+    }
+    // The pool's idle server dies and new ones cannot log in.
+    fault.blackhole();
+    fault.reset_existing();
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for c in &clients {
+        runs.push(c.simple_query("SELECT 1"));
+    }
+    let results = futures_join(runs).await;
+    let took = started.elapsed();
+    for r in &results {
+        let e = r.as_ref().err().expect("no server can be had");
+        assert!(["08006", "53300"].contains(&code(e).as_str()), "{e}");
+    }
+    assert!(
+        took < Duration::from_secs(8),
+        "errors within the bounds: {took:?}"
+    );
+    let held = fault.accepted();
+    assert!(held >= 3, "logins were attempted: {held}");
+    // Every abandoned login's socket is closed by the proxy.
+    assert!(
+        eventually(Duration::from_secs(3), || async { fault.open() == 0 }).await,
+        "{} sockets still open",
+        fault.open()
+    );
+    fault.accept();
+    for c in &clients {
+        assert_eq!(scalar(c, "SELECT 1").await, "1");
+    }
+    drop(clients);
+    leaks.check().await;
+}
+
+/// Awaits every future (they run concurrently on this task).
+async fn futures_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut out = Vec::new();
+    let mut handles = Vec::new();
+    for f in futs {
+        handles.push(Box::pin(f));
+    }
+    // Poll them all together: a simple join_all.
+    let mut pending: Vec<Option<std::pin::Pin<Box<F>>>> = handles.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        results[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    for r in results {
+        out.push(r.unwrap());
+    }
+    out
+}
+
+/// Scenario 8: the upstream connection is reset in the middle of a large result. The client
+/// receives only whole messages, then FATAL 08006, then the close; the broken server is
+/// discarded and the proxy did not buffer the result.
+#[tokio::test]
+async fn reset_mid_result_sends_whole_messages_then_08006() {
+    let name = "uf_rst_result";
+    let (proxy, fault) = behind_fault(name, "pool_size = 2\nauth_type = \"trust\"").await;
+    let leaks = Leaks::with(
+        &proxy,
+        &[name],
+        fault.port(),
+        name,
+        name,
+        &format!("{name}-pw"),
+    )
+    .await;
+    let mut w = wire::Wire::connect(proxy.addr.port(), name, name).await;
+    // About 100 MB of rows; the upstream connection is cut after 5 MB of it.
+    fault.reset_after(5 << 20);
+    w.send(&[wire::query(
+        "SELECT repeat('x', 1000) FROM generate_series(1, 100000)",
+    )])
+    .await;
+    let (mut rows, mut codes) = (0usize, Vec::new());
+    loop {
+        match wire::read_msg_within(&mut w.stream, Duration::from_secs(15)).await {
+            None => break,
+            Some(m) if m.tag == b'D' => {
+                assert_eq!(m.row()[0].as_deref().map(str::len), Some(1000));
+                rows += 1;
+            }
+            Some(m) if m.tag == b'E' => codes.push(m.code().unwrap_or_default()),
+            Some(m) => assert_eq!(m.tag, b'T', "{m:?}"),
+        }
+    }
+    assert!(rows > 1000 && rows < 100_000, "{rows} rows before the cut");
+    assert_eq!(codes, ["08006"]);
+    fault.pass();
+    drop(w);
+    leaks.check().await;
+}
+
+/// Scenario 9: PostgreSQL is full (its max_connections taken by other sessions). The
+/// client that needs a new server gets PostgreSQL's 53300 after a few spaced retries,
+/// on a connection that stays usable; once the slots free up, it is served with no restart.
+#[tokio::test]
+async fn upstream_full_then_recovered() {
+    let name = "uf_full";
+    let (pg, proxy) = own_pg(
+        name,
+        &["max_connections = 8", "superuser_reserved_connections = 2"],
+        "pool_size = 4\nserver_login_retry = \"1s\"",
+    )
+    .await;
+    let admin = pg.admin().await;
+    admin
+        .batch_execute("CREATE ROLE filler LOGIN PASSWORD 'filler-pw'")
+        .await
+        .unwrap();
+    let c = proxy.client(name).await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+    c.batch_execute("BEGIN").await.unwrap();
+    let leaks = own_leaks(&proxy, &pg, name).await;
+    // Fill every other slot.
+    let mut fillers = Vec::new();
+    while let Ok(f) = try_connect(&format!(
+        "host=127.0.0.1 port={} user=filler password=filler-pw dbname=postgres",
+        pg.port
+    ))
+    .await
+    {
+        fillers.push(f);
+        assert!(fillers.len() < 20);
+    }
+    // PostgreSQL logs each refusal ("too many clients", or the slots left are reserved).
+    let refusals = || {
+        let log = pg.log();
+        log.matches("too many clients").count()
+            + log
+                .matches("remaining connection slots are reserved")
+                .count()
+    };
+    let before = refusals();
+    let d = proxy.client(name).await;
+    let e = d.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "53300", "{e}");
+    let attempts = refusals() - before;
+    assert!(
+        (1..=12).contains(&attempts),
+        "{attempts} login attempts in 1 s of server_login_retry"
+    );
+    drop(fillers);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            d.simple_query("SELECT 1").await.is_ok()
+        })
+        .await
+    );
+    c.batch_execute("COMMIT").await.unwrap();
+    drop(d);
+    leaks.holding(0).check_with(&admin).await;
+    drop(c);
 }
