@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
 use crate::app::Shared;
@@ -301,7 +300,7 @@ fn error(code: &str, msg: impl Into<String>) -> ErrorFields {
 
 /// Serves an admin console session after login; the caller checked the user.
 pub async fn session(
-    mut stream: TcpStream,
+    mut stream: crate::stream::Stream,
     shared: &Arc<Shared>,
     pid: i32,
     secret: i32,
@@ -325,7 +324,7 @@ pub async fn session(
     }
     messages::backend_key_data(&mut out, pid, secret);
     messages::ready_for_query(&mut out, TransactionStatus::Idle);
-    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    stream.send(&out).await.map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(1024);
     // In the extended protocol, everything up to Sync is answered by one error.
     let mut skipping = false;
@@ -386,12 +385,12 @@ pub async fn session(
                     ),
                 );
                 e.encode(&mut out);
-                let _ = stream.write_all(&out).await;
+                let _ = stream.send(&out).await;
                 return Err(e.message);
             }
         }
         if !out.is_empty() {
-            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            stream.send(&out).await.map_err(|e| e.to_string())?;
         }
         if buf.capacity() > 64 * 1024 && buf.is_empty() {
             buf = BytesMut::with_capacity(1024);
@@ -868,7 +867,7 @@ fn show_clients(shared: &Shared) -> Table {
             client_ptr(c.id).into(),
             link.unwrap_or_default().into(),
             0i64.into(),
-            "".into(),
+            c.tls.clone().into(),
             c.app().name.into(),
             0i64.into(),
             c.id.into(),

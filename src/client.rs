@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -22,6 +22,8 @@ use crate::protocol::{frontend, TransactionStatus};
 use crate::relay::{self, ClientConn, Leftover, Outcome, Peek, Txn};
 use crate::server::{ServerConn, ServerError};
 use crate::sql::SessionEffects;
+use crate::stream::Stream;
+use crate::tls::{ClientTlsMode, ALPN};
 
 /// Startup parameters kept per client and applied to whichever server it gets
 /// (lower case), besides `track_extra_parameters`.
@@ -65,7 +67,9 @@ struct Login {
 
 /// Serves one accepted client connection until it ends. Errors end here, logged once.
 pub async fn handle(stream: TcpStream, shared: Arc<Shared>) {
+    let stream = Stream::from(stream);
     let peer = stream
+        .tcp()
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
@@ -80,14 +84,14 @@ pub async fn handle(stream: TcpStream, shared: Arc<Shared>) {
     .await
 }
 
-async fn fatal(stream: &mut TcpStream, e: &ErrorFields) {
+async fn fatal(stream: &mut Stream, e: &ErrorFields) {
     let mut buf = BytesMut::new();
     e.encode(&mut buf);
-    let _ = stream.write_all(&buf).await;
+    let _ = stream.send(&buf).await;
     let _ = stream.shutdown().await;
 }
 
-async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String> {
+async fn serve(mut stream: Stream, shared: &Arc<Shared>) -> Result<(), String> {
     let config = shared.pools.config();
     let logging_in = shared.clients.logging_in();
     let login =
@@ -163,8 +167,9 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String
         pool,
         database: login.database.clone(),
         user: login.user.clone(),
-        addr: stream.peer_addr().ok(),
-        local: stream.local_addr().ok(),
+        addr: stream.tcp().peer_addr().ok(),
+        local: stream.tcp().local_addr().ok(),
+        tls: stream.tls_description(),
         pid: cancel.client.pid,
         app: AppSlot {
             metrics: shared.metrics.app(&login.database, &login.user, &app_name),
@@ -197,7 +202,7 @@ async fn serve(mut stream: TcpStream, shared: &Arc<Shared>) -> Result<(), String
 }
 
 /// An admin console session (databases `pgbouncer` and `pgsluice`), for `admin_users` only.
-async fn console(mut stream: TcpStream, shared: &Arc<Shared>, login: &Login) -> Result<(), String> {
+async fn console(mut stream: Stream, shared: &Arc<Shared>, login: &Login) -> Result<(), String> {
     if !shared.pools.config().admin_users.contains(&login.user) {
         shared.metrics.error(ErrorKind::AdminDenied);
         let e = ErrorFields::new(
@@ -239,20 +244,49 @@ fn count_pool_error(
     }
 }
 
-/// Reads packets until a StartupMessage, answering SSL and GSS requests with 'N' and
-/// forwarding a CancelRequest; then authenticates. `None` for a cancel connection.
-async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Option<Login>, End> {
+/// Reads packets until a StartupMessage, starting TLS on SSLRequest (or a direct TLS
+/// handshake) when `client_tls` allows, answering GSSENCRequest with 'N' and forwarding a
+/// CancelRequest; then authenticates. `None` for a cancel connection.
+async fn handshake(stream: &mut Stream, shared: &Arc<Shared>) -> Result<Option<Login>, End> {
+    let tls = shared.pools.config().tls.client.clone();
     // SSLRequest and GSSENCRequest may each come once before the startup packet.
     let (mut ssl_asked, mut gss_asked) = (false, false);
     loop {
-        match startup::read_packet(stream).await {
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).await?;
+        let direct_tls = len[0] == TLS_HANDSHAKE_RECORD && !ssl_asked && !stream.is_tls();
+        if let (true, Some(config)) = (direct_tls, tls.config.clone()) {
+            // PostgreSQL 17's direct TLS: a ClientHello instead of an SSLRequest. (With
+            // client_tls disabled it is an invalid startup packet, as for PostgreSQL 16.)
+            ssl_asked = true;
+            start_tls(stream, config, &len, shared).await?;
+            if stream.alpn_protocol() != Some(ALPN) {
+                return Err(unsupported(
+                    "received direct TLS connection request without ALPN protocol negotiation extension \"postgresql\"".into(),
+                ));
+            }
+            continue;
+        }
+        match startup::read_packet_body(stream, len).await {
             Ok(StartupPacket::SslRequest) if !ssl_asked => {
                 ssl_asked = true;
-                stream.write_all(b"N").await?
+                let Some(config) = tls.config.clone() else {
+                    stream.send(b"N").await?;
+                    continue;
+                };
+                // Bytes sent with the SSLRequest were sent before encryption: a client
+                // waits for 'S' first, so they can only be injected (CVE-2021-23214).
+                if stream.has_input_now() {
+                    return Err(unsupported(
+                        "received unencrypted data after SSL request".into(),
+                    ));
+                }
+                stream.send(b"S").await?;
+                start_tls(stream, config, &[], shared).await?;
             }
             Ok(StartupPacket::GssEncRequest) if !gss_asked => {
                 gss_asked = true;
-                stream.write_all(b"N").await?
+                stream.send(b"N").await?
             }
             Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
                 return Err(unsupported(
@@ -264,13 +298,23 @@ async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Optio
                 return Ok(None);
             }
             Ok(StartupPacket::Startup(s)) => {
+                if tls.mode == ClientTlsMode::Require && !stream.is_tls() {
+                    return Err(End::Tell(
+                        ErrorFields::new(
+                            Severity::Fatal,
+                            "28000",
+                            "pgsluice requires TLS: this connection is not encrypted",
+                        )
+                        .with_hint("connect with sslmode=require (or verify-ca, verify-full)"),
+                    ));
+                }
                 let login = check_startup(&s, shared)?;
                 // Before authentication, as PostgreSQL does: the client learns at once
                 // that the session speaks protocol 3.0.
                 if let Some(options) = &login.negotiate {
                     let mut buf = BytesMut::new();
                     messages::negotiate_protocol_version(&mut buf, 0, options.clone());
-                    stream.write_all(&buf).await?;
+                    stream.send(&buf).await?;
                 }
                 auth::authenticate(stream, &shared.credentials.load(), &login.user)
                     .await
@@ -282,6 +326,8 @@ async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Optio
                             e.to_string(),
                         )),
                     })?;
+                // Whatever authentication wrote must reach the client before we wait.
+                stream.flush().await?;
                 return Ok(Some(login));
             }
             Err(StartupError::Io(_)) => return Err(End::Quiet),
@@ -294,6 +340,23 @@ async fn handshake(stream: &mut TcpStream, shared: &Arc<Shared>) -> Result<Optio
             }
         }
     }
+}
+
+/// The first byte of a TLS handshake record (a ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Runs the TLS handshake with a client; failures are logged and end the connection.
+async fn start_tls(
+    stream: &mut Stream,
+    config: Arc<rustls::ServerConfig>,
+    early: &[u8],
+    shared: &Shared,
+) -> Result<(), End> {
+    stream.accept_tls(config, early).await.map_err(|e| {
+        shared.metrics.error(ErrorKind::TlsHandshake);
+        tracing::info!(error = %e, "TLS handshake with client failed");
+        End::Quiet
+    })
 }
 
 fn unsupported(msg: String) -> End {
@@ -378,7 +441,7 @@ fn check_startup(s: &Startup, shared: &Shared) -> Result<Login, End> {
 /// Finishes login: AuthenticationOk, the server's parameters (with the client's own values
 /// for the ones it set), our BackendKeyData, ReadyForQuery.
 async fn welcome(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     shared: &Arc<Shared>,
     pool: PoolId,
     login: &Login,
@@ -413,7 +476,7 @@ async fn welcome(
     messages::backend_key_data(&mut buf, pid, secret);
     messages::ready_for_query(&mut buf, TransactionStatus::Idle);
     stream
-        .write_all(&buf)
+        .send(&buf)
         .await
         .map_err(|e| ErrorFields::new(Severity::Fatal, "08006", e.to_string()))
 }
@@ -691,14 +754,14 @@ impl Session {
                         hint: None,
                     }
                     .encode_notice(&mut buf);
-                    if self.client.stream.write_all(&buf).await.is_err() {
+                    if self.client.stream.send(&buf).await.is_err() {
                         return None;
                     }
                 }
                 r = self.client.stream.readable(), if room => {
                     r.ok()?;
                     self.client.buf.reserve(8192);
-                    match self.client.stream.try_read_buf(&mut self.client.buf) {
+                    match self.client.stream.read_some(&mut self.client.buf) {
                         Ok(0) => return None,
                         Ok(_) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -726,7 +789,7 @@ impl Session {
             match self.client.peek().map_err(End::Tell)? {
                 Peek::Ready(frontend::PARSE) if self.mode == PoolMode::Transaction => {
                     match self.client.answer_parse() {
-                        Some(reply) => self.client.stream.write_all(&reply).await?,
+                        Some(reply) => self.client.stream.send(&reply).await?,
                         None => return Ok(true),
                     }
                 }
@@ -737,7 +800,7 @@ impl Session {
                     if tag == frontend::SYNC {
                         let mut buf = BytesMut::new();
                         messages::ready_for_query(&mut buf, TransactionStatus::Idle);
-                        self.client.stream.write_all(&buf).await?;
+                        self.client.stream.send(&buf).await?;
                     }
                 }
                 Peek::NeedMore => {
@@ -777,7 +840,7 @@ impl Session {
         messages::ready_for_query(&mut buf, TransactionStatus::Idle);
         self.client
             .stream
-            .write_all(&buf)
+            .send(&buf)
             .await
             .map_err(|e| e.to_string())
     }

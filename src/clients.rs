@@ -77,6 +77,8 @@ pub struct Client {
     pub user: String,
     pub addr: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
+    /// TLS protocol and cipher suite, empty for plain TCP (SHOW CLIENTS `tls`).
+    pub tls: String,
     pub connect_time: SystemTime,
     /// The process id in the BackendKeyData pgsluice gave the client.
     pub pid: i32,
@@ -253,6 +255,7 @@ pub struct NewClient {
     pub user: String,
     pub addr: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
+    pub tls: String,
     pub pid: i32,
     pub app: AppSlot,
 }
@@ -292,6 +295,7 @@ impl Clients {
             user: c.user,
             addr: c.addr,
             local: c.local,
+            tls: c.tls,
             connect_time: SystemTime::now(),
             pid: c.pid,
             base: self.base,

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -188,6 +189,15 @@ pub struct Config {
     /// The fleet this proxy belongs to (`[fleet]`).
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// TLS between clients and pgsluice (`[client_tls]`).
+    #[serde(default)]
+    pub client_tls: crate::tls::ClientTlsConfig,
+    /// TLS between pgsluice and PostgreSQL (`[server_tls]`).
+    #[serde(default)]
+    pub server_tls: crate::tls::ServerTlsConfig,
+    /// The rustls configurations read from the TLS files when this configuration loaded.
+    #[serde(skip)]
+    pub tls: Arc<crate::tls::Contexts>,
     /// Client-facing database name → upstream.
     #[serde(default)]
     pub databases: BTreeMap<String, Database>,
@@ -368,6 +378,8 @@ pub struct PoolSettings {
     pub max_db_connections: u32,
     /// Cap on server connections for this user across pools (0: none).
     pub max_user_connections: u32,
+    /// TLS towards the upstream.
+    pub tls: crate::tls::UpstreamTls,
 }
 
 mod defaults {
@@ -720,6 +732,9 @@ impl Config {
             });
         }
         self.validate()?;
+        let tls = crate::tls::load(&self.client_tls, &self.server_tls)
+            .map_err(|(key, reason)| invalid(key, reason))?;
+        self.tls = Arc::new(tls);
         Ok(self)
     }
 
@@ -888,6 +903,7 @@ impl Config {
             max_user_connections: u
                 .and_then(|u| u.max_user_connections)
                 .unwrap_or(self.max_user_connections),
+            tls: self.tls.server.clone(),
         })
     }
 

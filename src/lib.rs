@@ -37,6 +37,8 @@ pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod sql;
+pub mod stream;
+pub mod tls;
 
 pub use app::run;
 pub use config::Config;

@@ -70,6 +70,21 @@ struct Cli {
     /// Users allowed on the admin console, comma-separated (quick mode: the upstream user).
     #[arg(long)]
     admin_users: Option<String>,
+    /// PEM certificate chain for TLS with clients (client_tls.cert_file).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<String>,
+    /// PEM private key for TLS with clients (client_tls.key_file).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<String>,
+    /// TLS with clients: disable, allow or require (client_tls.mode).
+    #[arg(long, value_name = "MODE")]
+    client_tls_mode: Option<String>,
+    /// TLS to PostgreSQL: disable, prefer, require, verify-ca or verify-full (server_tls.mode).
+    #[arg(long, value_name = "MODE")]
+    server_tls_mode: Option<String>,
+    /// PEM file of CA certificates the server's certificate must chain to (server_tls.ca_file).
+    #[arg(long, value_name = "FILE")]
+    server_tls_ca: Option<String>,
 }
 
 impl Cli {
@@ -94,6 +109,11 @@ impl Cli {
             ),
             ("metrics.listen", &self.metrics_listen),
             ("admin_users", &self.admin_users),
+            ("client_tls.cert_file", &self.tls_cert),
+            ("client_tls.key_file", &self.tls_key),
+            ("client_tls.mode", &self.client_tls_mode),
+            ("server_tls.mode", &self.server_tls_mode),
+            ("server_tls.ca_file", &self.server_tls_ca),
         ];
         pairs
             .into_iter()

@@ -73,10 +73,12 @@ pub enum ErrorKind {
     ServerConnect,
     /// A server connection broke while a client used it.
     ServerLost,
+    /// A client's TLS handshake failed.
+    TlsHandshake,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::LoginTimeout,
         ErrorKind::AuthFailed,
         ErrorKind::BadStartup,
@@ -90,6 +92,7 @@ impl ErrorKind {
         ErrorKind::BudgetUnknown,
         ErrorKind::ServerConnect,
         ErrorKind::ServerLost,
+        ErrorKind::TlsHandshake,
     ];
 
     /// `(kind, side)` label values.
@@ -108,6 +111,7 @@ impl ErrorKind {
             ErrorKind::BudgetUnknown => ("budget_unknown", "server"),
             ErrorKind::ServerConnect => ("connect_failed", "server"),
             ErrorKind::ServerLost => ("connection_lost", "server"),
+            ErrorKind::TlsHandshake => ("tls_handshake", "client"),
         }
     }
 

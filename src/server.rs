@@ -10,13 +10,15 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::PoolSettings;
 use crate::protocol::frame;
 use crate::protocol::messages::{self, CStrings, ErrorFields};
 use crate::protocol::{backend, TransactionStatus};
+use crate::stream::Stream;
+use crate::tls::ServerTlsMode;
 
 /// Largest message the proxy reads whole from a server outside the relay.
 const MAX_WHOLE_MESSAGE: usize = 1 << 20;
@@ -39,6 +41,8 @@ pub enum ServerError {
     UnsupportedAuth(String),
     #[error("server protocol error: {0}")]
     Protocol(String),
+    #[error("TLS with server {addr}: {reason}")]
+    Tls { addr: String, reason: String },
     /// A query the proxy ran itself failed.
     #[error("server query failed: {} ({})", .0.message, .0.code)]
     Query(ErrorFields),
@@ -75,7 +79,7 @@ pub struct ServerKey {
 /// One server connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read from the server and not yet passed on; kept to reuse its allocation.
     pub buf: BytesMut,
     /// Where the relay stands in the server's message stream.
@@ -95,8 +99,8 @@ pub struct ServerConn {
     pub id: u64,
 }
 
-async fn read_whole(
-    stream: &mut TcpStream,
+async fn read_whole<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<(u8, BytesMut), ServerError> {
     loop {
@@ -168,6 +172,8 @@ impl ServerConn {
             .with_interval(Duration::from_secs(10));
         socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
         let peer = stream.peer_addr()?;
+        let mut stream = Stream::from(stream);
+        negotiate_tls(&mut stream, settings, addr).await?;
         let mut conn = ServerConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
@@ -345,14 +351,62 @@ impl ServerConn {
     }
 
     /// Closes politely: Terminate if the socket takes it right away, then drop.
-    pub fn close(self) {
-        let _ = self.stream.try_write(&messages::TERMINATE);
+    pub fn close(mut self) {
+        self.stream.try_write_all_now(&messages::TERMINATE);
     }
 
     /// True when an idle connection looks alive: nothing to read and no EOF.
     pub fn looks_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.looks_idle()
+    }
+}
+
+/// Asks the server for TLS (SSLRequest) as `server_tls.mode` says, and starts it.
+async fn negotiate_tls(
+    stream: &mut Stream,
+    settings: &PoolSettings,
+    addr: &str,
+) -> Result<(), ServerError> {
+    let tls = &settings.tls;
+    let Some(config) = tls.config.clone() else {
+        return Ok(());
+    };
+    let failed = |reason: String| ServerError::Tls {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    stream.write_all(&request).await?;
+    // One byte exactly: anything the server sent after it belongs to the TLS handshake.
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let name = tls.name_for(&settings.host).map_err(&failed)?;
+            stream.connect_tls(config, name).await.map_err(|e| {
+                failed(match tls.mode {
+                    ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull => format!(
+                        "handshake failed: {e} (check server_tls.ca_file{})",
+                        if tls.mode == ServerTlsMode::VerifyFull {
+                            " and that the certificate names the host or server_tls.server_name"
+                        } else {
+                            ""
+                        }
+                    ),
+                    _ => format!("handshake failed: {e}"),
+                })
+            })
+        }
+        b'N' if tls.mode == ServerTlsMode::Prefer => Ok(()),
+        b'N' => Err(failed(format!(
+            "the server does not accept TLS, and server_tls.mode is {}",
+            tls.mode.as_str()
+        ))),
+        other => Err(ServerError::Protocol(format!(
+            "unexpected answer {:?} to SSLRequest",
+            other as char
+        ))),
     }
 }
 

@@ -269,6 +269,7 @@ fn resolve(args: &BudgetArgs) -> Result<(Option<Target>, Settings), String> {
             upstream_password: u.password,
             max_db_connections: 0,
             max_user_connections: 0,
+            tls: crate::tls::UpstreamTls::prefer(),
         };
         let target = Target {
             settings,

@@ -736,7 +736,7 @@ impl Pools {
                     database: p.settings.database.clone(),
                     user: p.settings.upstream_user.clone(),
                     addr: s.key.addr,
-                    local: s.stream.local_addr().ok(),
+                    local: s.stream.tcp().local_addr().ok(),
                     pid: s.key.pid,
                     connect_time: std::time::SystemTime::now() - s.created.elapsed(),
                     last_used: std::time::SystemTime::now() - s.last_used.elapsed(),

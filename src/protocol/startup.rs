@@ -53,6 +53,14 @@ pub async fn read_packet<S: AsyncRead + Unpin>(
 ) -> Result<StartupPacket, StartupError> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
+    read_packet_body(stream, len).await
+}
+
+/// Reads the rest of an untagged packet whose length word `len` was already read.
+pub async fn read_packet_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    len: [u8; 4],
+) -> Result<StartupPacket, StartupError> {
     let len = i32::from_be_bytes(len) as i64;
     if !(8..=MAX_STARTUP_PACKET as i64).contains(&len) {
         return Err(StartupError::BadLength(len));

@@ -174,31 +174,6 @@ fn would_block(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock
 }
 
-/// Reads what the socket holds into `buf`'s spare room. A read that leaves room unfilled has
-/// drained the socket, so it also clears the socket's readiness (as tokio's own `poll_read`
-/// does): the next wait then goes to epoll instead of to a `recv` that fails with EAGAIN, and
-/// an idle server's liveness check ([`ServerConn::looks_alive`]) costs no system call.
-pub(crate) fn read_some(
-    stream: &tokio::net::TcpStream,
-    buf: &mut bytes::BytesMut,
-) -> std::io::Result<usize> {
-    let mut got = 0;
-    let r = stream.try_io(tokio::io::Interest::READABLE, || {
-        let room = buf.capacity() - buf.len();
-        got = stream.try_read_buf(buf)?;
-        if got > 0 && got < room {
-            // Not an error: tells try_io to clear the readiness it saw.
-            Err(std::io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(got)
-        }
-    });
-    match r {
-        Err(e) if would_block(&e) && got > 0 => Ok(got),
-        r => r,
-    }
-}
-
 /// Relays until the transaction is over (transaction mode) or the client leaves; in session
 /// mode also until a drain finds the session between transactions.
 pub async fn transaction(
@@ -217,6 +192,23 @@ pub async fn transaction(
             Err(e) => return Outcome::ClientError(e, txn.leftover(client, server)),
         }
         replies::emit_due(&mut server.buf, &mut out, txn);
+        // TLS output rustls holds from an earlier write goes first.
+        if client.stream.wants_write() {
+            match client.stream.flush_tls() {
+                Err(e) if !would_block(&e) => {
+                    return Outcome::ClientGone(txn.leftover(client, server))
+                }
+                _ => {}
+            }
+        }
+        if server.stream.wants_write() {
+            match server.stream.flush_tls() {
+                Err(e) if !would_block(&e) => {
+                    return server_gone(client, server, out, e.to_string()).await
+                }
+                _ => {}
+            }
+        }
         // Write eagerly: most of the time the socket takes it all and no wait is needed.
         while out > 0 {
             match client.stream.try_write(&server.buf[..out]) {
@@ -243,7 +235,11 @@ pub async fn transaction(
         if client_closed {
             return Outcome::ClientGone(txn.leftover(client, server));
         }
-        let quiet = client.ready == 0 && client.pass == 0 && server.buf.is_empty();
+        let quiet = client.ready == 0
+            && client.pass == 0
+            && server.buf.is_empty()
+            && !client.stream.wants_write()
+            && !server.stream.wants_write();
         if txn.done() && quiet {
             return Outcome::Done;
         }
@@ -259,7 +255,7 @@ pub async fn transaction(
             r = server.stream.readable(), if read_server => {
                 if let Err(e) = r { return server_gone(client, server, out, e.to_string()).await }
                 server.buf.reserve(READ_CHUNK);
-                match read_some(&server.stream, &mut server.buf) {
+                match server.stream.read_some(&mut server.buf) {
                     Ok(0) => return server_gone(client, server, out, "server closed the connection".into()).await,
                     Ok(_) => {
                         match replies::process(&mut server.buf, out, &mut server.cursor, txn, &mut client.statements, &mut server.statements) {
@@ -274,17 +270,17 @@ pub async fn transaction(
             r = client.stream.readable(), if read_client => {
                 if r.is_err() { return Outcome::ClientGone(txn.leftover(client, server)) }
                 client.buf.reserve(READ_CHUNK);
-                match read_some(&client.stream, &mut client.buf) {
+                match client.stream.read_some(&mut client.buf) {
                     Ok(0) => return Outcome::ClientGone(txn.leftover(client, server)),
                     Ok(_) => {}
                     Err(e) if would_block(&e) => {}
                     Err(_) => return Outcome::ClientGone(txn.leftover(client, server)),
                 }
             }
-            r = client.stream.writable(), if out > 0 => {
+            r = client.stream.writable(), if out > 0 || client.stream.wants_write() => {
                 if r.is_err() { return Outcome::ClientGone(txn.leftover(client, server)) }
             }
-            r = server.stream.writable(), if client.ready > 0 => {
+            r = server.stream.writable(), if client.ready > 0 || server.stream.wants_write() => {
                 if let Err(e) = r { return server_gone(client, server, out, e.to_string()).await }
             }
             _ = stop.drain.cancelled(), if between => {}
@@ -305,7 +301,7 @@ async fn server_gone(
         || matches!(
             tokio::time::timeout(
                 std::time::Duration::from_secs(1),
-                tokio::io::AsyncWriteExt::write_all(&mut client.stream, &server.buf[..out]),
+                client.stream.send(&server.buf[..out]),
             )
             .await,
             Ok(Ok(()))

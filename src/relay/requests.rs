@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
+use crate::stream::Stream;
 use bytes::{Buf, BytesMut};
-use tokio::net::TcpStream;
 
 use super::replies::{splice, Reply, Synthetic, Undo};
 use super::{
@@ -31,7 +31,7 @@ const MAX_NAME: usize = 1024;
 /// The client side of a connection after login.
 #[derive(Debug)]
 pub struct ClientConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// `buf[..ready]` is scanned and ready for the server; the rest is not yet scanned.
     pub buf: BytesMut,
     pub ready: usize,
@@ -86,7 +86,7 @@ fn cstr(s: &[u8], limit: usize) -> Option<&[u8]> {
 
 impl ClientConn {
     pub fn new(
-        stream: TcpStream,
+        stream: Stream,
         max_query_size: usize,
         max_prepared: usize,
         known: Arc<KnownStatements>,

@@ -1,0 +1,416 @@
+//! A socket to a client or a server, plain TCP or TLS (rustls) over it.
+//!
+//! The relay drives sockets by readiness: wait for `readable`, then `read_some` until it would
+//! block; `try_write` until it would block, then wait for `writable`. [`Stream`] offers those
+//! calls for both kinds, so the relay has one path; on plain TCP they are the socket's own.
+//! With TLS, records are read and written with the same non-blocking socket calls, and rustls
+//! may hold output the socket did not take yet: [`Stream::wants_write`] says so, and the relay
+//! does not call a transaction done, nor wait only for input, while it does.
+//!
+//! Everything outside the relay (login, the proxy's own queries, error messages) uses the
+//! `AsyncRead`/`AsyncWrite` implementations.
+
+use std::io::{self, Read, Write};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A TLS session over the stream's socket.
+#[derive(Debug)]
+struct Tls {
+    conn: rustls::Connection,
+    /// Decrypted bytes waiting in rustls.
+    plain: usize,
+    /// The peer closed (close_notify or end of the TCP stream).
+    eof: bool,
+    /// Our close_notify is queued.
+    closing: bool,
+}
+
+/// A connection's socket, with TLS when negotiated.
+#[derive(Debug)]
+pub struct Stream {
+    tcp: TcpStream,
+    tls: Option<Box<Tls>>,
+}
+
+/// `io::Read` over a non-blocking tokio socket: `WouldBlock` clears its read readiness.
+struct TryRead<'a>(&'a TcpStream);
+
+impl Read for TryRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+/// `io::Write` over a non-blocking tokio socket: `WouldBlock` clears its write readiness.
+struct TryWrite<'a>(&'a TcpStream);
+
+impl Write for TryWrite<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl From<TcpStream> for Stream {
+    fn from(tcp: TcpStream) -> Self {
+        Stream { tcp, tls: None }
+    }
+}
+
+impl Stream {
+    /// The TCP socket underneath (addresses, socket options).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// `TLSv1_3/TLS13_AES_256_GCM_SHA384`-style description; empty for plain TCP.
+    pub fn tls_description(&self) -> String {
+        let Some(tls) = &self.tls else {
+            return String::new();
+        };
+        let version = tls
+            .conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default();
+        let suite = tls
+            .conn
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()))
+            .unwrap_or_default();
+        format!("{version}/{suite}")
+    }
+
+    /// The ALPN protocol the TLS peer agreed to, if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.tls.as_ref().and_then(|t| t.conn.alpn_protocol())
+    }
+
+    /// Starts TLS as the server side (towards a client). `early` holds bytes of the
+    /// ClientHello already read from the socket (direct TLS).
+    pub async fn accept_tls(
+        &mut self,
+        config: std::sync::Arc<rustls::ServerConfig>,
+        early: &[u8],
+    ) -> io::Result<()> {
+        let mut conn = rustls::ServerConnection::new(config).map_err(tls_error)?;
+        let mut early = early;
+        while !early.is_empty() {
+            conn.read_tls(&mut early)?;
+        }
+        self.start_tls(conn.into()).await
+    }
+
+    /// Starts TLS as the client side (towards a server).
+    pub async fn connect_tls(
+        &mut self,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<()> {
+        let conn = rustls::ClientConnection::new(config, name).map_err(tls_error)?;
+        self.start_tls(conn.into()).await
+    }
+
+    async fn start_tls(&mut self, conn: rustls::Connection) -> io::Result<()> {
+        self.tls = Some(Box::new(Tls {
+            conn,
+            plain: 0,
+            eof: false,
+            closing: false,
+        }));
+        loop {
+            let tls = self.tls.as_mut().expect("set above");
+            if tls.conn.wants_write() {
+                std::future::poll_fn(|cx| self.poll_flush_tls(cx)).await?;
+                continue;
+            }
+            if !tls.conn.is_handshaking() {
+                return Ok(());
+            }
+            self.tcp.readable().await?;
+            match self.pull_records() {
+                Ok(true) => {}
+                Ok(false) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads TLS records the socket holds and decrypts them. `Ok(false)` at end of stream.
+    fn pull_records(&mut self) -> io::Result<bool> {
+        let tls = self.tls.as_mut().expect("TLS stream");
+        let got = tls.conn.read_tls(&mut TryRead(&self.tcp))?;
+        let state = match tls.conn.process_new_packets() {
+            Ok(state) => state,
+            Err(e) => {
+                // Tell the peer why (an alert), as far as the socket takes it at once.
+                let _ = tls.conn.write_tls(&mut TryWrite(&self.tcp));
+                return Err(tls_error(e));
+            }
+        };
+        tls.plain = state.plaintext_bytes_to_read();
+        if got == 0 || state.peer_has_closed() {
+            tls.eof = true;
+        }
+        Ok(got > 0)
+    }
+
+    /// Decrypted bytes into `dst`: what rustls holds, else what the socket holds.
+    /// `WouldBlock` when there is nothing yet; `Ok(0)` at end of stream.
+    fn tls_read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        debug_assert!(!dst.is_empty());
+        loop {
+            let tls = self.tls.as_mut().expect("TLS stream");
+            if tls.plain > 0 {
+                let n = tls.conn.reader().read(dst)?;
+                tls.plain -= n.min(tls.plain);
+                return Ok(n);
+            }
+            if tls.eof {
+                return Ok(0);
+            }
+            self.pull_records()?;
+            // A key update or an alert may need an answer.
+            if self.wants_write() {
+                match self.flush_tls() {
+                    Err(e) if !would_block(&e) => return Err(e),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Reads what is available into `buf`'s spare room; `Ok(0)` at end of stream.
+    ///
+    /// Plain TCP: a read that leaves room unfilled has drained the socket, so it also clears
+    /// the socket's readiness (as tokio's own `poll_read` does): the next wait then goes to
+    /// epoll instead of to a `recv` that fails with EAGAIN, and an idle server's liveness
+    /// check costs no system call.
+    pub fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        if self.tls.is_some() {
+            let start = buf.len();
+            let room = buf.capacity() - start;
+            buf.resize(buf.capacity(), 0);
+            let r = self.tls_read(&mut buf[start..start + room]);
+            buf.truncate(start + *r.as_ref().unwrap_or(&0));
+            return r;
+        }
+        let tcp = &self.tcp;
+        let mut got = 0;
+        let r = tcp.try_io(Interest::READABLE, || {
+            let room = buf.capacity() - buf.len();
+            got = tcp.try_read_buf(buf)?;
+            if got > 0 && got < room {
+                // Not an error: tells try_io to clear the readiness it saw.
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(got)
+            }
+        });
+        match r {
+            Err(e) if would_block(&e) && got > 0 => Ok(got),
+            r => r,
+        }
+    }
+
+    /// Waits until [`Stream::read_some`] may have something (or an error or end of stream).
+    pub async fn readable(&self) -> io::Result<()> {
+        if let Some(tls) = &self.tls {
+            if tls.plain > 0 || tls.eof {
+                return Ok(());
+            }
+        }
+        self.tcp.readable().await
+    }
+
+    /// Waits until the socket may take more bytes.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.tcp.writable().await
+    }
+
+    /// Writes what the socket takes now. With TLS, bytes taken may still wait in rustls
+    /// (see [`Stream::wants_write`]); `WouldBlock` while earlier output is still waiting.
+    pub fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else {
+            return self.tcp.try_write(data);
+        };
+        if tls.conn.wants_write() {
+            self.flush_tls()?;
+        }
+        let tls = self.tls.as_mut().expect("TLS stream");
+        let n = tls.conn.writer().write(data)?;
+        match self.flush_tls() {
+            Err(e) if !would_block(&e) => Err(e),
+            _ if n == 0 && !data.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Ok(n),
+        }
+    }
+
+    /// Writes all of `data` and, with TLS, waits until rustls has passed it to the socket.
+    pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.write_all(data).await?;
+        if self.tls.is_some() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// True when TLS output waits for the socket.
+    #[inline]
+    pub fn wants_write(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.conn.wants_write())
+    }
+
+    /// Writes waiting TLS output; `WouldBlock` if the socket does not take all of it.
+    pub fn flush_tls(&mut self) -> io::Result<()> {
+        if let Some(tls) = self.tls.as_mut() {
+            while tls.conn.wants_write() {
+                tls.conn.write_tls(&mut TryWrite(&self.tcp))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_flush_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.flush_tls() {
+                Err(e) if would_block(&e) => ready!(self.tcp.poll_write_ready(cx))?,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    /// Writes `data` now if the socket takes it whole; best effort (closing messages).
+    pub fn try_write_all_now(&mut self, data: &[u8]) {
+        if let Some(tls) = self.tls.as_mut() {
+            if tls.conn.writer().write_all(data).is_ok() && !tls.closing {
+                tls.closing = true;
+                tls.conn.send_close_notify();
+            }
+            let _ = self.flush_tls();
+        } else {
+            let _ = self.tcp.try_write(data);
+        }
+    }
+
+    /// True when the socket holds input right now (one `recv` with MSG_PEEK).
+    pub fn has_input_now(&self) -> bool {
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
+        matches!(socket2::SockRef::from(&self.tcp).peek(&mut probe), Ok(n) if n > 0)
+    }
+
+    /// True when nothing arrived and the peer has not closed: what an idle server's socket
+    /// should look like. No system call unless the socket was flagged readable.
+    pub fn looks_idle(&self) -> bool {
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
+        let r = match &self.tls {
+            None => self.tcp.try_io(Interest::READABLE, || {
+                socket2::SockRef::from(&self.tcp).peek(&mut probe)
+            }),
+            Some(tls) if tls.plain > 0 || tls.eof => return false,
+            Some(_) => self.tcp.try_io(Interest::READABLE, || {
+                socket2::SockRef::from(&self.tcp).peek(&mut probe)
+            }),
+        };
+        matches!(r, Err(e) if would_block(&e))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.tls.is_none() {
+            return Pin::new(&mut this.tcp).poll_read(cx, buf);
+        }
+        // Output rustls still holds (the last message of a write_all) must leave before we
+        // wait for the answer to it.
+        if this.wants_write() {
+            match this.flush_tls() {
+                Err(e) if would_block(&e) => {
+                    if let Poll::Ready(Err(e)) = this.tcp.poll_write_ready(cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(()) => {}
+            }
+        }
+        loop {
+            match this.tls_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if would_block(&e) => ready!(this.tcp.poll_read_ready(cx))?,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.tls.is_none() {
+            return Pin::new(&mut this.tcp).poll_write(cx, data);
+        }
+        loop {
+            match this.try_write(data) {
+                Err(e) if would_block(&e) => ready!(this.tcp.poll_write_ready(cx))?,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.tls.is_none() {
+            return Pin::new(&mut this.tcp).poll_flush(cx);
+        }
+        this.poll_flush_tls(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(tls) = this.tls.as_mut() {
+            if !tls.closing {
+                tls.closing = true;
+                tls.conn.send_close_notify();
+            }
+            ready!(this.poll_flush_tls(cx))?;
+        }
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
