@@ -398,33 +398,92 @@ pub async fn session(
     }
 }
 
-/// Runs one console command; the reply without ReadyForQuery.
-async fn command(shared: &Arc<Shared>, sql: &str) -> Result<BytesMut, ErrorFields> {
+/// A console command as read from its text, before it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// An empty query (EmptyQueryResponse).
+    Empty,
+    /// `SHOW what` (`what` in lower case).
+    Show(String),
+    Pause(Option<&'a str>),
+    Resume(Option<&'a str>),
+    Shutdown,
+    ShutdownWaitForClients,
+    Reload,
+    /// `SET key ...` (`key` in lower case).
+    Set(String),
+}
+
+/// Reads a console command (the text of a simple Query). Commands that are not supported
+/// are errors here, before anything runs.
+pub fn parse_command(sql: &str) -> Result<Command<'_>, ErrorFields> {
     let text = sql.trim_end_matches(|c: char| c == ';' || c.is_whitespace());
     let words: Vec<&str> = text.split_whitespace().collect();
     let lower: Vec<String> = words.iter().map(|w| w.to_ascii_lowercase()).collect();
     let arg = |i: usize| words.get(i).map(|w| w.trim_matches('"'));
     let invalid = || error("42601", format!("invalid command '{sql}', use SHOW HELP;"));
-    match lower.first().map(String::as_str) {
-        None => {
+    Ok(match lower.first().map(String::as_str) {
+        None => Command::Empty,
+        Some("show") if words.len() == 2 => Command::Show(lower[1].clone()),
+        Some("show") => return Err(invalid()),
+        Some("pause") if words.len() <= 2 => Command::Pause(arg(1)),
+        Some("resume") if words.len() <= 2 => Command::Resume(arg(1)),
+        Some("shutdown") if words.len() == 1 => Command::Shutdown,
+        Some("shutdown") if words.len() == 2 && lower[1] == "wait_for_clients" => {
+            Command::ShutdownWaitForClients
+        }
+        Some("shutdown") if words.len() == 2 && lower[1] == "wait_for_servers" => {
+            return Err(
+                error("0A000", "SHUTDOWN WAIT_FOR_SERVERS is not supported yet")
+                    .with_hint("use SHUTDOWN WAIT_FOR_CLIENTS, or PAUSE then SHUTDOWN"),
+            )
+        }
+        Some("reload") if words.len() == 1 => Command::Reload,
+        Some("set") => {
+            let rest = text.trim_start()[3..].trim();
+            Command::Set(
+                rest.split(|c: char| c == '=' || c.is_whitespace())
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_lowercase(),
+            )
+        }
+        Some(
+            "disable" | "enable" | "kill" | "kill_client" | "reconnect" | "suspend" | "wait_close",
+        ) => {
+            return Err(error(
+                "0A000",
+                format!(
+                    "{} is not supported by pgsluice",
+                    words[0].to_ascii_uppercase()
+                ),
+            ))
+        }
+        _ => return Err(invalid()),
+    })
+}
+
+/// Runs one console command; the reply without ReadyForQuery.
+async fn command(shared: &Arc<Shared>, sql: &str) -> Result<BytesMut, ErrorFields> {
+    match parse_command(sql)? {
+        Command::Empty => {
             let mut out = BytesMut::new();
             // An empty query: EmptyQueryResponse.
             out.put_u8(b'I');
             out.put_i32(4);
             Ok(out)
         }
-        Some("show") if words.len() == 2 => show(shared, &lower[1]),
-        Some("show") => Err(invalid()),
-        Some("pause") if words.len() <= 2 => pause(shared, arg(1)).await,
-        Some("resume") if words.len() <= 2 => resume(shared, arg(1)),
-        Some("shutdown") if words.len() == 1 => {
+        Command::Show(what) => show(shared, &what),
+        Command::Pause(db) => pause(shared, db).await,
+        Command::Resume(db) => resume(shared, db),
+        Command::Shutdown => {
             tracing::info!("SHUTDOWN command issued");
             shared.console.request_shutdown();
             let mut out = BytesMut::new();
             command_complete(&mut out, "SHUTDOWN");
             Ok(out)
         }
-        Some("shutdown") if words.len() == 2 && lower[1] == "wait_for_clients" => {
+        Command::ShutdownWaitForClients => {
             tracing::info!("SHUTDOWN WAIT_FOR_CLIENTS command issued");
             shared.console.begin_drain();
             let s = shared.clone();
@@ -436,12 +495,7 @@ async fn command(shared: &Arc<Shared>, sql: &str) -> Result<BytesMut, ErrorField
             command_complete(&mut out, "SHUTDOWN");
             Ok(out)
         }
-        Some("shutdown") if words.len() == 2 && lower[1] == "wait_for_servers" => Err(error(
-            "0A000",
-            "SHUTDOWN WAIT_FOR_SERVERS is not supported yet",
-        )
-        .with_hint("use SHUTDOWN WAIT_FOR_CLIENTS, or PAUSE then SHUTDOWN")),
-        Some("reload") if words.len() == 1 => match crate::reload::reload(shared) {
+        Command::Reload => match crate::reload::reload(shared) {
             Ok(()) => {
                 let mut out = BytesMut::new();
                 command_complete(&mut out, "RELOAD");
@@ -453,17 +507,7 @@ async fn command(shared: &Arc<Shared>, sql: &str) -> Result<BytesMut, ErrorField
                 format!("RELOAD refused, the old configuration stays: {e}"),
             )),
         },
-        Some("set") => set(text),
-        Some(
-            "disable" | "enable" | "kill" | "kill_client" | "reconnect" | "suspend" | "wait_close",
-        ) => Err(error(
-            "0A000",
-            format!(
-                "{} is not supported by pgsluice",
-                words[0].to_ascii_uppercase()
-            ),
-        )),
-        _ => Err(invalid()),
+        Command::Set(key) => set(&key),
     }
 }
 
@@ -477,13 +521,7 @@ const FAKE_PARAMETERS: [(&str, &str); 6] = [
     ("extra_float_digits", "2"),
 ];
 
-fn set(text: &str) -> Result<BytesMut, ErrorFields> {
-    let rest = text[3..].trim();
-    let key = rest
-        .split(|c: char| c == '=' || c.is_whitespace())
-        .next()
-        .unwrap_or("")
-        .to_ascii_lowercase();
+fn set(key: &str) -> Result<BytesMut, ErrorFields> {
     if FAKE_PARAMETERS.iter().any(|(k, _)| *k == key) {
         let mut out = BytesMut::new();
         ErrorFields {

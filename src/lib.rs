@@ -26,6 +26,8 @@ pub mod client;
 pub mod clients;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod listener;
 pub mod metrics;

@@ -410,7 +410,7 @@ async fn negotiate_tls(
     }
 }
 
-fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
+pub(crate) fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
     let bad = || ServerError::Protocol("malformed DataRow".into());
     let n = i16::from_be_bytes(
         body.get(..2)

@@ -13,6 +13,8 @@
 //! for its Sync, no COPY is open, and the server reports status Idle. Only then may the
 //! server serve another client.
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod replies;
 mod requests;
 
@@ -170,6 +172,13 @@ impl Txn {
     }
 }
 
+/// Nothing is on its way in either direction: no client bytes held or owed to the server,
+/// no server bytes held, and the server's stream is between messages (a message that began
+/// after ReadyForQuery, say a FATAL error, belongs to this client and is relayed whole).
+fn quiet<S>(client: &ClientConn<S>, server_buf: &bytes::BytesMut, cursor: &Cursor) -> bool {
+    client.ready == 0 && client.pass == 0 && server_buf.is_empty() && cursor.at_boundary()
+}
+
 fn would_block(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock
 }
@@ -235,9 +244,7 @@ pub async fn transaction(
         if client_closed {
             return Outcome::ClientGone(txn.leftover(client, server));
         }
-        let quiet = client.ready == 0
-            && client.pass == 0
-            && server.buf.is_empty()
+        let quiet = quiet(client, &server.buf, &server.cursor)
             && !client.stream.wants_write()
             && !server.stream.wants_write();
         if txn.done() && quiet {

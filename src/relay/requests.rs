@@ -28,10 +28,12 @@ use crate::sql::{self, Deallocate, Refusal};
 /// Longest statement or portal name the proxy reads before a Bind's parameters.
 const MAX_NAME: usize = 1024;
 
-/// The client side of a connection after login.
+/// The client side of a connection after login. The scanning never touches `stream`; it
+/// is a type parameter only so that the fuzz targets ([`crate::fuzzing`]) can drive the
+/// scanning without a socket.
 #[derive(Debug)]
-pub struct ClientConn {
-    pub stream: Stream,
+pub struct ClientConn<S = Stream> {
+    pub stream: S,
     /// `buf[..ready]` is scanned and ready for the server; the rest is not yet scanned.
     pub buf: BytesMut,
     pub ready: usize,
@@ -79,18 +81,27 @@ fn refuse(r: Refusal) -> ErrorFields {
     ErrorFields::new(Severity::Fatal, "0A000", r.message()).with_hint(r.hint())
 }
 
+impl ClientConn {
+    /// Reads more bytes into the buffer; `Ok(false)` at end of stream.
+    pub async fn read_more(&mut self) -> std::io::Result<bool> {
+        use tokio::io::AsyncReadExt;
+        self.buf.reserve(READ_CHUNK);
+        Ok(self.stream.read_buf(&mut self.buf).await? > 0)
+    }
+}
+
 /// The C string at the start of `s`, if its terminator is within `limit` bytes.
 fn cstr(s: &[u8], limit: usize) -> Option<&[u8]> {
     memchr::memchr(0, &s[..s.len().min(limit + 1)]).map(|end| &s[..end])
 }
 
-impl ClientConn {
+impl<S> ClientConn<S> {
     pub fn new(
-        stream: Stream,
+        stream: S,
         max_query_size: usize,
         max_prepared: usize,
         known: Arc<KnownStatements>,
-    ) -> ClientConn {
+    ) -> ClientConn<S> {
         ClientConn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
@@ -100,13 +111,6 @@ impl ClientConn {
             max_prepared,
             statements: ClientStatements::new(known),
         }
-    }
-
-    /// Reads more bytes into the buffer; `Ok(false)` at end of stream.
-    pub async fn read_more(&mut self) -> std::io::Result<bool> {
-        use tokio::io::AsyncReadExt;
-        self.buf.reserve(READ_CHUNK);
-        Ok(self.stream.read_buf(&mut self.buf).await? > 0)
     }
 
     /// Looks at the first unscanned message while the client holds no server.
@@ -312,7 +316,11 @@ impl ClientConn {
                         return Ok(false);
                     }
                     let kind = self.buf.get(at + HEADER_LEN).copied();
-                    let name = cstr(&self.buf[at + HEADER_LEN + 1..at + total], MAX_NAME)
+                    // The kind byte, then the name: an empty body has neither.
+                    let name = self
+                        .buf
+                        .get(at + HEADER_LEN + 1..at + total)
+                        .and_then(|rest| cstr(rest, MAX_NAME))
                         .ok_or_else(|| violation("malformed Describe or Close message"))?
                         .to_vec();
                     let named_statement = kind == Some(b'S') && !name.is_empty();
@@ -587,5 +595,31 @@ impl ClientConn {
         splice(&mut self.buf, at, total, &msg);
         self.ready = at + msg.len();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::Txn;
+
+    fn client(max_prepared: usize) -> ClientConn<()> {
+        ClientConn::new((), 1 << 20, max_prepared, Arc::default())
+    }
+
+    /// Found by the relay fuzz target: a Describe or Close with an empty body (no kind
+    /// byte) panicked on a slice range in transaction mode with prepared statements on.
+    #[test]
+    fn describe_or_close_without_a_body_is_a_protocol_violation() {
+        for tag in [frontend::DESCRIBE, frontend::CLOSE] {
+            let mut c = client(10);
+            c.buf.extend_from_slice(&[tag, 0, 0, 0, 4]);
+            let mut txn = Txn::new(true);
+            let err = c
+                .scan(&mut txn, &mut ServerStatements::default())
+                .unwrap_err();
+            assert_eq!(err.code, "08P01");
+            assert_eq!(err.message, "malformed Describe or Close message");
+        }
     }
 }
