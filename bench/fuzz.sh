@@ -36,7 +36,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   exit 2
 fi
 mkdir -p "$WORK"
-nice -n "$NICE" cargo fuzz build --fuzz-dir tests/fuzz --sanitizer "$SANITIZER" $TARGETS || exit 2
+for t in $TARGETS; do
+  nice -n "$NICE" cargo fuzz build --fuzz-dir tests/fuzz --sanitizer "$SANITIZER" "$t" || exit 2
+done
 
 status=0
 SUMMARY="$WORK/summary.md"
