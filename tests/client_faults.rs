@@ -1,0 +1,319 @@
+//! Clients misbehave (catalogue §3 B): they vanish while queued, inside a transaction, in
+//! the middle of a query, a COPY or a pipeline; they never read a huge result; they log in
+//! one byte at a time. Nothing they started may commit, no server may be left busy or
+//! dirty, everyone else keeps being served; each test ends with the leak check.
+//!
+//! Covered elsewhere: a half-sent message that must not pin a server (scenario 19,
+//! tests/bad_input.rs `half_a_message_then_silence_does_not_pin_the_only_server`), a killed
+//! client's row locks (tests/pooling.rs `killed_client_releases_its_locks`).
+
+mod common;
+use std::time::{Duration, Instant};
+
+use common::wire::{self, Wire};
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+/// A proxy whose users log in without a password, for raw clients.
+async fn trust_app(name: &str, top: &str) -> Proxy {
+    app(name, &format!("auth_type = \"trust\"\n{top}")).await
+}
+
+fn gauge(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
+    common::leaks::Metrics::parse(
+        &String::from_utf8(pgsluice::metrics::scrape(&proxy.shared)).unwrap(),
+    )
+    .sum(name, labels)
+}
+
+/// Rows in the app's table `t`, read as the superuser (not counted as the proxy's).
+async fn rows(name: &str) -> i64 {
+    let admin = connect(&format!(
+        "host=127.0.0.1 port={} user=postgres password={} dbname={name}",
+        pg().port,
+        common::pg::SUPERUSER_PASSWORD
+    ))
+    .await;
+    admin
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Scenario 15: a client queued for the only server sends an INSERT and hangs up. The
+/// waiting gauge drops at once, the INSERT never runs, and the next client waiting gets
+/// the server.
+#[tokio::test]
+async fn client_gone_while_queued() {
+    let name = "cf_queued";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let setup = proxy.client(name).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    drop(setup);
+    let holder = proxy.client(name).await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let mut quitter = Wire::connect(proxy.addr.port(), name, name).await;
+    quitter
+        .send(&[wire::query("INSERT INTO t VALUES (1)")])
+        .await;
+    let waiting = || {
+        gauge(
+            &proxy,
+            "pgsluice_client_connections",
+            &[("state", "waiting")],
+        )
+    };
+    assert!(eventually(Duration::from_secs(3), || async { waiting() == 1.0 }).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(quitter);
+    assert!(
+        eventually(Duration::from_secs(1), || async { waiting() == 0.0 }).await,
+        "the waiting gauge drops when the client hangs up"
+    );
+    // A third client queues, then gets the server.
+    let third = proxy.client(name).await;
+    let next = tokio::spawn(async move {
+        let r = scalar(&third, "SELECT 42").await;
+        (r, third)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (r, third) = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r, "42");
+    assert_eq!(
+        rows(name).await,
+        0,
+        "the departed client's INSERT never ran"
+    );
+    drop((holder, third));
+    leaks.check().await;
+}
+
+/// Scenario 16: a client inside a transaction (with an INSERT done) hangs up. The INSERT is
+/// not committed; the server is rolled back and reused (same backend), never pooled dirty.
+#[tokio::test]
+async fn client_gone_mid_transaction() {
+    let name = "cf_midtxn";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let setup = proxy.client(name).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    let before = scalar(&setup, "SELECT pg_backend_pid()").await;
+    drop(setup);
+    for simple in [true, false] {
+        let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+        if simple {
+            let (tags, _) = w
+                .round(&[wire::query("BEGIN; INSERT INTO t VALUES (1)")])
+                .await;
+            assert!(!tags.contains('E'), "{tags}");
+        } else {
+            // Extended protocol, and the last batch not even synced.
+            let (tags, _) = w.round(&[wire::query("BEGIN")]).await;
+            assert!(!tags.contains('E'), "{tags}");
+            w.send(&[
+                wire::parse("", "INSERT INTO t VALUES (2)"),
+                wire::bind("", "", &[]),
+                wire::execute(""),
+                wire::flush(),
+            ])
+            .await;
+            for want in [b'1', b'2', b'C'] {
+                assert_eq!(w.recv().await.tag, want);
+            }
+        }
+        drop(w);
+        let c = proxy.client(name).await;
+        assert_eq!(
+            scalar(&c, "SELECT pg_backend_pid()").await,
+            before,
+            "the same server, rolled back and reused"
+        );
+        assert_eq!(scalar(&c, "SELECT count(*) FROM t").await, "0");
+        drop(c);
+    }
+    leaks.check().await;
+}
+
+/// Scenario 17: a client hangs up in the middle of a long query. Within a second the
+/// backend no longer runs it (the proxy cancels it and closes that server).
+#[tokio::test]
+async fn client_gone_mid_query() {
+    let name = "cf_midquery";
+    let proxy = trust_app(name, "pool_size = 2").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    w.send(&[wire::query("SELECT pg_sleep(60)")]).await;
+    let admin = pg().admin().await;
+    let running = || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert!(eventually(Duration::from_secs(5), || async { running().await == 1 }).await);
+    drop(w);
+    let left = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(1), || async { running().await == 0 }).await,
+        "the query still runs {:?} after its client left",
+        left.elapsed()
+    );
+    leaks.check().await;
+}
+
+/// Scenario 18 (and mid-COPY): fifty clients send an extended-protocol batch with no Sync
+/// (some with an error inside), or start COPY FROM STDIN and send half of it, then hang up.
+/// No backend is left waiting for the rest (`ClientRead`), none idle in a transaction, and
+/// nothing they sent is committed.
+#[tokio::test]
+async fn clients_gone_mid_pipeline_and_mid_copy() {
+    let name = "cf_pipeline";
+    let proxy = trust_app(name, "pool_size = 5\nquery_wait_timeout = \"30s\"").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let setup = proxy.client(name).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    drop(setup);
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let port = proxy.addr.port();
+        tasks.push(tokio::spawn(async move {
+            let mut w = Wire::connect(port, name, name).await;
+            match i % 3 {
+                0 => {
+                    w.send(&[
+                        wire::parse("", "INSERT INTO t VALUES ($1::int)"),
+                        wire::bind("", "", &["1"]),
+                        wire::execute(""),
+                    ])
+                    .await
+                }
+                1 => {
+                    w.send(&[
+                        wire::parse("", "SELEC broken"),
+                        wire::bind("", "", &[]),
+                        wire::execute(""),
+                        wire::flush(),
+                    ])
+                    .await;
+                    assert_eq!(w.recv().await.tag, b'E');
+                }
+                _ => {
+                    w.send(&[wire::query("COPY t FROM STDIN")]).await;
+                    assert_eq!(w.recv().await.tag, b'G');
+                    w.send(&[wire::tagged(b'd', b"1\n2\n")]).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(w);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(rows(name).await, 0);
+    leaks.check().await;
+}
+
+/// Scenario 20: a client asks for a 500 MB result and never reads it. The proxy's memory
+/// stays bounded (it stops reading the server when the client's socket is full), the other
+/// clients are served by the other server meanwhile, and when the client finally goes, its
+/// server is cancelled and closed. (Without a client write timeout the server stays with
+/// the silent client until then: see docs/reliability.md.)
+#[tokio::test]
+async fn client_that_never_reads_a_huge_result() {
+    let name = "cf_noread";
+    pg().create_app(name).await;
+    let proxy = ProxyProcess::start(&app_config(
+        pg(),
+        name,
+        "pool_size = 2\nauth_type = \"trust\"",
+    ))
+    .await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let pid = proxy.pid();
+    let rss_before = common::leaks::rss_kib(pid);
+    let mut w = Wire::connect(proxy.port, name, name).await;
+    w.send(&[wire::query(
+        "SELECT repeat('a', 1000000) FROM generate_series(1, 500)",
+    )])
+    .await;
+    // Others are served while the big result sits unread.
+    let other = proxy.client(name).await;
+    for i in 0..20 {
+        assert_eq!(scalar(&other, &format!("SELECT {i}")).await, i.to_string());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grown = common::leaks::rss_kib(pid).saturating_sub(rss_before);
+    assert!(
+        grown < 16 * 1024,
+        "the proxy grew by {grown} KiB holding an unread result"
+    );
+    drop(w);
+    drop(other);
+    leaks.check().await;
+}
+
+/// Scenario 21: 200 connections send their startup packet one byte every 100 ms
+/// (slowloris), with client_login_timeout 1 s. Each is closed about a second after it was
+/// accepted (the timeout runs from accept, not from the last byte); real clients log in
+/// meanwhile; afterwards nothing is left over.
+#[tokio::test]
+async fn slowloris_at_login() {
+    let name = "cf_slowloris";
+    let proxy = app(
+        name,
+        "client_login_timeout = \"1s\"\nmax_client_conn = 1000",
+    )
+    .await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let packet = wire::startup_packet(&[("user", name), ("database", name)]);
+    let mut attackers = Vec::new();
+    for _ in 0..200 {
+        let port = proxy.addr.port();
+        let packet = packet.clone();
+        attackers.push(tokio::spawn(async move {
+            let mut s = wire::raw_connect(port).await;
+            let opened = Instant::now();
+            for b in &packet {
+                if s.write_all(std::slice::from_ref(b)).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if opened.elapsed() > Duration::from_secs(4) {
+                    break;
+                }
+            }
+            // The proxy said why (login timeout, 08P01) and closed, about 1 s in.
+            let mut got = None;
+            if let Some(m) = wire::read_msg_within(&mut s, Duration::from_secs(5)).await {
+                got = m.code();
+            }
+            (got, opened.elapsed())
+        }));
+    }
+    // Real clients during the attack.
+    for _ in 0..5 {
+        let c = proxy.client(name).await;
+        assert_eq!(scalar(&c, "SELECT 1").await, "1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for a in attackers {
+        let (code, took) = a.await.unwrap();
+        assert!(
+            code.is_none() || code.as_deref() == Some("08P01"),
+            "{code:?}"
+        );
+        assert!(took < Duration::from_secs(4), "closed after {took:?}");
+    }
+    leaks.check().await;
+}
