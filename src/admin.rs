@@ -1145,6 +1145,16 @@ pub fn config_rows(c: &Config) -> Vec<(&'static str, String, &'static str)> {
             .into(),
             "scram-sha-256",
         ),
+        ("auth_file", c.auth_file.clone().unwrap_or_default(), ""),
+        ("auth_user", c.auth_user.clone().unwrap_or_default(), ""),
+        (
+            "auth_query",
+            c.auth_query.clone(),
+            crate::config::DEFAULT_AUTH_QUERY,
+        ),
+        ("auth_dbname", c.auth_dbname.clone().unwrap_or_default(), ""),
+        ("auth_query_cache_ttl", secs(c.auth_query_cache_ttl), "10"),
+        ("login_rate_limit", c.login_rate_limit.to_string(), "0"),
         ("max_query_size", c.max_query_size.to_string(), "33554432"),
         (
             "ignore_startup_parameters",

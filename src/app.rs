@@ -11,6 +11,8 @@ use tokio::net::TcpListener;
 use std::time::Instant;
 
 use crate::admin::Console;
+use crate::auth::query::AuthQuery;
+use crate::auth::rate_limit::LoginLimiter;
 use crate::auth::Credentials;
 use crate::budget::control;
 use crate::cancel::Cancels;
@@ -29,6 +31,10 @@ pub struct Shared {
     pub pools: Arc<Pools>,
     /// Who may log in; swapped whole by a reload.
     pub credentials: ArcSwap<Credentials>,
+    /// `auth_query` lookups of users not in the configuration.
+    pub auth_query: AuthQuery,
+    /// Failed logins per client address (`login_rate_limit`).
+    pub login_limiter: LoginLimiter,
     /// Where the configuration came from, to read it again on reload.
     pub source: ConfigSource,
     /// Background tasks (janitor, control connections, HTTP), stopped at the end.
@@ -51,11 +57,13 @@ impl Shared {
 
     /// State for a configuration loaded from `source`, which a reload reads again.
     pub fn with_source(config: Config, source: ConfigSource) -> Arc<Shared> {
-        let credentials = ArcSwap::from_pointee(Credentials::from_config(&config));
+        let credentials = ArcSwap::from_pointee(Credentials::from_config(&config, None));
         let metrics = Arc::new(Metrics::new(config.metrics.max_applications as usize));
         Arc::new(Shared {
             pools: Pools::new(Arc::new(config)),
             credentials,
+            auth_query: AuthQuery::default(),
+            login_limiter: LoginLimiter::default(),
             source,
             background: Mutex::new(Vec::new()),
             cancels: Arc::new(Cancels::default()),

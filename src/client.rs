@@ -2,11 +2,12 @@
 //! each transaction (transaction mode) or once for its whole connection (session mode).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -94,8 +95,12 @@ async fn fatal(stream: &mut Stream, e: &ErrorFields) {
 async fn serve(mut stream: Stream, shared: &Arc<Shared>) -> Result<(), String> {
     let config = shared.pools.config();
     let logging_in = shared.clients.logging_in();
-    let login =
-        tokio::time::timeout(config.client_login_timeout, handshake(&mut stream, shared)).await;
+    let peer = stream.tcp().peer_addr().ok().map(|a| a.ip());
+    let login = tokio::time::timeout(
+        config.client_login_timeout,
+        handshake(&mut stream, shared, peer),
+    )
+    .await;
     let login = match login {
         Err(_) => {
             shared.metrics.error(ErrorKind::LoginTimeout);
@@ -247,7 +252,11 @@ fn count_pool_error(
 /// Reads packets until a StartupMessage, starting TLS on SSLRequest (or a direct TLS
 /// handshake) when `client_tls` allows, answering GSSENCRequest with 'N' and forwarding a
 /// CancelRequest; then authenticates. `None` for a cancel connection.
-async fn handshake(stream: &mut Stream, shared: &Arc<Shared>) -> Result<Option<Login>, End> {
+async fn handshake(
+    stream: &mut Stream,
+    shared: &Arc<Shared>,
+    peer: Option<IpAddr>,
+) -> Result<Option<Login>, End> {
     let tls = shared.pools.config().tls.client.clone();
     // SSLRequest and GSSENCRequest may each come once before the startup packet.
     let (mut ssl_asked, mut gss_asked) = (false, false);
@@ -316,16 +325,7 @@ async fn handshake(stream: &mut Stream, shared: &Arc<Shared>) -> Result<Option<L
                     messages::negotiate_protocol_version(&mut buf, 0, options.clone());
                     stream.send(&buf).await?;
                 }
-                auth::authenticate(stream, &shared.credentials.load(), &login.user)
-                    .await
-                    .map_err(|e| match e {
-                        auth::AuthError::Io(_) => End::Quiet,
-                        e => End::Tell(ErrorFields::new(
-                            Severity::Fatal,
-                            e.sqlstate(),
-                            e.to_string(),
-                        )),
-                    })?;
+                authenticate(stream, shared, &login, peer).await?;
                 // Whatever authentication wrote must reach the client before we wait.
                 stream.flush().await?;
                 return Ok(Some(login));
@@ -357,6 +357,94 @@ async fn start_tls(
         tracing::info!(error = %e, "TLS handshake with client failed");
         End::Quiet
     })
+}
+
+/// Authenticates the client as `login.user`: refuses an address over `login_rate_limit`,
+/// finds the user's secret (the configuration, else `auth_query`), runs the exchange,
+/// counts a failure against the address, and keeps what passthrough learned.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    shared: &Arc<Shared>,
+    login: &Login,
+    peer: Option<IpAddr>,
+) -> Result<(), End> {
+    let config = shared.pools.config();
+    let limit = config.login_rate_limit;
+    if let Some(ip) = peer {
+        if let Some(wait) = shared.login_limiter.blocked(ip, limit, Instant::now()) {
+            shared.metrics.error(ErrorKind::LoginRateLimited);
+            tracing::debug!(address = %ip, "login refused: too many failed logins from this address (login_rate_limit)");
+            return Err(End::Tell(
+                ErrorFields::new(
+                    Severity::Fatal,
+                    "53300",
+                    format!(
+                        "too many failed logins from {ip}: try again in {} s",
+                        wait.as_secs().max(1)
+                    ),
+                )
+                .with_hint(format!(
+                    "pgsluice allows {limit} failed logins per client address per minute (login_rate_limit)"
+                )),
+            ));
+        }
+    }
+    let creds = shared.credentials.load_full();
+    let mut secret = creds.get(&login.user);
+    if secret.is_none() && config.auth_user.is_some() && !crate::admin::is_console(&login.database)
+    {
+        let (found, outcome) = shared
+            .auth_query
+            .lookup(&shared.pools, &login.database, &login.user)
+            .await;
+        shared.metrics.auth_lookup(outcome);
+        secret = found.map_err(|e| {
+            shared.metrics.error(ErrorKind::AuthLookup);
+            tracing::warn!(error = %e, "auth_query lookup failed");
+            End::Tell(
+                ErrorFields::new(
+                    Severity::Fatal,
+                    "08006",
+                    "pgsluice could not look up the password (auth_query failed)",
+                )
+                .with_hint("the reason is in pgsluice's log"),
+            )
+        })?;
+    }
+    drop(config);
+    match auth::authenticate(
+        stream,
+        secret.as_deref(),
+        creds.default_method(),
+        &login.user,
+    )
+    .await
+    {
+        Ok(learned) => {
+            if let Some(learned) = learned {
+                shared.pools.keys.learn(&login.user, learned);
+            }
+            Ok(())
+        }
+        Err(auth::AuthError::Io(_)) => Err(End::Quiet),
+        Err(e) => {
+            if matches!(
+                e,
+                auth::AuthError::Failed(_) | auth::AuthError::UnknownUser(_)
+            ) {
+                if let Some(ip) = peer {
+                    if shared.login_limiter.failed(ip, limit, Instant::now()) {
+                        tracing::warn!(address = %ip, limit, "too many failed logins from this address: its logins are refused for a minute (login_rate_limit)");
+                    }
+                }
+            }
+            Err(End::Tell(ErrorFields::new(
+                Severity::Fatal,
+                e.sqlstate(),
+                e.to_string(),
+            )))
+        }
+    }
 }
 
 fn unsupported(msg: String) -> End {

@@ -14,10 +14,17 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
+pub use crate::secrets::Password;
+
 /// Environment variables with this prefix override config keys.
 pub const ENV_PREFIX: &str = "PGSLUICE_";
 /// Environment variables with the prefix that are not config keys.
 const ENV_NOT_KEYS: [&str; 2] = ["PGSLUICE_CONFIG", "PGSLUICE_LOG"];
+
+/// PgBouncer's default `auth_query` (1.24.1 and later: an expired role gets no password),
+/// with every name and operator qualified by `pg_catalog` so that nothing on the lookup
+/// connection's `search_path` can stand in for them (CVE-2025-12819).
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil OPERATOR(pg_catalog.<) pg_catalog.now() THEN NULL ELSE rolpassword END FROM pg_catalog.pg_authid WHERE rolname OPERATOR(pg_catalog.=) $1 AND rolcanlogin";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -77,7 +84,7 @@ pub struct Config {
     pub listen: String,
     /// Quick mode: one upstream database as a URL `postgres://USER:PASSWORD@HOST:PORT/DBNAME`.
     #[serde(default)]
-    pub upstream: Option<String>,
+    pub upstream: Option<Password>,
     #[serde(default = "defaults::pool_mode")]
     pub pool_mode: PoolMode,
     /// Server connections per (database, user) pool.
@@ -144,6 +151,30 @@ pub struct Config {
     /// Default client authentication method.
     #[serde(default = "defaults::auth_type")]
     pub auth_type: AuthType,
+    /// A file of `"user" "password"` lines (PgBouncer's userlist.txt format).
+    #[serde(default)]
+    pub auth_file: Option<String>,
+    /// The user whose connection looks up unlisted users' passwords with `auth_query`.
+    #[serde(default)]
+    pub auth_user: Option<String>,
+    /// Password of `auth_user` (else its plain password in `[users]` or `auth_file`).
+    #[serde(default)]
+    pub auth_password: Option<Password>,
+    /// The lookup: `$1` is the user name; returns (name, SCRAM verifier or md5 hash).
+    #[serde(default = "defaults::auth_query")]
+    pub auth_query: String,
+    /// Database the lookup runs in; default: the database the client asked for.
+    #[serde(default)]
+    pub auth_dbname: Option<String>,
+    /// How long a lookup's answer (found or not) is reused.
+    #[serde(
+        default = "defaults::auth_query_cache_ttl",
+        deserialize_with = "de::duration"
+    )]
+    pub auth_query_cache_ttl: Duration,
+    /// Failed logins allowed per client address per minute (0: no limit).
+    #[serde(default, deserialize_with = "de::num")]
+    pub login_rate_limit: u32,
     /// Named statements each server connection keeps prepared in transaction mode (0: named
     /// statements are refused there).
     #[serde(
@@ -204,6 +235,9 @@ pub struct Config {
     /// Client user name → credentials and overrides.
     #[serde(default)]
     pub users: BTreeMap<String, User>,
+    /// Users and passwords read from `auth_file` (at each load).
+    #[serde(skip)]
+    pub auth_file_users: BTreeMap<String, Password>,
 }
 
 /// How the budget is set.
@@ -245,7 +279,7 @@ pub struct BudgetConfig {
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Password>,
     #[serde(default)]
     pub dbname: Option<String>,
 }
@@ -331,7 +365,7 @@ pub struct Database {
     pub user: Option<String>,
     /// Upstream password for `user` (or for the client's user).
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Password>,
     #[serde(default)]
     pub pool_mode: Option<PoolMode>,
     #[serde(default, deserialize_with = "de::opt_num")]
@@ -349,7 +383,7 @@ pub struct Database {
 pub struct User {
     /// Plain text, an md5 hash (`md5…`) or a SCRAM verifier (`SCRAM-SHA-256$…`).
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Password>,
     #[serde(default)]
     pub auth_type: Option<AuthType>,
     #[serde(default)]
@@ -373,7 +407,7 @@ pub struct PoolSettings {
     pub port: u16,
     pub upstream_dbname: String,
     pub upstream_user: String,
-    pub upstream_password: Option<String>,
+    pub upstream_password: Option<Password>,
     /// Cap on server connections to this database across pools (0: none).
     pub max_db_connections: u32,
     /// Cap on server connections for this user across pools (0: none).
@@ -425,6 +459,12 @@ mod defaults {
     }
     pub fn auth_type() -> AuthType {
         AuthType::ScramSha256
+    }
+    pub fn auth_query() -> String {
+        super::DEFAULT_AUTH_QUERY.into()
+    }
+    pub fn auth_query_cache_ttl() -> Duration {
+        Duration::from_secs(10)
     }
     pub fn max_prepared_statements() -> usize {
         200
@@ -564,7 +604,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     pub user: String,
-    pub password: Option<String>,
+    pub password: Option<Password>,
     pub host: String,
     pub port: u16,
     pub dbname: String,
@@ -586,7 +626,7 @@ impl UpstreamUrl {
         }
         let (userinfo, hostpart) = rest.rsplit_once('@').ok_or("needs USER@HOST")?;
         let (user, password) = match userinfo.split_once(':') {
-            Some((u, p)) => (percent_decode(u)?, Some(percent_decode(p)?)),
+            Some((u, p)) => (percent_decode(u)?, Some(Password::new(percent_decode(p)?))),
             None => (percent_decode(userinfo)?, None),
         };
         let (hostport, dbname) = hostpart.split_once('/').unwrap_or((hostpart, ""));
@@ -688,7 +728,8 @@ impl Config {
                     e.into_inner().to_string(),
                 )
             })?;
-        config.finish()
+        let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        config.finish(&lookup)
     }
 
     /// Parses a TOML text (no environment); for tests and `--check-config`.
@@ -701,13 +742,19 @@ impl Config {
             })?;
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| invalid(e.path().to_string(), e.into_inner().to_string()))?;
-        config.finish()
+        config.finish(&|name| std::env::var(name).ok())
     }
 
-    /// Folds quick mode into the tables and validates.
-    fn finish(mut self) -> Result<Config, ConfigError> {
+    /// Resolves `env:`/`file:` secrets, folds quick mode into the tables, reads `auth_file`
+    /// and validates.
+    fn finish(mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        self.resolve_secrets(env)?;
         if let Some(url) = &self.upstream {
-            let u = UpstreamUrl::parse(url).map_err(|r| invalid("upstream", r))?;
+            let mut u = UpstreamUrl::parse(url).map_err(|r| invalid("upstream", r))?;
+            if let Some(p) = &mut u.password {
+                p.resolve("upstream", env)
+                    .map_err(|e| invalid("upstream", e.trim_start_matches("upstream: ")))?;
+            }
             // Quick mode: the upstream user may use the admin console unless told otherwise.
             if self.admin_users.is_empty() {
                 self.admin_users.push(u.user.clone());
@@ -731,11 +778,80 @@ impl Config {
                 max_user_connections: None,
             });
         }
+        if let Some(path) = &self.auth_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("auth_file", format!("cannot read {path}: {e}")))?;
+            self.auth_file_users = crate::auth::auth_file::parse(&text)
+                .map_err(|e| invalid("auth_file", format!("{path}: {e}")))?;
+        }
         self.validate()?;
         let tls = crate::tls::load(&self.client_tls, &self.server_tls)
             .map_err(|(key, reason)| invalid(key, reason))?;
         self.tls = Arc::new(tls);
         Ok(self)
+    }
+
+    /// Replaces every `env:NAME` / `file:PATH` password by its value.
+    fn resolve_secrets(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let fail = |e: String| match e.split_once(": ") {
+            Some((key, reason)) => invalid(key, reason),
+            None => invalid("config", e),
+        };
+        if let Some(p) = &mut self.upstream {
+            p.resolve("upstream", env).map_err(fail)?;
+        }
+        if let Some(p) = &mut self.auth_password {
+            p.resolve("auth_password", env).map_err(fail)?;
+        }
+        if let Some(p) = &mut self.budget.password {
+            p.resolve("budget.password", env).map_err(fail)?;
+        }
+        for (name, db) in &mut self.databases {
+            if let Some(p) = &mut db.password {
+                p.resolve(&format!("databases.{name}.password"), env)
+                    .map_err(fail)?;
+            }
+        }
+        for (name, u) in &mut self.users {
+            if let Some(p) = &mut u.password {
+                p.resolve(&format!("users.{name}.password"), env)
+                    .map_err(fail)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The password a client user is checked against: `[users.NAME]`, else `auth_file`.
+    pub fn user_password(&self, user: &str) -> Option<&Password> {
+        self.users
+            .get(user)
+            .and_then(|u| u.password.as_ref())
+            .or_else(|| self.auth_file_users.get(user))
+            .filter(|p| !p.is_empty())
+    }
+
+    /// True when `user` is listed in `[users]` or `auth_file`.
+    pub fn lists_user(&self, user: &str) -> bool {
+        self.users.contains_key(user) || self.auth_file_users.contains_key(user)
+    }
+
+    /// Login settings of the `auth_query` lookup connection for client-facing database
+    /// `database` (its upstream server); `None` without `auth_user` or for an unknown database.
+    pub fn auth_query_settings(&self, database: &str) -> Option<PoolSettings> {
+        let auth_user = self.auth_user.as_ref()?;
+        let mut s = self.pool_settings(database, auth_user)?;
+        let db = &self.databases[database];
+        s.database = format!("auth_query ({}:{})", db.host, db.port);
+        s.upstream_user = auth_user.clone();
+        s.upstream_password = self.auth_password.clone().or_else(|| {
+            self.user_password(auth_user)
+                .filter(|p| is_plain_password(p))
+                .cloned()
+        });
+        if let Some(d) = &self.auth_dbname {
+            s.upstream_dbname = d.clone();
+        }
+        Some(s)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -745,10 +861,10 @@ impl Config {
                 "no database configured: add a [databases.NAME] table or set upstream",
             ));
         }
-        if self.users.is_empty() {
+        if self.users.is_empty() && self.auth_file_users.is_empty() && self.auth_user.is_none() {
             return Err(invalid(
                 "users",
-                "no user configured: add a [users.NAME] table or set upstream",
+                "no user configured: add a [users.NAME] table, set auth_file or auth_user, or set upstream",
             ));
         }
         if self.pool_size == 0 {
@@ -764,10 +880,45 @@ impl Config {
             return Err(invalid("max_query_size", "must be at least 1024 bytes"));
         }
         for admin in &self.admin_users {
-            if !self.users.contains_key(admin) {
+            if !self.lists_user(admin) {
                 return Err(invalid(
                     "admin_users",
-                    format!("{admin:?} is not a user: admin users log in with the password in [users.{admin}]"),
+                    format!("{admin:?} is not a user: admin users log in with the password in [users.{admin}] or auth_file"),
+                ));
+            }
+        }
+        if self.auth_user.is_some() && !self.auth_query.contains("$1") {
+            return Err(invalid(
+                "auth_query",
+                "must use $1 for the user name being looked up",
+            ));
+        }
+        if self.auth_user.as_deref() == Some("") {
+            return Err(invalid("auth_user", "must not be empty"));
+        }
+        for (name, pw) in &self.auth_file_users {
+            if self.users.get(name).is_some_and(|u| u.password.is_some()) {
+                return Err(invalid(
+                    format!("users.{name}.password"),
+                    "the user's password is also in auth_file: keep one of them",
+                ));
+            }
+            let method = self
+                .users
+                .get(name)
+                .and_then(|u| u.auth_type)
+                .unwrap_or(self.auth_type);
+            if method == AuthType::ScramSha256 && is_md5_hash(pw) {
+                return Err(invalid(
+                    "auth_file",
+                    format!("user {name:?}: an md5 hash cannot check SCRAM logins: give the plain password or a SCRAM verifier, or auth_type = \"md5\""),
+                ));
+            }
+            if pw.starts_with("SCRAM-SHA-256$") && crate::auth::scram::Verifier::parse(pw).is_none()
+            {
+                return Err(invalid(
+                    "auth_file",
+                    format!("user {name:?}: malformed SCRAM verifier (expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>)"),
                 ));
             }
         }
@@ -808,6 +959,7 @@ impl Config {
             ("client_login_timeout", self.client_login_timeout),
             ("server_connect_timeout", self.server_connect_timeout),
             ("server_cleanup_timeout", self.server_cleanup_timeout),
+            ("auth_query_cache_ttl", self.auth_query_cache_ttl),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be longer than 0"));
@@ -834,10 +986,8 @@ impl Config {
             let key = format!("users.{name}.password");
             match (auth, pw) {
                 (AuthType::Trust, _) => {}
-                (_, None) => return Err(invalid(key, "required unless auth_type is \"trust\"")),
-                (AuthType::Md5, Some(p)) if p.starts_with("SCRAM-SHA-256$") => {
-                    return Err(invalid(key, "a SCRAM verifier cannot check md5 logins: give the plain password or an md5 hash"))
-                }
+                (_, None) if self.auth_file_users.contains_key(name) || self.auth_user.is_some() => {}
+                (_, None) => return Err(invalid(key, "required unless auth_type is \"trust\", the user is in auth_file, or auth_user looks it up")),
                 (_, Some(p)) if p.starts_with("SCRAM-SHA-256$") && crate::auth::scram::Verifier::parse(p).is_none() => {
                     return Err(invalid(key, "malformed SCRAM verifier (expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>)"))
                 }
@@ -878,8 +1028,9 @@ impl Config {
             db.password.clone()
         } else {
             db.password.clone().or_else(|| {
-                u.and_then(|u| u.password.clone())
+                self.user_password(user)
                     .filter(|p| is_plain_password(p))
+                    .cloned()
             })
         };
         Some(PoolSettings {
@@ -919,14 +1070,20 @@ impl Config {
             (Some(u), _) | (None, Some(u)) => u.clone(),
             (None, None) => self
                 .users
-                .iter()
-                .find(|(_, u)| {
-                    db.password.is_some() || u.password.as_deref().is_some_and(is_plain_password)
+                .keys()
+                .chain(self.auth_file_users.keys())
+                .find(|n| {
+                    db.password.is_some()
+                        || self.user_password(n).is_some_and(|p| is_plain_password(p))
                 })
-                .map(|(n, _)| n.clone())?,
+                .or(self.auth_password.as_ref().and(self.auth_user.as_ref()))
+                .cloned()?,
         };
         let mut s = self.pool_settings(name, &user)?;
         s.database = format!("budget control ({host}:{port})");
+        if s.upstream_password.is_none() && self.auth_user.as_ref() == Some(&user) {
+            s.upstream_password = self.auth_password.clone();
+        }
         s.upstream_user = user;
         if let Some(p) = &b.password {
             s.upstream_password = Some(p.clone());
@@ -1106,6 +1263,143 @@ mod tests {
         assert!(err(&format!("[metrics]\nlisten = \"9127\"\n{MIN}")).starts_with("metrics.listen:"));
         assert!(err(&format!("[metrics]\nmax_applications = 0\n{MIN}"))
             .starts_with("metrics.max_applications:"));
+    }
+
+    #[test]
+    fn secrets_from_env_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "from-file\n").unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "auth_user = \"lookup\"\nauth_password = \"env:LOOKUP_PW\"\n[budget]\npassword = \"file:{p}\"\nuser = \"b\"\n[databases.app]\nhost = \"db\"\npassword = \"env:DB_PW\"\n[users.app]\npassword = \"file:{p}\"\n",
+                p = pw.display()
+            ),
+        )
+        .unwrap();
+        let env = vec![
+            ("DB_PW".to_owned(), "from-env".to_owned()),
+            ("LOOKUP_PW".to_owned(), "lookup-env".to_owned()),
+        ];
+        let c = Config::load_from(Some(&path), &env, &[]).unwrap();
+        assert_eq!(c.users["app"].password.as_deref(), Some("from-file"));
+        assert_eq!(c.databases["app"].password.as_deref(), Some("from-env"));
+        assert_eq!(c.budget.password.as_deref(), Some("from-file"));
+        assert_eq!(c.auth_password.as_deref(), Some("lookup-env"));
+        // A missing variable names the key, never a value.
+        let err = Config::load_from(Some(&path), &env[1..], &[])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "databases.app.password: environment variable DB_PW is not set"
+        );
+        // The environment may itself point a password at a secret.
+        let env = vec![
+            ("DB_PW".to_owned(), "x".to_owned()),
+            ("LOOKUP_PW".to_owned(), "y".to_owned()),
+            (
+                "PGSLUICE_USERS__APP__PASSWORD".to_owned(),
+                "env:APP_PW".to_owned(),
+            ),
+            ("APP_PW".to_owned(), "app-env".to_owned()),
+        ];
+        let c = Config::load_from(Some(&path), &env, &[]).unwrap();
+        assert_eq!(c.users["app"].password.as_deref(), Some("app-env"));
+        // Quick mode: the URL and its password.
+        let env = vec![(
+            "DATABASE_URL".to_owned(),
+            "postgres://u:p%40ss@h/d".to_owned(),
+        )];
+        let c = Config::load_from(None, &env, &[("upstream", "env:DATABASE_URL".into())]).unwrap();
+        assert_eq!(
+            c.pool_settings("d", "u")
+                .unwrap()
+                .upstream_password
+                .as_deref(),
+            Some("p@ss")
+        );
+        // Debug output never shows a password.
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("p@ss") && !debug.contains("p%40ss"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn auth_file_and_auth_query_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("userlist.txt");
+        std::fs::write(
+            &list,
+            "\"app\" \"pw\"\n\"ro\" \"md5ad1b1d8d3a4d4e8f9f1a2b3c4d5e6f70\"\n",
+        )
+        .unwrap();
+        let db = "[databases.app]\nhost = \"db\"\n";
+        let file = format!("auth_file = {:?}\n", list.display().to_string());
+        let md5_user = "[users.ro]\nauth_type = \"md5\"\n";
+        assert!(Config::from_toml(&format!("{file}{db}"))
+            .unwrap_err()
+            .to_string()
+            .contains("user \"ro\": an md5 hash cannot check SCRAM logins"));
+        let c =
+            Config::from_toml(&format!("{file}admin_users = [\"app\"]\n{db}{md5_user}")).unwrap();
+        assert_eq!(c.auth_file_users.len(), 2);
+        assert_eq!(
+            c.pool_settings("app", "app")
+                .unwrap()
+                .upstream_password
+                .as_deref(),
+            Some("pw")
+        );
+        assert_eq!(
+            c.pool_settings("app", "ro").unwrap().upstream_password,
+            None,
+            "a hash is no password"
+        );
+        assert_eq!(c.control_settings("db", 5432).unwrap().upstream_user, "app");
+        let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
+        assert!(err(&format!(
+            "{file}{db}{md5_user}[users.app]\npassword = \"x\"\n"
+        ))
+        .starts_with("users.app.password: the user's password is also in auth_file"));
+        assert!(err(&format!("auth_file = \"/nonexistent/userlist\"\n{db}"))
+            .starts_with("auth_file: cannot read /nonexistent/userlist"));
+        std::fs::write(&list, "app pw\n").unwrap();
+        assert!(err(&format!("{file}{db}")).contains("line 1: expected \"user\" \"password\""));
+        // auth_user alone is enough: users come from the lookup.
+        let c = Config::from_toml(&format!("auth_user = \"lookup\"\nauth_password = \"lp\"\nauth_dbname = \"postgres\"\n[budget]\nmode = \"fixed\"\nmax_server_connections = 5\n{db}")).unwrap();
+        let s = c.auth_query_settings("app").unwrap();
+        assert_eq!(
+            (s.upstream_user.as_str(), s.upstream_dbname.as_str()),
+            ("lookup", "postgres")
+        );
+        assert_eq!(s.upstream_password.as_deref(), Some("lp"));
+        assert!(c.auth_query_settings("other").is_none());
+        assert!(
+            c.auth_query.contains("pg_catalog.pg_authid") && c.auth_query.contains("rolvaliduntil")
+        );
+        // ... and gives the budget's control connection its login.
+        let c = Config::from_toml(&format!(
+            "auth_user = \"lookup\"\nauth_password = \"lp\"\n{db}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.control_settings("db", 5432).unwrap().upstream_user,
+            "lookup"
+        );
+        assert!(err(&format!(
+            "auth_user = \"l\"\nauth_query = \"SELECT 1\"\n{db}"
+        ))
+        .starts_with("auth_query: must use $1"));
+        assert!(err(&format!(
+            "auth_user = \"l\"\nauth_query_cache_ttl = \"0s\"\n{db}"
+        ))
+        .starts_with("auth_query_cache_ttl:"));
+        assert!(err(&format!("login_rate_limit = -1\n{MIN}")).starts_with("login_rate_limit:"));
     }
 
     /// Every file in `config/` parses, so the examples cannot rot.

@@ -12,7 +12,8 @@
 //! - [`prepared`]: named prepared statements under transaction pooling.
 //! - [`sql`]: statements that change session state, for transaction pooling.
 //! - [`cancel`]: CancelRequest routing.
-//! - [`config`]: the configuration file, environment and flags.
+//! - [`config`]: the configuration file, environment and flags; [`secrets`]: passwords
+//!   kept out of logs, given as `env:NAME` or `file:PATH`.
 //! - [`metrics`]: Prometheus metrics; [`http`]: `/metrics`, `/healthz`, `/readyz`;
 //!   [`clients`]: the registry of connected clients; [`admin`]: the admin console.
 //! - [`demo`]: `pgsluice demo`, and the throwaway PostgreSQL it (and the tests) start.
@@ -36,6 +37,7 @@ pub mod prepared;
 pub mod protocol;
 pub mod relay;
 pub mod reload;
+pub mod secrets;
 pub mod server;
 pub mod shutdown;
 pub mod sql;

@@ -147,6 +147,9 @@ enum Command {
     Demo(pgsluice::demo::DemoArgs),
     /// Print the live connection budget of a database; with --plan, check a fleet's plan.
     Budget(pgsluice::budget::report::BudgetArgs),
+    /// Print the SCRAM-SHA-256 verifier of a password read from standard input (for
+    /// auth_file or [users], and for ALTER ROLE … PASSWORD on the server: docs/authentication.md).
+    Verifier,
     /// Exit 0 when the proxy's HTTP endpoint answers 200 (for container health checks).
     Health {
         /// The URL to check.
@@ -170,6 +173,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         return pgsluice::demo::run(args);
+    }
+    if let Some(Command::Verifier) = &cli.command {
+        return verifier();
     }
     if let Some(Command::Health { url }) = &cli.command {
         return match health(url) {
@@ -290,6 +296,29 @@ async fn signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Reads a password from stdin (one trailing newline dropped) and prints its verifier.
+fn verifier() -> ExitCode {
+    use std::io::Read;
+    let mut text = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut text) {
+        eprintln!("pgsluice verifier: cannot read the password from standard input: {e}");
+        return ExitCode::from(2);
+    }
+    let password = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    if password.is_empty() {
+        eprintln!("pgsluice verifier: give the password on standard input, e.g. printf '%s' \"$PW\" | pgsluice verifier");
+        return ExitCode::from(2);
+    }
+    println!(
+        "{}",
+        postgres_protocol::password::scram_sha_256(password.as_bytes())
+    );
+    ExitCode::SUCCESS
 }
 
 /// A GET over plain HTTP/1.0 with a short timeout; Ok when the status is 200. Enough for a

@@ -75,10 +75,14 @@ pub enum ErrorKind {
     ServerLost,
     /// A client's TLS handshake failed.
     TlsHandshake,
+    /// A client address over `login_rate_limit` was refused.
+    LoginRateLimited,
+    /// An `auth_query` lookup failed (the server, the query or its answer).
+    AuthLookup,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::LoginTimeout,
         ErrorKind::AuthFailed,
         ErrorKind::BadStartup,
@@ -93,6 +97,8 @@ impl ErrorKind {
         ErrorKind::ServerConnect,
         ErrorKind::ServerLost,
         ErrorKind::TlsHandshake,
+        ErrorKind::LoginRateLimited,
+        ErrorKind::AuthLookup,
     ];
 
     /// `(kind, side)` label values.
@@ -112,6 +118,8 @@ impl ErrorKind {
             ErrorKind::ServerConnect => ("connect_failed", "server"),
             ErrorKind::ServerLost => ("connection_lost", "server"),
             ErrorKind::TlsHandshake => ("tls_handshake", "client"),
+            ErrorKind::LoginRateLimited => ("login_rate_limited", "client"),
+            ErrorKind::AuthLookup => ("auth_lookup_failed", "server"),
         }
     }
 
@@ -325,6 +333,8 @@ pub struct Metrics {
     budget_last_refresh: GaugeVec,
     errors: Vec<IntCounter>,
     client_logins: IntGauge,
+    auth_lookups: Vec<IntCounter>,
+    scram_derivations: IntCounter,
     pools: Mutex<HashMap<PoolId, Arc<PoolMetrics>>>,
     apps: Mutex<Apps>,
     /// One scrape at a time: a scrape sets gauges, then gathers.
@@ -565,6 +575,22 @@ impl Metrics {
                 errors_vec.with_label_values(&[kind, side])
             })
             .collect();
+        let lookups = b.counter(
+            "pgsluice_auth_query_lookups_total",
+            "Client logins whose password was looked up with auth_query, by result: cached, found, not_found, failed.",
+            &["result"],
+        );
+        let auth_lookups = crate::auth::query::Outcome::ALL
+            .iter()
+            .map(|o| lookups.with_label_values(&[o.label()]))
+            .collect();
+        let scram_derivations = b
+            .counter(
+                "pgsluice_scram_key_derivations_total",
+                "Salted passwords derived (PBKDF2) to log in to servers with SCRAM; once per password, salt and iteration count.",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]);
         let client_logins = b.add(
             IntGauge::with_opts(Opts::new(
                 "pgsluice_client_logins_in_progress",
@@ -621,6 +647,8 @@ impl Metrics {
             budget_last_refresh,
             errors,
             client_logins,
+            auth_lookups,
+            scram_derivations,
             pools: Mutex::new(HashMap::new()),
             apps: Mutex::new(Apps::default()),
             scrape: Mutex::new(()),
@@ -639,6 +667,15 @@ impl Metrics {
             .position(|k| *k == kind)
             .expect("every kind is listed");
         self.errors[i].inc();
+    }
+
+    /// Counts one `auth_query` lookup by how it was answered.
+    pub fn auth_lookup(&self, outcome: crate::auth::query::Outcome) {
+        let i = crate::auth::query::Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .expect("every outcome is listed");
+        self.auth_lookups[i].inc();
     }
 
     /// The handles of a pool (resolved on first use).
@@ -894,6 +931,11 @@ pub fn scrape(shared: &Shared) -> Vec<u8> {
             .set(s.last_refresh.map(unix_seconds).unwrap_or(0.0));
     }
     m.client_logins.set(shared.clients.login_count() as i64);
+    let derived = shared.pools.keys.derivations();
+    if derived > m.scram_derivations.get() {
+        m.scram_derivations
+            .inc_by(derived - m.scram_derivations.get());
+    }
     let mut out = Vec::with_capacity(16 * 1024);
     TextEncoder::new()
         .encode(&m.registry.gather(), &mut out)

@@ -42,14 +42,12 @@ fn restart_keys(c: &Config) -> Vec<(String, String)> {
         ("budget.mode".to_owned(), format!("{:?}", c.budget.mode())),
         ("fleet.name".to_owned(), c.fleet.name.clone()),
     ];
-    // An existing database's upstream: its servers and budget are tied to it.
+    // An existing database's upstream: its servers and budget are tied to it. (Its password
+    // may change: a rotated secret is used by the next server login.)
     for (name, db) in &c.databases {
-        let upstream = format!(
-            "{}:{}/{:?}/{:?}/{:?}",
-            db.host, db.port, db.dbname, db.user, db.password
-        );
+        let upstream = format!("{}:{}/{:?}/{:?}", db.host, db.port, db.dbname, db.user);
         keys.push((
-            format!("databases.{name} (host, port, dbname, user, password)"),
+            format!("databases.{name} (host, port, dbname, user)"),
             upstream,
         ));
     }
@@ -81,9 +79,9 @@ fn apply(shared: &Arc<Shared>) -> Result<(), String> {
         }
     }
     drop(old);
-    shared
-        .credentials
-        .store(Arc::new(Credentials::from_config(&new)));
+    let credentials = Credentials::from_config(&new, Some(&shared.credentials.load()));
+    shared.credentials.store(Arc::new(credentials));
+    shared.auth_query.clear();
     let created = shared.pools.reload(new);
     start_control(shared, &created);
     Ok(())

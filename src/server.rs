@@ -6,13 +6,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::auth::upstream::{UpstreamKeys, UpstreamLogin};
 use crate::config::PoolSettings;
 use crate::protocol::frame;
 use crate::protocol::messages::{self, CStrings, ErrorFields};
@@ -128,17 +127,19 @@ impl ServerConn {
     /// Opens and logs in a server connection for a pool.
     pub async fn connect(
         settings: &PoolSettings,
+        keys: &UpstreamKeys,
         pool: usize,
         id: u64,
         timeout: Duration,
     ) -> Result<ServerConn, ServerError> {
-        Self::connect_as(settings, "pgsluice", pool, id, timeout).await
+        Self::connect_as(settings, keys, "pgsluice", pool, id, timeout).await
     }
 
     /// [`ServerConn::connect`] with the session's `application_name` (control connections
     /// use it to say who they are).
     pub async fn connect_as(
         settings: &PoolSettings,
+        keys: &UpstreamKeys,
         application_name: &str,
         pool: usize,
         id: u64,
@@ -147,7 +148,7 @@ impl ServerConn {
         let addr = format!("{}:{}", settings.host, settings.port);
         tokio::time::timeout(
             timeout,
-            Self::connect_inner(settings, &addr, application_name, pool, id),
+            Self::connect_inner(settings, keys, &addr, application_name, pool, id),
         )
         .await
         .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
@@ -155,6 +156,7 @@ impl ServerConn {
 
     async fn connect_inner(
         settings: &PoolSettings,
+        keys: &UpstreamKeys,
         addr: &str,
         application_name: &str,
         pool: usize,
@@ -191,11 +193,16 @@ impl ServerConn {
             pool,
             id,
         };
-        conn.login(settings, application_name).await?;
+        conn.login(settings, keys, application_name).await?;
         Ok(conn)
     }
 
-    async fn login(&mut self, s: &PoolSettings, application_name: &str) -> Result<(), ServerError> {
+    async fn login(
+        &mut self,
+        s: &PoolSettings,
+        keys: &UpstreamKeys,
+        application_name: &str,
+    ) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
         let params = [
             ("user", s.upstream_user.as_str()),
@@ -204,12 +211,18 @@ impl ServerConn {
         ];
         frontend::startup_message(params.iter().copied(), &mut out).map_err(io_other)?;
         self.stream.write_all(&out).await?;
-        let password = || {
-            s.upstream_password
-                .as_deref()
-                .ok_or_else(|| ServerError::NoPassword(s.upstream_user.clone()))
+        // Without a password, what a client's own login taught (passthrough), for a pool
+        // that logs in as its client user.
+        let learned = match s.upstream_password {
+            None if s.upstream_user == s.user => keys.learned(&s.user),
+            _ => None,
         };
-        let mut scram: Option<ScramSha256> = None;
+        let mut auth = UpstreamLogin::new(
+            &s.upstream_user,
+            s.upstream_password.as_deref(),
+            learned,
+            keys,
+        );
         loop {
             let (tag, body) = read_whole(&mut self.stream, &mut self.buf).await?;
             let mut out = BytesMut::new();
@@ -219,60 +232,7 @@ impl ServerConn {
                         return Err(ServerError::Protocol("short authentication message".into()));
                     }
                     let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    let data = &body[4..];
-                    match code {
-                        0 => {}
-                        3 => frontend::password_message(password()?.as_bytes(), &mut out)
-                            .map_err(io_other)?,
-                        5 => {
-                            let salt: [u8; 4] = data
-                                .get(..4)
-                                .and_then(|s| s.try_into().ok())
-                                .ok_or_else(|| io_other("short md5 salt"))?;
-                            let hash =
-                                md5_hash(s.upstream_user.as_bytes(), password()?.as_bytes(), salt);
-                            frontend::password_message(hash.as_bytes(), &mut out)
-                                .map_err(io_other)?;
-                        }
-                        10 => {
-                            let mut mechs = CStrings(data);
-                            let mut found = false;
-                            while let Some(m) = mechs.next_str() {
-                                found |= m == b"SCRAM-SHA-256";
-                            }
-                            if !found {
-                                return Err(ServerError::UnsupportedAuth(
-                                    "SASL without SCRAM-SHA-256".into(),
-                                ));
-                            }
-                            let client = ScramSha256::new(
-                                password()?.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response(
-                                "SCRAM-SHA-256",
-                                client.message(),
-                                &mut out,
-                            )
-                            .map_err(io_other)?;
-                            scram = Some(client);
-                        }
-                        11 => {
-                            let client = scram
-                                .as_mut()
-                                .ok_or_else(|| io_other("unexpected SASLContinue"))?;
-                            client.update(data).map_err(io_other)?;
-                            frontend::sasl_response(client.message(), &mut out)
-                                .map_err(io_other)?;
-                        }
-                        12 => {
-                            let client = scram
-                                .as_mut()
-                                .ok_or_else(|| io_other("unexpected SASLFinal"))?;
-                            client.finish(data).map_err(io_other)?;
-                        }
-                        other => return Err(ServerError::UnsupportedAuth(format!("code {other}"))),
-                    }
+                    auth.answer(code, &body[4..], &mut out)?;
                     if !out.is_empty() {
                         self.stream.write_all(&out).await?;
                     }

@@ -770,3 +770,151 @@ async fn protocol_3_5_scram_login_completes() {
     assert!(seen_v, "NegotiateProtocolVersion seen");
     assert!(started.elapsed() < STEP);
 }
+
+// ---------------------------------------------------------------------------------------
+// Login hardening
+// ---------------------------------------------------------------------------------------
+
+fn metric(proxy: &Proxy, line_start: &str) -> f64 {
+    let text = String::from_utf8(pgsluice::metrics::scrape(&proxy.shared)).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {line_start}"))
+}
+
+#[tokio::test]
+async fn login_rate_limit_refuses_an_address_after_its_failures() {
+    let proxy = app("au_ratelimit", "login_rate_limit = 3").await;
+    let good = proxy.conn("au_ratelimit", "au_ratelimit-pw", "au_ratelimit");
+    let bad = proxy.conn("au_ratelimit", "guess", "au_ratelimit");
+    // Successful logins do not count.
+    for _ in 0..5 {
+        login(&good).await.unwrap();
+    }
+    for _ in 0..3 {
+        assert_eq!(code(&login_err(&bad).await), "28P01");
+    }
+    // The limit is reached: even the right password is refused, before any exchange.
+    let e = login_err(&good).await;
+    assert_eq!(code(&e), "53300", "{e}");
+    assert!(
+        message(&e).starts_with("too many failed logins from 127.0.0.1: try again in "),
+        "{}",
+        message(&e)
+    );
+    let mut s = raw_connect(&proxy).await;
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[("user", "au_ratelimit"), ("database", "au_ratelimit")],
+    ))
+    .await
+    .unwrap();
+    let f = expect_fatal(&mut s, "53300").await;
+    assert!(f[&'H'].contains("login_rate_limit"), "{f:?}");
+    assert_eq!(
+        metric(
+            &proxy,
+            "pgsluice_errors_total{kind=\"login_rate_limited\",side=\"client\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &proxy,
+            "pgsluice_errors_total{kind=\"auth_failed\",side=\"client\"}"
+        ),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn no_login_rate_limit_by_default() {
+    let proxy = app("au_nolimit", "").await;
+    let bad = proxy.conn("au_nolimit", "guess", "au_nolimit");
+    for _ in 0..8 {
+        assert_eq!(code(&login_err(&bad).await), "28P01");
+    }
+    assert_serves(&proxy, "au_nolimit").await;
+}
+
+/// PostgreSQL's cap: a startup packet of 10,000 bytes is read, one of 10,001 is refused as
+/// soon as its length is read.
+#[tokio::test]
+async fn startup_packets_are_capped_at_10000_bytes() {
+    let proxy = app(
+        "au_startcap",
+        "auth_type = \"trust\"\nignore_startup_parameters = [\"x_pad\"]",
+    )
+    .await;
+    let base = startup_packet(
+        3,
+        0,
+        &[
+            ("user", "au_startcap"),
+            ("database", "au_startcap"),
+            ("x_pad", ""),
+        ],
+    )
+    .len();
+    let pad = "p".repeat(10_000 - base);
+    let packet = startup_packet(
+        3,
+        0,
+        &[
+            ("user", "au_startcap"),
+            ("database", "au_startcap"),
+            ("x_pad", &pad),
+        ],
+    );
+    assert_eq!(packet.len(), 10_000);
+    let mut s = raw_connect(&proxy).await;
+    s.write_all(&packet).await.unwrap();
+    read_until_ready(&mut s).await;
+    drop(s);
+
+    let pad = "p".repeat(10_001 - base);
+    let packet = startup_packet(
+        3,
+        0,
+        &[
+            ("user", "au_startcap"),
+            ("database", "au_startcap"),
+            ("x_pad", &pad),
+        ],
+    );
+    let mut s = raw_connect(&proxy).await;
+    // Only the length: the proxy must not wait for (or allocate) the rest.
+    s.write_all(&packet[..4]).await.unwrap();
+    let f = expect_fatal(&mut s, "08P01").await;
+    assert!(f[&'M'].contains("length 10001 is out of range"), "{f:?}");
+}
+
+/// A client that stops halfway through the password exchange is closed at
+/// `client_login_timeout`, counted from its connect.
+#[tokio::test]
+async fn a_stalled_password_exchange_ends_at_client_login_timeout() {
+    let proxy = app("au_stall", "client_login_timeout = \"1s\"").await;
+    let started = Instant::now();
+    let mut s = raw_connect(&proxy).await;
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[("user", "au_stall"), ("database", "au_stall")],
+    ))
+    .await
+    .unwrap();
+    let m = expect_msg(&mut s).await;
+    assert_eq!(m.auth_code(), 10, "AuthenticationSASL");
+    // Never answer it.
+    let f = expect_fatal(&mut s, "08P01").await;
+    assert!(f[&'M'].contains("client_login_timeout"), "{f:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+    assert_serves(&proxy, "au_stall").await;
+}

@@ -1,11 +1,21 @@
 //! Client authentication: who may log in to the proxy, and how they prove it.
 //!
-//! Methods: `scram-sha-256` (default), `md5`, `trust`. Unknown users go through the same
-//! exchange as known ones and fail the same way, so a client cannot probe which users exist.
+//! Methods: `scram-sha-256` (default), `md5`, `trust`. The password a user is checked against
+//! comes from `[users.NAME]`, else `auth_file` ([`auth_file`]), else an `auth_query` lookup
+//! on the upstream ([`query`]). Unknown users go through the same exchange as known ones and
+//! fail the same way, so a client cannot probe which users exist. Every comparison of a
+//! password, proof or key is constant-time. When the proxy knows only a verifier or hash,
+//! a successful login teaches it how to log in upstream as that user ([`upstream`]).
 
+pub mod auth_file;
+pub mod query;
+pub mod rate_limit;
 pub mod scram;
+pub mod upstream;
 
 use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use md5::{Digest, Md5};
@@ -16,7 +26,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{is_md5_hash, is_plain_password, AuthType, Config};
 use crate::protocol::{frontend, messages};
+use crate::secrets::Password;
 use scram::Verifier;
+use upstream::{Learned, ScramKeys};
 
 /// Largest authentication message accepted (PostgreSQL's `PG_MAX_AUTH_TOKEN_LENGTH`).
 pub const MAX_AUTH_MESSAGE: usize = 65_535;
@@ -44,19 +56,28 @@ impl AuthError {
 }
 
 /// What the proxy knows to check one user's password.
-#[derive(Debug, Clone)]
-struct Secret {
+#[derive(Clone)]
+pub struct Secret {
     method: AuthType,
     scram: Option<Verifier>,
     /// `md5` + hex(md5(password + user)), as PostgreSQL stores it.
     md5: Option<String>,
+    /// The secret is a hash or verifier, not the password: a successful login teaches the
+    /// proxy how to log in upstream as the user (passthrough).
+    passthrough: bool,
+    /// What it was made from (to keep a derived verifier across reloads).
+    source: Option<Password>,
 }
 
-/// The users clients may log in as.
-#[derive(Debug, Clone, Default)]
-pub struct Credentials {
-    users: HashMap<String, Secret>,
-    default_method: Option<AuthType>,
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Secret")
+            .field("method", &self.method)
+            .field("scram", &self.scram.is_some())
+            .field("md5", &self.md5.is_some())
+            .field("passthrough", &self.passthrough)
+            .finish()
+    }
 }
 
 fn md5_hex(parts: &[&[u8]]) -> String {
@@ -67,67 +88,131 @@ fn md5_hex(parts: &[&[u8]]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+impl Secret {
+    /// A secret from a stored password (plain text, `md5…` hash or `SCRAM-SHA-256$…`
+    /// verifier; `None` for a trust user without one) checked with `method`. A plain-text
+    /// password is turned into what the method needs here, once (PBKDF2 for SCRAM).
+    pub fn new(user: &str, stored: Option<&Password>, method: AuthType) -> Secret {
+        let pw = stored.map(|p| p.expose()).filter(|p| !p.is_empty());
+        let plain = pw.is_some_and(is_plain_password);
+        let scram = match pw {
+            Some(p) if plain && method == AuthType::ScramSha256 => Some(Verifier::from_password(p)),
+            Some(p) if !plain => Verifier::parse(p),
+            _ => None,
+        };
+        let md5 = match pw {
+            Some(p) if is_md5_hash(p) => Some(p.to_ascii_lowercase()),
+            Some(p) if plain && method == AuthType::Md5 => {
+                Some(format!("md5{}", md5_hex(&[p.as_bytes(), user.as_bytes()])))
+            }
+            _ => None,
+        };
+        Secret {
+            method,
+            scram,
+            md5,
+            passthrough: pw.is_some() && !plain,
+            source: stored.cloned(),
+        }
+    }
+
+    /// True when the secret can check a password at all (else only `trust` lets it in).
+    pub fn usable(&self) -> bool {
+        self.scram.is_some() || self.md5.is_some()
+    }
+}
+
+/// The users listed in the configuration (`[users]` and `auth_file`) and their secrets.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    users: HashMap<String, Arc<Secret>>,
+    default_method: AuthType,
+}
+
+impl Default for Credentials {
+    fn default() -> Self {
+        Credentials {
+            users: HashMap::new(),
+            default_method: AuthType::ScramSha256,
+        }
+    }
+}
+
 impl Credentials {
-    /// Prepares verifiers from the config (plain passwords are hashed here, once).
-    pub fn from_config(config: &Config) -> Credentials {
+    /// Prepares each listed user's secret. A user whose password and method did not change
+    /// since `previous` keeps its secret, so a reload derives no verifier again.
+    pub fn from_config(config: &Config, previous: Option<&Credentials>) -> Credentials {
         let mut users = HashMap::new();
-        for (name, u) in &config.users {
-            let method = u.auth_type.unwrap_or(config.auth_type);
-            let pw = u.password.as_deref();
-            let scram = match (method, pw) {
-                (AuthType::ScramSha256, Some(p)) if is_plain_password(p) => {
-                    Some(Verifier::from_password(p))
-                }
-                (AuthType::ScramSha256, Some(p)) => Verifier::parse(p),
-                _ => None,
+        let names = config.users.keys().chain(config.auth_file_users.keys());
+        for name in names {
+            let method = config
+                .users
+                .get(name)
+                .and_then(|u| u.auth_type)
+                .unwrap_or(config.auth_type);
+            let stored = config.user_password(name);
+            if stored.is_none() && method != AuthType::Trust {
+                // Listed for its settings only: its password comes from auth_query.
+                continue;
+            }
+            let kept = previous
+                .and_then(|p| p.users.get(name))
+                .filter(|s| s.method == method && s.source.as_ref() == stored);
+            let secret = match kept {
+                Some(s) => s.clone(),
+                None => Arc::new(Secret::new(name, stored, method)),
             };
-            let md5 = match (method, pw) {
-                (AuthType::Md5, Some(p)) if is_md5_hash(p) => Some(p.to_owned()),
-                (AuthType::Md5, Some(p)) => {
-                    Some(format!("md5{}", md5_hex(&[p.as_bytes(), name.as_bytes()])))
-                }
-                _ => None,
-            };
-            users.insert(name.clone(), Secret { method, scram, md5 });
+            users.insert(name.clone(), secret);
         }
         Credentials {
             users,
-            default_method: Some(config.auth_type),
+            default_method: config.auth_type,
         }
+    }
+
+    /// The secret of a listed user.
+    pub fn get(&self, user: &str) -> Option<Arc<Secret>> {
+        self.users.get(user).cloned()
     }
 
     pub fn knows(&self, user: &str) -> bool {
         self.users.contains_key(user)
     }
+
+    /// The method for users with no secret of their own.
+    pub fn default_method(&self) -> AuthType {
+        self.default_method
+    }
 }
 
-/// Runs the authentication exchange for `user`; on success the caller sends AuthenticationOk.
+/// Runs the authentication exchange for `user` against `secret` (`None`: an unknown user,
+/// who gets the same exchange as a known one with `default_method` and fails). On success
+/// the caller sends AuthenticationOk; the result is what passthrough learned, if anything.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    creds: &Credentials,
+    secret: Option<&Secret>,
+    default_method: AuthType,
     user: &str,
-) -> Result<(), AuthError> {
-    let secret = creds.users.get(user);
-    let method = secret
-        .map(|s| s.method)
-        .or(creds.default_method)
-        .unwrap_or(AuthType::ScramSha256);
+) -> Result<Option<Learned>, AuthError> {
+    let method = secret.map(|s| s.method).unwrap_or(default_method);
+    let verifier = secret.and_then(|s| s.scram.as_ref());
+    let md5 = secret.and_then(|s| s.md5.as_deref());
+    let passthrough = secret.is_some_and(|s| s.passthrough);
     match method {
         AuthType::Trust => secret
-            .map(|_| ())
+            .map(|_| None)
             .ok_or_else(|| AuthError::UnknownUser(user.to_owned())),
-        AuthType::Md5 => md5_exchange(stream, secret.and_then(|s| s.md5.as_deref()), user).await,
-        AuthType::ScramSha256 => {
-            let verifier = secret.and_then(|s| s.scram.clone());
-            let known = verifier.is_some();
-            scram_exchange(stream, verifier.unwrap_or_else(Verifier::impossible), user).await?;
-            // Only reachable with a real verifier; kept explicit for clarity.
-            if known {
-                Ok(())
-            } else {
-                Err(AuthError::Failed(user.to_owned()))
-            }
+        // As PostgreSQL: md5 with a SCRAM verifier stored runs SCRAM.
+        AuthType::Md5 if md5.is_none() && verifier.is_some() => {
+            scram_exchange(stream, verifier.cloned(), user, passthrough).await
         }
+        AuthType::Md5 => {
+            md5_exchange(stream, md5, user).await?;
+            Ok(md5
+                .filter(|_| passthrough)
+                .map(|h| Learned::Md5(h.to_owned())))
+        }
+        AuthType::ScramSha256 => scram_exchange(stream, verifier.cloned(), user, passthrough).await,
     }
 }
 
@@ -169,12 +254,11 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     send(stream, buf).await?;
     let body = read_password_message(stream).await?;
     let given = body.strip_suffix(&[0]).unwrap_or(&body);
-    let stored = stored.unwrap_or("md5-no-such-user-00000000000000000");
-    let expected = format!(
-        "md5{}",
-        md5_hex(&[stored.as_bytes().get(3..).unwrap_or_default(), &salt])
-    );
-    if bool::from(given.ct_eq(expected.as_bytes())) && stored.len() == 35 {
+    // An unknown user is checked against a hash nothing matches, at the same cost.
+    let known = stored.is_some();
+    let stored = stored.unwrap_or("md500000000000000000000000000000000");
+    let expected = upstream::md5_answer(stored, salt);
+    if bool::from(given.ct_eq(expected.as_bytes())) && known {
         Ok(())
     } else {
         Err(AuthError::Failed(user.to_owned()))
@@ -183,9 +267,12 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
 
 async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    verifier: Verifier,
+    verifier: Option<Verifier>,
     user: &str,
-) -> Result<(), AuthError> {
+    passthrough: bool,
+) -> Result<Option<Learned>, AuthError> {
+    let known = verifier.is_some();
+    let verifier = verifier.unwrap_or_else(Verifier::impossible);
     let mut buf = BytesMut::new();
     messages::auth_sasl(&mut buf, &[scram::MECHANISM]);
     send(stream, buf).await?;
@@ -210,6 +297,11 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     if len < 0 || len as usize != rest.len() - 4 {
         return Err(AuthError::Protocol("malformed SASLInitialResponse".into()));
     }
+    let (salt, iterations, server_key) = (
+        verifier.salt.clone(),
+        verifier.iterations,
+        verifier.server_key,
+    );
     let (server_first, exchange) = scram::client_first(&rest[4..], verifier)
         .map_err(|e| AuthError::Protocol(e.to_string()))?;
     let mut buf = BytesMut::new();
@@ -217,11 +309,62 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     send(stream, buf).await?;
 
     let body = read_password_message(stream).await?;
-    let server_final = exchange.client_final(&body).map_err(|e| match e {
+    let (server_final, client_key) = exchange.client_final(&body).map_err(|e| match e {
         scram::ScramError::WrongPassword => AuthError::Failed(user.to_owned()),
         e => AuthError::Protocol(e.to_string()),
     })?;
+    if !known {
+        // Unreachable in practice: nothing matches the impossible verifier.
+        return Err(AuthError::Failed(user.to_owned()));
+    }
     let mut buf = BytesMut::new();
     messages::auth_sasl_final(&mut buf, server_final.as_bytes());
-    send(stream, buf).await
+    send(stream, buf).await?;
+    Ok(passthrough.then_some(Learned::Scram {
+        salt,
+        iterations,
+        keys: ScramKeys {
+            client_key,
+            server_key,
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_by_stored_form_and_method() {
+        let plain = Password::new("pw");
+        let s = Secret::new("u", Some(&plain), AuthType::ScramSha256);
+        assert!(s.scram.is_some() && s.md5.is_none() && !s.passthrough);
+        let s = Secret::new("u", Some(&plain), AuthType::Md5);
+        assert_eq!(
+            s.md5.as_deref(),
+            Some(postgres_protocol::password::md5(b"pw", "u").as_str())
+        );
+        let v = Password::new(postgres_protocol::password::scram_sha_256(b"pw"));
+        let s = Secret::new("u", Some(&v), AuthType::Md5);
+        assert!(s.scram.is_some() && s.md5.is_none() && s.passthrough);
+        let h = Password::new(
+            postgres_protocol::password::md5(b"pw", "u")
+                .to_uppercase()
+                .replacen("MD5", "md5", 1),
+        );
+        let s = Secret::new("u", Some(&h), AuthType::ScramSha256);
+        assert!(s.scram.is_none() && s.md5.is_some() && s.passthrough);
+        assert!(!Secret::new("u", None, AuthType::Trust).usable());
+        assert!(!Secret::new("u", Some(&Password::new("")), AuthType::ScramSha256).usable());
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let s = Secret::new("u", Some(&Password::new("hunter2")), AuthType::Md5);
+        let d = format!("{s:?}");
+        assert!(
+            !d.contains("hunter2") && !d.contains(s.md5.as_deref().unwrap()),
+            "{d}"
+        );
+    }
 }

@@ -25,12 +25,18 @@ pub enum ScramError {
 }
 
 /// What the proxy stores to check a password without knowing it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Verifier {
     pub iterations: u32,
     pub salt: Vec<u8>,
     pub stored_key: [u8; 32],
     pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Verifier(i={}, ***)", self.iterations)
+    }
 }
 
 impl Verifier {
@@ -142,8 +148,10 @@ pub fn client_first(message: &[u8], verifier: Verifier) -> Result<(String, Excha
 }
 
 impl Exchange {
-    /// Handles client-final-message; returns server-final-message when the proof is right.
-    pub fn client_final(self, message: &[u8]) -> Result<String, ScramError> {
+    /// Handles client-final-message; when the proof is right, returns server-final-message
+    /// and the ClientKey the proof revealed (`ClientProof XOR ClientSignature`), which lets
+    /// the proxy log in upstream as the client (passthrough).
+    pub fn client_final(self, message: &[u8]) -> Result<(String, [u8; 32]), ScramError> {
         let msg = std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = msg
             .rsplit_once(",p=")
@@ -175,13 +183,16 @@ impl Exchange {
             self.client_first_bare, self.server_first, without_proof
         );
         let signature = hmac(&self.verifier.stored_key, &[auth_message.as_bytes()]);
-        let client_key: Vec<u8> = proof.iter().zip(signature).map(|(p, s)| p ^ s).collect();
-        let stored: [u8; 32] = Sha256::digest(&client_key).into();
+        let mut client_key = [0u8; 32];
+        for (k, (p, s)) in client_key.iter_mut().zip(proof.iter().zip(signature)) {
+            *k = p ^ s;
+        }
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
         if !bool::from(stored.ct_eq(&self.verifier.stored_key)) {
             return Err(ScramError::WrongPassword);
         }
         let server_signature = hmac(&self.verifier.server_key, &[auth_message.as_bytes()]);
-        Ok(format!("v={}", B64.encode(server_signature)))
+        Ok((format!("v={}", B64.encode(server_signature)), client_key))
     }
 }
 
@@ -200,7 +211,7 @@ mod tests {
             .update(server_first.as_bytes())
             .expect("client accepts server-first");
         let fin = client.message().to_vec();
-        let server_final = ex.client_final(&fin)?;
+        let (server_final, _) = ex.client_final(&fin)?;
         client
             .finish(server_final.as_bytes())
             .expect("client verifies the server signature");
@@ -222,8 +233,8 @@ mod tests {
         let (sf, ex) = client_first(&client.message().to_vec(), Verifier::impossible()).unwrap();
         client.update(sf.as_bytes()).unwrap();
         assert_eq!(
-            ex.client_final(client.message()),
-            Err(ScramError::WrongPassword)
+            ex.client_final(client.message()).unwrap_err(),
+            ScramError::WrongPassword
         );
     }
 

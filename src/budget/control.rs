@@ -74,6 +74,7 @@ pub async fn run(pools: Arc<Pools>, budget: BudgetId, settings: PoolSettings) {
                 conn = Some(
                     ServerConn::connect_as(
                         &settings,
+                        &pools.keys,
                         &application_name,
                         usize::MAX,
                         0,

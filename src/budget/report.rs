@@ -337,7 +337,15 @@ fn read(target: &Target, settings: &Settings) -> Result<Live, String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let s = &target.settings;
     let result = runtime.block_on(async {
-        let mut conn = ServerConn::connect_as(s, APPLICATION_NAME, 0, 0, target.timeout).await?;
+        let mut conn = ServerConn::connect_as(
+            s,
+            &crate::auth::upstream::UpstreamKeys::default(),
+            APPLICATION_NAME,
+            0,
+            0,
+            target.timeout,
+        )
+        .await?;
         let live = tokio::time::timeout(target.timeout, read_live(&mut conn, settings))
             .await
             .map_err(|_| ServerError::ConnectTimeout(format!("{}:{} (query)", s.host, s.port)));

@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use crate::budget::Snapshot;
 use arc_swap::{ArcSwap, Guard};
 
+use crate::auth::upstream::UpstreamKeys;
 use crate::config::{BudgetMode, Config, PoolSettings};
 use crate::prepared::KnownStatements;
 use crate::server::{ServerConn, ServerError};
@@ -108,7 +109,17 @@ struct Budget {
     limit: Option<u32>,
     /// Control connections held against the budget (0 or 1).
     control: u32,
+    /// Other connections of the proxy's own counted against the budget: `auth_query`
+    /// lookup connections (see [`Pools::hold_auxiliary`]).
+    auxiliary: u32,
     snapshot: Snapshot,
+}
+
+impl Budget {
+    /// Connections counted against what the pools may hold.
+    fn used(&self) -> u32 {
+        self.open + self.auxiliary
+    }
 }
 
 #[derive(Debug, Default)]
@@ -151,7 +162,7 @@ impl State {
         let b = &self.budgets[p.budget];
         match b.limit {
             None => Some(Blocked::BudgetUnknown),
-            Some(l) if b.open >= l => Some(Blocked::Budget),
+            Some(l) if b.used() >= l => Some(Blocked::Budget),
             Some(_) => None,
         }
     }
@@ -262,6 +273,8 @@ pub struct Pools {
     /// The configuration, swapped whole by a reload.
     config: ArcSwap<Config>,
     next_id: AtomicU64,
+    /// Secrets for logging in upstream: cached salted passwords, passthrough keys.
+    pub keys: Arc<UpstreamKeys>,
 }
 
 impl Pools {
@@ -273,12 +286,14 @@ impl Pools {
             state: Mutex::new(State::default()),
             config: config.into(),
             next_id: AtomicU64::new(1),
+            keys: Arc::default(),
         });
         for db in pools.config.load().databases.values() {
             pools.budget_for(&db.host, db.port);
         }
-        for db in pools.config.load().databases.keys() {
-            for user in pools.config.load().users.keys() {
+        let config = pools.config.load();
+        for db in config.databases.keys() {
+            for user in config.users.keys().chain(config.auth_file_users.keys()) {
                 if pools
                     .config
                     .load()
@@ -311,6 +326,7 @@ impl Pools {
             open: 0,
             limit: fixed,
             control: 0,
+            auxiliary: 0,
             snapshot: Snapshot {
                 mode: if fixed.is_some() { "fixed" } else { "auto" },
                 limit: fixed.unwrap_or(0),
@@ -469,15 +485,16 @@ impl Pools {
             .iter()
             .map(|b| {
                 let mut s = b.snapshot.clone();
-                s.in_use = b.open + b.control;
+                s.in_use = b.open + b.control + b.auxiliary;
                 (b.upstream.clone(), s)
             })
             .collect()
     }
 
-    /// Server connections the pools of budget `b` hold now.
+    /// Server connections the pools of budget `b` hold now, with the proxy's own lookup
+    /// connections.
     pub fn budget_open(&self, b: BudgetId) -> u32 {
-        self.lock().budgets[b].open
+        self.lock().budgets[b].used()
     }
 
     /// Sets what the pools of budget `b` may hold (`None`: unknown) and its figures; closes
@@ -491,7 +508,7 @@ impl Pools {
             budget.control = control;
             budget.snapshot = snapshot;
             if let Some(l) = limit {
-                while st.budgets[b].open > l {
+                while st.budgets[b].used() > l {
                     match st.steal_idle(b, None) {
                         Some(server) => surplus.push(server),
                         None => break,
@@ -656,6 +673,7 @@ impl Pools {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let server = ServerConn::connect(
             &settings,
+            &self.keys,
             pool,
             id,
             self.config.load().server_connect_timeout,
@@ -690,7 +708,9 @@ impl Pools {
         let mut st = self.lock();
         let pool = server.pool;
         let b = st.pools[pool].budget;
-        let over = st.budgets[b].limit.is_some_and(|l| st.budgets[b].open > l);
+        let over = st.budgets[b]
+            .limit
+            .is_some_and(|l| st.budgets[b].used() > l);
         // Arrival order across pools: a client of another pool that has waited longer for
         // the budget gets the room (this server closes, it opens one).
         let own = st.pools[pool].waiters.front().map(|w| w.seq);
@@ -723,6 +743,34 @@ impl Pools {
         st.release(pool);
         let b = st.pools[pool].budget;
         st.grant_slots(b);
+    }
+
+    /// Counts one of the proxy's own connections to upstream `host:port` against its budget
+    /// until the guard is dropped. When the budget is full, an idle server of a pool is
+    /// closed to make room; when none is idle, the connection still opens (the budget is
+    /// then exceeded by it, rather than making logins wait for a busy pool).
+    pub fn hold_auxiliary(self: &Arc<Self>, host: &str, port: u16) -> Auxiliary {
+        let b = self.budget_for(host, port);
+        let victim = {
+            let mut st = self.lock();
+            let full = st.budgets[b]
+                .limit
+                .is_some_and(|l| st.budgets[b].used() >= l);
+            let victim = if full { st.steal_idle(b, None) } else { None };
+            st.budgets[b].auxiliary += 1;
+            victim
+        };
+        if let Some(server) = victim {
+            tracing::debug!(
+                server = server.id,
+                "closing an idle server to make room for an auth_query connection"
+            );
+            server.close();
+        }
+        Auxiliary {
+            pools: self.clone(),
+            budget: b,
+        }
     }
 
     /// The idle servers of every pool, for SHOW SERVERS.
@@ -898,6 +946,22 @@ impl Drop for SlotGuard<'_> {
             let b = st.pools[self.pool].budget;
             st.grant_slots(b);
         }
+    }
+}
+
+/// One of the proxy's own connections counted against a budget (see
+/// [`Pools::hold_auxiliary`]); dropping it uncounts the connection.
+#[derive(Debug)]
+pub struct Auxiliary {
+    pools: Arc<Pools>,
+    budget: BudgetId,
+}
+
+impl Drop for Auxiliary {
+    fn drop(&mut self) {
+        let mut st = self.pools.lock();
+        st.budgets[self.budget].auxiliary -= 1;
+        st.grant_slots(self.budget);
     }
 }
 
