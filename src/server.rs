@@ -246,7 +246,15 @@ impl ServerConn {
                         ));
                     }
                 }
-                backend::BACKEND_KEY_DATA if body.len() >= 8 => {
+                backend::BACKEND_KEY_DATA => {
+                    // Protocol 3.0 (what pgsluice asks for): a 4-byte process id and a
+                    // 4-byte key, nothing else.
+                    if body.len() != 8 {
+                        return Err(ServerError::Protocol(format!(
+                            "BackendKeyData of {} bytes under protocol 3.0",
+                            body.len()
+                        )));
+                    }
                     self.key.pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
                     self.key.secret = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
                 }
