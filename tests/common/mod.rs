@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod fake_pg;
 pub mod fault;
 pub mod leaks;
 pub mod pg;
