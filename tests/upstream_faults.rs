@@ -746,15 +746,25 @@ async fn hung_backend_holds_only_its_own_client() {
     leaks.check().await;
 }
 
-/// Scenario 10: the upstream password is rotated while the proxy runs. Pooled servers keep
-/// working; a new server login fails with 28P01 at once (no retry loop); once the
-/// password is right again, new servers log in with no restart.
+/// Scenario 10: the upstream password is rotated while the proxy runs (the Secrets Manager
+/// case). Pooled servers keep working; a new server login fails with 28P01 at once (no
+/// retry loop); once the new secret is in the configuration and it is reloaded, new
+/// servers log in again with no restart.
 #[tokio::test]
 async fn credential_rotation() {
     let name = "uf_rotate";
     let pg = pg();
     pg.create_app(name).await;
-    let proxy = Proxy::start(&app_config(pg, name, "pool_size = 3")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    let config = |password: &str| {
+        format!(
+            "pool_size = 3\n[budget]\nmax_server_connections = 10\n[databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\npassword = \"{password}\"\n[users.{name}]\npassword = \"{name}-pw\"\n",
+            pg.port
+        )
+    };
+    std::fs::write(&path, config(&format!("{name}-pw"))).unwrap();
+    let proxy = Proxy::start_file(&path).await;
     let leaks = Leaks::new(&proxy, name).await;
     let a = proxy.client(name).await;
     let b = proxy.client(name).await;
@@ -773,17 +783,14 @@ async fn credential_rotation() {
     assert_eq!(code(&e), "28P01", "{e}");
     assert!(started.elapsed() < Duration::from_secs(2));
     a.batch_execute("COMMIT").await.unwrap();
-    // The password is set back (a reload cannot change an upstream password yet: see
-    // docs/reliability.md): the next server logs in, with no restart and no lingering ban.
-    admin
-        .batch_execute(&format!("ALTER ROLE {name} PASSWORD '{name}-pw'"))
-        .await
-        .unwrap();
+    // The new secret arrives; a reload picks it up.
+    std::fs::write(&path, config("rotated-pw")).unwrap();
+    pgsluice::reload::reload(&proxy.shared).expect("reload");
     a.batch_execute("BEGIN").await.unwrap();
     assert_eq!(
         scalar(&b, "SELECT 3").await,
         "3",
-        "a new server logs in again"
+        "a new server with the new password"
     );
     a.batch_execute("COMMIT").await.unwrap();
     drop((a, b));
