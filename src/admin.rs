@@ -407,6 +407,8 @@ pub enum Command<'a> {
     Show(String),
     Pause(Option<&'a str>),
     Resume(Option<&'a str>),
+    Reconnect(Option<&'a str>),
+    WaitClose(Option<&'a str>),
     Shutdown,
     ShutdownWaitForClients,
     Reload,
@@ -428,6 +430,8 @@ pub fn parse_command(sql: &str) -> Result<Command<'_>, ErrorFields> {
         Some("show") => return Err(invalid()),
         Some("pause") if words.len() <= 2 => Command::Pause(arg(1)),
         Some("resume") if words.len() <= 2 => Command::Resume(arg(1)),
+        Some("reconnect") if words.len() <= 2 => Command::Reconnect(arg(1)),
+        Some("wait_close") if words.len() <= 2 => Command::WaitClose(arg(1)),
         Some("shutdown") if words.len() == 1 => Command::Shutdown,
         Some("shutdown") if words.len() == 2 && lower[1] == "wait_for_clients" => {
             Command::ShutdownWaitForClients
@@ -448,9 +452,7 @@ pub fn parse_command(sql: &str) -> Result<Command<'_>, ErrorFields> {
                     .to_ascii_lowercase(),
             )
         }
-        Some(
-            "disable" | "enable" | "kill" | "kill_client" | "reconnect" | "suspend" | "wait_close",
-        ) => {
+        Some("disable" | "enable" | "kill" | "kill_client" | "suspend") => {
             return Err(error(
                 "0A000",
                 format!(
@@ -476,6 +478,8 @@ async fn command(shared: &Arc<Shared>, sql: &str) -> Result<BytesMut, ErrorField
         Command::Show(what) => show(shared, &what),
         Command::Pause(db) => pause(shared, db).await,
         Command::Resume(db) => resume(shared, db),
+        Command::Reconnect(db) => reconnect(shared, db),
+        Command::WaitClose(db) => wait_close(shared, db).await,
         Command::Shutdown => {
             tracing::info!("SHUTDOWN command issued");
             shared.console.request_shutdown();
@@ -583,6 +587,52 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
     Ok(out)
 }
 
+/// `db` names a configured database (or is `None`: all of them).
+fn known_database(shared: &Shared, db: Option<&str>, verb: &str) -> Result<(), ErrorFields> {
+    match db {
+        Some(d) if is_console(d) => Err(error("55000", format!("cannot {verb} admin db: {d}"))),
+        Some(d) if !shared.pools.config().databases.contains_key(d) => {
+            Err(error("3D000", format!("no such database: {d}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// RECONNECT [db]: idle servers close now, the others when their client releases them, so
+/// that new ones connect again (and pick up a new endpoint). Answers at once.
+fn reconnect(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFields> {
+    known_database(shared, db, "reconnect")?;
+    let closed = shared.pools.reconnect(db);
+    tracing::info!(
+        database = db.unwrap_or("(all)"),
+        idle_closed = closed,
+        "RECONNECT command issued: servers close as they become idle"
+    );
+    let mut out = BytesMut::new();
+    command_complete(&mut out, "RECONNECT");
+    Ok(out)
+}
+
+/// WAIT_CLOSE [db]: answers once no client of the database holds a server a RECONNECT
+/// marked for closing.
+async fn wait_close(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFields> {
+    known_database(shared, db, "wait for")?;
+    loop {
+        let pending = shared.clients.all().iter().any(|c| {
+            db.is_none_or(|d| c.database == d)
+                && c.server()
+                    .is_some_and(|s| shared.pools.close_needed(c.pool, s.id))
+        });
+        if !pending {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = BytesMut::new();
+    command_complete(&mut out, "WAIT_CLOSE");
+    Ok(out)
+}
+
 fn resume(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFields> {
     {
         let mut p = lock(&shared.console.paused);
@@ -680,6 +730,9 @@ fn help() -> BytesMut {
              \tSHOW APPLICATIONS|BUDGET\n\
              \tPAUSE [<db>]\n\
              \tRESUME [<db>]\n\
+             \tRECONNECT [<db>]\n\
+             \tWAIT_CLOSE [<db>]\n\
+             \tRELOAD\n\
              \tSHUTDOWN\n\
              \tSHUTDOWN WAIT_FOR_CLIENTS"
                 .into(),
@@ -939,7 +992,7 @@ fn show_servers(shared: &Shared) -> Table {
             c.request_time().map(format_time).into(),
             0i64.into(),
             0i64.into(),
-            0i64.into(),
+            i64::from(shared.pools.close_needed(c.pool, s.id)).into(),
             server_ptr(s.id).into(),
             client_ptr(c.id).into(),
             (s.pid as i64).into(),
@@ -1134,6 +1187,12 @@ pub fn config_rows(c: &Config) -> Vec<(&'static str, String, &'static str)> {
             "server_reset_query",
             c.server_reset_query.clone(),
             "DISCARD ALL",
+        ),
+        ("server_check_delay", secs(c.server_check_delay), "30"),
+        (
+            "server_check_query",
+            c.server_check_query.clone(),
+            "select 1",
         ),
         (
             "auth_type",

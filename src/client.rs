@@ -685,6 +685,9 @@ impl Session {
             )
             .await;
             txn.counts.finish();
+            if txn.read_only_error {
+                checkout.read_only_error();
+            }
             if txn.stats != relay::StatementStats::default() {
                 let (p, s) = (&self.meter.pool, txn.stats);
                 p.client_parses.inc_by(s.client_parses.into());

@@ -56,6 +56,17 @@ pub enum PoolMode {
     Session,
 }
 
+/// What a pool needs of its servers (libpq's `target_session_attrs`, two of its values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetSessionAttrs {
+    /// The pool is for writes: a standby or read-only server is not used (see
+    /// `crate::pool::health`).
+    ReadWrite,
+    /// Any server will do (a replica endpoint).
+    Any,
+}
+
 /// How clients prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum AuthType {
@@ -148,6 +159,16 @@ pub struct Config {
     /// Run on a session-mode server before it goes back to the pool; empty for none.
     #[serde(default = "defaults::server_reset_query")]
     pub server_reset_query: String,
+    /// An idle server unused this long runs `server_check_query` before it is handed out
+    /// (0: every time).
+    #[serde(
+        default = "defaults::server_check_delay",
+        deserialize_with = "de::duration"
+    )]
+    pub server_check_delay: Duration,
+    /// The health check of a server idle longer than `server_check_delay`; empty for none.
+    #[serde(default = "defaults::server_check_query")]
+    pub server_check_query: String,
     /// Default client authentication method.
     #[serde(default = "defaults::auth_type")]
     pub auth_type: AuthType,
@@ -375,6 +396,9 @@ pub struct Database {
     /// Cap on this database's server connections across its pools.
     #[serde(default, deserialize_with = "de::opt_num")]
     pub max_db_connections: Option<u32>,
+    /// `read-write` (a pool for writes: standby or read-only servers are not used) or `any`.
+    #[serde(default = "defaults::target_session_attrs")]
+    pub target_session_attrs: TargetSessionAttrs,
 }
 
 /// One client user.
@@ -414,6 +438,7 @@ pub struct PoolSettings {
     pub max_user_connections: u32,
     /// TLS towards the upstream.
     pub tls: crate::tls::UpstreamTls,
+    pub target_session_attrs: TargetSessionAttrs,
 }
 
 mod defaults {
@@ -456,6 +481,15 @@ mod defaults {
     }
     pub fn server_reset_query() -> String {
         "DISCARD ALL".into()
+    }
+    pub fn server_check_delay() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn server_check_query() -> String {
+        "select 1".into()
+    }
+    pub fn target_session_attrs() -> TargetSessionAttrs {
+        TargetSessionAttrs::ReadWrite
     }
     pub fn auth_type() -> AuthType {
         AuthType::ScramSha256
@@ -769,6 +803,7 @@ impl Config {
                 pool_size: None,
                 min_pool_size: None,
                 max_db_connections: None,
+                target_session_attrs: defaults::target_session_attrs(),
             });
             self.users.entry(u.user).or_insert(User {
                 password: u.password,
@@ -1055,6 +1090,7 @@ impl Config {
                 .and_then(|u| u.max_user_connections)
                 .unwrap_or(self.max_user_connections),
             tls: self.tls.server.clone(),
+            target_session_attrs: db.target_session_attrs,
         })
     }
 

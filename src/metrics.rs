@@ -310,6 +310,7 @@ pub struct Metrics {
     transaction_duration: HistogramVec,
     server_connect_errors: IntCounterVec,
     server_assignments: IntCounterVec,
+    servers_retired: IntCounterVec,
     client_parses: IntCounterVec,
     server_parses: IntCounterVec,
     parse_hits: IntCounterVec,
@@ -453,6 +454,11 @@ impl Metrics {
             "pgsluice_server_assignments_total",
             "Times a server was lent to a client.",
             POOL,
+        );
+        let servers_retired = b.counter(
+            "pgsluice_servers_retired_total",
+            "Server connections closed by a health rule: RECONNECT, read-only (25006) in a pool for writes, failed server_check_query.",
+            &["database", "user", "reason"],
         );
         let client_parses = b.counter(
             "pgsluice_prepared_client_parses_total",
@@ -623,6 +629,7 @@ impl Metrics {
             transaction_duration,
             server_connect_errors,
             server_assignments,
+            servers_retired,
             client_parses,
             server_parses,
             parse_hits,
@@ -825,14 +832,14 @@ pub struct ServerCounts {
 
 impl ServerCounts {
     pub fn of(p: &crate::pool::PoolStats, clients: &ClientCounts) -> ServerCounts {
-        let busy = p.open.saturating_sub(p.idle + p.connecting);
+        let busy = p.open.saturating_sub(p.idle + p.connecting + p.testing);
         let iit = clients.idle_in_transaction.min(busy);
         ServerCounts {
             active: busy - iit,
             idle: p.idle,
             idle_in_transaction: iit,
             login: p.connecting,
-            testing: 0,
+            testing: p.testing,
         }
     }
 }
@@ -875,6 +882,15 @@ pub fn scrape(shared: &Shared) -> Vec<u8> {
                 .set(n as i64);
         }
         m.pool_size.with_label_values(&l).set(p.pool_size as i64);
+        // The pools count retirements under their lock; the counter follows at scrape.
+        for (why, n) in crate::pool::Retire::ALL.iter().zip(p.retired) {
+            let c = m
+                .servers_retired
+                .with_label_values(&[l[0], l[1], why.as_str()]);
+            if n > c.get() {
+                c.inc_by(n - c.get());
+            }
+        }
         m.max_wait
             .with_label_values(&l)
             .set(c.max_wait.as_secs_f64());

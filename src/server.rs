@@ -47,6 +47,9 @@ pub enum ServerError {
     Query(ErrorFields),
     #[error("server connection lost: {0}")]
     Io(#[from] std::io::Error),
+    /// A pool for writes reached a standby or read-only server (see `crate::pool::health`).
+    #[error("{0}")]
+    ReadOnly(String),
 }
 
 impl ServerError {
@@ -55,9 +58,12 @@ impl ServerError {
     /// password or a missing database are not.
     pub fn is_transient(&self) -> bool {
         match self {
-            ServerError::Connect { .. } | ServerError::ConnectTimeout(_) | ServerError::Io(_) => {
-                true
-            }
+            // A read-only server: a failover is under way, or DNS still points at the
+            // old primary; the next connect resolves the name again.
+            ServerError::Connect { .. }
+            | ServerError::ConnectTimeout(_)
+            | ServerError::Io(_)
+            | ServerError::ReadOnly(_) => true,
             ServerError::Rejected(f) => matches!(
                 f.code.as_str(),
                 "57P03" | "57P01" | "57P02" | "53300" | "08006"
@@ -162,6 +168,8 @@ impl ServerConn {
         pool: usize,
         id: u64,
     ) -> Result<ServerConn, ServerError> {
+        // Resolves the host name on every call (pgsluice keeps no DNS cache): after a
+        // failover's DNS flip, the next new server reaches the new address.
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ServerError::Connect {

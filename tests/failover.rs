@@ -85,3 +85,208 @@ async fn login_errors_are_not_retried() {
         "no retry of a wrong password"
     );
 }
+
+fn retired(proxy: &Proxy, db: &str, why: pgsluice::pool::Retire) -> u64 {
+    proxy
+        .shared
+        .pools
+        .stats()
+        .iter()
+        .filter(|p| p.database == db)
+        .map(|p| p.retired[why as usize])
+        .sum()
+}
+
+/// A pool for writes (the default) closes a server that answered 25006 when its transaction
+/// ends; a pool with target_session_attrs = "any" keeps it.
+#[tokio::test]
+async fn a_server_answering_read_only_is_retired_in_a_pool_for_writes() {
+    use pgsluice::pool::Retire;
+    let pg = pg();
+    for (name, attrs, retires) in [
+        ("ro1", "", true),
+        ("ro2", "target_session_attrs = \"any\"\n", false),
+    ] {
+        pg.create_app(name).await;
+        let toml = app_config(pg, name, "pool_size = 1").replace(
+            &format!("[databases.{name}]\n"),
+            &format!("[databases.{name}]\n{attrs}"),
+        );
+        let proxy = Proxy::start(&toml).await;
+        let c = proxy.client(name).await;
+        let before = scalar(&c, "SELECT pg_backend_pid()").await;
+        let e = c
+            .simple_query("BEGIN READ ONLY; CREATE TABLE t (x int)")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "25006", "{e}");
+        c.simple_query("ROLLBACK").await.unwrap();
+        let after = scalar(&c, "SELECT pg_backend_pid()").await;
+        assert_eq!(before != after, retires, "{name}: retired = {retires}");
+        assert_eq!(retired(&proxy, name, Retire::ReadOnly), u64::from(retires));
+        assert!(
+            server_conns(&pg.admin().await, name).await <= 1,
+            "{name}: no leak"
+        );
+    }
+}
+
+/// A new server that reports itself read-only is not used by a pool for writes: the client
+/// waits (as for a restart) until a writable server can be had, or gets 08006 after
+/// server_login_retry. With target_session_attrs = "any" it is used at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_for_writes_waits_for_a_writable_server() {
+    let pg = pg();
+    pg.create_app("ro3").await;
+    let top = "pool_size = 2\nadmin_users = \"ro3\"";
+    let patient = Proxy::start(&app_config(
+        pg,
+        "ro3",
+        &format!("{top}\nserver_login_retry = \"30s\""),
+    ))
+    .await;
+    let hasty = Proxy::start(&app_config(
+        pg,
+        "ro3",
+        &format!("{top}\nserver_login_retry = \"1s\""),
+    ))
+    .await;
+    let any = Proxy::start(&app_config(pg, "ro3", top).replace(
+        "[databases.ro3]\n",
+        "[databases.ro3]\ntarget_session_attrs = \"any\"\n",
+    ))
+    .await;
+    // Logged in (the pools know their parameters) before the database turns read-only.
+    let c = patient.client("ro3").await;
+    let h = hasty.client("ro3").await;
+    let y = any.client("ro3").await;
+    let admin = pg.admin().await;
+    admin
+        .batch_execute("ALTER DATABASE ro3 SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    for p in [&patient, &hasty, &any] {
+        p.shared.pools.reconnect(None);
+    }
+
+    assert_eq!(
+        scalar(&y, "SHOW transaction_read_only").await,
+        "on",
+        "any: used at once"
+    );
+    let e = h.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(code(&e), "08006", "{e}");
+    assert!(message(&e).contains("read-only"), "{}", message(&e));
+
+    let waiting = tokio::spawn(async move {
+        let r = c.simple_query("SHOW transaction_read_only").await;
+        (r, c)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the client waits for a writable server"
+    );
+    admin
+        .batch_execute("ALTER DATABASE ro3 RESET default_transaction_read_only")
+        .await
+        .unwrap();
+    let (r, c) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    r.expect("served once a writable server can be had");
+    assert_eq!(scalar(&c, "SHOW transaction_read_only").await, "off");
+}
+
+/// server_check_query runs on a server idle longer than server_check_delay; one that fails
+/// is closed and the client gets another server without seeing an error.
+#[tokio::test]
+async fn idle_servers_failing_the_health_check_are_replaced() {
+    use pgsluice::pool::Retire;
+    let pg = pg();
+    pg.create_app("hc1").await;
+    let owner = connect(&format!(
+        "host=127.0.0.1 port={} user=hc1 password=hc1-pw dbname=hc1",
+        pg.port
+    ))
+    .await;
+    owner
+        .batch_execute(
+            "CREATE TABLE ok (x int); INSERT INTO ok VALUES (1);
+             CREATE FUNCTION check_ok() RETURNS int LANGUAGE sql AS 'SELECT 1 / (SELECT count(*)::int FROM ok)'",
+        )
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&app_config(
+        pg,
+        "hc1",
+        "pool_size = 1\nserver_check_delay = \"0s\"\nserver_check_query = \"select check_ok()\"",
+    ))
+    .await;
+    let c = proxy.client("hc1").await;
+    let first = scalar(&c, "SELECT pg_backend_pid()").await;
+    assert_eq!(
+        scalar(&c, "SELECT pg_backend_pid()").await,
+        first,
+        "the check passed"
+    );
+    owner.batch_execute("DELETE FROM ok").await.unwrap();
+    let second = scalar(&c, "SELECT pg_backend_pid()").await;
+    assert_ne!(
+        second, first,
+        "the server that failed its check was replaced"
+    );
+    assert_eq!(retired(&proxy, "hc1", Retire::CheckFailed), 1);
+    drop(owner);
+    let admin = pg.admin().await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "hc1").await == 1
+        })
+        .await,
+        "the failed server's backend is gone"
+    );
+}
+
+/// A check that gets no answer (the connection leads nowhere) is cut at
+/// server_connect_timeout; the client waits for a new server instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_that_hangs_is_cut() {
+    use pgsluice::pool::Retire;
+    let pg = pg();
+    pg.create_app("hc2").await;
+    let fault = Fault::start(("127.0.0.1", pg.port)).await;
+    let proxy = Proxy::start(&app_config_at(
+        fault.port(),
+        "hc2",
+        "pool_size = 1\nserver_check_delay = \"0s\"\nserver_connect_timeout = \"1s\"\nserver_login_retry = \"30s\"",
+    ))
+    .await;
+    let c = proxy.client("hc2").await;
+    let first = scalar(&c, "SELECT pg_backend_pid()").await;
+    fault.stall();
+    let began = Instant::now();
+    let q = tokio::spawn(async move {
+        let r = c.simple_query("SELECT pg_backend_pid()").await.map(|_| ());
+        (r, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!q.is_finished(), "waits while nothing answers");
+    fault.pass();
+    let (r, done) = tokio::time::timeout(Duration::from_secs(10), q)
+        .await
+        .unwrap()
+        .unwrap();
+    r.expect("served once the network answers");
+    assert!(done.duration_since(began) >= Duration::from_secs(1));
+    assert_eq!(retired(&proxy, "hc2", Retire::CheckFailed), 1);
+    let admin = pg.admin().await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "hc2").await == 1
+        })
+        .await,
+        "the stalled server's backend is gone, the new one stays (first was {first})"
+    );
+}

@@ -270,6 +270,8 @@ fn resolve(args: &BudgetArgs) -> Result<(Option<Target>, Settings), String> {
             max_db_connections: 0,
             max_user_connections: 0,
             tls: crate::tls::UpstreamTls::prefer(),
+            // `pgsluice budget` only reads figures: a standby will do.
+            target_session_attrs: crate::config::TargetSessionAttrs::Any,
         };
         let target = Target {
             settings,

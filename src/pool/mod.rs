@@ -17,6 +17,7 @@
 //! - A [`Checkout`] dropped without [`Checkout::release`] closes its server: a server in
 //!   doubt is never reused.
 
+pub mod health;
 pub mod janitor;
 
 use std::collections::{HashMap, VecDeque};
@@ -34,6 +35,7 @@ use crate::auth::upstream::UpstreamKeys;
 use crate::config::{BudgetMode, Config, PoolSettings};
 use crate::prepared::KnownStatements;
 use crate::server::{ServerConn, ServerError};
+pub use health::Retire;
 
 #[derive(Debug, Error)]
 pub enum PoolError {
@@ -97,6 +99,12 @@ struct Pool {
     /// Its database or user left the configuration: its clients leave at their next
     /// transaction boundary and no new client gets it.
     removed: bool,
+    /// RECONNECT: servers with a smaller id close as soon as they are idle.
+    reconnect_below: u64,
+    /// Servers running `server_check_query` before being handed out.
+    testing: u32,
+    /// Servers closed by the health rules, by [`Retire`] reason.
+    retired: [u64; Retire::ALL.len()],
 }
 
 /// The budget of one upstream server, shared by its pools.
@@ -250,6 +258,10 @@ pub struct PoolStats {
     pub connecting: u32,
     /// Clients queued for a server.
     pub waiting: u32,
+    /// Idle servers running `server_check_query` before being handed out.
+    pub testing: u32,
+    /// Servers closed by the health rules so far, by [`Retire`] reason (`Retire::ALL`'s order).
+    pub retired: [u64; Retire::ALL.len()],
 }
 
 /// An idle server as SHOW SERVERS lists it.
@@ -377,6 +389,9 @@ impl Pools {
             retry_after: None,
             known: Arc::default(),
             removed: false,
+            reconnect_below: 0,
+            testing: 0,
+            retired: [0; Retire::ALL.len()],
         });
         st.by_key.insert(key, id);
         Some(id)
@@ -474,6 +489,8 @@ impl Pools {
                 idle: p.idle.len() as u32,
                 connecting: p.connecting,
                 waiting: p.waiters.len() as u32,
+                testing: p.testing,
+                retired: p.retired,
             })
             .collect()
     }
@@ -548,10 +565,11 @@ impl Pools {
         pool: PoolId,
         wait: Duration,
     ) -> Result<Checkout, PoolError> {
-        let deadline = Instant::now()
+        let now = Instant::now();
+        let deadline = now
             .checked_add(wait)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
-        let retry_until = Instant::now() + self.config.load().server_login_retry;
+            .unwrap_or_else(|| now + Duration::from_secs(86400 * 365));
+        let retry_until = now + self.config.load().server_login_retry;
         let mut backoff = FIRST_RETRY_BACKOFF;
         loop {
             let mut victim = None;
@@ -622,16 +640,23 @@ impl Pools {
                         self.discard(server);
                         continue;
                     }
-                    return Ok(Checkout {
+                    let mut checkout = Checkout {
                         server: Some(server),
                         pools: self.clone(),
-                    });
+                        retire: None,
+                    };
+                    // server_check_query on a server idle longer than server_check_delay.
+                    if !self.check_if_due(&mut checkout, now).await {
+                        continue; // dropping the checkout closed it; try the next one
+                    }
+                    return Ok(checkout);
                 }
                 Grant::Slot => match self.open(pool).await {
                     Ok(server) => {
                         return Ok(Checkout {
                             server: Some(server),
                             pools: self.clone(),
+                            retire: None,
                         })
                     }
                     // The database restarts or is full for a moment: try again shortly,
@@ -678,7 +703,8 @@ impl Pools {
             id,
             self.config.load().server_connect_timeout,
         )
-        .await;
+        .await
+        .and_then(|server| health::writable(&settings, server));
         match server {
             Ok(server) => {
                 slot.armed = false;
@@ -717,7 +743,11 @@ impl Pools {
         let other = st.oldest_budget_waiter(b, Some(pool));
         let p = &st.pools[pool];
         let shrunk = p.removed || p.open > p.settings.pool_size;
-        if over || shrunk || other.is_some_and(|o| own.is_none_or(|own| o < own)) {
+        let reconnect = server.id < p.reconnect_below;
+        if reconnect {
+            st.pools[pool].retired[Retire::Reconnect as usize] += 1;
+        }
+        if over || shrunk || reconnect || other.is_some_and(|o| own.is_none_or(|own| o < own)) {
             st.release(pool);
             st.grant_slots(b);
             drop(st);
@@ -737,9 +767,17 @@ impl Pools {
 
     /// Closes a server and gives its slot to the next waiter.
     pub fn discard(&self, server: ServerConn) {
+        self.discard_for(server, None)
+    }
+
+    /// [`Pools::discard`], counting why when a health rule retires it.
+    fn discard_for(&self, server: ServerConn, why: Option<Retire>) {
         let pool = server.pool;
         server.close();
         let mut st = self.lock();
+        if let Some(why) = why {
+            st.pools[pool].retired[why as usize] += 1;
+        }
         st.release(pool);
         let b = st.pools[pool].budget;
         st.grant_slots(b);
@@ -970,6 +1008,8 @@ impl Drop for Auxiliary {
 pub struct Checkout {
     server: Option<ServerConn>,
     pools: Arc<Pools>,
+    /// Set when a health rule retires the server: it closes instead of going back.
+    retire: Option<Retire>,
 }
 
 impl Checkout {
@@ -980,8 +1020,11 @@ impl Checkout {
     }
 
     /// Gives the server back for reuse. Only for a server that is idle, outside any
-    /// transaction, with nothing unread.
+    /// transaction, with nothing unread. A retired server closes instead.
     pub fn release(mut self) {
+        if self.retire.is_some() {
+            return; // Drop closes it and counts why
+        }
         if let Some(server) = self.server.take() {
             debug_assert!(server.buf.is_empty() && server.cursor.at_boundary());
             self.pools.checkin(server);
@@ -993,7 +1036,7 @@ impl Drop for Checkout {
     fn drop(&mut self) {
         if let Some(server) = self.server.take() {
             tracing::debug!(server = server.id, "closing server connection in doubt");
-            self.pools.discard(server);
+            self.pools.discard_for(server, self.retire);
         }
     }
 }

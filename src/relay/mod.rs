@@ -73,6 +73,9 @@ pub struct Txn {
     transaction_mode: bool,
     /// Something the server said means it must not be reused.
     pub server_in_doubt: bool,
+    /// The server answered SQLSTATE 25006 (read_only_sql_transaction): a pool for writes
+    /// retires it (`Checkout::read_only_error`).
+    pub read_only_error: bool,
     /// Session state the transaction's statements may have changed.
     pub effects: SessionEffects,
     /// Queries, bytes and idle time, in plain integers; published once per transaction.
@@ -139,6 +142,7 @@ impl Txn {
             forwarded: false,
             transaction_mode,
             server_in_doubt: false,
+            read_only_error: false,
             effects: SessionEffects::default(),
             counts: TxnCounts::default(),
             stats: StatementStats::default(),

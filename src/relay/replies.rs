@@ -301,6 +301,10 @@ impl Txn {
         if stale_plan || wrong_record {
             self.server_in_doubt = true;
         }
+        // A standby, or a primary made read-only: the pool decides (it may be for writes).
+        if e.code == "25006" {
+            self.read_only_error = true;
+        }
     }
 }
 
