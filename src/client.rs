@@ -68,6 +68,17 @@ struct Login {
 
 /// Serves one accepted client connection until it ends. Errors end here, logged once.
 pub async fn handle(stream: TcpStream, shared: Arc<Shared>) {
+    handle_with(stream, shared, None).await
+}
+
+/// Serves a connection accepted over `max_client_conn` (= `max`): only an admin console
+/// login (or a cancel request) gets in; any other startup is refused with 53300, before
+/// authentication.
+pub async fn handle_over_limit(stream: TcpStream, shared: Arc<Shared>, max: usize) {
+    handle_with(stream, shared, Some(max)).await
+}
+
+async fn handle_with(stream: TcpStream, shared: Arc<Shared>, over_limit: Option<usize>) {
     let stream = Stream::from(stream);
     let peer = stream
         .tcp()
@@ -76,7 +87,7 @@ pub async fn handle(stream: TcpStream, shared: Arc<Shared>) {
         .unwrap_or_default();
     let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     async move {
-        match serve(stream, &shared).await {
+        match serve(stream, &shared, over_limit).await {
             Ok(()) => tracing::debug!("client left"),
             Err(msg) => tracing::info!(reason = %msg, "client closed"),
         }
@@ -92,13 +103,17 @@ async fn fatal(stream: &mut Stream, e: &ErrorFields) {
     let _ = stream.shutdown().await;
 }
 
-async fn serve(mut stream: Stream, shared: &Arc<Shared>) -> Result<(), String> {
+async fn serve(
+    mut stream: Stream,
+    shared: &Arc<Shared>,
+    over_limit: Option<usize>,
+) -> Result<(), String> {
     let config = shared.pools.config();
     let logging_in = shared.clients.logging_in();
     let peer = stream.tcp().peer_addr().ok().map(|a| a.ip());
     let login = tokio::time::timeout(
         config.client_login_timeout,
-        handshake(&mut stream, shared, peer),
+        handshake(&mut stream, shared, peer, over_limit),
     )
     .await;
     let login = match login {
@@ -118,6 +133,7 @@ async fn serve(mut stream: Stream, shared: &Arc<Shared>) -> Result<(), String> {
         Ok(Err(End::Tell(e))) => {
             shared.metrics.error(match e.code.as_str() {
                 "28P01" | "28000" => ErrorKind::AuthFailed,
+                "53300" if over_limit.is_some() => ErrorKind::TooManyClients,
                 _ => ErrorKind::BadStartup,
             });
             fatal(&mut stream, &e).await;
@@ -256,13 +272,26 @@ async fn handshake(
     stream: &mut Stream,
     shared: &Arc<Shared>,
     peer: Option<IpAddr>,
+    over_limit: Option<usize>,
 ) -> Result<Option<Login>, End> {
     let tls = shared.pools.config().tls.client.clone();
     // SSLRequest and GSSENCRequest may each come once before the startup packet.
     let (mut ssl_asked, mut gss_asked) = (false, false);
     loop {
         let mut len = [0u8; 4];
-        stream.read_exact(&mut len).await?;
+        match over_limit {
+            // Over max_client_conn: a client that does not say at once who it is is
+            // refused as it would have been without the admin reserve.
+            Some(max) => {
+                match tokio::time::timeout(OVER_LIMIT_WAIT, stream.read_exact(&mut len)).await {
+                    Ok(r) => r?,
+                    Err(_) => return Err(too_many_clients(max)),
+                };
+            }
+            None => {
+                stream.read_exact(&mut len).await?;
+            }
+        }
         let direct_tls = len[0] == TLS_HANDSHAKE_RECORD && !ssl_asked && !stream.is_tls();
         if let (true, Some(config)) = (direct_tls, tls.config.clone()) {
             // PostgreSQL 17's direct TLS: a ClientHello instead of an SSLRequest. (With
@@ -318,6 +347,11 @@ async fn handshake(
                     ));
                 }
                 let login = check_startup(&s, shared)?;
+                if let Some(max) = over_limit {
+                    if !crate::admin::is_console(&login.database) {
+                        return Err(too_many_clients(max));
+                    }
+                }
                 // Before authentication, as PostgreSQL does: the client learns at once
                 // that the session speaks protocol 3.0.
                 if let Some(options) = &login.negotiate {
@@ -445,6 +479,18 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             )))
         }
     }
+}
+
+/// How long a connection over `max_client_conn` has to send its first packet.
+const OVER_LIMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn too_many_clients(max: usize) -> End {
+    tracing::warn!(max_client_conn = max, "client refused: too many clients");
+    End::Tell(ErrorFields::new(
+        Severity::Fatal,
+        "53300",
+        format!("no more connections allowed (max_client_conn = {max})"),
+    ))
 }
 
 fn unsupported(msg: String) -> End {

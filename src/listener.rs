@@ -10,15 +10,49 @@ use crate::app::Shared;
 use crate::client;
 use crate::protocol::messages::{ErrorFields, Severity};
 
+/// Length of the queue of connections the kernel completes before pgsluice accepts them
+/// (capped by `net.core.somaxconn`). Larger than tokio's 1024: a burst of thousands of
+/// clients (every task of a deploy starting at once) would otherwise lose SYNs and wait
+/// for their retransmission, 1 s and more.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the client listener (the first address `addr` resolves to that binds).
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+    }))
+}
+
+/// Connections beyond `max_client_conn` that may still log in to the admin console, so
+/// that an operator can look at a proxy that is full.
+pub const ADMIN_RESERVE: usize = 5;
+
 /// Accepts clients forever.
 pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
     let max = shared.pools.config().max_client_conn as usize;
     let slots = Arc::new(Semaphore::new(max));
+    let reserve = Arc::new(Semaphore::new(ADMIN_RESERVE));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
+                shared
+                    .metrics
+                    .error(crate::metrics::ErrorKind::AcceptFailed);
                 tracing::error!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -34,12 +68,23 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
                     drop(permit);
                 });
             }
-            Err(_) => {
-                shared
-                    .metrics
-                    .error(crate::metrics::ErrorKind::TooManyClients);
-                tokio::spawn(refuse(stream, max));
-            }
+            Err(_) => match reserve.clone().try_acquire_owned() {
+                // It may be an operator: read its startup packet before refusing it.
+                Ok(permit) => {
+                    let shared = shared.clone();
+                    let tracker = shared.stop.clients.clone();
+                    tracker.spawn(async move {
+                        client::handle_over_limit(stream, shared, max).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    shared
+                        .metrics
+                        .error(crate::metrics::ErrorKind::TooManyClients);
+                    tokio::spawn(refuse(stream, max));
+                }
+            },
         }
     }
 }

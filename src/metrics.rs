@@ -79,10 +79,12 @@ pub enum ErrorKind {
     LoginRateLimited,
     /// An `auth_query` lookup failed (the server, the query or its answer).
     AuthLookup,
+    /// Accepting a client connection failed (out of file descriptors, say).
+    AcceptFailed,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 16] = [
+    pub const ALL: [ErrorKind; 17] = [
         ErrorKind::LoginTimeout,
         ErrorKind::AuthFailed,
         ErrorKind::BadStartup,
@@ -99,6 +101,7 @@ impl ErrorKind {
         ErrorKind::TlsHandshake,
         ErrorKind::LoginRateLimited,
         ErrorKind::AuthLookup,
+        ErrorKind::AcceptFailed,
     ];
 
     /// `(kind, side)` label values.
@@ -120,6 +123,7 @@ impl ErrorKind {
             ErrorKind::TlsHandshake => ("tls_handshake", "client"),
             ErrorKind::LoginRateLimited => ("login_rate_limited", "client"),
             ErrorKind::AuthLookup => ("auth_lookup_failed", "server"),
+            ErrorKind::AcceptFailed => ("accept_failed", "client"),
         }
     }
 
