@@ -249,7 +249,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, source: pgsluice::reload::ConfigSource) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&config.listen)
+    let listener = pgsluice::listener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     if let Some(addr) = &config.metrics.listen {
