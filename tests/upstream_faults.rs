@@ -839,7 +839,7 @@ async fn failover_with_an_endpoint_flip() {
     let proxy = Proxy::start(&app_config_at(
         endpoint.port(),
         name,
-        "pool_size = 5\nserver_login_retry = \"10s\"",
+        "auth_type = \"trust\"\npool_size = 5\nserver_login_retry = \"10s\"",
     ))
     .await;
     let leaks = Leaks::with(
@@ -911,7 +911,7 @@ async fn reconnect_storm_after_an_outage() {
     let (pg, proxy) = own_pg(
         name,
         &["max_connections = 30"],
-        "pool_size = 10\nserver_login_retry = \"20s\"\nquery_wait_timeout = \"30s\"\n[budget]\nmax_server_connections = 10",
+        "auth_type = \"trust\"\npool_size = 10\nserver_login_retry = \"20s\"\nquery_wait_timeout = \"30s\"\n[budget]\nmax_server_connections = 10",
     )
     .await;
     let proxy = Arc::new(proxy);
