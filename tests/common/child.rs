@@ -22,6 +22,8 @@ pub struct Options<'a> {
     pub nofile: Option<u64>,
     /// Extra environment variables.
     pub env: &'a [(&'a str, &'a str)],
+    /// Listen on this port (a restart on the same address) instead of a free one.
+    pub port: Option<u16>,
 }
 
 impl ProxyProcess {
@@ -37,7 +39,7 @@ impl ProxyProcess {
             .prefix("pgsluice-child-")
             .tempdir()
             .unwrap();
-        let port = free_port();
+        let port = opts.port.unwrap_or_else(free_port);
         let metrics_port = free_port();
         let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
         let body = if toml.contains("[metrics]") {
@@ -108,6 +110,11 @@ impl ProxyProcess {
     /// Connects as `name` (password `name`-pw) to database `name`.
     pub async fn client(&self, name: &str) -> tokio_postgres::Client {
         super::connect(&self.conn(name, &format!("{name}-pw"), name)).await
+    }
+
+    /// The configuration file (edit it, then `signal("HUP")`).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("pgsluice.toml")
     }
 
     pub fn log_path(&self) -> PathBuf {

@@ -1,0 +1,325 @@
+//! Lifecycle under load (catalogue §3 E): SIGHUP while clients work, SIGTERM with clients in
+//! every state, kill -9 and a restart. pgsluice runs as the real binary (a child process).
+//!
+//! Covered elsewhere: a reload that does not load keeps the old configuration (44,
+//! tests/reload.rs `a_bad_reload_keeps_the_old_configuration`); SIGTERM lets transactions
+//! finish, closes idle clients with 57P01, cuts a stuck one at shutdown_timeout, session
+//! mode (45, tests/shutdown.rs); TLS certificates re-read on reload (43,
+//! tests/tls.rs `certificates_reload_without_dropping_clients`).
+
+mod common;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::child::Options;
+use common::*;
+
+fn config(name: &str, pool_size: u32, port: u16) -> String {
+    format!(
+        "auth_type = \"trust\"\npool_size = {pool_size}\nshutdown_timeout = \"10s\"\n[budget]\nmax_server_connections = 20\n[databases.{name}]\nhost = \"127.0.0.1\"\nport = {port}\n[users.{name}]\npassword = \"{name}-pw\"\n"
+    )
+}
+
+/// Writes the child's configuration file (keeping the listen and metrics lines it was
+/// started with) and sends SIGHUP.
+fn rewrite_and_hup(proxy: &ProxyProcess, body: &str) {
+    let path = proxy.config_path();
+    let old = std::fs::read_to_string(&path).unwrap();
+    let listen = old.lines().next().unwrap().to_owned();
+    let metrics: String = old
+        .split_once("[metrics]")
+        .map(|(_, m)| format!("[metrics]{m}"))
+        .unwrap();
+    std::fs::write(&path, format!("{listen}\n{body}\n{metrics}")).unwrap();
+    proxy.signal("HUP");
+}
+
+/// Backend pids of the role, as a sorted list.
+async fn backends(admin: &tokio_postgres::Client, role: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = admin
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    pids.sort();
+    pids
+}
+
+/// Clients in a loop of short transactions until `stop`; counts successes and errors.
+fn workload(
+    conn: String,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..clients)
+        .map(|i| {
+            let (conn, stop, done, failed) =
+                (conn.clone(), stop.clone(), done.clone(), failed.clone());
+            tokio::spawn(async move {
+                let c = connect(&conn).await;
+                for _ in 0..1_000_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let sql = format!("BEGIN; SELECT {i}, pg_sleep(0.005); COMMIT");
+                    match c.batch_execute(&sql).await {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("{e}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        })
+        .collect()
+}
+
+/// Scenario 43: 50 clients in continuous transactions. Ten SIGHUPs with nothing changed:
+/// no error, no disconnect, no server recycled. Then one that halves the pool: it shrinks
+/// as servers are released, still with no error. Then one that changes the upstream's
+/// port: refused (it needs a restart), counted, and everything goes on as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_under_load() {
+    let name = "lc_sighup";
+    let pg = pg();
+    pg.create_app(name).await;
+    let proxy = ProxyProcess::start(&config(name, 10, pg.port)).await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let admin = pg.admin().await;
+    let (stop, done, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let workers = workload(
+        proxy.conn(name, "x", name),
+        50,
+        stop.clone(),
+        done.clone(),
+        failed.clone(),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            backends(&admin, name).await.len() == 10
+        })
+        .await,
+        "the pool fills up"
+    );
+    let before = backends(&admin, name).await;
+    for _ in 0..10 {
+        rewrite_and_hup(&proxy, &config(name, 10, pg.port));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        backends(&admin, name).await,
+        before,
+        "servers were recycled"
+    );
+    rewrite_and_hup(&proxy, &config(name, 5, pg.port));
+    let mut most = 0;
+    let shrunk = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = backends(&admin, name).await.len();
+            most = most.max(n);
+            if n <= 5 {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert!(shrunk, "the pool shrank to 5");
+    assert!(most <= 10, "{most} servers during the resize");
+    let refused = |m: &common::leaks::Metrics| m.sum("pgsluice_config_reload_errors_total", &[]);
+    let errors_before = refused(&common::leaks::metrics(&proxy).await);
+    rewrite_and_hup(&proxy, &config(name, 5, pg.port + 1));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            refused(&common::leaks::metrics(&proxy).await) == errors_before + 1.0
+        })
+        .await,
+        "the port change is refused and counted"
+    );
+    let at = done.load(Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            done.load(Ordering::Relaxed) > at + 50
+        })
+        .await,
+        "work goes on after the refused reload"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "client-visible errors");
+    assert!(done.load(Ordering::Relaxed) > 100);
+    leaks.check().await;
+}
+
+/// Scenario 45 (what tests/shutdown.rs does not cover): SIGTERM with clients inside
+/// transactions, idle, and queued. The open transactions commit; queued and idle clients
+/// get 57P01; servers are closed politely (no "unexpected EOF" in PostgreSQL's log); the
+/// process exits 0; every acknowledged COMMIT is there. A second SIGTERM exits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_clients_in_every_state() {
+    let name = "lc_sigterm";
+    let pg = TestPostgres::start(&["log_min_messages = info"]);
+    pg.create_app(name).await;
+    let mut proxy = ProxyProcess::start(&config(name, 5, pg.port)).await;
+    let conn = proxy.conn(name, "x", name);
+    let setup = connect(&conn).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    drop(setup);
+    // Five inside transactions: the pool is full.
+    let mut in_txn = Vec::new();
+    for i in 0..5 {
+        let c = connect(&conn).await;
+        c.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({i})"))
+            .await
+            .unwrap();
+        in_txn.push(c);
+    }
+    let idle = connect(&conn).await;
+    // Five queued behind them.
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        let c = connect(&conn).await;
+        queued.push(tokio::spawn(async move {
+            c.simple_query("SELECT 1").await.map(|_| ())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Transactions go on and commit.
+    for (i, c) in in_txn.iter().enumerate() {
+        c.batch_execute(&format!("INSERT INTO t VALUES ({})", 10 + i))
+            .await
+            .unwrap();
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    for q in queued {
+        let r = tokio::time::timeout(Duration::from_secs(10), q)
+            .await
+            .unwrap()
+            .unwrap();
+        let e = r.expect_err("a queued client is sent away");
+        assert!(
+            e.as_db_error().is_none_or(|d| d.code().code() == "57P01"),
+            "{e}"
+        );
+    }
+    let e = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        e.as_db_error().is_none_or(|d| d.code().code() == "57P01"),
+        "{e}"
+    );
+    drop(in_txn);
+    assert_eq!(proxy.exit(Duration::from_secs(10)).await, Some(0));
+    let direct = connect(&pg.url(name, &format!("{name}-pw"), name)).await;
+    assert_eq!(scalar(&direct, "SELECT count(*) FROM t").await, "10");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !pg.log().contains("unexpected EOF"),
+        "servers were not closed politely:\n{}",
+        pg.log()
+    );
+    // A second signal exits at once, even with a transaction open.
+    let mut proxy = ProxyProcess::start(&config(name, 5, pg.port)).await;
+    let c = connect(&proxy.conn(name, "x", name)).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    proxy.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(proxy.running(), "draining while the transaction is open");
+    let t = Instant::now();
+    proxy.signal("TERM");
+    proxy.exit(Duration::from_secs(3)).await;
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+/// Scenario 46: kill -9 under load, then a restart on the same address. Clients see their
+/// connection end and nothing else; PostgreSQL is left with no session of the proxy idle in
+/// a transaction (it sees the sockets close); the new process listens and serves at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_only_restart() {
+    let name = "lc_kill9";
+    let pg = pg();
+    pg.create_app(name).await;
+    let proxy = ProxyProcess::start(&config(name, 10, pg.port)).await;
+    let port = proxy.port;
+    let admin = pg.admin().await;
+    let conn = proxy.conn(name, "x", name);
+    // Fifty clients, ten of them inside transactions when the proxy dies.
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        let c = connect(&conn).await;
+        if i < 10 {
+            c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        }
+        clients.push(c);
+    }
+    let in_txn = || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND state LIKE 'idle in transaction%'",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(in_txn().await, 10);
+    proxy.signal("KILL");
+    let killed = Instant::now();
+    for c in &clients {
+        let e = c.simple_query("SELECT 1").await.unwrap_err();
+        assert!(e.as_db_error().is_none(), "only a closed connection: {e}");
+    }
+    assert!(
+        eventually(Duration::from_secs(1), || async { in_txn().await == 0 }).await,
+        "sessions idle in transaction {:?} after the kill",
+        killed.elapsed()
+    );
+    drop(clients);
+    drop(proxy);
+    let started = Instant::now();
+    let proxy = ProxyProcess::start_with(
+        &config(name, 10, pg.port),
+        Options {
+            port: Some(port),
+            ..Default::default()
+        },
+    )
+    .await;
+    let up = started.elapsed();
+    let c = connect(&proxy.conn(name, "x", name)).await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+    assert!(
+        common::leaks::metrics(&proxy)
+            .await
+            .sum("pgsluice_build_info", &[])
+            == 1.0
+    );
+    eprintln!("restarted and listening in {up:?}");
+    assert!(
+        up < Duration::from_secs(5),
+        "listening {up:?} after the restart"
+    );
+    drop(c);
+    let leaks = Leaks::new(&proxy, name).await;
+    leaks.check().await;
+}
