@@ -323,3 +323,40 @@ async fn crash_only_restart() {
     let leaks = Leaks::new(&proxy, name).await;
     leaks.check().await;
 }
+
+/// Catalogue F: passwords, SCRAM proofs and keys never reach the log, at any level, for
+/// right and wrong logins, with the upstream password in the configuration.
+#[tokio::test]
+async fn secrets_stay_out_of_the_log() {
+    let name = "lc_secrets";
+    let pg = pg();
+    pg.create_app(name).await;
+    let client_pw = "client-S3cret-x81";
+    let proxy = ProxyProcess::start_with(
+        &format!(
+            "pool_size = 2\n[budget]\nmax_server_connections = 5\n[databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\npassword = \"{name}-pw\"\n[users.{name}]\npassword = \"{client_pw}\"\n",
+            pg.port
+        ),
+        Options {
+            env: &[("PGSLUICE_LOG", "trace")],
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = connect(&proxy.conn(name, client_pw, name)).await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+    drop(c);
+    let e = try_connect(&proxy.conn(name, "wrong-Pw-7731", name)).await;
+    assert!(e.is_err());
+    let log = proxy.log();
+    assert!(log.len() > 1000, "trace logging is on");
+    for secret in [
+        client_pw,
+        "wrong-Pw-7731",
+        &format!("{name}-pw"),
+        "c=biws",
+        "p=",
+    ] {
+        assert!(!log.contains(secret), "{secret:?} is in the log");
+    }
+}

@@ -746,6 +746,40 @@ async fn hung_backend_holds_only_its_own_client() {
     leaks.check().await;
 }
 
+/// Scenario 7 (what holds without a proxy query_timeout, see docs/reliability.md): the
+/// network to a linked server goes silent (a stall: the sockets stay open, nothing moves).
+/// Nothing tells pgsluice (on loopback the stalled path still answers TCP keepalives), so
+/// the client waits; when it gives up and leaves, its server is closed, not pooled, and
+/// once the network moves again new servers serve and nothing is left behind.
+#[tokio::test]
+async fn silent_network_loss_holds_only_its_client() {
+    let name = "uf_stall";
+    let (proxy, fault) = behind_fault(name, "auth_type = \"trust\"\npool_size = 2").await;
+    let leaks = Leaks::with(&proxy, &[name], fault.port(), name, name, "x").await;
+    let mut w = wire::Wire::connect(proxy.addr.port(), name, name).await;
+    let (tags, _) = w.round(&[wire::query("SELECT 1")]).await;
+    assert_eq!(tags, "TDCZ");
+    fault.stall();
+    w.send(&[wire::query("SELECT 2")]).await;
+    let r = tokio::time::timeout(Duration::from_secs(1), w.recv()).await;
+    assert!(r.is_err(), "nothing comes back over a stalled network");
+    drop(w);
+    // The proxy gives the server up (its cancel goes unanswered for a bounded time).
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let m = common::leaks::metrics(&proxy).await;
+            m.sum("pgsluice_server_connections", &[]) == 0.0
+        })
+        .await,
+        "the stalled server is closed, not pooled"
+    );
+    fault.pass();
+    let c = proxy.client(name).await;
+    assert_eq!(scalar(&c, "SELECT 3").await, "3");
+    drop(c);
+    leaks.check().await;
+}
+
 /// Scenario 10: the upstream password is rotated while the proxy runs (the Secrets Manager
 /// case). Pooled servers keep working; a new server login fails with 28P01 at once (no
 /// retry loop); once the new secret is in the configuration and it is reloaded, new
