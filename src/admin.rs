@@ -1104,7 +1104,8 @@ fn show_users(shared: &Shared) -> Table {
     ]);
     let stats = shared.pools.stats();
     let clients = shared.clients.all();
-    for (name, u) in &config.users {
+    for name in user_names(&config, &stats) {
+        let u = config.users.get(name);
         let open: u32 = stats
             .iter()
             .filter(|p| &p.user == name)
@@ -1113,12 +1114,12 @@ fn show_users(shared: &Shared) -> Table {
         let n_clients = clients.iter().filter(|c| &c.user == name).count();
         t.row(vec![
             name.clone().into(),
-            u.pool_size
+            u.and_then(|u| u.pool_size)
                 .map(|n| n.to_string())
                 .unwrap_or_default()
                 .into(),
             "".into(),
-            u.pool_mode.map(pool_mode_str).into(),
+            u.and_then(|u| u.pool_mode).map(pool_mode_str).into(),
             0i64.into(),
             open.into(),
             0i64.into(),
@@ -1128,6 +1129,19 @@ fn show_users(shared: &Shared) -> Table {
     t
 }
 
+/// Users in `[users]` or `auth_file`, and users found by `auth_query` that have a pool.
+fn user_names<'a>(config: &'a Config, stats: &'a [crate::pool::PoolStats]) -> Vec<&'a String> {
+    let mut names: Vec<&String> = config
+        .users
+        .keys()
+        .chain(config.auth_file_users.keys())
+        .chain(stats.iter().map(|p| &p.user))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn show_lists(shared: &Shared) -> Table {
     let config = shared.pools.config();
     let stats = shared.pools.stats();
@@ -1135,7 +1149,7 @@ fn show_lists(shared: &Shared) -> Table {
     let mut t = Table::new(&[("list", Ty::Text), ("items", Ty::Int)]);
     for (name, n) in [
         ("databases", config.databases.len()),
-        ("users", config.users.len()),
+        ("users", user_names(&config, &stats).len()),
         ("peers", 0),
         ("pools", stats.len()),
         ("peer_pools", 0),

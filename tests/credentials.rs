@@ -48,11 +48,41 @@ async fn auth_file_with_a_plain_password_and_the_servers_own_verifier() {
     )
     .unwrap();
     let proxy = Proxy::start(&format!(
-        "auth_file = {:?}\n[budget]\nmax_server_connections = 20\n[databases.cr_file]\nhost = \"127.0.0.1\"\nport = {p}\n[databases.cr_file_v]\nhost = \"127.0.0.1\"\nport = {p}\n",
+        "auth_file = {:?}\nadmin_users = [\"cr_file\"]\n[budget]\nmax_server_connections = 20\n[databases.cr_file]\nhost = \"127.0.0.1\"\nport = {p}\n[databases.cr_file_v]\nhost = \"127.0.0.1\"\nport = {p}\n",
         users.display().to_string(),
         p = pg.port
     ))
     .await;
+    // An auth_file user may be an admin; SHOW USERS lists the file's users; SHOW CONFIG
+    // shows where passwords come from, never a password.
+    let console = login(&proxy, "cr_file", "cr_file-pw", "pgbouncer")
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    for m in console.simple_query("SHOW USERS").await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            names.push(r.get(0).unwrap().to_owned());
+        }
+    }
+    assert_eq!(names, ["cr_file", "cr_file_v"]);
+    let mut config = String::new();
+    for m in console.simple_query("SHOW CONFIG").await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            config.push_str(&format!(
+                "{}={}\n",
+                r.get(0).unwrap(),
+                r.get(1).unwrap_or("")
+            ));
+        }
+    }
+    assert!(
+        config.contains(&format!("auth_file={}", users.display())),
+        "{config}"
+    );
+    assert!(
+        !config.contains("cr_file-pw") && !config.contains(&verifier),
+        "{config}"
+    );
     // A plain password checks the client and logs in upstream.
     let c = login(&proxy, "cr_file", "cr_file-pw", "cr_file")
         .await
