@@ -1,5 +1,8 @@
-//! The database restarts under pgsluice: clients between transactions see nothing, clients
-//! that need a new server wait through the restart, login errors come at once.
+//! The database restarts or fails over under pgsluice: clients between transactions see
+//! nothing, clients that need a new server wait through the restart, login errors come at
+//! once; `pg_ctl restart -m fast` under load cuts only open transactions (57P01/08006) and
+//! leaks nothing; the failover rules (docs/operations.md#failover): read-only servers in a
+//! pool for writes, server_check_query on idle servers.
 
 mod common;
 use std::time::{Duration, Instant};
@@ -289,4 +292,160 @@ async fn a_health_check_that_hangs_is_cut() {
         .await,
         "the stalled server's backend is gone, the new one stays (first was {first})"
     );
+}
+
+/// `pg_ctl restart -m fast` under load: clients inside a transaction get 57P01 (the
+/// server's) or 08006 (pgsluice's) and can reconnect; clients between transactions, even
+/// ones that start a query while the database is down, see no error; every transaction is
+/// whole; no server connection is leaked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_restart_under_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let name = "fo_restart";
+    let pg = TestPostgres::start(&[]);
+    pg.create_app(name).await;
+    let pw = format!("{name}-pw");
+    let proxy = Proxy::start(&config(
+        &pg,
+        name,
+        "pool_size = 8\nserver_login_retry = \"30s\"",
+        &pw,
+    ))
+    .await;
+    let leaks = Leaks::with(&proxy, &[name], pg.port, name, name, &pw).await;
+    let conn = proxy.conn(name, &pw, name);
+    connect(&conn)
+        .await
+        .batch_execute("CREATE TABLE t (v int)")
+        .await
+        .unwrap();
+
+    // 12 clients in transaction after transaction, each open for ~50 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    let restarted = Arc::new(AtomicBool::new(false));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut writers = Vec::new();
+    for w in 0..12u32 {
+        let (conn, stop, restarted, errors) = (
+            conn.clone(),
+            stop.clone(),
+            restarted.clone(),
+            errors.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let mut c = connect(&conn).await;
+            let mut after = 0u32;
+            for n in 0..100_000u32 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let v = w * 1_000_000 + n;
+                let txn = async {
+                    c.batch_execute(&format!("BEGIN; INSERT INTO t VALUES ({v})"))
+                        .await?;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    c.batch_execute(&format!("INSERT INTO t VALUES ({v}); COMMIT"))
+                        .await
+                };
+                let was_restarted = restarted.load(Ordering::Relaxed);
+                match txn.await {
+                    Ok(()) if was_restarted => after += 1,
+                    Ok(()) => {}
+                    Err(e) => {
+                        // A FATAL that arrives while the client sits idle in its transaction
+                        // ends tokio-postgres's connection: its next call says "closed".
+                        let what = match e.as_db_error() {
+                            Some(d) => d.code().code().to_owned(),
+                            None if c.is_closed() => "closed".to_owned(),
+                            None => e.to_string(),
+                        };
+                        errors.lock().unwrap().push(what);
+                        // The client reconnects, as an application's pool does.
+                        if c.is_closed() {
+                            c = connect(&conn).await;
+                        } else {
+                            let _ = c.batch_execute("ROLLBACK").await;
+                        }
+                    }
+                }
+            }
+            after
+        }));
+    }
+    // 12 clients between transactions.
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        let c = connect(&conn).await;
+        assert_eq!(scalar(&c, "SELECT 1").await, "1");
+        idle.push(c);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let h = pg.handle();
+    let restart = tokio::task::spawn_blocking(move || {
+        let out = pgsluice::demo::postgres::pg_command(&h.bin, "pg_ctl")
+            .arg("-D")
+            .arg(h.dir.join("data"))
+            .arg("-l")
+            .arg(h.dir.join("log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    });
+    // The idle clients start a query as soon as the database is seen down (or, if the
+    // restart is quicker than the polling, once it is over): they wait, then succeed.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], pg.port));
+    for _ in 0..2000 {
+        if restart.is_finished() || tokio::net::TcpStream::connect(addr).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut queries = Vec::new();
+    for c in idle {
+        queries.push(tokio::spawn(async move {
+            let r = c.simple_query("SELECT 2").await.map(|_| ());
+            (r, c)
+        }));
+    }
+    restart.await.unwrap();
+    restarted.store(true, Ordering::Relaxed);
+    let mut idle = Vec::new();
+    for q in queries {
+        let (r, c) = tokio::time::timeout(Duration::from_secs(30), q)
+            .await
+            .unwrap()
+            .unwrap();
+        r.unwrap_or_else(|e| panic!("a client between transactions saw {e}"));
+        idle.push(c);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let after = w.await.unwrap();
+        assert!(after > 0, "every writer committed again after the restart");
+    }
+
+    let errors = errors.lock().unwrap().clone();
+    assert!(!errors.is_empty(), "the restart hit open transactions");
+    assert!(
+        errors
+            .iter()
+            .all(|c| c == "57P01" || c == "08006" || c == "closed"),
+        "transactions cut by the restart get 57P01 or 08006: {errors:?}"
+    );
+    let c = connect(&conn).await;
+    assert_eq!(
+        scalar(
+            &c,
+            "SELECT count(*) FROM (SELECT v FROM t GROUP BY v HAVING count(*) <> 2) torn"
+        )
+        .await,
+        "0",
+        "every transaction is whole"
+    );
+    drop((c, idle));
+    leaks.check_with(&pg.admin().await).await;
 }

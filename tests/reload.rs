@@ -1,4 +1,5 @@
-//! Configuration reload: pool sizes change under load with no failed transaction, a bad
+//! Configuration reload: pool sizes change under load (200 clients) with no failed
+//! transaction, as SHOW POOLS and pg_stat_activity show; a bad
 //! file keeps the old configuration, a removed database's clients leave at their next
 //! transaction boundary, and SIGHUP reloads the real binary.
 
@@ -21,22 +22,65 @@ fn config(pg: &TestPostgres, dbs: &[&str], pool_size: u32, extra: &str) -> Strin
     s
 }
 
+/// Server connections the console's SHOW POOLS reports for a database (`sv_active` +
+/// `sv_idle` + `sv_used` + `sv_tested` + `sv_login`) and the pool size SHOW DATABASES reports.
+async fn console_view(console: &tokio_postgres::Client, db: &str) -> (u32, u32) {
+    let mut servers = 0;
+    let mut size = 0;
+    for (sql, cols) in [
+        (
+            "SHOW POOLS",
+            &["sv_active", "sv_idle", "sv_used", "sv_tested", "sv_login"][..],
+        ),
+        ("SHOW DATABASES", &["pool_size"][..]),
+    ] {
+        for m in console.simple_query(sql).await.unwrap() {
+            let tokio_postgres::SimpleQueryMessage::Row(r) = m else {
+                continue;
+            };
+            let name = if sql == "SHOW POOLS" {
+                "database"
+            } else {
+                "name"
+            };
+            if r.get(name) != Some(db) {
+                continue;
+            }
+            let sum: u32 = cols
+                .iter()
+                .map(|c| r.get(*c).unwrap().parse::<u32>().unwrap())
+                .sum();
+            if sql == "SHOW POOLS" {
+                servers += sum;
+            } else {
+                size = sum;
+            }
+        }
+    }
+    (servers, size)
+}
+
+/// 200 clients run transactions while reloads grow the pool (3 → 8), refuse a broken file,
+/// and shrink it (→ 2). SHOW POOLS and pg_stat_activity follow; no transaction fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_size_changes_under_load() {
     let pg = pg();
     pg.create_app("rl_load").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pgsluice.toml");
-    std::fs::write(&path, config(pg, &["rl_load"], 3, "")).unwrap();
+    // md5 keeps 200 logins quick in a debug build; the reload is what is under test.
+    let extra = "auth_type = \"md5\"\nadmin_users = \"rl_load\"";
+    std::fs::write(&path, config(pg, &["rl_load"], 3, extra)).unwrap();
     let proxy = Proxy::start_file(&path).await;
     let admin = pg.admin().await;
+    let console = connect(&proxy.conn("rl_load", "rl_load-pw", "pgbouncer")).await;
     let (stop, failed, done) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
     );
     let mut tasks = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..200 {
         let c = proxy.client("rl_load").await;
         let (stop, failed, done) = (stop.clone(), failed.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
@@ -59,7 +103,15 @@ async fn pool_size_changes_under_load() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(server_conns(&admin, "rl_load").await <= 3);
-    std::fs::write(&path, config(pg, &["rl_load"], 8, "")).unwrap();
+    let (servers, size) = console_view(&console, "rl_load").await;
+    assert_eq!(
+        (size, servers.min(3)),
+        (3, 3),
+        "SHOW POOLS: a full pool of 3"
+    );
+    assert!(servers <= 3);
+
+    std::fs::write(&path, config(pg, &["rl_load"], 8, extra)).unwrap();
     pgsluice::reload::reload(&proxy.shared).expect("a valid file reloads");
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -68,9 +120,26 @@ async fn pool_size_changes_under_load() {
         .await,
         "the pool grew"
     );
-    assert_eq!(proxy.shared.pools.stats()[0].pool_size, 8);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            console_view(&console, "rl_load").await == (8, 8)
+        })
+        .await,
+        "SHOW POOLS and SHOW DATABASES: {:?}",
+        console_view(&console, "rl_load").await
+    );
+    assert!(server_conns(&admin, "rl_load").await <= 8);
+
+    // A broken file under load: refused, the pool and the clients carry on.
+    std::fs::write(&path, "pool_size = \"many\"\n").unwrap();
+    assert!(pgsluice::reload::reload(&proxy.shared).is_err());
+    let before = done.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(done.load(Ordering::Relaxed) > before, "still serving");
+    assert_eq!(console_view(&console, "rl_load").await.1, 8);
+
     // Shrink again: busy servers above the size close as they come back.
-    std::fs::write(&path, config(pg, &["rl_load"], 2, "")).unwrap();
+    std::fs::write(&path, config(pg, &["rl_load"], 2, extra)).unwrap();
     pgsluice::reload::reload(&proxy.shared).unwrap();
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -79,12 +148,20 @@ async fn pool_size_changes_under_load() {
         .await,
         "the pool shrank"
     );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            console_view(&console, "rl_load").await == (2, 2)
+        })
+        .await,
+        "SHOW POOLS and SHOW DATABASES: {:?}",
+        console_view(&console, "rl_load").await
+    );
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0, "no transaction failed");
-    assert!(done.load(Ordering::Relaxed) > 50);
+    assert!(done.load(Ordering::Relaxed) > 200);
 }
 
 #[tokio::test]
