@@ -116,6 +116,14 @@ async fn job(c: &Client, phase: Phase, api_call: Duration) -> Result<bool, tokio
     }
 }
 
+/// An error with the server's message and SQLSTATE, when it sent one.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} ({})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
 async fn connect(conn: &str) -> Result<Client, String> {
     let (client, connection) = tokio::time::timeout(
         Duration::from_secs(15),
@@ -123,7 +131,7 @@ async fn connect(conn: &str) -> Result<Client, String> {
     )
     .await
     .map_err(|_| "connecting to pgsluice timed out".to_owned())?
-    .map_err(|e| format!("connecting to pgsluice: {e}"))?;
+    .map_err(|e| format!("connecting to pgsluice: {}", describe(&e)))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -162,10 +170,7 @@ async fn worker(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
-                counts.error(match e.as_db_error() {
-                    Some(d) => format!("{} ({})", d.message(), d.code().code()),
-                    None => e.to_string(),
-                });
+                counts.error(describe(&e));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -181,12 +186,26 @@ pub struct Workers {
 
 impl Workers {
     /// Opens `n` connections with `conn` (a tokio-postgres connection string), all at once,
-    /// so that logging in is not part of a phase.
+    /// so that logging in is not part of a phase. A login that fails (on a machine so busy
+    /// that the pool's first server takes longer than the checkout timeout, say) is tried
+    /// again, up to 5 times.
     pub async fn connect(n: u32, conn: &str) -> Result<Vec<Client>, String> {
         let mut logins = JoinSet::new();
         for _ in 0..n {
             let conn = conn.to_owned();
-            logins.spawn(async move { connect(&conn).await });
+            logins.spawn(async move {
+                let mut tries = 0;
+                loop {
+                    match connect(&conn).await {
+                        Ok(c) => return Ok(c),
+                        Err(e) if tries == 4 => return Err(e),
+                        Err(_) => {
+                            tries += 1;
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            });
         }
         let mut out = Vec::with_capacity(n as usize);
         while let Some(c) = logins.join_next().await {
