@@ -1185,6 +1185,12 @@ pub fn config_rows(c: &Config) -> Vec<(&'static str, String, &'static str)> {
         ("query_wait_timeout", secs(c.query_wait_timeout), "120"),
         ("query_wait_notify", secs(c.query_wait_notify), "5"),
         ("client_login_timeout", secs(c.client_login_timeout), "60"),
+        ("query_timeout", secs(c.query_timeout), "0"),
+        (
+            "idle_transaction_timeout",
+            secs(c.idle_transaction_timeout),
+            "0",
+        ),
         (
             "server_connect_timeout",
             secs(c.server_connect_timeout),

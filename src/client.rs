@@ -99,8 +99,13 @@ async fn handle_with(stream: TcpStream, shared: Arc<Shared>, over_limit: Option<
 async fn fatal(stream: &mut Stream, e: &ErrorFields) {
     let mut buf = BytesMut::new();
     e.encode(&mut buf);
-    let _ = stream.send(&buf).await;
-    let _ = stream.shutdown().await;
+    // Bounded: a client that does not read (its socket buffer full) must not hold the
+    // connection's task, and what it holds, forever.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = stream.send(&buf).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 async fn serve(
@@ -723,6 +728,13 @@ impl Session {
             self.cancel.serving(checkout.server().key);
             let mut txn = Txn::new(self.mode == PoolMode::Transaction);
             txn.counts = TxnCounts::new(Some(self.meter.clone()));
+            {
+                let config = self.shared.pools.config();
+                txn.timeouts = relay::Timeouts {
+                    query: config.query_timeout,
+                    idle_transaction: config.idle_transaction_timeout,
+                };
+            }
             let outcome = relay::transaction(
                 &mut self.client,
                 checkout.server(),
@@ -784,6 +796,24 @@ impl Session {
                     let e = shutting_down();
                     fatal(&mut self.client.stream, &e).await;
                     return Err(e.message);
+                }
+                Outcome::TimedOut { error, left, tell } => {
+                    self.shared
+                        .metrics
+                        .error(ErrorKind::of_client_error(&error.code));
+                    tracing::info!(error = %error.message, "client closed at a timeout");
+                    if tell {
+                        fatal(&mut self.client.stream, &error).await;
+                    } else {
+                        // Cut inside a message: an ErrorResponse would be read as its rest.
+                        let _ = tokio::time::timeout(
+                            std::time::Duration::from_secs(1),
+                            self.client.stream.shutdown(),
+                        )
+                        .await;
+                    }
+                    self.leave(checkout, left).await;
+                    return Err(error.message);
                 }
                 Outcome::Aborted(left) => {
                     let e = ErrorFields::new(Severity::Fatal, "57P01", "terminating connection because pgsluice is shutting down and shutdown_timeout passed")

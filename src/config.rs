@@ -119,6 +119,14 @@ pub struct Config {
         deserialize_with = "de::duration"
     )]
     pub client_login_timeout: Duration,
+    /// A request the server has not finished answering after this long ends the client
+    /// (57014) and its server (cancelled, closed). 0: off.
+    #[serde(default, deserialize_with = "de::duration")]
+    pub query_timeout: Duration,
+    /// A client that holds a server inside a transaction and sends nothing for this long is
+    /// closed (25P03); its transaction is rolled back. 0: off.
+    #[serde(default, deserialize_with = "de::duration")]
+    pub idle_transaction_timeout: Duration,
     /// How long opening and logging into a server connection may take.
     #[serde(
         default = "defaults::server_connect_timeout",

@@ -81,10 +81,14 @@ pub enum ErrorKind {
     AuthLookup,
     /// Accepting a client connection failed (out of file descriptors, say).
     AcceptFailed,
+    /// A client's request ran past `query_timeout`.
+    QueryTimeout,
+    /// A client held a server idle in a transaction past `idle_transaction_timeout`.
+    IdleTransactionTimeout,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 17] = [
+    pub const ALL: [ErrorKind; 19] = [
         ErrorKind::LoginTimeout,
         ErrorKind::AuthFailed,
         ErrorKind::BadStartup,
@@ -102,6 +106,8 @@ impl ErrorKind {
         ErrorKind::LoginRateLimited,
         ErrorKind::AuthLookup,
         ErrorKind::AcceptFailed,
+        ErrorKind::QueryTimeout,
+        ErrorKind::IdleTransactionTimeout,
     ];
 
     /// `(kind, side)` label values.
@@ -124,6 +130,8 @@ impl ErrorKind {
             ErrorKind::LoginRateLimited => ("login_rate_limited", "client"),
             ErrorKind::AuthLookup => ("auth_lookup_failed", "server"),
             ErrorKind::AcceptFailed => ("accept_failed", "client"),
+            ErrorKind::QueryTimeout => ("query_timeout", "client"),
+            ErrorKind::IdleTransactionTimeout => ("idle_transaction_timeout", "client"),
         }
     }
 
@@ -132,6 +140,8 @@ impl ErrorKind {
         match sqlstate {
             "0A000" => ErrorKind::RefusedStatement,
             "54000" => ErrorKind::MessageTooLarge,
+            "57014" => ErrorKind::QueryTimeout,
+            "25P03" => ErrorKind::IdleTransactionTimeout,
             _ => ErrorKind::ProtocolViolation,
         }
     }

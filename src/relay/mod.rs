@@ -81,6 +81,59 @@ pub struct Txn {
     /// Queries, bytes and idle time, in plain integers; published once per transaction.
     pub counts: TxnCounts,
     pub stats: StatementStats,
+    /// How long the transaction may wait on either side (`query_timeout`,
+    /// `idle_transaction_timeout`); off by default.
+    pub timeouts: Timeouts,
+}
+
+/// Limits on waiting within a transaction; zero turns one off.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The server owes replies (a request runs, or its answer is not all read) this long.
+    pub query: std::time::Duration,
+    /// The client holds the server inside a transaction and sends nothing this long.
+    pub idle_transaction: std::time::Duration,
+}
+
+impl Timeouts {
+    fn off(&self) -> bool {
+        self.query.is_zero() && self.idle_transaction.is_zero()
+    }
+}
+
+/// When each timeout's wait began, while the relay waits.
+#[derive(Debug, Default)]
+struct Waits {
+    query: Option<tokio::time::Instant>,
+    idle: Option<tokio::time::Instant>,
+}
+
+impl Waits {
+    /// Notes what the transaction waits for now; returns the earliest deadline, if any.
+    fn update(
+        &mut self,
+        t: Timeouts,
+        owed: bool,
+        idle_in_transaction: bool,
+    ) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        self.query = if owed && !t.query.is_zero() {
+            Some(self.query.unwrap_or(now))
+        } else {
+            None
+        };
+        self.idle = if idle_in_transaction && !t.idle_transaction.is_zero() {
+            Some(self.idle.unwrap_or(now))
+        } else {
+            None
+        };
+        let q = self.query.map(|s| s + t.query);
+        let i = self.idle.map(|s| s + t.idle_transaction);
+        match (q, i) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// What the server's state is when a client goes away mid-transaction.
@@ -112,6 +165,13 @@ pub enum Outcome {
     Drained,
     /// The shutdown timeout passed mid-transaction.
     Aborted(Leftover),
+    /// `query_timeout` or `idle_transaction_timeout` passed: the client is to be closed
+    /// with `error`, told only if it stands between two messages (`tell`).
+    TimedOut {
+        error: ErrorFields,
+        left: Leftover,
+        tell: bool,
+    },
 }
 
 fn violation(msg: impl Into<String>) -> ErrorFields {
@@ -146,6 +206,7 @@ impl Txn {
             effects: SessionEffects::default(),
             counts: TxnCounts::default(),
             stats: StatementStats::default(),
+            timeouts: Timeouts::default(),
         }
     }
 
@@ -198,6 +259,7 @@ pub async fn transaction(
     let mut client_closed = false;
     // `server.buf[..out]` is read and ready for the client.
     let mut out = 0;
+    let mut waits = Waits::default();
     loop {
         match client.scan(txn, &mut server.statements) {
             Ok(false) => {}
@@ -262,6 +324,16 @@ pub async fn transaction(
         }
         let read_client = client.buf.len() - client.ready < HIGH_WATER;
         let read_server = server.buf.len() < HIGH_WATER;
+        let deadline = if txn.timeouts.off() {
+            None
+        } else {
+            let idle_in_transaction = txn.owed.is_empty()
+                && quiet
+                && out == 0
+                && !txn.copy_in
+                && (txn.status != TransactionStatus::Idle || txn.unsynced);
+            waits.update(txn.timeouts, !txn.owed.is_empty(), idle_in_transaction)
+        };
         tokio::select! {
             r = server.stream.readable(), if read_server => {
                 if let Err(e) = r { return server_gone(client, server, out, e.to_string()).await }
@@ -296,7 +368,56 @@ pub async fn transaction(
             }
             _ = stop.drain.cancelled(), if between => {}
             _ = stop.abort.cancelled() => return Outcome::Aborted(txn.leftover(client, server)),
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                return timed_out(client, server, out, txn, &waits);
+            }
         }
+    }
+}
+
+/// A wait in the transaction passed its timeout: what ends it.
+fn timed_out(
+    client: &ClientConn,
+    server: &ServerConn,
+    out: usize,
+    txn: &Txn,
+    waits: &Waits,
+) -> Outcome {
+    // The client has been given whole messages only if nothing ready is left unwritten.
+    let tell = out == 0 && server.cursor.client_between_messages();
+    if waits
+        .query
+        .is_some_and(|s| s.elapsed() >= txn.timeouts.query)
+    {
+        // The server may be hung or unreachable: it is cancelled and closed, never reused.
+        let error = ErrorFields::new(
+            Severity::Fatal,
+            "57014",
+            "canceling statement due to query_timeout",
+        )
+        .with_hint(format!(
+            "the server had not finished answering after query_timeout ({}s); the transaction was rolled back",
+            txn.timeouts.query.as_secs_f64()
+        ));
+        return Outcome::TimedOut {
+            error,
+            left: Leftover::Busy,
+            tell,
+        };
+    }
+    let error = ErrorFields::new(
+        Severity::Fatal,
+        "25P03",
+        "terminating connection due to idle_transaction_timeout",
+    )
+    .with_hint(format!(
+        "the transaction held its server idle for idle_transaction_timeout ({}s); it was rolled back",
+        txn.timeouts.idle_transaction.as_secs_f64()
+    ));
+    Outcome::TimedOut {
+        error,
+        left: txn.leftover(client, server),
+        tell,
     }
 }
 
