@@ -317,3 +317,83 @@ async fn slowloris_at_login() {
     }
     leaks.check().await;
 }
+
+/// Scenario 20 with query_timeout: the client that never reads its huge result is closed
+/// at query_timeout (with no ErrorResponse, which would land inside a row), and its server
+/// is cancelled and closed: nothing is held by the silent client any more.
+#[tokio::test]
+async fn client_that_never_reads_hits_query_timeout() {
+    let name = "cf_noread_qt";
+    let proxy = trust_app(name, "pool_size = 2\nquery_timeout = \"2s\"").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    w.send(&[wire::query(
+        "SELECT repeat('a', 1000000) FROM generate_series(1, 500)",
+    )])
+    .await;
+    // The server is given up at the timeout while the client still reads nothing.
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            gauge(&proxy, "pgsluice_client_connections", &[]) == 0.0
+                && gauge(&proxy, "pgsluice_server_connections", &[]) == 0.0
+        })
+        .await,
+        "the silent client and its server are let go"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(
+        gauge(
+            &proxy,
+            "pgsluice_errors_total",
+            &[("kind", "query_timeout")]
+        ),
+        1.0
+    );
+    drop(w);
+    leaks.check().await;
+}
+
+/// Scenario 22: a client opens a transaction and goes quiet past idle_transaction_timeout.
+/// It gets FATAL 25P03; its transaction is rolled back and the server reused (the same
+/// backend) by the client that was waiting for it.
+#[tokio::test]
+async fn idle_in_transaction_hits_its_timeout() {
+    let name = "cf_idle_txn";
+    let proxy = trust_app(name, "pool_size = 1\nidle_transaction_timeout = \"1s\"").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let setup = proxy.client(name).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    drop(setup);
+    let mut idle = Wire::connect(proxy.addr.port(), name, name).await;
+    let (_, msgs) = idle
+        .round(&[wire::query(
+            "BEGIN; INSERT INTO t VALUES (1); SELECT pg_backend_pid()",
+        )])
+        .await;
+    let pid = msgs
+        .iter()
+        .find(|m| m.tag == b'D')
+        .and_then(|m| m.row()[0].clone())
+        .unwrap();
+    let waiter = proxy.client(name).await;
+    let next = tokio::spawn(async move {
+        let pid = scalar(&waiter, "SELECT pg_backend_pid()").await;
+        (pid, waiter)
+    });
+    let started = Instant::now();
+    let m = wire::read_msg_within(&mut idle.stream, Duration::from_secs(5))
+        .await
+        .expect("an error before the close");
+    assert_eq!(m.code().as_deref(), Some("25P03"), "{m:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    wire::expect_closed(&mut idle.stream).await;
+    let (next_pid, waiter) = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next_pid, pid, "the server was rolled back and reused");
+    assert_eq!(scalar(&waiter, "SELECT count(*) FROM t").await, "0");
+    drop(waiter);
+    leaks.check().await;
+}

@@ -780,6 +780,100 @@ async fn silent_network_loss_holds_only_its_client() {
     leaks.check().await;
 }
 
+/// Scenario 5 with query_timeout: a backend hangs (SIGSTOP) under a query. At
+/// query_timeout the client gets FATAL 57014; the server is cancelled and closed, never
+/// pooled; the others are served throughout, and a new server replaces the hung one.
+#[tokio::test]
+async fn hung_backend_hits_query_timeout() {
+    let name = "uf_sigstop_qt";
+    let proxy = app(
+        name,
+        "pool_size = 2\nquery_timeout = \"1s\"\nauth_type = \"trust\"",
+    )
+    .await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let before = errors_total(&proxy, "query_timeout");
+    let mut stuck = wire::Wire::connect(proxy.addr.port(), name, name).await;
+    let (_, msgs) = stuck.round(&[wire::query("SELECT pg_backend_pid()")]).await;
+    let pid = msgs
+        .iter()
+        .find(|m| m.tag == b'D')
+        .and_then(|m| m.row()[0].clone())
+        .unwrap();
+    let kill = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    kill("-STOP");
+    let started = Instant::now();
+    stuck.send(&[wire::query("SELECT 1")]).await;
+    let codes = errors_until_closed(&mut stuck).await;
+    let took = started.elapsed();
+    assert_eq!(codes, ["57014"]);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert_eq!(errors_total(&proxy, "query_timeout"), before + 1.0);
+    // Two transactions at once: neither gets the hung server.
+    let others = [proxy.client(name).await, proxy.client(name).await];
+    for c in &others {
+        c.batch_execute("BEGIN").await.unwrap();
+    }
+    for c in &others {
+        assert_ne!(scalar(c, "SELECT pg_backend_pid()").await, pid);
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    kill("-CONT");
+    drop(others);
+    leaks.check().await;
+}
+
+/// Scenario 7 with query_timeout: the network to a linked server goes silent mid-query.
+/// The client gets FATAL 57014 at query_timeout instead of waiting for TCP to give up
+/// (minutes); the server is discarded; once the network moves again all is well.
+#[tokio::test]
+async fn silent_network_loss_hits_query_timeout() {
+    let name = "uf_stall_qt";
+    let (proxy, fault) = behind_fault(
+        name,
+        "auth_type = \"trust\"\npool_size = 2\nquery_timeout = \"1s\"",
+    )
+    .await;
+    let leaks = Leaks::with(&proxy, &[name], fault.port(), name, name, "x").await;
+    let mut w = wire::Wire::connect(proxy.addr.port(), name, name).await;
+    let (tags, _) = w.round(&[wire::query("BEGIN; SELECT 1")]).await;
+    assert_eq!(tags, "CTDCZ");
+    fault.stall();
+    let started = Instant::now();
+    w.send(&[wire::query("SELECT 2")]).await;
+    let codes = errors_until_closed(&mut w).await;
+    assert_eq!(codes, ["57014"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            common::leaks::metrics(&proxy)
+                .await
+                .sum("pgsluice_server_connections", &[])
+                == 0.0
+        })
+        .await,
+        "the stalled server is discarded"
+    );
+    fault.pass();
+    let c = proxy.client(name).await;
+    assert_eq!(scalar(&c, "SELECT 3").await, "3");
+    drop(c);
+    leaks.check().await;
+}
+
 /// Scenario 10: the upstream password is rotated while the proxy runs (the Secrets Manager
 /// case). Pooled servers keep working; a new server login fails with 28P01 at once (no
 /// retry loop); once the new secret is in the configuration and it is reloaded, new
