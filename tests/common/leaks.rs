@@ -283,7 +283,16 @@ impl<'a> Leaks<'a> {
     ) -> Leaks<'a> {
         install_panic_counter();
         let target = target.into();
-        let m = target.scrape().await;
+        // A connection just closed (a readiness probe, a setup client) may still be counted
+        // for a moment: let the figures settle first.
+        let mut m = target.scrape().await;
+        for _ in 0..40 {
+            if m.sum("pgsluice_client_logins_in_progress", &[]) == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            m = target.scrape().await;
+        }
         let pid = target.pid();
         let port = target.port();
         let inodes = socket_inodes(pid);
