@@ -306,6 +306,7 @@ async fn crash_only_restart() {
     )
     .await;
     let up = started.elapsed();
+    let leaks = Leaks::new(&proxy, name).await;
     let c = connect(&proxy.conn(name, "x", name)).await;
     assert_eq!(scalar(&c, "SELECT 1").await, "1");
     assert!(
@@ -320,7 +321,6 @@ async fn crash_only_restart() {
         "listening {up:?} after the restart"
     );
     drop(c);
-    let leaks = Leaks::new(&proxy, name).await;
     leaks.check().await;
 }
 
