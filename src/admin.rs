@@ -38,6 +38,8 @@ pub fn is_console(database: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct Console {
     paused: Mutex<Paused>,
+    /// Something is paused: lets [`Console::is_paused`] skip the lock on every request.
+    any_paused: AtomicBool,
     resumed: Notify,
     draining: AtomicBool,
     shutdown: AtomicBool,
@@ -56,6 +58,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Console {
     pub fn is_paused(&self, database: &str) -> bool {
+        if !self.any_paused.load(Ordering::Acquire) {
+            return false;
+        }
         let p = lock(&self.paused);
         p.all || p.databases.contains(database)
     }
@@ -556,6 +561,7 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
             None => {
                 tracing::info!("PAUSE command issued");
                 p.all = true;
+                shared.console.any_paused.store(true, Ordering::Release);
             }
             Some(d) if is_console(d) => {
                 return Err(error("55000", format!("cannot pause admin db: {d}")))
@@ -566,6 +572,7 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
             Some(d) => {
                 tracing::info!(database = d, "PAUSE command issued");
                 p.databases.insert(d.to_owned());
+                shared.console.any_paused.store(true, Ordering::Release);
             }
         }
     }
@@ -656,6 +663,8 @@ fn resume(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorField
             }
             Some(d) => tracing::info!(database = d, "RESUME command issued"),
         }
+        let still = p.all || !p.databases.is_empty();
+        shared.console.any_paused.store(still, Ordering::Release);
     }
     shared.console.resumed.notify_waiters();
     let mut out = BytesMut::new();

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,6 +22,7 @@ use crate::protocol::startup::{self, Startup, StartupError, StartupPacket};
 use crate::protocol::{frontend, TransactionStatus};
 use crate::relay::{self, ClientConn, Leftover, Outcome, Peek, Txn};
 use crate::server::{ServerConn, ServerError};
+use crate::shutdown::Watch;
 use crate::sql::SessionEffects;
 use crate::stream::Stream;
 use crate::tls::{ClientTlsMode, ALPN};
@@ -118,7 +119,7 @@ async fn serve(
     let peer = stream.tcp().peer_addr().ok().map(|a| a.ip());
     let login = tokio::time::timeout(
         config.client_login_timeout,
-        handshake(&mut stream, shared, peer, over_limit),
+        Box::pin(handshake(&mut stream, shared, peer, over_limit)),
     )
     .await;
     let login = match login {
@@ -223,6 +224,7 @@ async fn serve(
         cancel,
         meter,
         registration,
+        owed: Default::default(),
     };
     session.run().await
 }
@@ -662,6 +664,8 @@ struct Session {
     meter: Arc<Meter>,
     /// This client's entry in the registry (SHOW CLIENTS, gauges); removed on drop.
     registration: Registration,
+    /// The reply queue's allocation, kept from one transaction to the next.
+    owed: std::collections::VecDeque<relay::Owed>,
 }
 
 enum Wait {
@@ -726,7 +730,8 @@ impl Session {
                 return Err(e.message);
             }
             self.cancel.serving(checkout.server().key);
-            let mut txn = Txn::new(self.mode == PoolMode::Transaction);
+            let owed = std::mem::take(&mut self.owed);
+            let mut txn = Txn::reusing(self.mode == PoolMode::Transaction, owed);
             txn.counts = TxnCounts::new(Some(self.meter.clone()));
             {
                 let config = self.shared.pools.config();
@@ -739,13 +744,17 @@ impl Session {
                 &mut self.client,
                 checkout.server(),
                 &mut txn,
-                &self.shared.stop,
+                Watch {
+                    stop: &self.shared.stop,
+                    waker: &self.registration.client.stop_waker,
+                },
             )
             .await;
             txn.counts.finish();
             if txn.read_only_error {
                 checkout.read_only_error();
             }
+            self.owed = txn.take_owed();
             if txn.stats != relay::StatementStats::default() {
                 let (p, s) = (&self.meter.pool, txn.stats);
                 p.client_parses.inc_by(s.client_parses.into());
@@ -775,7 +784,7 @@ impl Session {
                     } else {
                         Leftover::Busy
                     };
-                    self.leave(checkout, left).await;
+                    Box::pin(self.leave(checkout, left)).await;
                     return Ok(());
                 }
                 Outcome::ClientError(e, left) => {
@@ -788,11 +797,11 @@ impl Session {
                         Leftover::Busy
                     };
                     fatal(&mut self.client.stream, &e).await;
-                    self.leave(checkout, left).await;
+                    Box::pin(self.leave(checkout, left)).await;
                     return Err(e.message);
                 }
                 Outcome::Drained => {
-                    self.leave(checkout, Leftover::Clean).await;
+                    Box::pin(self.leave(checkout, Leftover::Clean)).await;
                     let e = shutting_down();
                     fatal(&mut self.client.stream, &e).await;
                     return Err(e.message);
@@ -819,14 +828,14 @@ impl Session {
                     let e = ErrorFields::new(Severity::Fatal, "57P01", "terminating connection because pgsluice is shutting down and shutdown_timeout passed")
                         .with_hint("the transaction was cancelled and rolled back; reconnect and retry");
                     fatal(&mut self.client.stream, &e).await;
-                    self.leave(
+                    Box::pin(self.leave(
                         checkout,
                         if left == Leftover::Clean {
                             left
                         } else {
                             Leftover::Busy
                         },
-                    )
+                    ))
                     .await;
                     return Err(e.message);
                 }
@@ -851,10 +860,45 @@ impl Session {
         }
     }
 
+    fn observe_wait(&self, began: Option<Instant>) {
+        let waited = began.map_or(0.0, |b| b.elapsed().as_secs_f64());
+        self.meter.pool.client_wait.observe(waited);
+        self.meter.app.wait.observe(waited);
+    }
+
+    /// A server was checked out after waiting since `began` (`None`: at once).
+    fn got(&self, mut c: Checkout, began: Option<Instant>) -> Wait {
+        self.observe_wait(began);
+        self.meter.pool.server_assignments.inc();
+        let s = c.server();
+        self.registration.client.set_active(ServerLink {
+            id: s.id,
+            addr: s.key.addr,
+            local: None,
+            pid: s.key.pid,
+            connect_time: s.connected,
+        });
+        Wait::Got(c)
+    }
+
     /// Waits for a server. Meanwhile watches the client: a cancel takes it out of the queue,
     /// and a client that hangs up stops waiting (`None`) instead of running a dead request.
     async fn wait_for_server(&mut self, wait: std::time::Duration) -> Option<Wait> {
+        if !self.shared.console.is_paused(&self.meter.pool.database) {
+            if let Some(c) = self.shared.pools.try_idle(self.pool) {
+                // No wait: no clock read, and the wait observed is zero.
+                self.registration.client.set_request_time();
+                return Some(self.got(c, None));
+            }
+        }
         let began = Instant::now();
+        // Boxed: the queue's futures are large, and an idle client's task should not carry
+        // their room while it waits for its next request.
+        Box::pin(self.wait_queued(wait, began)).await
+    }
+
+    /// [`Session::wait_for_server`] when no idle server is there: queue, open one, or wait.
+    async fn wait_queued(&mut self, wait: std::time::Duration, began: Instant) -> Option<Wait> {
         self.registration.client.set_waiting(began);
         let shared = self.shared.clone();
         let (pool, database) = (self.pool, self.meter.pool.database.clone());
@@ -882,25 +926,12 @@ impl Session {
             let room = self.client.buf.len() < relay::HIGH_WATER;
             tokio::select! {
                 r = &mut checkout => {
-                    let waited = began.elapsed().as_secs_f64();
-                    self.meter.pool.client_wait.observe(waited);
-                    self.meter.app.wait.observe(waited);
                     return Some(match r {
-                        Ok(mut c) => {
-                            self.meter.pool.server_assignments.inc();
-                            let s = c.server();
-                            self.registration.client.set_active(ServerLink {
-                                id: s.id,
-                                addr: s.key.addr,
-                                local: None,
-                                pid: s.key.pid,
-                                connect_time: SystemTime::now()
-                                    .checked_sub(s.created.elapsed())
-                                    .unwrap_or(SystemTime::UNIX_EPOCH),
-                            });
-                            Wait::Got(c)
+                        Ok(c) => self.got(c, Some(began)),
+                        Err(e) => {
+                            self.observe_wait(Some(began));
+                            Wait::Failed(e)
                         }
-                        Err(e) => Wait::Failed(e),
                     });
                 }
                 _ = &mut cancelled => return Some(Wait::Cancelled),
@@ -944,7 +975,7 @@ impl Session {
     async fn next_request(&mut self) -> Result<bool, End> {
         loop {
             // Draining: this is the client's transaction boundary.
-            if self.shared.stop.drain.is_cancelled() {
+            if self.shared.stop.is_draining() {
                 return Err(End::Tell(shutting_down()));
             }
             if self.shared.pools.is_removed(self.pool) {
@@ -971,15 +1002,18 @@ impl Session {
                     }
                 }
                 Peek::NeedMore => {
-                    let shared = self.shared.clone();
+                    let watch = Watch {
+                        stop: &self.shared.stop,
+                        waker: &self.registration.client.stop_waker,
+                    };
                     tokio::select! {
                         more = self.client.read_more() => {
                             if !more.unwrap_or(false) {
                                 return Ok(false);
                             }
                         }
-                        // Cancel safety: read_buf loses nothing when dropped before it reads.
-                        _ = shared.stop.drain.cancelled() => return Err(End::Tell(shutting_down())),
+                        // Cancel safety: read_more loses nothing when dropped before it reads.
+                        _ = watch.draining() => return Err(End::Tell(shutting_down())),
                     }
                 }
             }

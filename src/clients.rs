@@ -79,6 +79,8 @@ pub struct Client {
     pub local: Option<SocketAddr>,
     /// TLS protocol and cipher suite, empty for plain TCP (SHOW CLIENTS `tls`).
     pub tls: String,
+    /// The client task's waker while it watches for shutdown (see [`crate::shutdown::Watch`]).
+    pub stop_waker: atomic_waker::AtomicWaker,
     pub connect_time: SystemTime,
     /// The process id in the BackendKeyData pgsluice gave the client.
     pub pid: i32,
@@ -126,9 +128,14 @@ impl Client {
     }
 
     /// The client sent a request and waits for a server from `since`.
-    pub fn set_waiting(&self, since: Instant) {
+    /// The client sent a request now (SHOW CLIENTS `request_time`).
+    pub fn set_request_time(&self) {
         self.request_time
             .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+    }
+
+    pub fn set_waiting(&self, since: Instant) {
+        self.set_request_time();
         self.wait_began.store(self.stamp(since), Ordering::Relaxed);
         self.state
             .store(ClientState::Waiting as u8, Ordering::Relaxed);
@@ -296,6 +303,7 @@ impl Clients {
             addr: c.addr,
             local: c.local,
             tls: c.tls,
+            stop_waker: Default::default(),
             connect_time: SystemTime::now(),
             pid: c.pid,
             base: self.base,

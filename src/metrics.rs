@@ -295,7 +295,9 @@ impl TxnCounts {
     /// The relay ended (transaction over, or the client or server left): closes an open
     /// idle stretch and publishes the rest.
     pub fn finish(&mut self) {
-        self.end_idle(Instant::now());
+        if self.idle_since.is_some() {
+            self.end_idle(Instant::now());
+        }
         self.publish();
     }
 }

@@ -98,6 +98,10 @@ pub struct ServerConn {
     /// absent means the server's default.
     pub session: BTreeMap<String, String>,
     pub created: Instant,
+    /// Idle past `server_check_delay` (set by the janitor): the next checkout checks it.
+    pub check_due: bool,
+    /// `created` as wall-clock time (SHOW SERVERS, SHOW CLIENTS).
+    pub connected: std::time::SystemTime,
     pub last_used: Instant,
     /// Index of the pool this connection belongs to.
     pub pool: usize,
@@ -197,6 +201,8 @@ impl ServerConn {
             reported: Vec::new(),
             session: BTreeMap::new(),
             created: Instant::now(),
+            check_due: false,
+            connected: std::time::SystemTime::now(),
             last_used: Instant::now(),
             pool,
             id,

@@ -3,6 +3,7 @@
 //! transaction boundary with 57P01, and exits; whatever still runs after `shutdown_timeout`
 //! is cancelled on the server and closed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,70 @@ pub struct Stop {
     pub abort: CancellationToken,
     /// Every client task, to wait for them.
     pub clients: TaskTracker,
+    /// `drain` is cancelled: read without the token's lock, on every request.
+    draining: AtomicBool,
+    /// `abort` is cancelled.
+    aborting: AtomicBool,
+}
+
+/// What one client task watches: the shutdown flags, and its own waker slot, which
+/// [`drain`] wakes. Polling it costs a few atomics and no lock: the tokens' futures lock a
+/// mutex shared by every client on every thread at each poll.
+#[derive(Debug, Clone, Copy)]
+pub struct Watch<'a> {
+    pub stop: &'a Stop,
+    pub waker: &'a atomic_waker::AtomicWaker,
+}
+
+impl Watch<'_> {
+    /// Ready once draining began.
+    pub fn poll_draining(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.waker.register(cx.waker());
+        if self.stop.is_draining() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// Ready once `shutdown_timeout` passed.
+    pub fn poll_aborting(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.waker.register(cx.waker());
+        if self.stop.aborting.load(Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
+    pub async fn draining(&self) {
+        std::future::poll_fn(|cx| self.poll_draining(cx)).await
+    }
+
+    pub async fn aborting(&self) {
+        std::future::poll_fn(|cx| self.poll_aborting(cx)).await
+    }
+}
+
+impl Stop {
+    /// Begins draining: clients leave at their next transaction boundary.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.drain.cancel();
+    }
+
+    /// True once draining began (a load, where `drain.is_cancelled()` takes a lock).
+    #[inline]
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Wakes every logged-in client's task, to see the shutdown flags.
+fn wake_clients(shared: &Shared) {
+    for c in shared.clients.all() {
+        c.stop_waker.wake();
+    }
 }
 
 /// Drains after the listener stopped: waits for clients up to `shutdown_timeout`, then cuts
@@ -29,7 +94,8 @@ pub struct Stop {
 pub async fn drain(shared: &Shared) {
     let stop = &shared.stop;
     shared.console.begin_drain();
-    stop.drain.cancel();
+    stop.begin_drain();
+    wake_clients(shared);
     stop.clients.close();
     let timeout = shared.pools.config().shutdown_timeout;
     tracing::info!(
@@ -45,7 +111,9 @@ pub async fn drain(shared: &Shared) {
             clients = stop.clients.len(),
             "shutdown_timeout passed: cancelling what still runs"
         );
+        stop.aborting.store(true, Ordering::Release);
         stop.abort.cancel();
+        wake_clients(shared);
         if tokio::time::timeout(AFTER_ABORT, stop.clients.wait())
             .await
             .is_err()

@@ -177,6 +177,16 @@ impl<'a> Lexer<'a> {
                     self.i = j.max(self.i + 1);
                     return Some(Token::Other);
                 }
+                b if b.is_ascii_digit() => {
+                    // A number is one token, not one per digit.
+                    self.i += 1;
+                    while self.i < self.s.len()
+                        && (self.s[self.i].is_ascii_alphanumeric() || self.s[self.i] == b'.')
+                    {
+                        self.i += 1;
+                    }
+                    return Some(Token::Other);
+                }
                 b if is_ident_start(b) => {
                     let start = self.i;
                     while self.i < self.s.len() && is_ident_cont(self.s[self.i]) {
@@ -225,37 +235,145 @@ const SESSION_LOCK_FUNCTIONS: [&str; 4] = [
     "pg_try_advisory_lock_shared",
 ];
 
+/// Tokens of a statement's start kept for the checks that look at it (`SET a.b.c TO …`).
+const HEAD: usize = 12;
+
+/// What one statement showed so far, token by token, without keeping its tokens.
+#[derive(Default)]
+struct Scan<'a> {
+    head: [Option<Token<'a>>; HEAD],
+    len: usize,
+    /// The two tokens before the current one.
+    prev: [Option<Token<'a>>; 2],
+    with_hold: bool,
+    on_commit_drop: bool,
+    /// The token after `set_config(` names the parameter.
+    set_config_next: bool,
+    refusal: Option<Refusal>,
+}
+
+impl<'a> Scan<'a> {
+    fn push(&mut self, tok: Token<'a>, effects: &mut SessionEffects) {
+        if self.len < HEAD {
+            self.head[self.len] = Some(tok);
+        }
+        self.len += 1;
+        if self.set_config_next {
+            self.set_config_next = false;
+            if let Token::Str(name) = tok {
+                effects.touch(String::from_utf8_lossy(name).to_ascii_lowercase());
+            }
+        }
+        match tok {
+            // Function calls anywhere in the statement.
+            Token::LParen => {
+                if let Some(Token::Word(w)) = self.prev[1] {
+                    if SESSION_LOCK_FUNCTIONS
+                        .iter()
+                        .any(|f| w.eq_ignore_ascii_case(f.as_bytes()))
+                    {
+                        self.refusal.get_or_insert(Refusal::AdvisoryLock);
+                    } else if w.eq_ignore_ascii_case(b"set_config") {
+                        self.set_config_next = true;
+                    }
+                }
+            }
+            Token::Word(w) => {
+                if w.eq_ignore_ascii_case(b"hold") && is(self.prev[1].as_ref(), "with") {
+                    self.with_hold = true;
+                } else if w.eq_ignore_ascii_case(b"drop")
+                    && is(self.prev[1].as_ref(), "commit")
+                    && is(self.prev[0].as_ref(), "on")
+                {
+                    self.on_commit_drop = true;
+                }
+            }
+            _ => {}
+        }
+        self.prev = [self.prev[1], Some(tok)];
+    }
+
+    /// The statement ended: its refusal, if any; the scan is reset for the next one.
+    fn finish(&mut self, effects: &mut SessionEffects) -> Option<Refusal> {
+        let n = self.len.min(HEAD);
+        let mut toks = [Token::Other; HEAD];
+        for (t, h) in toks.iter_mut().zip(&self.head[..n]) {
+            *t = h.expect("set for every index below len");
+        }
+        let r = statement(&toks[..n], self, effects).or(self.refusal);
+        *self = Scan::default();
+        r
+    }
+}
+
 /// Scans a query text (one or many statements). Records the parameters it may change into
 /// `effects`; returns a refusal when `transaction_mode` and the text holds session state.
+/// Allocates nothing unless the text changes a parameter.
 pub fn classify(
     sql: &[u8],
     transaction_mode: bool,
     effects: &mut SessionEffects,
 ) -> Option<Refusal> {
+    if plain_statement(sql) {
+        return None;
+    }
+    classify_all(sql, transaction_mode, effects)
+}
+
+/// [`classify`] without the shortcut for plain statements.
+fn classify_all(
+    sql: &[u8],
+    transaction_mode: bool,
+    effects: &mut SessionEffects,
+) -> Option<Refusal> {
     let mut lexer = Lexer { s: sql, i: 0 };
-    let mut stmt: Vec<Token> = Vec::new();
+    let mut scan = Scan::default();
     let mut refusal = None;
     loop {
         let tok = lexer.next_token();
         match tok {
             Some(Token::Semi) | None => {
-                if !stmt.is_empty() {
-                    if let Some(r) = statement(&stmt, effects) {
+                if scan.len > 0 {
+                    if let Some(r) = scan.finish(effects) {
                         refusal.get_or_insert(r);
                     }
-                    stmt.clear();
                 }
                 if tok.is_none() {
                     break;
                 }
             }
-            Some(t) => stmt.push(t),
+            Some(t) => scan.push(t, effects),
         }
     }
     if transaction_mode {
         refusal
     } else {
         None
+    }
+}
+
+/// First words of the statements that may set or hold session state.
+const SESSION_WORDS: [&str; 7] = [
+    "set", "reset", "discard", "listen", "prepare", "declare", "create",
+];
+
+/// One statement, with no parenthesis (so no function call), whose first word is not one
+/// of [`SESSION_WORDS`]: it cannot touch session state. Most queries are such; this answers
+/// them with a scan for two bytes and one token instead of lexing the whole text.
+fn plain_statement(sql: &[u8]) -> bool {
+    let mut body = sql.trim_ascii_end();
+    if let Some(rest) = body.strip_suffix(b";") {
+        body = rest;
+    }
+    if memchr::memchr2(b'(', b';', body).is_some() {
+        return false;
+    }
+    match (Lexer { s: sql, i: 0 }).next_token() {
+        Some(Token::Word(w)) => !SESSION_WORDS
+            .iter()
+            .any(|k| w.eq_ignore_ascii_case(k.as_bytes())),
+        None => true,
+        _ => false,
     }
 }
 
@@ -272,8 +390,13 @@ pub enum Deallocate {
 
 /// Recognises `DEALLOCATE name`, `DEALLOCATE ALL` and `DISCARD ALL` as a whole query text.
 pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
+    // Most texts are something else: one token tells.
+    let first = Lexer { s: sql, i: 0 }.next_token();
+    if !is(first.as_ref(), "deallocate") && !is(first.as_ref(), "discard") {
+        return None;
+    }
     let mut lexer = Lexer { s: sql, i: 0 };
-    let mut toks = Vec::new();
+    let mut toks = Vec::with_capacity(4);
     while let Some(t) = lexer.next_token() {
         if t != Token::Semi {
             toks.push(t);
@@ -326,7 +449,8 @@ fn param_name(toks: &[Token]) -> Option<String> {
     Some(name)
 }
 
-fn statement(t: &[Token], effects: &mut SessionEffects) -> Option<Refusal> {
+/// The checks on a statement's first tokens `t`; `scan` says what came later.
+fn statement(t: &[Token], scan: &Scan, effects: &mut SessionEffects) -> Option<Refusal> {
     let first = t.first();
     let mut refusal = None;
     if is(first, "set") {
@@ -366,10 +490,7 @@ fn statement(t: &[Token], effects: &mut SessionEffects) -> Option<Refusal> {
         refusal = Some(Refusal::Listen);
     } else if is(first, "prepare") && !is(t.get(1), "transaction") {
         refusal = Some(Refusal::Prepare);
-    } else if is(first, "declare")
-        && t.windows(2)
-            .any(|w| is(Some(&w[0]), "with") && is(Some(&w[1]), "hold"))
-    {
+    } else if is(first, "declare") && scan.with_hold {
         refusal = Some(Refusal::HoldCursor);
     } else if is(first, "create") {
         let mut i = 1;
@@ -380,29 +501,8 @@ fn statement(t: &[Token], effects: &mut SessionEffects) -> Option<Refusal> {
             i += 1;
         }
         let temp = is(t.get(i), "temp") || is(t.get(i), "temporary");
-        let drops = t
-            .windows(3)
-            .any(|w| is(Some(&w[0]), "on") && is(Some(&w[1]), "commit") && is(Some(&w[2]), "drop"));
-        if temp && !drops {
+        if temp && !scan.on_commit_drop {
             refusal = Some(Refusal::TempTable);
-        }
-    }
-    // Function calls anywhere in the statement.
-    for (i, tok) in t.iter().enumerate() {
-        if let Token::Word(w) = tok {
-            if t.get(i + 1) != Some(&Token::LParen) {
-                continue;
-            }
-            if SESSION_LOCK_FUNCTIONS
-                .iter()
-                .any(|f| w.eq_ignore_ascii_case(f.as_bytes()))
-            {
-                refusal.get_or_insert(Refusal::AdvisoryLock);
-            } else if w.eq_ignore_ascii_case(b"set_config") {
-                if let Some(Token::Str(name)) = t.get(i + 2) {
-                    effects.touch(String::from_utf8_lossy(name).to_ascii_lowercase());
-                }
-            }
         }
     }
     refusal
@@ -429,6 +529,51 @@ fn special_or_named(rest: &[Token], effects: &mut SessionEffects) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plain_statement_shortcut_agrees_with_the_full_scan() {
+        let texts = [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 5;",
+            "UPDATE pgbench_accounts SET abalance = abalance + -12 WHERE aid = 7;",
+            "BEGIN;",
+            "END;",
+            "  select 1  ;  ",
+            "SET search_path = x",
+            "set_config",
+            "SELECT set_config('a.b', 'c', false)",
+            "SELECT pg_advisory_lock(1)",
+            "LISTEN x",
+            "prepare p as select 1",
+            "declare c cursor with hold for select 1",
+            "create temp table t (a int)",
+            "create temporary table t as select 1",
+            "reset all",
+            "discard all",
+            "select 1; set x.y = 2",
+            "/* set */ select 1",
+            "-- set\nselect 1",
+            "select 'set x = 1'",
+            "\"set\" x",
+            "",
+            ";",
+        ];
+        for t in texts {
+            let (mut a, mut b) = (SessionEffects::default(), SessionEffects::default());
+            let fast = classify(t.as_bytes(), true, &mut a);
+            let full = classify_all(t.as_bytes(), true, &mut b);
+            assert_eq!((fast, a), (full, b), "{t:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_shortcut_never_hides_session_state(t in "[a-zA-Z_ ;().,'=0-9-]{0,60}") {
+            let (mut a, mut b) = (SessionEffects::default(), SessionEffects::default());
+            let fast = classify(t.as_bytes(), true, &mut a);
+            let full = classify_all(t.as_bytes(), true, &mut b);
+            proptest::prop_assert_eq!((fast, a), (full, b));
+        }
+    }
 
     fn run(sql: &str) -> (Option<Refusal>, SessionEffects) {
         let mut e = SessionEffects::default();

@@ -156,6 +156,7 @@ impl Pools {
         let failure = match tokio::time::timeout(timeout, server.simple_query(&query)).await {
             Ok(Ok(_)) => {
                 server.last_used = Instant::now();
+                server.check_due = false;
                 return true;
             }
             Ok(Err(e)) => e.to_string(),

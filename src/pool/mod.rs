@@ -21,7 +21,7 @@ pub mod health;
 pub mod janitor;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,10 @@ use crate::config::{BudgetMode, Config, PoolSettings};
 use crate::prepared::KnownStatements;
 use crate::server::{ServerConn, ServerError};
 pub use health::Retire;
+
+/// A server connection as pools hold it: boxed, so the pool's lists, hand-overs and
+/// checkouts move a pointer instead of the whole connection state.
+type Server = Box<ServerConn>;
 
 #[derive(Debug, Error)]
 pub enum PoolError {
@@ -64,7 +68,7 @@ pub type BudgetId = usize;
 #[derive(Debug)]
 enum Grant {
     /// An idle server, ready to use.
-    Server(ServerConn),
+    Server(Server),
     /// A reserved slot: the waiter opens the server itself.
     Slot,
     /// The budget could not be read: give up with this reason.
@@ -84,7 +88,7 @@ struct Pool {
     settings: Arc<PoolSettings>,
     budget: BudgetId,
     /// Idle servers; the last is the most recently used.
-    idle: Vec<ServerConn>,
+    idle: Vec<Server>,
     /// Servers that exist or are being opened (idle + active + connecting).
     open: u32,
     /// Servers being opened.
@@ -207,7 +211,7 @@ impl State {
     }
 
     /// Takes the least recently used idle server of budget `b` outside pool `except`.
-    fn steal_idle(&mut self, b: BudgetId, except: Option<PoolId>) -> Option<ServerConn> {
+    fn steal_idle(&mut self, b: BudgetId, except: Option<PoolId>) -> Option<Server> {
         let (pool, _) = self
             .pools
             .iter()
@@ -287,6 +291,8 @@ pub struct Pools {
     next_id: AtomicU64,
     /// Secrets for logging in upstream: cached salted passwords, passthrough keys.
     pub keys: Arc<UpstreamKeys>,
+    /// Some reload removed a pool (set under the lock, never cleared).
+    any_removed: AtomicBool,
 }
 
 impl Pools {
@@ -299,6 +305,7 @@ impl Pools {
             config: config.into(),
             next_id: AtomicU64::new(1),
             keys: Arc::default(),
+            any_removed: AtomicBool::new(false),
         });
         for db in pools.config.load().databases.values() {
             pools.budget_for(&db.host, db.port);
@@ -408,7 +415,8 @@ impl Pools {
 
     /// True when the pool's database or user left the configuration.
     pub fn is_removed(&self, pool: PoolId) -> bool {
-        self.lock().pools[pool].removed
+        // A load on every request; the lock only once some reload removed a pool.
+        self.any_removed.load(Ordering::Acquire) && self.lock().pools[pool].removed
     }
 
     /// Applies a new configuration (already validated, see `crate::reload`): pools take
@@ -442,7 +450,10 @@ impl Pools {
                     p.removed = false;
                     p.settings = Arc::new(s);
                 }
-                None => p.removed = true,
+                None => {
+                    p.removed = true;
+                    self.any_removed.store(true, Ordering::Release);
+                }
             }
             // Idle servers above the new size (all of them for a removed pool) close now;
             // busy ones close when returned.
@@ -558,6 +569,36 @@ impl Pools {
         }
     }
 
+    /// An idle server of `pool` right away, if there is one that looks alive: the common
+    /// case, with no future, timer or queue entry. (Idle servers are handed to waiters as
+    /// they come back, so an idle one means nobody waits.)
+    /// A server the janitor found due for `server_check_query` is left to
+    /// [`Pools::checkout`], which runs the check.
+    pub fn try_idle(self: &Arc<Self>, pool: PoolId) -> Option<Checkout> {
+        loop {
+            let server = {
+                let mut st = self.lock();
+                let idle = &mut st.pools[pool].idle;
+                if idle.last().is_none_or(|s| s.check_due) {
+                    return None;
+                }
+                idle.pop()?
+            };
+            if server.looks_alive() {
+                return Some(Checkout {
+                    server: Some(server),
+                    pools: self.clone(),
+                    retire: None,
+                });
+            }
+            tracing::info!(
+                server = server.id,
+                "closing a server found dead or dirty while idle"
+            );
+            self.discard(server);
+        }
+    }
+
     /// Checks a server out, waiting up to `wait` for one. Cancel-safe: dropping the future
     /// gives back anything it was granted.
     pub async fn checkout(
@@ -651,7 +692,7 @@ impl Pools {
                     }
                     return Ok(checkout);
                 }
-                Grant::Slot => match self.open(pool).await {
+                Grant::Slot => match Box::pin(self.open(pool)).await {
                     Ok(server) => {
                         return Ok(Checkout {
                             server: Some(server),
@@ -688,7 +729,7 @@ impl Pools {
     }
 
     /// Opens a server into a slot already reserved.
-    async fn open(self: &Arc<Self>, pool: PoolId) -> Result<ServerConn, PoolError> {
+    async fn open(self: &Arc<Self>, pool: PoolId) -> Result<Server, PoolError> {
         let mut slot = SlotGuard {
             pools: self,
             pool,
@@ -715,7 +756,7 @@ impl Pools {
                     p.params = Some(Arc::new(server.reported.clone()));
                 }
                 tracing::debug!(server = id, database = %settings.database, "opened server connection");
-                Ok(server)
+                Ok(Box::new(server))
             }
             Err(e) => {
                 self.lock().pools[pool].retry_after = Some(Instant::now() + CONNECT_RETRY_DELAY);
@@ -726,9 +767,11 @@ impl Pools {
     }
 
     /// Returns a clean, idle server (see the module rules).
-    fn checkin(&self, mut server: ServerConn) {
-        server.last_used = Instant::now();
-        if server.created.elapsed() >= self.config.load().server_lifetime {
+    fn checkin(&self, mut server: Server) {
+        let now = Instant::now();
+        server.last_used = now;
+        server.check_due = false;
+        if now.saturating_duration_since(server.created) >= self.config.load().server_lifetime {
             return self.discard(server);
         }
         let mut st = self.lock();
@@ -766,12 +809,12 @@ impl Pools {
     }
 
     /// Closes a server and gives its slot to the next waiter.
-    pub fn discard(&self, server: ServerConn) {
+    pub fn discard(&self, server: Server) {
         self.discard_for(server, None)
     }
 
     /// [`Pools::discard`], counting why when a health rule retires it.
-    fn discard_for(&self, server: ServerConn, why: Option<Retire>) {
+    fn discard_for(&self, server: Server, why: Option<Retire>) {
         let pool = server.pool;
         server.close();
         let mut st = self.lock();
@@ -824,7 +867,7 @@ impl Pools {
                     addr: s.key.addr,
                     local: s.stream.tcp().local_addr().ok(),
                     pid: s.key.pid,
-                    connect_time: std::time::SystemTime::now() - s.created.elapsed(),
+                    connect_time: s.connected,
                     last_used: std::time::SystemTime::now() - s.last_used.elapsed(),
                 });
             }
@@ -834,7 +877,7 @@ impl Pools {
 
     /// Closes every idle server (at shutdown); returns how many.
     pub fn close_idle(&self) -> usize {
-        let idle: Vec<ServerConn> = {
+        let idle: Vec<Server> = {
             let mut st = self.lock();
             let mut out = Vec::new();
             for id in 0..st.pools.len() {
@@ -858,14 +901,23 @@ impl Pools {
     /// budget, until a checkout found them); returns them for closing outside the lock.
     /// Used by the janitor. The liveness check costs no system call unless the socket was
     /// flagged readable.
-    fn take_expired(&self, now: Instant) -> Vec<ServerConn> {
+    fn take_expired(&self, now: Instant) -> Vec<Server> {
         let mut st = self.lock();
         let mut out = Vec::new();
         let idle_timeout = self.config.load().server_idle_timeout;
         let lifetime = self.config.load().server_lifetime;
+        let check_delay = {
+            let c = self.config.load();
+            (!c.server_check_query.is_empty()).then_some(c.server_check_delay)
+        };
         for id in 0..st.pools.len() {
             let mut i = 0;
             while i < st.pools[id].idle.len() {
+                if let Some(delay) = check_delay {
+                    // Seen by try_idle, which leaves such a server to checkout's check.
+                    let s = &mut st.pools[id].idle[i];
+                    s.check_due |= now.saturating_duration_since(s.last_used) >= delay;
+                }
                 let p = &st.pools[id];
                 let s = &p.idle[i];
                 let too_old = now.duration_since(s.created) >= lifetime;
@@ -917,7 +969,7 @@ impl Pools {
 }
 
 enum Step {
-    Idle(ServerConn),
+    Idle(Server),
     Open,
     Wait(WaitGuard),
 }
@@ -1006,7 +1058,7 @@ impl Drop for Auxiliary {
 /// A server lent to one client. [`Checkout::release`] returns it clean; dropping closes it.
 #[derive(Debug)]
 pub struct Checkout {
-    server: Option<ServerConn>,
+    server: Option<Server>,
     pools: Arc<Pools>,
     /// Set when a health rule retires the server: it closes instead of going back.
     retire: Option<Retire>,

@@ -27,10 +27,10 @@ use crate::protocol::frame::FrameError;
 use crate::protocol::messages::{quote_literal, ErrorFields, Severity};
 use crate::protocol::{backend, frontend, TransactionStatus};
 use crate::server::ServerConn;
-use crate::shutdown::Stop;
+use crate::shutdown::Watch;
 use crate::sql::{Refusal, SessionEffects};
 pub use replies::Cursor;
-use replies::Owed;
+pub use replies::Owed;
 pub use requests::{ClientConn, Peek};
 
 /// Most unsent bytes held per direction before reading that side pauses.
@@ -193,8 +193,14 @@ pub fn raise_sql(r: Refusal) -> String {
 
 impl Txn {
     pub fn new(transaction_mode: bool) -> Txn {
+        Self::reusing(transaction_mode, VecDeque::new())
+    }
+
+    /// A transaction whose reply queue reuses `owed`'s allocation (emptied first).
+    pub fn reusing(transaction_mode: bool, mut owed: VecDeque<Owed>) -> Txn {
+        owed.clear();
         Txn {
-            owed: VecDeque::new(),
+            owed,
             unsynced: false,
             copy_in: false,
             errored: false,
@@ -208,6 +214,11 @@ impl Txn {
             stats: StatementStats::default(),
             timeouts: Timeouts::default(),
         }
+    }
+
+    /// The reply queue's allocation, for the next transaction.
+    pub fn take_owed(&mut self) -> VecDeque<Owed> {
+        std::mem::take(&mut self.owed)
     }
 
     fn done(&self) -> bool {
@@ -254,8 +265,9 @@ pub async fn transaction(
     client: &mut ClientConn,
     server: &mut ServerConn,
     txn: &mut Txn,
-    stop: &Stop,
+    watch: Watch<'_>,
 ) -> Outcome {
+    let stop = watch.stop;
     let mut client_closed = false;
     // `server.buf[..out]` is read and ready for the client.
     let mut out = 0;
@@ -319,7 +331,7 @@ pub async fn transaction(
         // A session between transactions may end when draining.
         let between =
             !txn.transaction_mode && quiet && txn.leftover(client, server) == Leftover::Clean;
-        if between && stop.drain.is_cancelled() {
+        if between && stop.is_draining() {
             return Outcome::Drained;
         }
         let read_client = client.buf.len() - client.ready < HIGH_WATER;
@@ -366,9 +378,10 @@ pub async fn transaction(
             r = server.stream.writable(), if client.ready > 0 || server.stream.wants_write() => {
                 if let Err(e) = r { return server_gone(client, server, out, e.to_string()).await }
             }
-            _ = stop.drain.cancelled(), if between => {}
-            _ = stop.abort.cancelled() => return Outcome::Aborted(txn.leftover(client, server)),
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+            _ = watch.draining(), if between => {}
+            _ = watch.aborting() => return Outcome::Aborted(txn.leftover(client, server)),
+            // No clock read nor timer while the timeouts are off (the default).
+            _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
                 return timed_out(client, server, out, txn, &waits);
             }
         }

@@ -82,17 +82,61 @@ fn refuse(r: Refusal) -> ErrorFields {
 }
 
 impl ClientConn {
-    /// Reads more bytes into the buffer; `Ok(false)` at end of stream.
+    /// Reads more bytes into the buffer; `Ok(false)` at end of stream. Cancel-safe.
+    ///
+    /// A client waiting with nothing buffered holds no buffer: it gives it back to this
+    /// thread's spares while it waits, and takes one when bytes arrive. Idle clients then
+    /// cost their socket and task only, and a buffer a big message grew is freed.
     pub async fn read_more(&mut self) -> std::io::Result<bool> {
-        use tokio::io::AsyncReadExt;
-        self.buf.reserve(READ_CHUNK);
-        Ok(self.stream.read_buf(&mut self.buf).await? > 0)
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            give_buffer(std::mem::take(&mut self.buf));
+        }
+        loop {
+            self.stream.readable().await?;
+            if self.buf.capacity() == 0 {
+                self.buf = take_buffer();
+            }
+            self.buf.reserve(READ_CHUNK);
+            match self.stream.read_some(&mut self.buf) {
+                Ok(n) => return Ok(n > 0),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
 /// The C string at the start of `s`, if its terminator is within `limit` bytes.
 fn cstr(s: &[u8], limit: usize) -> Option<&[u8]> {
     memchr::memchr(0, &s[..s.len().min(limit + 1)]).map(|end| &s[..end])
+}
+
+thread_local! {
+    /// Read buffers of clients that went idle, for the next client on this thread that reads.
+    static SPARE_BUFFERS: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spare buffers kept per thread.
+const MAX_SPARE_BUFFERS: usize = 64;
+
+fn take_buffer() -> BytesMut {
+    SPARE_BUFFERS
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
+}
+
+fn give_buffer(mut b: BytesMut) {
+    // A buffer a big message grew is freed, not kept.
+    if b.capacity() > 2 * READ_CHUNK {
+        return;
+    }
+    b.clear();
+    SPARE_BUFFERS.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < MAX_SPARE_BUFFERS {
+            s.push(b);
+        }
+    });
 }
 
 impl<S> ClientConn<S> {
@@ -104,7 +148,7 @@ impl<S> ClientConn<S> {
     ) -> ClientConn<S> {
         ClientConn {
             stream,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             ready: 0,
             pass: 0,
             max_query_size,
