@@ -252,6 +252,46 @@ async fn idle_servers_failing_the_health_check_are_replaced() {
     );
 }
 
+/// With a delay of half a second or more the janitor marks idle servers due for their
+/// check, and a checkout that finds one takes the checking path.
+#[tokio::test]
+async fn a_server_idle_past_a_longer_delay_is_checked() {
+    use pgsluice::pool::Retire;
+    let pg = pg();
+    pg.create_app("hc3").await;
+    let owner = connect(&format!(
+        "host=127.0.0.1 port={} user=hc3 password=hc3-pw dbname=hc3",
+        pg.port
+    ))
+    .await;
+    owner
+        .batch_execute(
+            "CREATE TABLE ok (x int); INSERT INTO ok VALUES (1);
+             CREATE FUNCTION check_ok() RETURNS int LANGUAGE sql AS 'SELECT 1 / (SELECT count(*)::int FROM ok)'",
+        )
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&app_config(
+        pg,
+        "hc3",
+        "pool_size = 1\nserver_check_delay = \"1s\"\nserver_check_query = \"select check_ok()\"",
+    ))
+    .await;
+    let c = proxy.client("hc3").await;
+    let first = scalar(&c, "SELECT pg_backend_pid()").await;
+    owner.batch_execute("DELETE FROM ok").await.unwrap();
+    // Used again at once: not due, not checked.
+    assert_eq!(scalar(&c, "SELECT pg_backend_pid()").await, first);
+    // Idle past the delay (and a janitor round): checked, fails, replaced.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let second = scalar(&c, "SELECT pg_backend_pid()").await;
+    assert_ne!(
+        second, first,
+        "the server that failed its check was replaced"
+    );
+    assert_eq!(retired(&proxy, "hc3", Retire::CheckFailed), 1);
+}
+
 /// A check that gets no answer (the connection leads nowhere) is cut at
 /// server_connect_timeout; the client waits for a new server instead of failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -293,6 +293,9 @@ pub struct Pools {
     pub keys: Arc<UpstreamKeys>,
     /// Some reload removed a pool (set under the lock, never cleared).
     any_removed: AtomicBool,
+    /// `server_check_query` runs with a `server_check_delay` under the janitor's period:
+    /// every checkout takes the path that checks (see [`Pools::try_idle`]).
+    check_often: AtomicBool,
 }
 
 impl Pools {
@@ -306,7 +309,9 @@ impl Pools {
             next_id: AtomicU64::new(1),
             keys: Arc::default(),
             any_removed: AtomicBool::new(false),
+            check_often: AtomicBool::new(false),
         });
+        pools.set_check_often(&pools.config.load());
         for db in pools.config.load().databases.values() {
             pools.budget_for(&db.host, db.port);
         }
@@ -427,6 +432,7 @@ impl Pools {
     pub fn reload(&self, new: Config) -> Vec<BudgetId> {
         let new = Arc::new(new);
         self.config.store(new.clone());
+        self.set_check_often(&new);
         let before = self.lock().budgets.len();
         for db in new.databases.values() {
             self.budget_for(&db.host, db.port);
@@ -569,12 +575,20 @@ impl Pools {
         }
     }
 
+    fn set_check_often(&self, c: &Config) {
+        let often = !c.server_check_query.is_empty() && c.server_check_delay < janitor::PERIOD;
+        self.check_often.store(often, Ordering::Relaxed);
+    }
+
     /// An idle server of `pool` right away, if there is one that looks alive: the common
     /// case, with no future, timer or queue entry. (Idle servers are handed to waiters as
     /// they come back, so an idle one means nobody waits.)
     /// A server the janitor found due for `server_check_query` is left to
     /// [`Pools::checkout`], which runs the check.
     pub fn try_idle(self: &Arc<Self>, pool: PoolId) -> Option<Checkout> {
+        if self.check_often.load(Ordering::Relaxed) {
+            return None;
+        }
         loop {
             let server = {
                 let mut st = self.lock();
