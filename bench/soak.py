@@ -321,7 +321,9 @@ async def end_checks(a, stats):
             "count(*) FILTER (WHERE state = 'idle in transaction'), "
             "count(*) FILTER (WHERE state <> 'idle' AND wait_event = 'ClientRead') "
             "FROM pg_stat_activity WHERE usename = current_user AND pid <> pg_backend_pid() "
-            "AND backend_type = 'client backend'",
+            "AND backend_type = 'client backend' "
+            # The budget's control connection is not a pool server (and not in the gauge).
+            "AND application_name NOT LIKE 'pgsluice:fleet=%'",
         )
         c.close()
         servers_pg, idle_in_txn, client_read = (int(x) for x in rows[0])

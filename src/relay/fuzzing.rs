@@ -149,6 +149,11 @@ impl Session {
             return;
         }
         if txn.done() && super::quiet(&self.client, &server.buf, &server.cursor) {
+            // What `Checkout::release` requires of a server going back to the pool.
+            assert!(
+                server.buf.is_empty() && server.cursor.at_boundary(),
+                "a server is released mid-message"
+            );
             self.linked = None;
         }
     }
