@@ -67,7 +67,7 @@ for t in $TARGETS; do
     merged="$WORK/$t.merged"
     rm -rf "$merged" && mkdir -p "$merged"
     nice -n "$NICE" cargo fuzz run --fuzz-dir tests/fuzz --sanitizer "$SANITIZER" "$t" \
-      "$merged" "tests/fuzz/corpus/$t" "$WORK/$t" -- -set_cover_merge=1 \
+      "$merged" "tests/fuzz/corpus/$t" "$WORK/$t" -- -set_cover_merge=1 -use_counters=0 \
       >"$WORK/$t.merge.log" 2>&1
     # Keep the regression inputs of fixed findings under their own names.
     for f in tests/fuzz/corpus/$t/regression-*; do
