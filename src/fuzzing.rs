@@ -95,9 +95,10 @@ pub fn relay(data: &[u8]) {
 
 /// SCRAM-SHA-256 messages. First byte even: the proxy as SCRAM server (client-first, then
 /// client-final after a newline; `%n` in the client-final stands for the exchange's nonce,
-/// which the fuzzer cannot guess) and the stored-verifier format. Odd: the proxy as SCRAM
-/// client of an upstream (server-first, then server-final after a newline; `%n` in the
-/// server-first stands for the client's nonce).
+/// which the fuzzer cannot guess) and the stored-verifier format. `1` in the low two bits:
+/// the proxy as SCRAM client of an upstream (server-first, then server-final after a
+/// newline; `%n` in the server-first stands for the client's nonce). `3`: a whole upstream
+/// login's Authentication messages ([`upstream_login`]).
 pub fn scram(data: &[u8]) {
     use crate::auth::scram::{client_first, Verifier};
     let Some((&pick, rest)) = data.split_first() else {
@@ -125,8 +126,10 @@ pub fn scram(data: &[u8]) {
             .expect("server-first starts with the nonce");
         let last = replace(last, b"%n", nonce.as_bytes());
         let _ = exchange.client_final(&last);
-    } else {
+    } else if pick & 2 == 0 {
         upstream_scram(first, last);
+    } else {
+        upstream_login(rest, pick & 4 != 0);
     }
 }
 
@@ -146,6 +149,60 @@ fn upstream_scram(server_first: &[u8], server_final: &[u8]) {
         };
         if client.client_final(&keys).is_ok() {
             let _ = client.server_final(server_final);
+        }
+    }
+}
+
+/// What a server login does with the upstream's Authentication messages
+/// ([`crate::auth::upstream::UpstreamLogin::answer`]): `data` holds messages separated by
+/// newlines, each a code selector byte and the message data; `%n` in the data stands for
+/// the proxy's client nonce. `passthrough`: no password, keys a client's login taught (salt
+/// `salt`, 4 iterations), else the password `pencil`.
+fn upstream_login(data: &[u8], passthrough: bool) {
+    use crate::auth::upstream::{Learned, ScramKeys, UpstreamKeys, UpstreamLogin};
+    const CODES: [i32; 8] = [0, 3, 5, 10, 11, 12, 7, -1];
+    let keys = UpstreamKeys::default();
+    let (password, learned) = if passthrough {
+        let learned = Learned::Scram {
+            salt: b"salt".to_vec(),
+            iterations: 4,
+            keys: ScramKeys {
+                client_key: [3; 32],
+                server_key: [5; 32],
+            },
+        };
+        (None, Some(learned))
+    } else {
+        (Some("pencil"), None)
+    };
+    let mut login = UpstreamLogin::new("app", password, learned, &keys);
+    let mut nonce = Vec::new();
+    for line in data.split(|&b| b == b'\n').take(16) {
+        let Some((&pick, body)) = line.split_first() else {
+            continue;
+        };
+        let code = CODES[(pick & 7) as usize];
+        let body = replace(body, b"%n", &nonce);
+        // PBKDF2 for the password: past 1,000 iterations it only costs time.
+        if code == 11 && !passthrough {
+            let digits = memchr::memmem::find(&body, b",i=")
+                .map(|i| {
+                    body[i + 3..]
+                        .iter()
+                        .take_while(|b| b.is_ascii_digit())
+                        .count()
+                })
+                .unwrap_or(0);
+            if digits > 3 {
+                return;
+            }
+        }
+        let mut out = bytes::BytesMut::new();
+        if login.answer(code, &body, &mut out).is_err() {
+            return;
+        }
+        if let Some(i) = memchr::memmem::find(&out, b"n,,n=,r=") {
+            nonce = out[i + 8..].to_vec();
         }
     }
 }
