@@ -167,6 +167,19 @@ pub struct Config {
     /// Run on a session-mode server before it goes back to the pool; empty for none.
     #[serde(default = "defaults::server_reset_query")]
     pub server_reset_query: String,
+    /// TCP keepalive on client sockets (1, the default) or not (0), so that a client host
+    /// that vanished without closing its connections is found and its connections closed.
+    #[serde(default = "defaults::tcp_keepalive", deserialize_with = "de::num")]
+    pub tcp_keepalive: u32,
+    /// Idle time of a client socket before the first keepalive probe.
+    #[serde(default = "defaults::tcp_keepidle", deserialize_with = "de::duration")]
+    pub tcp_keepidle: Duration,
+    /// Time between keepalive probes.
+    #[serde(default = "defaults::tcp_keepintvl", deserialize_with = "de::duration")]
+    pub tcp_keepintvl: Duration,
+    /// Unanswered probes after which the client's connection is closed.
+    #[serde(default = "defaults::tcp_keepcnt", deserialize_with = "de::num")]
+    pub tcp_keepcnt: u32,
     /// An idle server unused this long runs `server_check_query` before it is handed out
     /// (0: every time).
     #[serde(
@@ -492,6 +505,18 @@ mod defaults {
     }
     pub fn server_check_delay() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn tcp_keepalive() -> u32 {
+        1
+    }
+    pub fn tcp_keepidle() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn tcp_keepintvl() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn tcp_keepcnt() -> u32 {
+        6
     }
     pub fn server_check_query() -> String {
         "select 1".into()
@@ -912,6 +937,19 @@ impl Config {
         }
         if self.pool_size == 0 {
             return Err(invalid("pool_size", "must be at least 1"));
+        }
+        if self.tcp_keepalive > 1 {
+            return Err(invalid("tcp_keepalive", "must be 0 (off) or 1 (on)"));
+        }
+        if self.tcp_keepalive == 1
+            && (self.tcp_keepidle.as_secs() == 0
+                || self.tcp_keepintvl.as_secs() == 0
+                || self.tcp_keepcnt == 0)
+        {
+            return Err(invalid(
+                "tcp_keepidle",
+                "tcp_keepidle and tcp_keepintvl must be at least 1s and tcp_keepcnt at least 1 (or set tcp_keepalive = 0)",
+            ));
         }
         if self.min_pool_size > self.pool_size {
             return Err(invalid("min_pool_size", "must not exceed pool_size"));

@@ -40,6 +40,22 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
 /// that an operator can look at a proxy that is full.
 pub const ADMIN_RESERVE: usize = 5;
 
+/// TCP keepalive on a client socket as the configuration says now (a reload applies to
+/// connections accepted after it): a client host that vanished without closing is found
+/// after `tcp_keepidle + tcp_keepintvl × tcp_keepcnt` and its connection closed.
+fn set_keepalive(stream: &tokio::net::TcpStream, shared: &Shared) {
+    let c = shared.pools.config();
+    if c.tcp_keepalive == 1 {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(c.tcp_keepidle)
+            .with_interval(c.tcp_keepintvl)
+            .with_retries(c.tcp_keepcnt);
+        if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "could not set TCP keepalive on a client socket");
+        }
+    }
+}
+
 /// Accepts clients forever.
 pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
     let max = shared.pools.config().max_client_conn as usize;
@@ -59,6 +75,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         let _ = stream.set_nodelay(true);
+        set_keepalive(&stream, &shared);
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let shared = shared.clone();

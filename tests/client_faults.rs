@@ -397,3 +397,66 @@ async fn idle_in_transaction_hits_its_timeout() {
     drop(waiter);
     leaks.check().await;
 }
+
+/// The kernel's view of the proxy's end of a client connection: (timer kind, jiffies to go)
+/// from /proc/net/tcp's `tr:tm->when` (kind 2 is the keepalive timer).
+fn proxy_side_timer(proxy_port: u16, client_port: u16) -> Option<(u32, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if port(f[1])? != proxy_port || port(f[2])? != client_port {
+            return None;
+        }
+        let (tr, when) = f[5].split_once(':')?;
+        Some((
+            u32::from_str_radix(tr, 16).ok()?,
+            u64::from_str_radix(when, 16).ok()?,
+        ))
+    })
+}
+
+/// Scenario 23, case (a): a client host that vanishes without closing (no FIN) is found by
+/// TCP keepalive on the client socket (tcp_keepidle, tcp_keepintvl, tcp_keepcnt). What can
+/// be checked without a root-only network trick: the kernel runs the keepalive timer on the
+/// proxy's end of an idle client connection, with the configured idle time, and does not
+/// when `tcp_keepalive = 0`. (Case (b), inside a transaction, is idle_transaction_timeout's.)
+#[tokio::test]
+async fn client_sockets_run_tcp_keepalive() {
+    let on = trust_app(
+        "cf_keepalive",
+        "tcp_keepidle = \"7s\"\ntcp_keepintvl = \"2s\"\ntcp_keepcnt = 3",
+    )
+    .await;
+    let off = trust_app("cf_nokeepalive", "tcp_keepalive = 0").await;
+    for (proxy, name, expect) in [(&on, "cf_keepalive", true), (&off, "cf_nokeepalive", false)] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&wire::startup_packet(&[("user", name), ("database", name)]))
+            .await
+            .unwrap();
+        wire::read_until_ready(&mut s).await;
+        s.write_all(&wire::query("SELECT 1")).await.unwrap();
+        wire::read_until_ready(&mut s).await;
+        let client_port = s.local_addr().unwrap().port();
+        // Once the reply is acknowledged the retransmit timer (kind 1) gives way.
+        let mut timer = (1, 0);
+        for _ in 0..40 {
+            timer = proxy_side_timer(proxy.addr.port(), client_port)
+                .expect("the proxy's end of the connection in /proc/net/tcp");
+            if timer.0 != 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if expect {
+            assert_eq!(
+                timer.0, 2,
+                "keepalive timer armed on an idle client connection"
+            );
+            // tm->when is in jiffies (USER_HZ 100 to 1000): at most the 7 s idle time.
+            assert!(timer.1 > 0 && timer.1 <= 7 * 1000, "{timer:?}");
+        } else {
+            assert_eq!(timer.0, 0, "no timer without keepalive: {timer:?}");
+        }
+    }
+}
