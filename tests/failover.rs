@@ -202,15 +202,13 @@ async fn a_pool_for_writes_waits_for_a_writable_server() {
     assert_eq!(scalar(&c, "SHOW transaction_read_only").await, "off");
 }
 
-/// server_check_query runs on a server idle longer than server_check_delay; one that fails
-/// is closed and the client gets another server without seeing an error.
-#[tokio::test]
-async fn idle_servers_failing_the_health_check_are_replaced() {
-    use pgsluice::pool::Retire;
+/// A pool of one server for app `name` whose `server_check_query` is `select check_ok()`, a
+/// function that fails once the returned owner connection empties table `ok`.
+async fn check_ok_app(name: &str, delay: &str) -> (Proxy, tokio_postgres::Client) {
     let pg = pg();
-    pg.create_app("hc1").await;
+    pg.create_app(name).await;
     let owner = connect(&format!(
-        "host=127.0.0.1 port={} user=hc1 password=hc1-pw dbname=hc1",
+        "host=127.0.0.1 port={} user={name} password={name}-pw dbname={name}",
         pg.port
     ))
     .await;
@@ -221,12 +219,19 @@ async fn idle_servers_failing_the_health_check_are_replaced() {
         )
         .await
         .unwrap();
-    let proxy = Proxy::start(&app_config(
-        pg,
-        "hc1",
-        "pool_size = 1\nserver_check_delay = \"0s\"\nserver_check_query = \"select check_ok()\"",
-    ))
-    .await;
+    let top = format!(
+        "pool_size = 1\nserver_check_delay = \"{delay}\"\nserver_check_query = \"select check_ok()\""
+    );
+    (Proxy::start(&app_config(pg, name, &top)).await, owner)
+}
+
+/// server_check_query runs on a server idle longer than server_check_delay; one that fails
+/// is closed and the client gets another server without seeing an error.
+#[tokio::test]
+async fn idle_servers_failing_the_health_check_are_replaced() {
+    use pgsluice::pool::Retire;
+    let pg = pg();
+    let (proxy, owner) = check_ok_app("hc1", "0s").await;
     let c = proxy.client("hc1").await;
     let first = scalar(&c, "SELECT pg_backend_pid()").await;
     assert_eq!(
@@ -257,26 +262,7 @@ async fn idle_servers_failing_the_health_check_are_replaced() {
 #[tokio::test]
 async fn a_server_idle_past_a_longer_delay_is_checked() {
     use pgsluice::pool::Retire;
-    let pg = pg();
-    pg.create_app("hc3").await;
-    let owner = connect(&format!(
-        "host=127.0.0.1 port={} user=hc3 password=hc3-pw dbname=hc3",
-        pg.port
-    ))
-    .await;
-    owner
-        .batch_execute(
-            "CREATE TABLE ok (x int); INSERT INTO ok VALUES (1);
-             CREATE FUNCTION check_ok() RETURNS int LANGUAGE sql AS 'SELECT 1 / (SELECT count(*)::int FROM ok)'",
-        )
-        .await
-        .unwrap();
-    let proxy = Proxy::start(&app_config(
-        pg,
-        "hc3",
-        "pool_size = 1\nserver_check_delay = \"1s\"\nserver_check_query = \"select check_ok()\"",
-    ))
-    .await;
+    let (proxy, owner) = check_ok_app("hc3", "1s").await;
     let c = proxy.client("hc3").await;
     let first = scalar(&c, "SELECT pg_backend_pid()").await;
     owner.batch_execute("DELETE FROM ok").await.unwrap();
