@@ -21,6 +21,10 @@
 #   BENCH_WORKLOADS="select-simple select-extended select-prepared tpcb"
 #   BENCH_TARGETS="pgsluice pgsluice-1t pgbouncer direct"
 #                            pgsluice = worker_threads 0 (one per core), pgsluice-1t = 1
+#                            Also (not in the default list): pgsluice-unix, pgsluice-unix-1t
+#                            (pgbench -> pgsluice over its listen_unix socket, pgsluice ->
+#                            PostgreSQL over its socket directory: the sidecar shape) and
+#                            pgbouncer-unix (the same legs through PgBouncer's unix_socket_dir)
 #   BENCH_ALT_BIN            another pgsluice binary (say, a build of main before a change): adds
 #                            targets pgsluice-alt and pgsluice-alt-1t unless BENCH_TARGETS is set
 #   BENCH_JOBS=2             pgbench threads (-j)
@@ -122,7 +126,7 @@ PGBOUNCER=$(command -v pgbouncer || true)
 if [ -z "$PGBOUNCER" ] && [ -x /usr/sbin/pgbouncer ]; then PGBOUNCER=/usr/sbin/pgbouncer; fi
 if [ -z "$PGBOUNCER" ]; then
   log "PgBouncer is not installed (apt-get install pgbouncer): comparing with direct only"
-  TARGETS=$(echo "$TARGETS" | tr ' ' '\n' | grep -vx pgbouncer | tr '\n' ' ')
+  TARGETS=$(echo "$TARGETS" | tr ' ' '\n' | grep -vx -e pgbouncer -e pgbouncer-unix | tr '\n' ' ')
 fi
 STRACE=$(command -v strace || true)
 [ -n "$STRACE" ] || STRACE_CLIENTS=""
@@ -177,7 +181,9 @@ mkdir -p "$WORK/pgb" "$WORK/pg" "$WORK/logs"
 chmod 700 "$WORK/pg"
 [ "$(id -u)" = 0 ] && chown "$PG_OWNER" "$WORK/pgb" "$WORK/pg"
 
-declare -A PORT PID
+declare -A PORT PID HOST
+# Where pgbench connects: 127.0.0.1, or a socket directory for the *-unix targets.
+host_of() { echo "${HOST[$1]:-127.0.0.1}"; }
 PG_STARTED=0
 
 stop_pid() { # pid: SIGTERM, wait up to 10 s, then SIGKILL
@@ -255,11 +261,17 @@ export PGPASSWORD="$PASSWORD"
 # with auth "trust" they check nothing. pgsluice logs in to PostgreSQL with the plain-text
 # password (PBKDF2 once per server connection, 20 per pool); PgBouncer reuses the client's
 # SCRAM keys with the verifier, or the plain-text password under trust.
-start_pgsluice() { # target workers auth [binary]
-  local t=$1 workers=$2 auth=$3 bin=${4:-$BIN}
+start_pgsluice() { # target workers auth [binary] [unix]
+  local t=$1 workers=$2 auth=$3 bin=${4:-$BIN} unix=${5:-0} upstream=127.0.0.1 listen_unix=""
   PORT[$t]=$(freeport)
+  if [ "$unix" = 1 ]; then
+    # Both legs over Unix sockets: clients in $WORK/$t.sock, PostgreSQL's socket directory.
+    mkdir -p "$WORK/$t.sock"
+    HOST[$t]=$WORK/$t.sock listen_unix=$WORK/$t.sock upstream=$WORK/pgb
+  fi
   cat >"$WORK/$t.toml" <<EOF
 listen = "127.0.0.1:${PORT[$t]}"
+listen_unix = "$listen_unix"
 pool_mode = "transaction"
 pool_size = $POOL_SIZE
 max_client_conn = $((max_idle + max_clients + 500))
@@ -270,7 +282,7 @@ worker_threads = $workers
 max_server_connections = $((POOL_SIZE * 5))
 
 [databases.bench]
-host = "127.0.0.1"
+host = "$upstream"
 port = ${PORT[direct]}
 password = "$PASSWORD"
 
@@ -282,22 +294,27 @@ EOF
   wait_port "${PORT[$t]}" || die "$t did not start (see $WORK/$t.log)"
 }
 
-start_pgbouncer() { # auth
-  local auth=$1 t=pgbouncer
+start_pgbouncer() { # auth [target] [unix]
+  local auth=$1 t=${2:-pgbouncer} unix=${3:-0} upstream=127.0.0.1 sockdir=""
   PORT[$t]=$(freeport)
+  if [ "$unix" = 1 ]; then
+    mkdir -p "$WORK/$t.sock"
+    [ "$(id -u)" = 0 ] && chown "$PG_OWNER" "$WORK/$t.sock"
+    HOST[$t]=$WORK/$t.sock sockdir=$WORK/$t.sock upstream=$WORK/pgb
+  fi
   if [ "$auth" = trust ]; then
     printf '"bench" "%s"\n' "$PASSWORD" >"$WORK/pgb/userlist.txt"
   else
     printf '"bench" "%s"\n' "$VERIFIER" >"$WORK/pgb/userlist.txt"
   fi
-  cat >"$WORK/pgb/pgbouncer.ini" <<EOF
+  cat >"$WORK/pgb/$t.ini" <<EOF
 [databases]
-bench = host=127.0.0.1 port=${PORT[direct]} dbname=bench
+bench = host=$upstream port=${PORT[direct]} dbname=bench
 
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = ${PORT[$t]}
-unix_socket_dir =
+unix_socket_dir = $sockdir
 auth_type = $auth
 auth_file = $WORK/pgb/userlist.txt
 pool_mode = transaction
@@ -306,20 +323,20 @@ max_client_conn = $((max_idle + max_clients + 500))
 listen_backlog = 4096
 log_connections = 0
 log_disconnections = 0
-logfile = $WORK/pgb/pgbouncer.log
-pidfile = $WORK/pgb/pgbouncer.pid
+logfile = $WORK/pgb/$t.log
+pidfile = $WORK/pgb/$t.pid
 EOF
-  [ "$(id -u)" = 0 ] && chown "$PG_OWNER" "$WORK/pgb/userlist.txt" "$WORK/pgb/pgbouncer.ini"
-  rm -f "$WORK/pgb/pgbouncer.pid"
-  as_pg bash -c "ulimit -n $FDS; exec '$PGBOUNCER' -d '$WORK/pgb/pgbouncer.ini'" >>"$WORK/pgbouncer.out" 2>&1 ||
-    die "PgBouncer did not start (see $WORK/pgb/pgbouncer.log)"
+  [ "$(id -u)" = 0 ] && chown "$PG_OWNER" "$WORK/pgb/userlist.txt" "$WORK/pgb/$t.ini"
+  rm -f "$WORK/pgb/$t.pid"
+  as_pg bash -c "ulimit -n $FDS; exec '$PGBOUNCER' -d '$WORK/pgb/$t.ini'" >>"$WORK/$t.out" 2>&1 ||
+    die "PgBouncer did not start (see $WORK/pgb/$t.log)"
   local i
   for i in $(seq 1 100); do
-    [ -s "$WORK/pgb/pgbouncer.pid" ] && break
+    [ -s "$WORK/pgb/$t.pid" ] && break
     sleep 0.1
   done
-  PID[$t]=$(cat "$WORK/pgb/pgbouncer.pid")
-  wait_port "${PORT[$t]}" || die "PgBouncer did not start (see $WORK/pgb/pgbouncer.log)"
+  PID[$t]=$(cat "$WORK/pgb/$t.pid")
+  wait_port "${PORT[$t]}" || die "PgBouncer did not start (see $WORK/pgb/$t.log)"
 }
 
 start_target() { # target auth
@@ -328,7 +345,10 @@ start_target() { # target auth
     pgsluice-1t) start_pgsluice pgsluice-1t 1 "$2" ;;
     pgsluice-alt) start_pgsluice pgsluice-alt 0 "$2" "$ALT_BIN" ;;
     pgsluice-alt-1t) start_pgsluice pgsluice-alt-1t 1 "$2" "$ALT_BIN" ;;
+    pgsluice-unix) start_pgsluice pgsluice-unix 0 "$2" "$BIN" 1 ;;
+    pgsluice-unix-1t) start_pgsluice pgsluice-unix-1t 1 "$2" "$BIN" 1 ;;
     pgbouncer) start_pgbouncer "$2" ;;
+    pgbouncer-unix) start_pgbouncer "$2" pgbouncer-unix 1 ;;
     direct) PID[direct]=0 ;;
   esac
 }
@@ -341,6 +361,8 @@ stop_target() {
 }
 
 proxies() { echo "$TARGETS" | tr ' ' '\n' | grep -v -e '^direct$' -e '^$' || true; }
+# The idle-client and storm passes connect over TCP (bench/helper.py): not the *-unix targets.
+tcp_proxies() { proxies | grep -v -e '-unix' || true; }
 
 # --- pgbench runs --------------------------------------------------------------------------
 workload_args() {
@@ -376,7 +398,7 @@ run_one() { # target workload clients repeat [seconds] [warmup]
   "$PY" "$HELPER" sample "${sargs[@]}" --interval 0.2 --max-seconds $((secs + 300)) --out "$dir/samples" &
   local spid=$! ec=0
   # shellcheck disable=SC2046
-  timeout $((secs + 240)) "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "${PORT[$t]}" -U bench -c "$c" -j "$JOBS" -T "$secs" \
+  timeout $((secs + 240)) "$PG_BIN/pgbench" -n -h "$(host_of "$t")" -p "${PORT[$t]}" -U bench -c "$c" -j "$JOBS" -T "$secs" \
     $(workload_args "$wl") -l --log-prefix="$dir/tx" bench >"$dir/out" 2>&1 || ec=$?
   stop_pid "$spid"
   wait "$spid" 2>/dev/null || true
@@ -423,7 +445,7 @@ if [ "$SERVE" = 1 ]; then
   {
     echo "export PGPASSWORD='$PASSWORD' PGUSER=bench PGDATABASE=bench PGHOST=127.0.0.1 PG_BIN='$PG_BIN'"
     for t in $TARGETS; do
-      echo "export PORT_${t//-/_}=${PORT[$t]} PID_${t//-/_}=${PID[$t]:-0}"
+      echo "export PORT_${t//-/_}=${PORT[$t]} PID_${t//-/_}=${PID[$t]:-0} HOST_${t//-/_}=$(host_of "$t")"
     done
   } >"$RESULTS/serve.env"
   log "serving; source $RESULTS/serve.env, then e.g. pgbench -S -c 16 -T 10 -p \$PORT_pgsluice"
@@ -457,7 +479,7 @@ syscall_pass() { # tool target workload clients seconds
   local tool=$1 t=$2 wl=$3 c=$4 secs=$5 dir="$WORK/logs/$1-$2-$3-$4" bpid t0 t1
   mkdir -p "$dir"
   # shellcheck disable=SC2046
-  timeout $((secs + 240)) "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "${PORT[$t]}" -U bench -c "$c" -j "$JOBS" \
+  timeout $((secs + 240)) "$PG_BIN/pgbench" -n -h "$(host_of "$t")" -p "${PORT[$t]}" -U bench -c "$c" -j "$JOBS" \
     -T $((secs + 4 + c / 200)) $(workload_args "$wl") -l --log-prefix="$dir/tx" bench >"$dir/out" 2>&1 &
   bpid=$!
   sleep $((2 + c / 200)) # past the logins
@@ -509,7 +531,7 @@ for t in $TARGETS; do stop_target "$t"; done
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 for n in $IDLE; do
   if [ "$n" -gt $((FDS - 200)) ]; then continue; fi
-  for t in $(proxies); do
+  for t in $(tcp_proxies); do
     start_target "$t" scram-sha-256
     "$PY" "$HELPER" storm --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" --n 20 --concurrency 20 >/dev/null
     sleep 0.5
@@ -546,7 +568,7 @@ done
 # --- 4. connection storm: proxy CPU per connection -----------------------------------------
 if [ "$STORM" -gt 0 ]; then
   for auth in $STORM_AUTH; do
-    for t in $(proxies); do
+    for t in $(tcp_proxies); do
       start_target "$t" "$auth"
       # Open the pool first: the storm measures logins, not server connections.
       "$PY" "$HELPER" storm --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" --n 40 --concurrency 40 >/dev/null

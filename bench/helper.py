@@ -502,10 +502,13 @@ LABEL = {
     "pgsluice-1t": "pgsluice (1 thread)",
     "pgsluice-alt": "pgsluice alt",
     "pgsluice-alt-1t": "pgsluice alt (1 thread)",
+    "pgsluice-unix": "pgsluice over Unix sockets",
+    "pgsluice-unix-1t": "pgsluice over Unix sockets (1 thread)",
     "pgbouncer": "PgBouncer",
+    "pgbouncer-unix": "PgBouncer over Unix sockets",
     "direct": "direct",
 }
-PGSLUICE_TARGETS = ["pgsluice", "pgsluice-1t", "pgsluice-alt", "pgsluice-alt-1t"]
+PGSLUICE_TARGETS = ["pgsluice", "pgsluice-1t", "pgsluice-alt", "pgsluice-alt-1t", "pgsluice-unix", "pgsluice-unix-1t"]
 
 
 def med(vals):
@@ -570,7 +573,7 @@ def cmd_report(args):
         groups.setdefault((r["workload"], r["clients"]), []).append(r)
     workloads_order = ["select-simple", "select-extended", "select-prepared", "tpcb"]
     keys = sorted(groups, key=lambda k: (workloads_order.index(k[0]) if k[0] in workloads_order else 9, k[1]))
-    targets_order = PGSLUICE_TARGETS + ["pgbouncer", "direct"]
+    targets_order = PGSLUICE_TARGETS + ["pgbouncer", "pgbouncer-unix", "direct"]
     proxies = [t for t in PGSLUICE_TARGETS if any(r["target"] == t for r in runs)]
 
     summary = []
@@ -604,10 +607,14 @@ def cmd_report(args):
         for p in proxies:
             row = {"workload": k[0], "clients": k[1], "proxy": p}
             for other in ("pgbouncer", "direct"):
+                # Like with like: a Unix-socket pgsluice against a Unix-socket PgBouncer.
+                base = other
+                if other == "pgbouncer" and "unix" in p and any(r["target"] == "pgbouncer-unix" for r in rs):
+                    base = "pgbouncer-unix"
                 for key in ("tps", "p99_ms", "cpu_us_per_txn", "user_us_per_txn"):
                     if other == "direct" and key.endswith("per_txn"):
                         continue
-                    row[f"{key}_vs_{other}"] = paired_ratio(rs, p, other, key)
+                    row[f"{key}_vs_{other}"] = paired_ratio(rs, p, base, key)
             ratios.append(row)
 
     # Targets from issue 6, for each pgsluice variant.
@@ -695,6 +702,7 @@ def cmd_report(args):
     L.append("## Ratios (paired per repeat, median)")
     L.append("")
     L.append("CPU and user CPU are the proxy's own per transaction. Lower is better except TPS.")
+    L.append("Unix-socket pgsluice targets are compared with PgBouncer over Unix sockets when it ran.")
     L.append("")
     L.append("| workload | clients | proxy | TPS ×PgB | p99 ×PgB | CPU/txn ×PgB | user CPU ×PgB | TPS ×direct | p99 ×direct |")
     L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")

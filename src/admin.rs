@@ -934,9 +934,11 @@ const SOCKET_COLUMNS: [(&str, Ty); 21] = [
     ("id", Ty::Int),
 ];
 
-fn addr_parts(a: Option<std::net::SocketAddr>) -> (V, V) {
+/// An address as `addr` and `port` columns; a Unix socket shows as `unix` and its port, as
+/// in PgBouncer.
+fn addr_parts(a: Option<crate::socket::Addr>) -> (V, V) {
     match a {
-        Some(a) => (a.ip().to_string().into(), (a.port() as i64).into()),
+        Some(a) => (a.host_text().into(), (a.port() as i64).into()),
         None => (V::Null, V::Null),
     }
 }

@@ -82,7 +82,25 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future) {
 }
 
 /// [`run`] with state built by the caller, who may keep a handle on it (tests, metrics).
+/// With `listen_unix`, binds its socket too (next to `listener`'s port); if that fails, logs
+/// why and returns without serving.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Future) {
+    let unix = match listener::bind_unix_for(&shared.pools.config(), &listener).await {
+        Ok(unix) => unix,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen on listen_unix");
+            return;
+        }
+    };
+    let listeners = listener::Listeners {
+        tcp: listener,
+        unix,
+    };
+    serve_on(listeners, shared, shutdown).await
+}
+
+/// [`serve`] on listeners already bound.
+pub async fn serve_on(listeners: listener::Listeners, shared: Arc<Shared>, shutdown: impl Future) {
     shared.spawn(janitor::run(shared.pools.clone()));
     let budgets: Vec<BudgetId> = shared
         .pools
@@ -94,11 +112,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
     // The HTTP endpoint keeps answering while draining (/readyz says not ready).
     shared.spawn(crate::http::run(shared.clone()));
     tokio::select! {
-        _ = listener::run(listener, shared.clone()) => {}
+        _ = listener::run(listeners, shared.clone()) => {}
         _ = shutdown => tracing::info!("shutting down"),
         _ = shared.console.shutdown_requested() => tracing::info!("shutting down (admin console SHUTDOWN)"),
     }
-    // The listener is dropped: no new clients.
+    // The listeners are dropped (the Unix socket's file removed): no new clients.
     crate::shutdown::drain(&shared).await;
     for task in shared
         .background

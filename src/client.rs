@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::app::Shared;
@@ -23,6 +22,7 @@ use crate::protocol::{frontend, TransactionStatus};
 use crate::relay::{self, ClientConn, Leftover, Outcome, Peek, Txn};
 use crate::server::{ServerConn, ServerError};
 use crate::shutdown::Watch;
+use crate::socket::Socket;
 use crate::sql::SessionEffects;
 use crate::stream::Stream;
 use crate::tls::{ClientTlsMode, ALPN};
@@ -68,24 +68,20 @@ struct Login {
 }
 
 /// Serves one accepted client connection until it ends. Errors end here, logged once.
-pub async fn handle(stream: TcpStream, shared: Arc<Shared>) {
+pub async fn handle(stream: Socket, shared: Arc<Shared>) {
     handle_with(stream, shared, None).await
 }
 
 /// Serves a connection accepted over `max_client_conn` (= `max`): only an admin console
 /// login (or a cancel request) gets in; any other startup is refused with 53300, before
 /// authentication.
-pub async fn handle_over_limit(stream: TcpStream, shared: Arc<Shared>, max: usize) {
+pub async fn handle_over_limit(stream: Socket, shared: Arc<Shared>, max: usize) {
     handle_with(stream, shared, Some(max)).await
 }
 
-async fn handle_with(stream: TcpStream, shared: Arc<Shared>, over_limit: Option<usize>) {
+async fn handle_with(stream: Socket, shared: Arc<Shared>, over_limit: Option<usize>) {
     let stream = Stream::from(stream);
-    let peer = stream
-        .tcp()
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let peer = stream.peer().map(|a| a.to_string()).unwrap_or_default();
     let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     async move {
         match serve(stream, &shared, over_limit).await {
@@ -116,7 +112,8 @@ async fn serve(
 ) -> Result<(), String> {
     let config = shared.pools.config();
     let logging_in = shared.clients.logging_in();
-    let peer = stream.tcp().peer_addr().ok().map(|a| a.ip());
+    // Unix-socket clients have no IP address: login_rate_limit counts TCP clients only.
+    let peer = stream.peer().and_then(|a| a.ip());
     let login = tokio::time::timeout(
         config.client_login_timeout,
         Box::pin(handshake(&mut stream, shared, peer, over_limit)),
@@ -194,8 +191,8 @@ async fn serve(
         pool,
         database: login.database.clone(),
         user: login.user.clone(),
-        addr: stream.tcp().peer_addr().ok(),
-        local: stream.tcp().local_addr().ok(),
+        addr: stream.peer(),
+        local: stream.local(),
         tls: stream.tls_description(),
         pid: cancel.client.pid,
         app: AppSlot {
@@ -281,7 +278,12 @@ async fn handshake(
     peer: Option<IpAddr>,
     over_limit: Option<usize>,
 ) -> Result<Option<Login>, End> {
-    let tls = shared.pools.config().tls.client.clone();
+    let mut tls = shared.pools.config().tls.client.clone();
+    // No TLS over a Unix socket, as PostgreSQL: an SSLRequest gets 'N', and the client is
+    // local, so `client_tls.mode = require` does not apply to it.
+    if stream.socket().is_unix() {
+        tls = Default::default();
+    }
     // SSLRequest and GSSENCRequest may each come once before the startup packet.
     let (mut ssl_asked, mut gss_asked) = (false, false);
     loop {

@@ -8,7 +8,6 @@
 //! which no client path takes after login.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -53,8 +52,8 @@ impl ClientState {
 pub struct ServerLink {
     pub id: u64,
     /// The PostgreSQL server's address.
-    pub addr: SocketAddr,
-    pub local: Option<SocketAddr>,
+    pub addr: crate::socket::Addr,
+    pub local: Option<crate::socket::Addr>,
     /// The backend's process id (from its BackendKeyData).
     pub pid: i32,
     pub connect_time: SystemTime,
@@ -75,8 +74,8 @@ pub struct Client {
     pub pool: PoolId,
     pub database: String,
     pub user: String,
-    pub addr: Option<SocketAddr>,
-    pub local: Option<SocketAddr>,
+    pub addr: Option<crate::socket::Addr>,
+    pub local: Option<crate::socket::Addr>,
     /// TLS protocol and cipher suite, empty for plain TCP (SHOW CLIENTS `tls`).
     pub tls: String,
     /// The client task's waker while it watches for shutdown (see [`crate::shutdown::Watch`]).
@@ -260,8 +259,8 @@ pub struct NewClient {
     pub pool: PoolId,
     pub database: String,
     pub user: String,
-    pub addr: Option<SocketAddr>,
-    pub local: Option<SocketAddr>,
+    pub addr: Option<crate::socket::Addr>,
+    pub local: Option<crate::socket::Addr>,
     pub tls: String,
     pub pid: i32,
     pub app: AppSlot,

@@ -93,6 +93,16 @@ pub struct Config {
     /// Address clients connect to.
     #[serde(default = "defaults::listen")]
     pub listen: String,
+    /// Directory of a Unix socket clients may connect to as well, `DIR/.s.PGSQL.PORT` with
+    /// `listen`'s port; empty (the default): none.
+    #[serde(default)]
+    pub listen_unix: String,
+    /// Permissions of the `listen_unix` socket file, octal digits in a string.
+    #[serde(
+        default = "defaults::unix_socket_mode",
+        deserialize_with = "de::octal_mode"
+    )]
+    pub unix_socket_mode: u32,
     /// Quick mode: one upstream database as a URL `postgres://USER:PASSWORD@HOST:PORT/DBNAME`.
     #[serde(default)]
     pub upstream: Option<Password>,
@@ -467,6 +477,9 @@ mod defaults {
     pub fn listen() -> String {
         "127.0.0.1:6432".into()
     }
+    pub fn unix_socket_mode() -> u32 {
+        0o777
+    }
     pub fn pool_mode() -> PoolMode {
         PoolMode::Transaction
     }
@@ -591,6 +604,26 @@ mod de {
         }
     }
 
+    /// File permissions as octal digits in a string (`"0777"`, `"660"`), as PgBouncer's
+    /// `unix_socket_mode`. A TOML integer is refused: `777` would not mean what it looks like.
+    pub fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => Err(D::Error::custom(format!(
+                "{n}: give the mode as a string of octal digits, e.g. \"0660\""
+            ))),
+            NumOrStr::Str(s) => {
+                let t = s.trim();
+                let digits = t.strip_prefix("0o").unwrap_or(t);
+                match u32::from_str_radix(digits, 8) {
+                    Ok(m) if !digits.is_empty() && m <= 0o777 => Ok(m),
+                    _ => Err(D::Error::custom(format!(
+                        "{s:?} is not a file mode (octal digits, at most \"0777\")"
+                    ))),
+                }
+            }
+        }
+    }
+
     pub fn opt_num<'de, D: Deserializer<'de>, T: TryFrom<i64> + std::str::FromStr>(
         d: D,
     ) -> Result<Option<T>, D::Error> {
@@ -684,10 +717,15 @@ impl UpstreamUrl {
             .or_else(|| url.strip_prefix("postgresql://"))
             .ok_or("must start with postgres:// or postgresql://")?;
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        // libpq's `host` and `port` parameters override the URL's: `host=/var/run/postgresql`
+        // is how a URL names a Unix socket directory (or `%2Fvar%2Frun%2Fpostgresql` as host).
+        let (mut query_host, mut query_port) = (None, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("sslmode", "disable" | "allow" | "prefer"))
                 | Some(("application_name", _)) => {}
+                Some(("host", h)) => query_host = Some(percent_decode(h)?),
+                Some(("port", p)) => query_port = Some(p),
                 _ => return Err(format!("unsupported URL parameter {pair:?}")),
             }
         }
@@ -702,10 +740,12 @@ impl UpstreamUrl {
             (h.to_owned(), p.strip_prefix(':').unwrap_or(""))
         } else {
             match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_owned(), p),
-                None => (hostport.to_owned(), ""),
+                Some((h, p)) => (percent_decode(h)?, p),
+                None => (percent_decode(hostport)?, ""),
             }
         };
+        let host = query_host.unwrap_or(host);
+        let port = query_port.unwrap_or(port);
         let port = if port.is_empty() {
             5432
         } else {
@@ -1054,6 +1094,19 @@ impl Config {
             if db.host.is_empty() {
                 return Err(invalid(key("host"), "must not be empty"));
             }
+            if crate::socket::is_unix_host(&db.host)
+                && self.server_tls.mode != crate::tls::ServerTlsMode::Prefer
+                && self.server_tls.mode != crate::tls::ServerTlsMode::Disable
+            {
+                return Err(invalid(
+                    key("host"),
+                    format!(
+                        "{} is a Unix socket directory, and PostgreSQL offers no TLS over a Unix socket: server_tls.mode = \"{}\" cannot be met (use \"prefer\" or \"disable\", or a TCP host)",
+                        db.host,
+                        self.server_tls.mode.as_str()
+                    ),
+                ));
+            }
             if name == "pgsluice" || name == "pgbouncer" {
                 return Err(invalid(
                     format!("databases.{name}"),
@@ -1239,6 +1292,44 @@ mod tests {
         assert!(UpstreamUrl::parse("mysql://a@b/c").is_err());
         assert!(UpstreamUrl::parse("postgres://a@b:notaport/c").is_err());
         assert!(UpstreamUrl::parse("postgres://a@b/c?sslmode=verify-full").is_err());
+    }
+
+    #[test]
+    fn unix_sockets() {
+        let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
+        // A URL names a socket directory as libpq does: a host parameter, or an escaped host.
+        let u =
+            UpstreamUrl::parse("postgres://app@/shop?host=/var/run/postgresql&port=5433").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.dbname.as_str()),
+            ("/var/run/postgresql", 5433, "shop")
+        );
+        let u = UpstreamUrl::parse("postgres://app:pw@%2Ftmp%2Fpg:6000/shop").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("/tmp/pg", 6000));
+        // listen_unix: none by default; the socket's mode as octal digits.
+        let c = Config::from_toml(MIN).unwrap();
+        assert_eq!((c.listen_unix.as_str(), c.unix_socket_mode), ("", 0o777));
+        let c = Config::from_toml(&format!(
+            "listen_unix = \"/run/pgsluice\"\nunix_socket_mode = \"0660\"\n{MIN}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.listen_unix.as_str(), c.unix_socket_mode),
+            ("/run/pgsluice", 0o660)
+        );
+        for bad in ["\"0999\"", "\"01777\"", "\"\"", "777"] {
+            let e = err(&format!("unix_socket_mode = {bad}\n{MIN}"));
+            assert!(e.starts_with("unix_socket_mode:"), "{bad}: {e}");
+        }
+        // No TLS over a Unix socket: a mode that requires it is refused, naming the database.
+        let unix_db =
+            "[databases.app]\nhost = \"/var/run/postgresql\"\n[users.app]\npassword = \"pw\"\n";
+        assert!(Config::from_toml(unix_db).is_ok());
+        let e = err(&format!("[server_tls]\nmode = \"require\"\n{unix_db}"));
+        assert!(
+            e.starts_with("databases.app.host:") && e.contains("no TLS over a Unix socket"),
+            "{e}"
+        );
     }
 
     #[test]

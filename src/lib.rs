@@ -40,6 +40,7 @@ pub mod reload;
 pub mod secrets;
 pub mod server;
 pub mod shutdown;
+pub mod socket;
 pub mod sql;
 pub mod stream;
 pub mod tls;

@@ -1,14 +1,19 @@
-//! The client accept loop: enforces `max_client_conn` and spawns one task per client.
+//! The client accept loop: enforces `max_client_conn` and spawns one task per client, from
+//! the TCP listener and, with `listen_unix`, a Unix socket as well (same path after accept).
 
+use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
 use crate::app::Shared;
 use crate::client;
+use crate::config::Config;
 use crate::protocol::messages::{ErrorFields, Severity};
+use crate::socket::{self, Socket};
 
 /// Length of the queue of connections the kernel completes before pgsluice accepts them
 /// (capped by `net.core.somaxconn`). Larger than tokio's 1024: a burst of thousands of
@@ -56,14 +61,131 @@ fn set_keepalive(stream: &tokio::net::TcpStream, shared: &Shared) {
     }
 }
 
+/// The sockets clients connect to.
+#[derive(Debug)]
+pub struct Listeners {
+    pub tcp: TcpListener,
+    pub unix: Option<UnixSocket>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(tcp: TcpListener) -> Self {
+        Listeners { tcp, unix: None }
+    }
+}
+
+/// The `listen_unix` socket. Dropping it (the proxy stops accepting) removes its file.
+#[derive(Debug)]
+pub struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the file bound, so that a file another process put there since
+    /// is left alone.
+    file: (u64, u64),
+}
+
+impl UnixSocket {
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.file {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Binds `DIR/.s.PGSQL.PORT` for `listen_unix = DIR` and the TCP listener's port; `None`
+/// when `listen_unix` is empty.
+pub async fn bind_unix_for(config: &Config, tcp: &TcpListener) -> io::Result<Option<UnixSocket>> {
+    if config.listen_unix.is_empty() {
+        return Ok(None);
+    }
+    let port = tcp.local_addr()?.port();
+    bind_unix(
+        &socket::socket_path(&config.listen_unix, port),
+        config.unix_socket_mode,
+    )
+    .await
+    .map(Some)
+}
+
+/// Binds a Unix socket at `path` with permissions `mode`. A file left there by a process
+/// that ended without removing it is replaced; a socket something still answers on is not
+/// (an error: another pgsluice or PostgreSQL runs there).
+pub async fn bind_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixSocket> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let shown = path.display();
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{shown} exists and is not a socket"),
+            ));
+        }
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::UnixStream::connect(path),
+        )
+        .await
+        {
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %shown, "removing a stale Unix socket (nothing listens on it)");
+                std::fs::remove_file(path)?;
+            }
+            Ok(Err(e)) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{shown} exists and cannot be checked: {e}"),
+                ))
+            }
+            Ok(Ok(_)) | Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{shown} is in use: another process listens on it"),
+                ))
+            }
+        }
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {shown}: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok(UnixSocket {
+        listener,
+        path: path.to_owned(),
+        file: (m.dev(), m.ino()),
+    })
+}
+
+/// The next client from either listener.
+async fn accept(listeners: &Listeners) -> io::Result<Socket> {
+    let unix = async {
+        match &listeners.unix {
+            Some(u) => u.listener.accept().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = listeners.tcp.accept() => r.map(|(s, _)| Socket::Tcp(s)),
+        r = unix => r.map(|(s, _)| Socket::Unix(s)),
+    }
+}
+
 /// Accepts clients forever.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
     let max = shared.pools.config().max_client_conn as usize;
     let slots = Arc::new(Semaphore::new(max));
     let reserve = Arc::new(Semaphore::new(ADMIN_RESERVE));
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let stream = match accept(&listeners).await {
+            Ok(stream) => stream,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 shared
@@ -74,8 +196,11 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        set_keepalive(&stream, &shared);
+        // TCP only: a Unix socket has no Nagle and no keepalive.
+        if let Socket::Tcp(tcp) = &stream {
+            let _ = tcp.set_nodelay(true);
+            set_keepalive(tcp, &shared);
+        }
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let shared = shared.clone();
@@ -107,7 +232,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Tells a client over `max_client_conn` why it is turned away.
-async fn refuse(mut stream: TcpStream, max: usize) {
+async fn refuse(mut stream: Socket, max: usize) {
     use tokio::io::AsyncWriteExt;
     tracing::warn!(max_client_conn = max, "client refused: too many clients");
     let mut buf = bytes::BytesMut::new();

@@ -25,6 +25,9 @@ struct Cli {
     /// Address to listen on, e.g. 127.0.0.1:6432.
     #[arg(long)]
     listen: Option<String>,
+    /// Also listen on a Unix socket in this directory (DIR/.s.PGSQL.PORT, PORT from --listen).
+    #[arg(long, value_name = "DIR")]
+    listen_unix: Option<String>,
     /// Quick mode: the one upstream database, postgres://USER:PASSWORD@HOST:PORT/DBNAME.
     #[arg(long)]
     upstream: Option<String>,
@@ -91,6 +94,7 @@ impl Cli {
     fn flags(&self) -> Vec<(&'static str, String)> {
         let pairs = [
             ("listen", &self.listen),
+            ("listen_unix", &self.listen_unix),
             ("upstream", &self.upstream),
             ("pool_mode", &self.pool_mode),
             ("pool_size", &self.pool_size),
@@ -260,7 +264,17 @@ async fn serve(config: Config, source: pgsluice::reload::ConfigSource) -> anyhow
                 .with_context(|| format!("cannot listen on metrics.listen {addr}"))?,
         );
     }
-    tracing::info!(listen = %listener.local_addr()?, databases = config.databases.len(), "pgsluice is ready");
+    let unix = pgsluice::listener::bind_unix_for(&config, &listener)
+        .await
+        .with_context(|| format!("cannot listen on listen_unix {}", config.listen_unix))?;
+    match &unix {
+        Some(u) => {
+            tracing::info!(listen = %listener.local_addr()?, listen_unix = %u.path().display(), databases = config.databases.len(), "pgsluice is ready")
+        }
+        None => {
+            tracing::info!(listen = %listener.local_addr()?, databases = config.databases.len(), "pgsluice is ready")
+        }
+    }
     let shared = pgsluice::app::Shared::with_source(config, source);
     // SIGHUP reloads the configuration.
     let on_hup = shared.clone();
@@ -274,7 +288,11 @@ async fn serve(config: Config, source: pgsluice::reload::ConfigSource) -> anyhow
             let _ = pgsluice::reload::reload(&on_hup);
         }
     });
-    pgsluice::app::serve(listener, shared, shutdown_signal()).await;
+    let listeners = pgsluice::listener::Listeners {
+        tcp: listener,
+        unix,
+    };
+    pgsluice::app::serve_on(listeners, shared, shutdown_signal()).await;
     Ok(())
 }
 

@@ -32,6 +32,11 @@ impl ConfigSource {
 fn restart_keys(c: &Config) -> Vec<(String, String)> {
     let mut keys = vec![
         ("listen".to_owned(), c.listen.clone()),
+        ("listen_unix".to_owned(), c.listen_unix.clone()),
+        (
+            "unix_socket_mode".to_owned(),
+            format!("{:o}", c.unix_socket_mode),
+        ),
         ("worker_threads".to_owned(), c.worker_threads.to_string()),
         ("log_format".to_owned(), format!("{:?}", c.log_format)),
         (

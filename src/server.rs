@@ -2,20 +2,19 @@
 //! run the proxy's own small queries, send cancels, close politely.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::message::frontend;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::auth::upstream::{UpstreamKeys, UpstreamLogin};
 use crate::config::PoolSettings;
 use crate::protocol::frame;
 use crate::protocol::messages::{self, CStrings, ErrorFields};
 use crate::protocol::{backend, TransactionStatus};
+use crate::socket::{self, Addr, Socket};
 use crate::stream::Stream;
 use crate::tls::ServerTlsMode;
 
@@ -76,7 +75,8 @@ impl ServerError {
 /// What identifies a server session for CancelRequest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerKey {
-    pub addr: SocketAddr,
+    /// Where the server is: a cancel for it goes there (over TCP or its Unix socket).
+    pub addr: Addr,
     pub pid: i32,
     pub secret: i32,
 }
@@ -155,7 +155,13 @@ impl ServerConn {
         id: u64,
         timeout: Duration,
     ) -> Result<ServerConn, ServerError> {
-        let addr = format!("{}:{}", settings.host, settings.port);
+        let addr = if socket::is_unix_host(&settings.host) {
+            socket::socket_path(&settings.host, settings.port)
+                .display()
+                .to_string()
+        } else {
+            format!("{}:{}", settings.host, settings.port)
+        };
         tokio::time::timeout(
             timeout,
             Self::connect_inner(settings, keys, &addr, application_name, pool, id),
@@ -172,21 +178,25 @@ impl ServerConn {
         pool: usize,
         id: u64,
     ) -> Result<ServerConn, ServerError> {
-        // Resolves the host name on every call (pgsluice keeps no DNS cache): after a
-        // failover's DNS flip, the next new server reaches the new address.
-        let stream = TcpStream::connect(addr)
+        let sock = socket::connect(&settings.host, settings.port)
             .await
             .map_err(|source| ServerError::Connect {
                 addr: addr.to_owned(),
                 source,
             })?;
-        stream.set_nodelay(true)?;
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(60))
-            .with_interval(Duration::from_secs(10));
-        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
-        let peer = stream.peer_addr()?;
-        let mut stream = Stream::from(stream);
+        let peer = match &sock {
+            Socket::Tcp(tcp) => {
+                tcp.set_nodelay(true)?;
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(60))
+                    .with_interval(Duration::from_secs(10));
+                socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)?;
+                Addr::Tcp(tcp.peer_addr()?)
+            }
+            // Its name as configured, for cancels (the kernel's may differ, e.g. a symlink).
+            Socket::Unix(_) => Addr::unix(&settings.host, settings.port),
+        };
+        let mut stream = Stream::from(sock);
         negotiate_tls(&mut stream, settings, addr).await?;
         let mut conn = ServerConn {
             stream,
@@ -353,6 +363,11 @@ async fn negotiate_tls(
     let Some(config) = tls.config.clone() else {
         return Ok(());
     };
+    // No TLS over a Unix socket (PostgreSQL offers none there; libpq does not ask).
+    // `Config::validate` refuses a mode that requires it for a socket directory.
+    if stream.socket().is_unix() {
+        return Ok(());
+    }
     let failed = |reason: String| ServerError::Tls {
         addr: addr.to_owned(),
         reason,
@@ -424,7 +439,7 @@ pub(crate) fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerE
 /// Asks PostgreSQL to cancel whatever the session `key` is running (a CancelRequest on a new
 /// connection). Waits until the server has read it, so the cancel is in effect on return.
 pub async fn send_cancel(key: ServerKey) -> Result<(), std::io::Error> {
-    let mut stream = TcpStream::connect(key.addr).await?;
+    let mut stream = socket::connect_addr(key.addr).await?;
     let mut out = BytesMut::new();
     frontend::cancel_request(key.pid, key.secret, &mut out);
     stream.write_all(&out).await?;

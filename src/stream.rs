@@ -1,8 +1,9 @@
-//! A socket to a client or a server, plain TCP or TLS (rustls) over it.
+//! A socket to a client or a server (TCP or Unix, see [`crate::socket`]), plain or with TLS
+//! (rustls) over it.
 //!
 //! The relay drives sockets by readiness: wait for `readable`, then `read_some` until it would
 //! block; `try_write` until it would block, then wait for `writable`. [`Stream`] offers those
-//! calls for both kinds, so the relay has one path; on plain TCP they are the socket's own.
+//! calls for both kinds, so the relay has one path; on a plain socket they are the socket's own.
 //! With TLS, records are read and written with the same non-blocking socket calls, and rustls
 //! may hold output the socket did not take yet: [`Stream::wants_write`] says so, and the relay
 //! does not call a transaction done, nor wait only for input, while it does.
@@ -16,7 +17,8 @@ use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::TcpStream;
+
+use crate::socket::{Addr, Socket};
 
 /// A TLS session over the stream's socket.
 #[derive(Debug)]
@@ -24,7 +26,7 @@ struct Tls {
     conn: rustls::Connection,
     /// Decrypted bytes waiting in rustls.
     plain: usize,
-    /// The peer closed (close_notify or end of the TCP stream).
+    /// The peer closed (close_notify or end of the stream).
     eof: bool,
     /// Our close_notify is queued.
     closing: bool,
@@ -33,12 +35,12 @@ struct Tls {
 /// A connection's socket, with TLS when negotiated.
 #[derive(Debug)]
 pub struct Stream {
-    tcp: TcpStream,
+    sock: Socket,
     tls: Option<Box<Tls>>,
 }
 
 /// `io::Read` over a non-blocking tokio socket: `WouldBlock` clears its read readiness.
-struct TryRead<'a>(&'a TcpStream);
+struct TryRead<'a>(&'a Socket);
 
 impl Read for TryRead<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -47,7 +49,7 @@ impl Read for TryRead<'_> {
 }
 
 /// `io::Write` over a non-blocking tokio socket: `WouldBlock` clears its write readiness.
-struct TryWrite<'a>(&'a TcpStream);
+struct TryWrite<'a>(&'a Socket);
 
 impl Write for TryWrite<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -69,23 +71,36 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-impl From<TcpStream> for Stream {
-    fn from(tcp: TcpStream) -> Self {
-        Stream { tcp, tls: None }
+impl<S: Into<Socket>> From<S> for Stream {
+    fn from(sock: S) -> Self {
+        Stream {
+            sock: sock.into(),
+            tls: None,
+        }
     }
 }
 
 impl Stream {
-    /// The TCP socket underneath (addresses, socket options).
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
+    /// The socket underneath.
+    pub fn socket(&self) -> &Socket {
+        &self.sock
+    }
+
+    /// The other end's address (see [`Socket::peer`]).
+    pub fn peer(&self) -> Option<Addr> {
+        self.sock.peer()
+    }
+
+    /// This end's address (see [`Socket::local`]).
+    pub fn local(&self) -> Option<Addr> {
+        self.sock.local()
     }
 
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
 
-    /// `TLSv1_3/TLS13_AES_256_GCM_SHA384`-style description; empty for plain TCP.
+    /// `TLSv1_3/TLS13_AES_256_GCM_SHA384`-style description; empty for a plain socket.
     pub fn tls_description(&self) -> String {
         let Some(tls) = &self.tls else {
             return String::new();
@@ -149,7 +164,7 @@ impl Stream {
             if !tls.conn.is_handshaking() {
                 return Ok(());
             }
-            self.tcp.readable().await?;
+            self.sock.readable().await?;
             match self.pull_records() {
                 Ok(true) => {}
                 Ok(false) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -162,12 +177,12 @@ impl Stream {
     /// Reads TLS records the socket holds and decrypts them. `Ok(false)` at end of stream.
     fn pull_records(&mut self) -> io::Result<bool> {
         let tls = self.tls.as_mut().expect("TLS stream");
-        let got = tls.conn.read_tls(&mut TryRead(&self.tcp))?;
+        let got = tls.conn.read_tls(&mut TryRead(&self.sock))?;
         let state = match tls.conn.process_new_packets() {
             Ok(state) => state,
             Err(e) => {
                 // Tell the peer why (an alert), as far as the socket takes it at once.
-                let _ = tls.conn.write_tls(&mut TryWrite(&self.tcp));
+                let _ = tls.conn.write_tls(&mut TryWrite(&self.sock));
                 return Err(tls_error(e));
             }
         };
@@ -205,7 +220,7 @@ impl Stream {
 
     /// Reads what is available into `buf`'s spare room; `Ok(0)` at end of stream.
     ///
-    /// Plain TCP: a read that leaves room unfilled has drained the socket, so it also clears
+    /// Plain socket: a read that leaves room unfilled has drained the socket, so it also clears
     /// the socket's readiness (as tokio's own `poll_read` does): the next wait then goes to
     /// epoll instead of to a `recv` that fails with EAGAIN, and an idle server's liveness
     /// check costs no system call.
@@ -218,11 +233,11 @@ impl Stream {
             buf.truncate(start + *r.as_ref().unwrap_or(&0));
             return r;
         }
-        let tcp = &self.tcp;
+        let sock = &self.sock;
         let mut got = 0;
-        let r = tcp.try_io(Interest::READABLE, || {
+        let r = sock.try_io(Interest::READABLE, || {
             let room = buf.capacity() - buf.len();
-            got = tcp.try_read_buf(buf)?;
+            got = sock.try_read_buf(buf)?;
             if got > 0 && got < room {
                 // Not an error: tells try_io to clear the readiness it saw.
                 Err(io::ErrorKind::WouldBlock.into())
@@ -243,19 +258,19 @@ impl Stream {
                 return Ok(());
             }
         }
-        self.tcp.readable().await
+        self.sock.readable().await
     }
 
     /// Waits until the socket may take more bytes.
     pub async fn writable(&self) -> io::Result<()> {
-        self.tcp.writable().await
+        self.sock.writable().await
     }
 
     /// Writes what the socket takes now. With TLS, bytes taken may still wait in rustls
     /// (see [`Stream::wants_write`]); `WouldBlock` while earlier output is still waiting.
     pub fn try_write(&mut self, data: &[u8]) -> io::Result<usize> {
         let Some(tls) = self.tls.as_mut() else {
-            return self.tcp.try_write(data);
+            return self.sock.try_write(data);
         };
         if tls.conn.wants_write() {
             self.flush_tls()?;
@@ -289,7 +304,7 @@ impl Stream {
     pub fn flush_tls(&mut self) -> io::Result<()> {
         if let Some(tls) = self.tls.as_mut() {
             while tls.conn.wants_write() {
-                tls.conn.write_tls(&mut TryWrite(&self.tcp))?;
+                tls.conn.write_tls(&mut TryWrite(&self.sock))?;
             }
         }
         Ok(())
@@ -298,7 +313,7 @@ impl Stream {
     fn poll_flush_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             match self.flush_tls() {
-                Err(e) if would_block(&e) => ready!(self.tcp.poll_write_ready(cx))?,
+                Err(e) if would_block(&e) => ready!(self.sock.poll_write_ready(cx))?,
                 r => return Poll::Ready(r),
             }
         }
@@ -313,14 +328,14 @@ impl Stream {
             }
             let _ = self.flush_tls();
         } else {
-            let _ = self.tcp.try_write(data);
+            let _ = self.sock.try_write(data);
         }
     }
 
     /// True when the socket holds input right now (one `recv` with MSG_PEEK).
     pub fn has_input_now(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
-        matches!(socket2::SockRef::from(&self.tcp).peek(&mut probe), Ok(n) if n > 0)
+        matches!(self.sock.sock_ref().peek(&mut probe), Ok(n) if n > 0)
     }
 
     /// True when nothing arrived and the peer has not closed: what an idle server's socket
@@ -328,13 +343,13 @@ impl Stream {
     pub fn looks_idle(&self) -> bool {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
         let r = match &self.tls {
-            None => self.tcp.try_io(Interest::READABLE, || {
-                socket2::SockRef::from(&self.tcp).peek(&mut probe)
-            }),
+            None => self
+                .sock
+                .try_io(Interest::READABLE, || self.sock.sock_ref().peek(&mut probe)),
             Some(tls) if tls.plain > 0 || tls.eof => return false,
-            Some(_) => self.tcp.try_io(Interest::READABLE, || {
-                socket2::SockRef::from(&self.tcp).peek(&mut probe)
-            }),
+            Some(_) => self
+                .sock
+                .try_io(Interest::READABLE, || self.sock.sock_ref().peek(&mut probe)),
         };
         matches!(r, Err(e) if would_block(&e))
     }
@@ -348,14 +363,14 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.tls.is_none() {
-            return Pin::new(&mut this.tcp).poll_read(cx, buf);
+            return Pin::new(&mut this.sock).poll_read(cx, buf);
         }
         // Output rustls still holds (the last message of a write_all) must leave before we
         // wait for the answer to it.
         if this.wants_write() {
             match this.flush_tls() {
                 Err(e) if would_block(&e) => {
-                    if let Poll::Ready(Err(e)) = this.tcp.poll_write_ready(cx) {
+                    if let Poll::Ready(Err(e)) = this.sock.poll_write_ready(cx) {
                         return Poll::Ready(Err(e));
                     }
                 }
@@ -369,7 +384,7 @@ impl AsyncRead for Stream {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if would_block(&e) => ready!(this.tcp.poll_read_ready(cx))?,
+                Err(e) if would_block(&e) => ready!(this.sock.poll_read_ready(cx))?,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -384,11 +399,11 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.tls.is_none() {
-            return Pin::new(&mut this.tcp).poll_write(cx, data);
+            return Pin::new(&mut this.sock).poll_write(cx, data);
         }
         loop {
             match this.try_write(data) {
-                Err(e) if would_block(&e) => ready!(this.tcp.poll_write_ready(cx))?,
+                Err(e) if would_block(&e) => ready!(this.sock.poll_write_ready(cx))?,
                 r => return Poll::Ready(r),
             }
         }
@@ -397,7 +412,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.tls.is_none() {
-            return Pin::new(&mut this.tcp).poll_flush(cx);
+            return Pin::new(&mut this.sock).poll_flush(cx);
         }
         this.poll_flush_tls(cx)
     }
@@ -411,6 +426,6 @@ impl AsyncWrite for Stream {
             }
             ready!(this.poll_flush_tls(cx))?;
         }
-        Pin::new(&mut this.tcp).poll_shutdown(cx)
+        Pin::new(&mut this.sock).poll_shutdown(cx)
     }
 }

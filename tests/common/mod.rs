@@ -53,17 +53,30 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts pgsluice with a TOML configuration (the listen key is ignored).
+    /// Starts pgsluice with a TOML configuration (the listen key is ignored; `listen_unix`
+    /// is bound with the TCP listener's port).
     pub async fn start(toml: &str) -> Proxy {
         let config = pgsluice::Config::from_toml(toml)
             .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // Bound before the proxy runs, so that the socket is there when this returns.
+        let unix = pgsluice::listener::bind_unix_for(&config, &listener)
+            .await
+            .unwrap_or_else(|e| panic!("listen_unix: {e}"));
+        let listeners = pgsluice::listener::Listeners {
+            tcp: listener,
+            unix,
+        };
         let shared = pgsluice::app::Shared::new(config);
-        tokio::spawn(pgsluice::app::serve(listener, shared.clone(), async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(pgsluice::app::serve_on(
+            listeners,
+            shared.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Proxy {
             addr,
             shared,

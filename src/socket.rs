@@ -1,0 +1,314 @@
+//! The two kinds of socket a connection runs over: TCP, or a Unix-domain socket (a client in
+//! the same task or pod connecting through a shared volume, or a PostgreSQL on the same
+//! host). [`Socket`] offers the few non-blocking calls [`crate::stream::Stream`] needs, each
+//! one `match` on the kind: the relay keeps one code path, without boxing or allocation.
+//!
+//! Unix sockets follow PostgreSQL's naming: a directory plus a port name the file
+//! `DIR/.s.PGSQL.PORT`, so `psql -h DIR -p PORT` finds it.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+/// A connected socket.
+#[derive(Debug)]
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Runs `$body` with `$s` bound to the socket inside `$sock`, whichever kind it is.
+macro_rules! on_socket {
+    ($sock:expr, $s:ident => $body:expr) => {
+        match $sock {
+            Socket::Tcp($s) => $body,
+            Socket::Unix($s) => $body,
+        }
+    };
+}
+
+impl From<TcpStream> for Socket {
+    fn from(s: TcpStream) -> Self {
+        Socket::Tcp(s)
+    }
+}
+
+impl From<UnixStream> for Socket {
+    fn from(s: UnixStream) -> Self {
+        Socket::Unix(s)
+    }
+}
+
+impl Socket {
+    #[inline]
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        on_socket!(self, s => s.try_read(buf))
+    }
+
+    #[inline]
+    pub fn try_read_buf(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        on_socket!(self, s => s.try_read_buf(buf))
+    }
+
+    #[inline]
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        on_socket!(self, s => s.try_write(buf))
+    }
+
+    #[inline]
+    pub fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        on_socket!(self, s => s.try_write_vectored(bufs))
+    }
+
+    /// Runs `f` (a non-blocking socket call); `WouldBlock` from it clears the readiness.
+    #[inline]
+    pub fn try_io<R>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        on_socket!(self, s => s.try_io(interest, f))
+    }
+
+    pub async fn readable(&self) -> io::Result<()> {
+        on_socket!(self, s => s.readable().await)
+    }
+
+    pub async fn writable(&self) -> io::Result<()> {
+        on_socket!(self, s => s.writable().await)
+    }
+
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self, s => s.poll_read_ready(cx))
+    }
+
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self, s => s.poll_write_ready(cx))
+    }
+
+    /// The socket as socket2 sees it (MSG_PEEK, socket options).
+    pub fn sock_ref(&self) -> socket2::SockRef<'_> {
+        on_socket!(self, s => socket2::SockRef::from(s))
+    }
+
+    /// The other end's address: for a Unix socket, the socket file (a client accepted on a
+    /// Unix listener has no address of its own: it is the listener's).
+    pub fn peer(&self) -> Option<Addr> {
+        match self {
+            Socket::Tcp(s) => s.peer_addr().ok().map(Addr::Tcp),
+            Socket::Unix(s) => {
+                let named = |a: io::Result<tokio::net::unix::SocketAddr>| {
+                    a.ok()
+                        .and_then(|a| a.as_pathname().and_then(Addr::unix_file))
+                };
+                named(s.peer_addr()).or_else(|| named(s.local_addr()))
+            }
+        }
+    }
+
+    /// This end's address: for a Unix socket, the socket file when this end is the
+    /// listener's side, else none.
+    pub fn local(&self) -> Option<Addr> {
+        match self {
+            Socket::Tcp(s) => s.local_addr().ok().map(Addr::Tcp),
+            Socket::Unix(s) => s
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().and_then(Addr::unix_file)),
+        }
+    }
+
+    pub fn is_unix(&self) -> bool {
+        matches!(self, Socket::Unix(_))
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_write(cx, data))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_socket!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// Where a connection's end is: a TCP address, or a Unix socket named by its directory and
+/// port (`DIR/.s.PGSQL.PORT`). `Copy`, so that a server's cancel key stays a plain value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Addr {
+    Tcp(SocketAddr),
+    Unix { dir: &'static Path, port: u16 },
+}
+
+impl Addr {
+    /// The Unix socket of `dir` and `port`.
+    pub fn unix(dir: &str, port: u16) -> Addr {
+        Addr::Unix {
+            dir: intern(Path::new(dir)),
+            port,
+        }
+    }
+
+    /// The address of a socket file named as PostgreSQL names them; none for another name.
+    fn unix_file(path: &Path) -> Option<Addr> {
+        let port = path
+            .file_name()?
+            .to_str()?
+            .strip_prefix(SOCKET_PREFIX)?
+            .parse()
+            .ok()?;
+        Some(Addr::Unix {
+            dir: intern(path.parent()?),
+            port,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Addr::Tcp(a) => a.port(),
+            Addr::Unix { port, .. } => *port,
+        }
+    }
+
+    /// The host as the admin console shows it: the IP address, or `unix` (as PgBouncer).
+    pub fn host_text(&self) -> String {
+        match self {
+            Addr::Tcp(a) => a.ip().to_string(),
+            Addr::Unix { .. } => "unix".into(),
+        }
+    }
+
+    /// The IP address, for TCP.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Addr::Tcp(a) => Some(a.ip()),
+            Addr::Unix { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Tcp(a) => a.fmt(f),
+            Addr::Unix { dir, port } => socket_path(dir, *port).display().fmt(f),
+        }
+    }
+}
+
+/// The file name's prefix before the port, as PostgreSQL and libpq name it.
+const SOCKET_PREFIX: &str = ".s.PGSQL.";
+
+/// `DIR/.s.PGSQL.PORT`.
+pub fn socket_path(dir: impl AsRef<Path>, port: u16) -> PathBuf {
+    dir.as_ref().join(format!("{SOCKET_PREFIX}{port}"))
+}
+
+/// True when a configured `host` names a Unix socket directory (libpq's rule: it starts
+/// with a slash).
+pub fn is_unix_host(host: &str) -> bool {
+    host.starts_with('/')
+}
+
+/// Opens a connection to `host:port`, or to the Unix socket in directory `host`.
+pub async fn connect(host: &str, port: u16) -> io::Result<Socket> {
+    if is_unix_host(host) {
+        Ok(Socket::Unix(
+            UnixStream::connect(socket_path(host, port)).await?,
+        ))
+    } else {
+        // Resolves the host name on every call (pgsluice keeps no DNS cache): after a
+        // failover's DNS flip, the next new server reaches the new address.
+        Ok(Socket::Tcp(TcpStream::connect((host, port)).await?))
+    }
+}
+
+/// Opens a connection to `addr`.
+pub async fn connect_addr(addr: Addr) -> io::Result<Socket> {
+    match addr {
+        Addr::Tcp(a) => Ok(Socket::Tcp(TcpStream::connect(a).await?)),
+        Addr::Unix { dir, port } => Ok(Socket::Unix(
+            UnixStream::connect(socket_path(dir, port)).await?,
+        )),
+    }
+}
+
+/// A directory as a `&'static Path`, so that [`Addr`] stays `Copy`. Each distinct
+/// directory is kept once for the life of the process: they come from the configuration,
+/// so there are few.
+fn intern(dir: &Path) -> &'static Path {
+    static DIRS: Mutex<Option<HashSet<&'static Path>>> = Mutex::new(None);
+    let mut dirs = DIRS.lock().unwrap_or_else(|p| p.into_inner());
+    let dirs = dirs.get_or_insert_with(HashSet::new);
+    if let Some(d) = dirs.get(dir) {
+        return d;
+    }
+    let d: &'static Path = Box::leak(dir.to_path_buf().into_boxed_path());
+    dirs.insert(d);
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_addresses_are_named_as_postgresql_names_them() {
+        let a = Addr::unix("/var/run/postgresql", 5432);
+        assert_eq!(a.to_string(), "/var/run/postgresql/.s.PGSQL.5432");
+        assert_eq!(a.host_text(), "unix");
+        assert_eq!(a.port(), 5432);
+        assert_eq!(
+            Addr::unix_file(Path::new("/var/run/postgresql/.s.PGSQL.5432")),
+            Some(a)
+        );
+        assert_eq!(Addr::unix_file(Path::new("/tmp/other.sock")), None);
+        // Interned once: the same directory is the same pointer.
+        let (Addr::Unix { dir: d1, .. }, Addr::Unix { dir: d2, .. }) =
+            (a, Addr::unix("/var/run/postgresql", 6432))
+        else {
+            unreachable!()
+        };
+        assert!(std::ptr::eq(d1, d2));
+        assert!(is_unix_host("/tmp") && !is_unix_host("db.internal"));
+    }
+}
