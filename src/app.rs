@@ -20,7 +20,7 @@ use crate::clients::Clients;
 use crate::config::{BudgetMode, Config};
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::pool::{janitor, BudgetId, Pools};
+use crate::pool::{janitor, queue, BudgetId, Pools};
 use crate::reload::ConfigSource;
 use crate::shutdown::Stop;
 
@@ -102,6 +102,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
 /// [`serve`] on listeners already bound.
 pub async fn serve_on(listeners: listener::Listeners, shared: Arc<Shared>, shutdown: impl Future) {
     shared.spawn(janitor::run(shared.pools.clone()));
+    shared.spawn(queue::sweeper(Arc::downgrade(&shared.pools)));
     let budgets: Vec<BudgetId> = shared
         .pools
         .upstreams()

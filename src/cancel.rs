@@ -4,12 +4,12 @@
 //! PostgreSQL does, and the secret is compared in constant time.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use atomic_waker::AtomicWaker;
 use rand::RngExt;
 use subtle::ConstantTimeEq;
-use tokio::sync::Notify;
 
 use crate::server::{send_cancel, ServerKey};
 
@@ -31,8 +31,10 @@ pub struct ClientCancel {
     target: Mutex<Target>,
     /// Cancels forwarded to this client's server and not yet handled by PostgreSQL.
     in_flight: AtomicU32,
-    /// Woken when a cancel arrives while the client is queued.
-    queued_cancel: Notify,
+    /// Set, and `queued_waker` woken, when a cancel arrives while the client is queued
+    /// (atomics, not a `Notify`: the queued wait polls this at every wake-up).
+    queued_cancel: AtomicBool,
+    queued_waker: AtomicWaker,
 }
 
 /// All clients' keys.
@@ -63,7 +65,8 @@ impl Cancels {
             secret: rng.random(),
             target: Mutex::new(Target::Idle),
             in_flight: AtomicU32::new(0),
-            queued_cancel: Notify::new(),
+            queued_cancel: AtomicBool::new(false),
+            queued_waker: AtomicWaker::new(),
         });
         map.insert(pid, client.clone());
         CancelHandle {
@@ -89,7 +92,8 @@ impl Cancels {
             match *target {
                 Target::Idle => return,
                 Target::Queued => {
-                    client.queued_cancel.notify_waiters();
+                    client.queued_cancel.store(true, Ordering::Release);
+                    client.queued_waker.wake();
                     return;
                 }
                 Target::Server(key) => {
@@ -127,11 +131,17 @@ impl CancelHandle {
     /// Waits for a cancel while the client is queued. Marks the client queued first, so a
     /// cancel that arrives at any point after this call is seen.
     pub async fn cancelled_while_queued(&self) {
-        let notified = self.client.queued_cancel.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        self.client.queued_cancel.store(false, Ordering::Release);
         self.set(Target::Queued);
-        notified.await;
+        std::future::poll_fn(|cx| {
+            self.client.queued_waker.register(cx.waker());
+            if self.client.queued_cancel.load(Ordering::Acquire) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
     }
 }
 

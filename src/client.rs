@@ -15,6 +15,7 @@ use crate::auth;
 use crate::clients::{AppSlot, NewClient, Registration, ServerLink};
 use crate::config::PoolMode;
 use crate::metrics::{ErrorKind, Meter, TxnCounts};
+use crate::pool::queue::WaitCell;
 use crate::pool::{Checkout, PoolError, PoolId};
 use crate::protocol::messages::{self, quote_ident, quote_literal, ErrorFields, Severity};
 use crate::protocol::startup::{self, Startup, StartupError, StartupPacket};
@@ -222,6 +223,7 @@ async fn serve(
         meter,
         registration,
         owed: Default::default(),
+        wait_cell: None,
     };
     session.run().await
 }
@@ -599,7 +601,7 @@ async fn welcome(
             // parameters and hears at once if the server cannot be reached.
             let checkout = shared
                 .pools
-                .checkout(pool, config.query_wait_timeout)
+                .checkout(pool, config.query_wait_timeout, &Default::default())
                 .await
                 .map_err(|e| {
                     let m = shared.metrics.pool(pool, &login.database, &login.user);
@@ -668,6 +670,8 @@ struct Session {
     registration: Registration,
     /// The reply queue's allocation, kept from one transaction to the next.
     owed: std::collections::VecDeque<relay::Owed>,
+    /// Where this client's grants arrive when it queues for a server (made at its first wait).
+    wait_cell: Option<Arc<WaitCell>>,
 }
 
 enum Wait {
@@ -903,27 +907,36 @@ impl Session {
     async fn wait_queued(&mut self, wait: std::time::Duration, began: Instant) -> Option<Wait> {
         self.registration.client.set_waiting(began);
         let shared = self.shared.clone();
-        let (pool, database) = (self.pool, self.meter.pool.database.clone());
-        // Cancel safety: dropping the checkout future leaves the queue and returns any grant.
+        let cell = self.wait_cell.get_or_insert_with(Arc::default).clone();
+        let pool = self.pool;
         // A paused database holds its clients here; that wait counts toward
         // query_wait_timeout, as in PgBouncer.
+        let paused = shared
+            .console
+            .is_paused(&self.meter.pool.database)
+            .then(|| self.meter.pool.database.clone());
+        // Cancel safety: dropping the checkout future leaves the queue and returns any grant.
+        let waiting = cell.clone();
         let checkout = async move {
-            if !shared.console.is_paused(&database) {
-                return shared.pools.checkout(pool, wait).await;
-            }
+            let Some(database) = paused else {
+                return shared.pools.checkout(pool, wait, &waiting).await;
+            };
             tokio::time::timeout(wait, shared.console.wait_resumed(&database))
                 .await
                 .map_err(|_| PoolError::WaitTimeout(wait))?;
             let left = wait.saturating_sub(began.elapsed());
-            shared.pools.checkout(pool, left).await
+            shared.pools.checkout(pool, left, &waiting).await
         };
         tokio::pin!(checkout);
         let cancelled = self.cancel.cancelled_while_queued();
         tokio::pin!(cancelled);
-        // PgBouncer's query_wait_notify: tell a client queued this long why it waits.
-        let notify = self.shared.pools.config().query_wait_notify;
-        let mut notified = notify.is_zero();
-        let notify_at = tokio::time::Instant::from_std(began + notify);
+        // PgBouncer's query_wait_notify: tell a client queued this long why it waits (the
+        // pools' sweeper flags the cell; nothing is armed per wait).
+        let mut notified = false;
+        let watch = Watch {
+            stop: &self.shared.stop,
+            waker: &self.registration.client.stop_waker,
+        };
         loop {
             let room = self.client.buf.len() < relay::HIGH_WATER;
             tokio::select! {
@@ -937,8 +950,8 @@ impl Session {
                     });
                 }
                 _ = &mut cancelled => return Some(Wait::Cancelled),
-                _ = self.shared.stop.drain.cancelled() => return Some(Wait::Drained),
-                _ = tokio::time::sleep_until(notify_at), if !notified => {
+                _ = watch.draining() => return Some(Wait::Drained),
+                _ = cell.notice_due(), if !notified => {
                     notified = true;
                     let mut buf = BytesMut::new();
                     ErrorFields {

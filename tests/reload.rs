@@ -272,3 +272,44 @@ async fn sighup_reloads_the_binary() {
     let _ = child.wait();
     assert!(served, "after SIGHUP the pool has a second server");
 }
+
+/// The queue's sweeper wakes for the earliest deadline: after a reload shortens
+/// `query_wait_timeout`, a client that queues later times out first (53300), while the one
+/// queued before the reload keeps its longer wait and is served when the server frees up.
+#[tokio::test]
+async fn a_shorter_query_wait_timeout_ends_later_waits_first() {
+    let pg = pg();
+    pg.create_app("rl_wait").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    std::fs::write(&path, config(pg, &["rl_wait"], 1, "")).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let holder = proxy.client("rl_wait").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // Queued with the 30 s wait.
+    let early = proxy.client("rl_wait").await;
+    let early_wait = tokio::spawn(async move { scalar(&early, "SELECT 7").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(
+        &path,
+        config(pg, &["rl_wait"], 1, "").replace("\"30s\"", "\"1s\""),
+    )
+    .unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    let late = proxy.client("rl_wait").await;
+    let started = std::time::Instant::now();
+    let e = late.batch_execute("SELECT 1").await.unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(code(&e), "53300", "{e}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "timed out after {waited:?}"
+    );
+    assert!(!early_wait.is_finished(), "the earlier client still waits");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), early_wait)
+        .await
+        .expect("served once the server is free")
+        .unwrap();
+    assert_eq!(got, "7");
+}

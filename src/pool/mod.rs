@@ -19,6 +19,7 @@
 
 pub mod health;
 pub mod janitor;
+pub mod queue;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 
 use crate::budget::Snapshot;
 use arc_swap::{ArcSwap, Guard};
@@ -36,6 +37,7 @@ use crate::config::{BudgetMode, Config, PoolSettings};
 use crate::prepared::KnownStatements;
 use crate::server::{ServerConn, ServerError};
 pub use health::Retire;
+use queue::{WaitCell, WaitGuard, Waiter};
 
 /// A server connection as pools hold it: boxed, so the pool's lists, hand-overs and
 /// checkouts move a pointer instead of the whole connection state.
@@ -73,13 +75,8 @@ enum Grant {
     Slot,
     /// The budget could not be read: give up with this reason.
     BudgetUnknown(String),
-}
-
-#[derive(Debug)]
-struct Waiter {
-    /// Arrival order across all pools.
-    seq: u64,
-    tx: oneshot::Sender<Grant>,
+    /// `query_wait_timeout` passed.
+    TimedOut,
 }
 
 /// One pool's state.
@@ -139,6 +136,15 @@ struct State {
     by_key: HashMap<(String, String), PoolId>,
     pools: Vec<Pool>,
     budgets: Vec<Budget>,
+    sweep: queue::Sweep,
+    timing: Timing,
+}
+
+/// Settings the hot paths read under the lock (copied from the configuration).
+#[derive(Debug, Default)]
+struct Timing {
+    server_lifetime: Duration,
+    query_wait_notify: Duration,
 }
 
 /// Why a pool may not open a server now.
@@ -241,10 +247,7 @@ impl State {
                 .pop_front()
                 .expect("a pool with waiters");
             self.reserve(id);
-            if w.tx.send(Grant::Slot).is_err() {
-                self.pools[id].connecting -= 1;
-                self.release(id);
-            }
+            w.give(Grant::Slot);
         }
     }
 }
@@ -296,6 +299,8 @@ pub struct Pools {
     /// `server_check_query` runs with a `server_check_delay` under the janitor's period:
     /// every checkout takes the path that checks (see [`Pools::try_idle`]).
     check_often: AtomicBool,
+    /// Wakes the queue's [`queue::sweeper`] when a wait ends sooner than it planned.
+    sweep_wake: Arc<Notify>,
 }
 
 impl Pools {
@@ -310,8 +315,9 @@ impl Pools {
             keys: Arc::default(),
             any_removed: AtomicBool::new(false),
             check_often: AtomicBool::new(false),
+            sweep_wake: Arc::default(),
         });
-        pools.set_check_often(&pools.config.load());
+        pools.apply_timing(&pools.config.load());
         for db in pools.config.load().databases.values() {
             pools.budget_for(&db.host, db.port);
         }
@@ -432,7 +438,7 @@ impl Pools {
     pub fn reload(&self, new: Config) -> Vec<BudgetId> {
         let new = Arc::new(new);
         self.config.store(new.clone());
-        self.set_check_often(&new);
+        self.apply_timing(&new);
         let before = self.lock().budgets.len();
         for db in new.databases.values() {
             self.budget_for(&db.host, db.port);
@@ -559,7 +565,7 @@ impl Pools {
                     .unwrap_or_default();
                 for p in st.pools.iter_mut().filter(|p| p.budget == b) {
                     for w in p.waiters.drain(..) {
-                        let _ = w.tx.send(Grant::BudgetUnknown(reason.clone()));
+                        w.give(Grant::BudgetUnknown(reason.clone()));
                     }
                 }
             }
@@ -575,9 +581,15 @@ impl Pools {
         }
     }
 
-    fn set_check_often(&self, c: &Config) {
+    /// Copies the timing settings checkin and the queue read on every use, so that they
+    /// need no configuration load there.
+    fn apply_timing(&self, c: &Config) {
         let often = !c.server_check_query.is_empty() && c.server_check_delay < janitor::PERIOD;
         self.check_often.store(often, Ordering::Relaxed);
+        self.lock().timing = Timing {
+            server_lifetime: c.server_lifetime,
+            query_wait_notify: c.query_wait_notify,
+        };
     }
 
     /// An idle server of `pool` right away, if there is one that looks alive: the common
@@ -613,18 +625,17 @@ impl Pools {
         }
     }
 
-    /// Checks a server out, waiting up to `wait` for one. Cancel-safe: dropping the future
-    /// gives back anything it was granted.
+    /// Checks a server out, waiting up to `wait` for one; a wait's grants arrive in `cell`
+    /// (one per client, reused). Cancel-safe: dropping the future gives back anything it
+    /// was granted.
     pub async fn checkout(
         self: &Arc<Self>,
         pool: PoolId,
         wait: Duration,
+        cell: &Arc<WaitCell>,
     ) -> Result<Checkout, PoolError> {
         let now = Instant::now();
-        let deadline = now
-            .checked_add(wait)
-            .unwrap_or_else(|| now + Duration::from_secs(86400 * 365));
-        let retry_until = now + self.config.load().server_login_retry;
+        let deadline = now.checked_add(wait);
         let mut backoff = FIRST_RETRY_BACKOFF;
         loop {
             let mut victim = None;
@@ -641,7 +652,7 @@ impl Pools {
                         }
                         Some(Blocked::BudgetUnknown) => match &st.budgets[b].snapshot.last_error {
                             // The first reading is under way (the proxy just started): wait.
-                            None => self.enqueue(&mut st, pool),
+                            None => Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now)),
                             Some(reason) => {
                                 return Err(PoolError::BudgetUnknown {
                                     upstream: st.budgets[b].upstream.clone(),
@@ -656,10 +667,12 @@ impl Pools {
                                     st.reserve(pool);
                                     Step::Open
                                 }
-                                None => self.enqueue(&mut st, pool),
+                                None => {
+                                    Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now))
+                                }
                             }
                         }
-                        Some(_) => self.enqueue(&mut st, pool),
+                        Some(_) => Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now)),
                     }
                 }
             };
@@ -673,12 +686,10 @@ impl Pools {
             let grant = match step {
                 Step::Idle(server) => Grant::Server(server),
                 Step::Open => Grant::Slot,
-                Step::Wait(mut guard) => guard
-                    .wait(deadline)
-                    .await
-                    .ok_or(PoolError::WaitTimeout(wait))?,
+                Step::Wait(mut guard) => guard.wait().await,
             };
             match grant {
+                Grant::TimedOut => return Err(PoolError::WaitTimeout(wait)),
                 Grant::BudgetUnknown(reason) => {
                     let st = self.lock();
                     let upstream = st.budgets[st.pools[pool].budget].upstream.clone();
@@ -717,8 +728,11 @@ impl Pools {
                     // The database restarts or is full for a moment: try again shortly,
                     // within server_login_retry and the client's own wait.
                     Err(PoolError::Server(e))
-                        if e.is_transient()
-                            && Instant::now() + backoff < retry_until.min(deadline) =>
+                        if e.is_transient() && {
+                            let retry_until = now + self.config.load().server_login_retry;
+                            Instant::now() + backoff
+                                < deadline.map_or(retry_until, |d| d.min(retry_until))
+                        } =>
                     {
                         tracing::debug!(error = %e, "server connection failed; retrying");
                         tokio::time::sleep(backoff).await;
@@ -728,18 +742,6 @@ impl Pools {
                 },
             }
         }
-    }
-
-    fn enqueue(self: &Arc<Self>, st: &mut State, pool: PoolId) -> Step {
-        let seq = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        st.pools[pool].waiters.push_back(Waiter { seq, tx });
-        Step::Wait(WaitGuard {
-            pools: self.clone(),
-            pool,
-            seq,
-            rx: Some(rx),
-        })
     }
 
     /// Opens a server into a slot already reserved.
@@ -785,10 +787,11 @@ impl Pools {
         let now = Instant::now();
         server.last_used = now;
         server.check_due = false;
-        if now.saturating_duration_since(server.created) >= self.config.load().server_lifetime {
+        let mut st = self.lock();
+        if now.saturating_duration_since(server.created) >= st.timing.server_lifetime {
+            drop(st);
             return self.discard(server);
         }
-        let mut st = self.lock();
         let pool = server.pool;
         let b = st.pools[pool].budget;
         let over = st.budgets[b]
@@ -811,15 +814,10 @@ impl Pools {
             server.close();
             return;
         }
-        let mut server = server;
-        while let Some(w) = st.pools[pool].waiters.pop_front() {
-            match w.tx.send(Grant::Server(server)) {
-                Ok(()) => return,
-                Err(Grant::Server(back)) => server = back,
-                Err(_) => unreachable!("sent a server"),
-            }
+        match st.pools[pool].waiters.pop_front() {
+            Some(w) => w.give(Grant::Server(server)),
+            None => st.pools[pool].idle.push(server),
         }
-        st.pools[pool].idle.push(server);
     }
 
     /// Closes a server and gives its slot to the next waiter.
@@ -986,51 +984,6 @@ enum Step {
     Idle(Server),
     Open,
     Wait(WaitGuard),
-}
-
-/// A place in a pool's queue. Dropping it leaves the queue and returns anything granted.
-struct WaitGuard {
-    pools: Arc<Pools>,
-    pool: PoolId,
-    seq: u64,
-    rx: Option<oneshot::Receiver<Grant>>,
-}
-
-impl WaitGuard {
-    async fn wait(&mut self, deadline: Instant) -> Option<Grant> {
-        let rx = self.rx.as_mut()?;
-        match tokio::time::timeout_at(deadline.into(), rx).await {
-            Ok(Ok(grant)) => {
-                self.rx = None;
-                Some(grant)
-            }
-            _ => None,
-        }
-    }
-}
-
-impl Drop for WaitGuard {
-    fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else { return };
-        let mut st = self.pools.lock();
-        st.pools[self.pool].waiters.retain(|w| w.seq != self.seq);
-        // A grant sent before we left the queue is still in the channel: give it back.
-        rx.close();
-        match rx.try_recv() {
-            Ok(Grant::Server(server)) => {
-                drop(st);
-                self.pools.checkin(server);
-            }
-            Ok(Grant::BudgetUnknown(_)) => {}
-            Ok(Grant::Slot) => {
-                st.pools[self.pool].connecting -= 1;
-                st.release(self.pool);
-                let b = st.pools[self.pool].budget;
-                st.grant_slots(b);
-            }
-            Err(_) => {}
-        }
-    }
 }
 
 /// A slot counted in `open` while its server is being opened; freed if opening fails or
