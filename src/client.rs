@@ -224,6 +224,7 @@ async fn serve(
         registration,
         owed: Default::default(),
         wait_cell: None,
+        timeouts: (u64::MAX, relay::Timeouts::default()),
     };
     session.run().await
 }
@@ -672,6 +673,8 @@ struct Session {
     owed: std::collections::VecDeque<relay::Owed>,
     /// Where this client's grants arrive when it queues for a server (made at its first wait).
     wait_cell: Option<Arc<WaitCell>>,
+    /// `query_timeout` and `idle_transaction_timeout`, as of configuration `timeouts.0`.
+    timeouts: (u64, relay::Timeouts),
 }
 
 enum Wait {
@@ -739,13 +742,18 @@ impl Session {
             let owed = std::mem::take(&mut self.owed);
             let mut txn = Txn::reusing(self.mode == PoolMode::Transaction, owed);
             txn.counts = TxnCounts::new(Some(self.meter.clone()));
-            {
+            let generation = self.shared.pools.generation();
+            if self.timeouts.0 != generation {
                 let config = self.shared.pools.config();
-                txn.timeouts = relay::Timeouts {
-                    query: config.query_timeout,
-                    idle_transaction: config.idle_transaction_timeout,
-                };
+                self.timeouts = (
+                    generation,
+                    relay::Timeouts {
+                        query: config.query_timeout,
+                        idle_transaction: config.idle_transaction_timeout,
+                    },
+                );
             }
+            txn.timeouts = self.timeouts.1;
             let outcome = relay::transaction(
                 &mut self.client,
                 checkout.server(),

@@ -313,3 +313,29 @@ async fn a_shorter_query_wait_timeout_ends_later_waits_first() {
         .unwrap();
     assert_eq!(got, "7");
 }
+
+/// A client connected before a reload runs its next transaction with the reloaded
+/// `query_timeout` (clients cache the timeouts per configuration generation).
+#[tokio::test]
+async fn a_reloaded_query_timeout_reaches_connected_clients() {
+    let pg = pg();
+    pg.create_app("rl_qt").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    std::fs::write(&path, config(pg, &["rl_qt"], 2, "")).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let c = proxy.client("rl_qt").await;
+    // No query_timeout yet: a 1.5 s statement finishes.
+    assert_eq!(scalar(&c, "SELECT pg_sleep(1.5)::text || 'ok'").await, "ok");
+    std::fs::write(
+        &path,
+        config(pg, &["rl_qt"], 2, "query_timeout = \"500ms\""),
+    )
+    .unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    let started = std::time::Instant::now();
+    let e = c.simple_query("SELECT pg_sleep(5)").await.unwrap_err();
+    assert_eq!(code(&e), "57014", "{e}");
+    assert!(message(&e).contains("query_timeout"), "{}", message(&e));
+    assert!(started.elapsed() < Duration::from_secs(4));
+}

@@ -296,6 +296,8 @@ pub struct Pools {
     pub keys: Arc<UpstreamKeys>,
     /// Some reload removed a pool (set under the lock, never cleared).
     any_removed: AtomicBool,
+    /// Counts reloads: a client re-reads the settings it caches when this changes.
+    generation: AtomicU64,
     /// `server_check_query` runs with a `server_check_delay` under the janitor's period:
     /// every checkout takes the path that checks (see [`Pools::try_idle`]).
     check_often: AtomicBool,
@@ -314,6 +316,7 @@ impl Pools {
             next_id: AtomicU64::new(1),
             keys: Arc::default(),
             any_removed: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             check_often: AtomicBool::new(false),
             sweep_wake: Arc::default(),
         });
@@ -424,6 +427,12 @@ impl Pools {
         self.config.load()
     }
 
+    /// Changes at every reload (one atomic load: cheaper than [`Pools::config`] for a
+    /// client that caches settings per transaction).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// True when the pool's database or user left the configuration.
     pub fn is_removed(&self, pool: PoolId) -> bool {
         // A load on every request; the lock only once some reload removed a pool.
@@ -438,6 +447,7 @@ impl Pools {
     pub fn reload(&self, new: Config) -> Vec<BudgetId> {
         let new = Arc::new(new);
         self.config.store(new.clone());
+        self.generation.fetch_add(1, Ordering::Release);
         self.apply_timing(&new);
         let before = self.lock().budgets.len();
         for db in new.databases.values() {
