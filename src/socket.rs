@@ -78,18 +78,28 @@ impl Socket {
         on_socket!(self, s => s.try_io(interest, f))
     }
 
+    /// Waits until the socket is readable. Built on `poll_read_ready`, which keeps one
+    /// waker per direction in the socket's registration, rather than on tokio's
+    /// `readable()`, whose future joins a waiter list under a lock and leaves it again
+    /// when dropped: a socket here is only ever waited on by the one task that owns it,
+    /// and the relay creates this future at every wake-up.
+    #[inline]
     pub async fn readable(&self) -> io::Result<()> {
-        on_socket!(self, s => s.readable().await)
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
     }
 
+    /// Waits until the socket is writable (see [`Socket::readable`]).
+    #[inline]
     pub async fn writable(&self) -> io::Result<()> {
-        on_socket!(self, s => s.writable().await)
+        std::future::poll_fn(|cx| self.poll_write_ready(cx)).await
     }
 
+    #[inline]
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         on_socket!(self, s => s.poll_read_ready(cx))
     }
 
+    #[inline]
     pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         on_socket!(self, s => s.poll_write_ready(cx))
     }
