@@ -306,11 +306,15 @@ fn error(code: &str, msg: impl Into<String>) -> ErrorFields {
 /// Serves an admin console session after login; the caller checked the user.
 pub async fn session(
     mut stream: crate::stream::Stream,
+    hello: BytesMut,
+    leftover: BytesMut,
     shared: &Arc<Shared>,
     pid: i32,
     secret: i32,
 ) -> Result<(), String> {
-    let mut out = BytesMut::new();
+    // `hello`: what login still owes the client (SASLFinal); `leftover`: what the client
+    // sent after its login, read first.
+    let mut out = hello;
     messages::auth_ok(&mut out);
     for (name, value) in [
         ("application_name", ""),
@@ -330,7 +334,8 @@ pub async fn session(
     messages::backend_key_data(&mut out, pid, secret);
     messages::ready_for_query(&mut out, TransactionStatus::Idle);
     stream.send(&out).await.map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = leftover;
+    buf.reserve(1024);
     // In the extended protocol, everything up to Sync is answered by one error.
     let mut skipping = false;
     loop {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::Instrument;
 
 use crate::app::Shared;
@@ -17,13 +17,14 @@ use crate::config::PoolMode;
 use crate::metrics::{ErrorKind, Meter, TxnCounts};
 use crate::pool::queue::WaitCell;
 use crate::pool::{Checkout, PoolError, PoolId};
+use crate::protocol::login_input::LoginInput;
 use crate::protocol::messages::{self, quote_ident, quote_literal, ErrorFields, Severity};
 use crate::protocol::startup::{self, Startup, StartupError, StartupPacket};
 use crate::protocol::{frontend, TransactionStatus};
 use crate::relay::{self, ClientConn, Leftover, Outcome, Peek, Txn};
 use crate::server::{ServerConn, ServerError};
 use crate::shutdown::Watch;
-use crate::socket::Socket;
+use crate::socket::{Addr, Socket};
 use crate::sql::SessionEffects;
 use crate::stream::Stream;
 use crate::tls::{ClientTlsMode, ALPN};
@@ -66,6 +67,9 @@ struct Login {
     params: BTreeMap<String, String>,
     /// `_pq_.` options and the minor version to answer with NegotiateProtocolVersion.
     negotiate: Option<Vec<String>>,
+    /// The authentication exchange's last message (SASLFinal), not sent yet: it goes out
+    /// with AuthenticationOk and the rest of the welcome, in one write.
+    hello: BytesMut,
 }
 
 /// Serves one accepted client connection until it ends. Errors end here, logged once.
@@ -82,10 +86,11 @@ pub async fn handle_over_limit(stream: Socket, shared: Arc<Shared>, max: usize) 
 
 async fn handle_with(stream: Socket, shared: Arc<Shared>, over_limit: Option<usize>) {
     let stream = Stream::from(stream);
-    let peer = stream.peer().map(|a| a.to_string()).unwrap_or_default();
-    let span = tracing::info_span!("client", %peer, user = tracing::field::Empty, database = tracing::field::Empty);
+    // Asked once (one getpeername); formatted only if the span is recorded.
+    let peer = stream.peer();
+    let span = tracing::info_span!("client", peer = %PeerField(peer), user = tracing::field::Empty, database = tracing::field::Empty);
     async move {
-        match serve(stream, &shared, over_limit).await {
+        match serve(stream, peer, &shared, over_limit).await {
             Ok(()) => tracing::debug!("client left"),
             Err(msg) => tracing::info!(reason = %msg, "client closed"),
         }
@@ -94,8 +99,25 @@ async fn handle_with(stream: Socket, shared: Arc<Shared>, over_limit: Option<usi
     .await
 }
 
+/// A client's address in its tracing span (empty when unknown).
+struct PeerField(Option<Addr>);
+
+impl std::fmt::Display for PeerField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(a) => a.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 async fn fatal(stream: &mut Stream, e: &ErrorFields) {
-    let mut buf = BytesMut::new();
+    fatal_after(stream, &[], e).await
+}
+
+/// Sends `first` (what login still owes the client), then the error, and closes.
+async fn fatal_after(stream: &mut Stream, first: &[u8], e: &ErrorFields) {
+    let mut buf = BytesMut::from(first);
     e.encode(&mut buf);
     // Bounded: a client that does not read (its socket buffer full) must not hold the
     // connection's task, and what it holds, forever.
@@ -108,16 +130,18 @@ async fn fatal(stream: &mut Stream, e: &ErrorFields) {
 
 async fn serve(
     mut stream: Stream,
+    addr: Option<Addr>,
     shared: &Arc<Shared>,
     over_limit: Option<usize>,
 ) -> Result<(), String> {
     let config = shared.pools.config();
     let logging_in = shared.clients.logging_in();
     // Unix-socket clients have no IP address: login_rate_limit counts TCP clients only.
-    let peer = stream.peer().and_then(|a| a.ip());
+    let peer = addr.and_then(|a| a.ip());
+    let mut input = LoginInput::new();
     let login = tokio::time::timeout(
         config.client_login_timeout,
-        Box::pin(handshake(&mut stream, shared, peer, over_limit)),
+        Box::pin(handshake(&mut stream, &mut input, shared, peer, over_limit)),
     )
     .await;
     let login = match login {
@@ -149,12 +173,12 @@ async fn serve(
         .record("database", login.database.as_str());
     if crate::admin::is_console(&login.database) {
         drop(logging_in);
-        return console(stream, shared, &login).await;
+        return console(stream, input.into_leftover(), shared, login).await;
     }
     if shared.console.is_draining() {
         let e = ErrorFields::new(Severity::Fatal, "08P01", "pooler is shutting down")
             .with_hint("pgsluice is draining: connect to another instance");
-        fatal(&mut stream, &e).await;
+        fatal_after(&mut stream, &login.hello, &e).await;
         return Err(e.message);
     }
     let Some(pool) = shared.pools.pool_for(&login.database, &login.user) else {
@@ -165,7 +189,7 @@ async fn serve(
             format!("database \"{}\" does not exist", login.database),
         )
         .with_hint("pgsluice serves only the databases in its configuration");
-        fatal(&mut stream, &e).await;
+        fatal_after(&mut stream, &login.hello, &e).await;
         return Err(e.message);
     };
     let cancel = shared.cancels.register();
@@ -179,7 +203,7 @@ async fn serve(
     )
     .await
     {
-        fatal(&mut stream, &e).await;
+        fatal_after(&mut stream, &login.hello, &e).await;
         return Err(e.message);
     }
     tracing::debug!(user = %login.user, database = %login.database, "client logged in");
@@ -192,7 +216,7 @@ async fn serve(
         pool,
         database: login.database.clone(),
         user: login.user.clone(),
-        addr: stream.peer(),
+        addr,
         local: stream.local(),
         tls: stream.tls_description(),
         pid: cancel.client.pid,
@@ -226,11 +250,21 @@ async fn serve(
         wait_cell: None,
         timeouts: (u64::MAX, relay::Timeouts::default()),
     };
+    // What the client sent right after its login (a pipelined first Query) is read first.
+    let leftover = input.into_leftover();
+    if !leftover.is_empty() {
+        session.client.buf = leftover;
+    }
     session.run().await
 }
 
 /// An admin console session (databases `pgbouncer` and `pgsluice`), for `admin_users` only.
-async fn console(mut stream: Stream, shared: &Arc<Shared>, login: &Login) -> Result<(), String> {
+async fn console(
+    mut stream: Stream,
+    leftover: BytesMut,
+    shared: &Arc<Shared>,
+    login: Login,
+) -> Result<(), String> {
     if !shared.pools.config().admin_users.contains(&login.user) {
         shared.metrics.error(ErrorKind::AdminDenied);
         let e = ErrorFields::new(
@@ -242,11 +276,19 @@ async fn console(mut stream: Stream, shared: &Arc<Shared>, login: &Login) -> Res
             ),
         )
         .with_hint("list the user in admin_users in the pgsluice configuration");
-        fatal(&mut stream, &e).await;
+        fatal_after(&mut stream, &login.hello, &e).await;
         return Err(e.message);
     }
     let cancel = shared.cancels.register();
-    crate::admin::session(stream, shared, cancel.client.pid, cancel.client.secret).await
+    crate::admin::session(
+        stream,
+        login.hello,
+        leftover,
+        shared,
+        cancel.client.pid,
+        cancel.client.secret,
+    )
+    .await
 }
 
 /// Counts a failed checkout in the pool's (and, once known, the application's) figures.
@@ -277,6 +319,7 @@ fn count_pool_error(
 /// CancelRequest; then authenticates. `None` for a cancel connection.
 async fn handshake(
     stream: &mut Stream,
+    input: &mut LoginInput,
     shared: &Arc<Shared>,
     peer: Option<IpAddr>,
     over_limit: Option<usize>,
@@ -290,26 +333,26 @@ async fn handshake(
     // SSLRequest and GSSENCRequest may each come once before the startup packet.
     let (mut ssl_asked, mut gss_asked) = (false, false);
     loop {
-        let mut len = [0u8; 4];
         match over_limit {
             // Over max_client_conn: a client that does not say at once who it is is
             // refused as it would have been without the admin reserve.
             Some(max) => {
-                match tokio::time::timeout(OVER_LIMIT_WAIT, stream.read_exact(&mut len)).await {
+                match tokio::time::timeout(OVER_LIMIT_WAIT, input.fill(stream, 4)).await {
                     Ok(r) => r?,
                     Err(_) => return Err(too_many_clients(max)),
                 };
             }
-            None => {
-                stream.read_exact(&mut len).await?;
-            }
+            None => input.fill(stream, 4).await?,
         }
-        let direct_tls = len[0] == TLS_HANDSHAKE_RECORD && !ssl_asked && !stream.is_tls();
+        let direct_tls =
+            input.buffered()[0] == TLS_HANDSHAKE_RECORD && !ssl_asked && !stream.is_tls();
         if let (true, Some(config)) = (direct_tls, tls.config.clone()) {
             // PostgreSQL 17's direct TLS: a ClientHello instead of an SSLRequest. (With
             // client_tls disabled it is an invalid startup packet, as for PostgreSQL 16.)
+            // Everything buffered is the start of the handshake: rustls takes it all.
             ssl_asked = true;
-            start_tls(stream, config, &len, shared).await?;
+            let early = input.take_all();
+            start_tls(stream, config, &early, shared).await?;
             if stream.alpn_protocol() != Some(ALPN) {
                 return Err(unsupported(
                     "received direct TLS connection request without ALPN protocol negotiation extension \"postgresql\"".into(),
@@ -317,7 +360,7 @@ async fn handshake(
             }
             continue;
         }
-        match startup::read_packet_body(stream, len).await {
+        match startup::read_packet(stream, input).await {
             Ok(StartupPacket::SslRequest) if !ssl_asked => {
                 ssl_asked = true;
                 let Some(config) = tls.config.clone() else {
@@ -326,7 +369,8 @@ async fn handshake(
                 };
                 // Bytes sent with the SSLRequest were sent before encryption: a client
                 // waits for 'S' first, so they can only be injected (CVE-2021-23214).
-                if stream.has_input_now() {
+                // Those read with it are buffered; those that came since wait in the socket.
+                if !input.is_empty() || stream.has_input_now() {
                     return Err(unsupported(
                         "received unencrypted data after SSL request".into(),
                     ));
@@ -371,7 +415,8 @@ async fn handshake(
                     messages::negotiate_protocol_version(&mut buf, 0, options.clone());
                     stream.send(&buf).await?;
                 }
-                authenticate(stream, shared, &login, peer).await?;
+                let mut login = login;
+                authenticate(stream, input, shared, &mut login, peer).await?;
                 // Whatever authentication wrote must reach the client before we wait.
                 stream.flush().await?;
                 return Ok(Some(login));
@@ -410,8 +455,9 @@ async fn start_tls(
 /// counts a failure against the address, and keeps what passthrough learned.
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
+    input: &mut LoginInput,
     shared: &Arc<Shared>,
-    login: &Login,
+    login: &mut Login,
     peer: Option<IpAddr>,
 ) -> Result<(), End> {
     let config = shared.pools.config();
@@ -460,6 +506,8 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     drop(config);
     match auth::authenticate(
         stream,
+        input,
+        &mut login.hello,
         secret.as_deref(),
         creds.default_method(),
         &login.user,
@@ -581,6 +629,7 @@ fn check_startup(s: &Startup, shared: &Shared) -> Result<Login, End> {
         database: database.to_owned(),
         params,
         negotiate,
+        hello: BytesMut::new(),
     })
 }
 
@@ -613,10 +662,16 @@ async fn welcome(
             shared.pools.server_params(pool).unwrap_or_default()
         }
     };
-    let mut buf = BytesMut::new();
+    let mut buf = BytesMut::with_capacity(login.hello.len() + 512);
+    buf.extend_from_slice(&login.hello);
     messages::auth_ok(&mut buf);
     for (name, value) in params.iter() {
-        let own = login.params.get(&name.to_ascii_lowercase());
+        // The client's own value for a parameter it set (tracked names are lower case).
+        let own = login
+            .params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v);
         messages::parameter_status(&mut buf, name, own.unwrap_or(value));
     }
     messages::backend_key_data(&mut buf, pid, secret);

@@ -64,18 +64,21 @@ pub fn frame(data: &[u8]) {
     }
 }
 
-/// The untagged packets a client sends first: the length word and exact read
+/// The untagged packets a client sends first: the length word and buffered read
 /// ([`startup::read_packet`]), StartupMessage / SSLRequest / GSSENCRequest / CancelRequest
 /// ([`startup::parse_packet`]) and the `options` parameter ([`startup::parse_options`]).
 pub fn startup(data: &[u8]) {
     let mut wire = data;
-    let read = block_on(startup::read_packet(&mut wire));
+    let mut input = crate::protocol::login_input::LoginInput::new();
+    let read = block_on(startup::read_packet(&mut wire, &mut input));
     if read.is_ok() {
         let len = i32::from_be_bytes(data[..4].try_into().expect("4 bytes were read")) as usize;
+        // What was read past the packet stays buffered, in order: nothing is lost.
+        let rest = [input.buffered(), wire].concat();
         assert_eq!(
-            wire.len(),
-            data.len() - len,
-            "read_packet read past the packet"
+            &rest[..],
+            &data[len..],
+            "read_packet lost or reordered bytes"
         );
     }
     if let Ok(startup::StartupPacket::Startup(s)) = startup::parse_packet(data) {

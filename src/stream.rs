@@ -148,7 +148,13 @@ impl Stream {
         self.start_tls(conn.into()).await
     }
 
-    async fn start_tls(&mut self, conn: rustls::Connection) -> io::Result<()> {
+    async fn start_tls(&mut self, mut conn: rustls::Connection) -> io::Result<()> {
+        // Records fed before (the early bytes of a direct TLS handshake, maybe a whole
+        // ClientHello) are processed before anything is awaited.
+        if let Err(e) = conn.process_new_packets() {
+            let _ = conn.write_tls(&mut TryWrite(&self.sock));
+            return Err(tls_error(e));
+        }
         self.tls = Some(Box::new(Tls {
             conn,
             plain: 0,

@@ -772,6 +772,134 @@ async fn protocol_3_5_scram_login_completes() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Pipelining: what a client sends right after its last login message
+// ---------------------------------------------------------------------------------------
+
+/// A simple Query message.
+fn query_msg(sql: &str) -> Vec<u8> {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}
+
+/// The first DataRow's first column, from messages up to ReadyForQuery.
+fn first_value(msgs: &[Msg]) -> String {
+    let row = msgs
+        .iter()
+        .find(|m| m.tag == b'D')
+        .unwrap_or_else(|| panic!("no DataRow in {msgs:?}"));
+    let len = i32::from_be_bytes(row.body[2..6].try_into().unwrap()) as usize;
+    String::from_utf8(row.body[6..6 + len].to_vec()).unwrap()
+}
+
+/// A client that sends its SASLResponse and its first Query in one packet (libpq in
+/// pipeline mode may): the login completes, SASLFinal comes before AuthenticationOk, and
+/// the Query is answered, not lost with the login's read-ahead.
+#[tokio::test]
+async fn a_query_in_the_same_packet_as_the_scram_response_is_served() {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let proxy = app("au_pipescram", "").await;
+    let mut s = raw_connect(&proxy).await;
+    s.write_all(&startup_packet(
+        3,
+        0,
+        &[("user", "au_pipescram"), ("database", "au_pipescram")],
+    ))
+    .await
+    .unwrap();
+    let mut scram = ScramSha256::new(b"au_pipescram-pw", ChannelBinding::unsupported());
+    let m = expect_msg(&mut s).await;
+    assert_eq!(m.auth_code(), 10, "AuthenticationSASL");
+    let data = scram.message().to_vec();
+    let mut body = b"SCRAM-SHA-256\0".to_vec();
+    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    body.extend_from_slice(&data);
+    let mut p = vec![b'p'];
+    p.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    p.extend(body);
+    s.write_all(&p).await.unwrap();
+    let m = expect_msg(&mut s).await;
+    assert_eq!(m.auth_code(), 11, "AuthenticationSASLContinue");
+    scram.update(&m.body[4..]).unwrap();
+    let data = scram.message().to_vec();
+    let mut p = vec![b'p'];
+    p.extend_from_slice(&((data.len() + 4) as i32).to_be_bytes());
+    p.extend(data);
+    p.extend(query_msg("SELECT 6 * 7"));
+    s.write_all(&p).await.unwrap();
+
+    let login = read_until_ready(&mut s).await;
+    let codes: Vec<i32> = login
+        .iter()
+        .filter(|m| m.tag == b'R')
+        .map(Msg::auth_code)
+        .collect();
+    assert_eq!(codes, [12, 0], "SASLFinal, then AuthenticationOk");
+    scram
+        .finish(&login[0].body[4..])
+        .expect("server signature verifies");
+    assert!(login.iter().any(|m| m.tag == b'K'), "BackendKeyData");
+    let answer = read_until_ready(&mut s).await;
+    assert_eq!(first_value(&answer), "42");
+    // The session carries on as usual.
+    s.write_all(&query_msg("SELECT current_user"))
+        .await
+        .unwrap();
+    assert_eq!(first_value(&read_until_ready(&mut s).await), "au_pipescram");
+}
+
+/// The same with trust, where the startup packet is the last login message: startup and
+/// Query in one packet are both handled.
+#[tokio::test]
+async fn a_query_in_the_same_packet_as_the_startup_is_served() {
+    let pg = pg();
+    pg.create_app("au_pipetrust").await;
+    let proxy = Proxy::start(&format!(
+        "{}auth_type = \"trust\"\n",
+        app_config(pg, "au_pipetrust", "")
+    ))
+    .await;
+    let mut s = raw_connect(&proxy).await;
+    let mut p = startup_packet(
+        3,
+        0,
+        &[("user", "au_pipetrust"), ("database", "au_pipetrust")],
+    );
+    p.extend(query_msg("SELECT 40 + 2"));
+    s.write_all(&p).await.unwrap();
+    let login = read_until_ready(&mut s).await;
+    assert_eq!(login[0].auth_code(), 0, "AuthenticationOk first");
+    assert_eq!(first_value(&read_until_ready(&mut s).await), "42");
+    s.write_all(&query_msg("SELECT current_user"))
+        .await
+        .unwrap();
+    assert_eq!(first_value(&read_until_ready(&mut s).await), "au_pipetrust");
+}
+
+/// The admin console gets what was pipelined after the login too.
+#[tokio::test]
+async fn a_console_command_in_the_same_packet_as_the_startup_is_served() {
+    let pg = pg();
+    pg.create_app("au_pipeadmin").await;
+    let proxy = Proxy::start(&app_config(
+        pg,
+        "au_pipeadmin",
+        "auth_type = \"trust\"\nadmin_users = \"au_pipeadmin\"",
+    ))
+    .await;
+    let mut s = raw_connect(&proxy).await;
+    let mut p = startup_packet(3, 0, &[("user", "au_pipeadmin"), ("database", "pgsluice")]);
+    p.extend(query_msg("SHOW VERSION"));
+    s.write_all(&p).await.unwrap();
+    let login = read_until_ready(&mut s).await;
+    assert_eq!(login[0].auth_code(), 0, "AuthenticationOk first");
+    let answer = read_until_ready(&mut s).await;
+    assert!(first_value(&answer).contains("pgsluice"), "{answer:?}");
+}
+
+// ---------------------------------------------------------------------------------------
 // Login hardening
 // ---------------------------------------------------------------------------------------
 

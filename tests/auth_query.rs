@@ -94,7 +94,8 @@ async fn passthrough_logs_in_with_no_password_in_the_config() {
     assert_eq!(in_use, 4, "3 pool servers + the lookup connection");
     let lookup_backends: i64 = admin
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND application_name = 'pgsluice auth_query'",
+            // This test's database only: the other tests' proxies have lookup connections too.
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND application_name = 'pgsluice auth_query' AND datname = 'aq_app'",
             &[&LOOKUP],
         )
         .await

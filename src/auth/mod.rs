@@ -22,9 +22,10 @@ use md5::{Digest, Md5};
 use rand::RngExt;
 use subtle::ConstantTimeEq;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::config::{is_md5_hash, is_plain_password, AuthType, Config};
+use crate::protocol::login_input::LoginInput;
 use crate::protocol::{frontend, messages};
 use crate::secrets::Password;
 use scram::Verifier;
@@ -186,10 +187,14 @@ impl Credentials {
 }
 
 /// Runs the authentication exchange for `user` against `secret` (`None`: an unknown user,
-/// who gets the same exchange as a known one with `default_method` and fails). On success
-/// the caller sends AuthenticationOk; the result is what passthrough learned, if anything.
+/// who gets the same exchange as a known one with `default_method` and fails). The client's
+/// messages are read through `input`. On success the exchange's last message (SASLFinal),
+/// if any, is left in `last` unsent: the caller sends it with AuthenticationOk, in one
+/// write. The result is what passthrough learned, if anything.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
+    input: &mut LoginInput,
+    last: &mut BytesMut,
     secret: Option<&Secret>,
     default_method: AuthType,
     user: &str,
@@ -204,15 +209,17 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             .ok_or_else(|| AuthError::UnknownUser(user.to_owned())),
         // As PostgreSQL: md5 with a SCRAM verifier stored runs SCRAM.
         AuthType::Md5 if md5.is_none() && verifier.is_some() => {
-            scram_exchange(stream, verifier.cloned(), user, passthrough).await
+            scram_exchange(stream, input, last, verifier.cloned(), user, passthrough).await
         }
         AuthType::Md5 => {
-            md5_exchange(stream, md5, user).await?;
+            md5_exchange(stream, input, md5, user).await?;
             Ok(md5
                 .filter(|_| passthrough)
                 .map(|h| Learned::Md5(h.to_owned())))
         }
-        AuthType::ScramSha256 => scram_exchange(stream, verifier.cloned(), user, passthrough).await,
+        AuthType::ScramSha256 => {
+            scram_exchange(stream, input, last, verifier.cloned(), user, passthrough).await
+        }
     }
 }
 
@@ -222,10 +229,15 @@ async fn send<S: AsyncWrite + Unpin>(stream: &mut S, buf: BytesMut) -> Result<()
     Ok(())
 }
 
-/// Reads one PasswordMessage-family message with exact reads; returns its body.
-async fn read_password_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, AuthError> {
-    let mut hdr = [0u8; 5];
-    stream.read_exact(&mut hdr).await?;
+/// Reads one PasswordMessage-family message through `input` and returns its body (the
+/// message stays buffered until [`LoginInput::consume`]: `5 + body.len()` bytes). The tag
+/// and length are checked before the body is waited for.
+async fn read_password_message<'a, S: AsyncRead + Unpin>(
+    stream: &mut S,
+    input: &'a mut LoginInput,
+) -> Result<&'a [u8], AuthError> {
+    input.fill(stream, 5).await?;
+    let hdr = input.buffered();
     if hdr[0] != frontend::PASSWORD {
         return Err(AuthError::Protocol(format!(
             "expected a password message, got message type {:?}",
@@ -238,13 +250,14 @@ async fn read_password_message<S: AsyncRead + Unpin>(stream: &mut S) -> Result<V
             "invalid password message length {len}"
         )));
     }
-    let mut body = vec![0u8; len as usize - 4];
-    stream.read_exact(&mut body).await?;
-    Ok(body)
+    let total = len as usize + 1;
+    input.fill(stream, total).await?;
+    Ok(&input.buffered()[5..total])
 }
 
 async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
+    input: &mut LoginInput,
     stored: Option<&str>,
     user: &str,
 ) -> Result<(), AuthError> {
@@ -252,13 +265,16 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let mut buf = BytesMut::new();
     messages::auth_md5(&mut buf, salt);
     send(stream, buf).await?;
-    let body = read_password_message(stream).await?;
-    let given = body.strip_suffix(&[0]).unwrap_or(&body);
+    let body = read_password_message(stream, input).await?;
+    let n = 5 + body.len();
+    let given = body.strip_suffix(&[0]).unwrap_or(body);
     // An unknown user is checked against a hash nothing matches, at the same cost.
     let known = stored.is_some();
     let stored = stored.unwrap_or("md500000000000000000000000000000000");
     let expected = upstream::md5_answer(stored, salt);
-    if bool::from(given.ct_eq(expected.as_bytes())) && known {
+    let right = bool::from(given.ct_eq(expected.as_bytes()));
+    input.consume(n);
+    if right && known {
         Ok(())
     } else {
         Err(AuthError::Failed(user.to_owned()))
@@ -267,6 +283,8 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
 
 async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
+    input: &mut LoginInput,
+    last: &mut BytesMut,
     verifier: Option<Verifier>,
     user: &str,
     passthrough: bool,
@@ -278,8 +296,9 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     send(stream, buf).await?;
 
     // SASLInitialResponse: mechanism\0, i32 length, data.
-    let body = read_password_message(stream).await?;
-    let mut strings = messages::CStrings(&body);
+    let body = read_password_message(stream, input).await?;
+    let n = 5 + body.len();
+    let mut strings = messages::CStrings(body);
     let mechanism = strings
         .next_str()
         .ok_or_else(|| AuthError::Protocol("malformed SASLInitialResponse".into()))?;
@@ -304,22 +323,23 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     );
     let (server_first, exchange) = scram::client_first(&rest[4..], verifier)
         .map_err(|e| AuthError::Protocol(e.to_string()))?;
+    input.consume(n);
     let mut buf = BytesMut::new();
     messages::auth_sasl_continue(&mut buf, server_first.as_bytes());
     send(stream, buf).await?;
 
-    let body = read_password_message(stream).await?;
-    let (server_final, client_key) = exchange.client_final(&body).map_err(|e| match e {
+    let body = read_password_message(stream, input).await?;
+    let n = 5 + body.len();
+    let (server_final, client_key) = exchange.client_final(body).map_err(|e| match e {
         scram::ScramError::WrongPassword => AuthError::Failed(user.to_owned()),
         e => AuthError::Protocol(e.to_string()),
     })?;
+    input.consume(n);
     if !known {
         // Unreachable in practice: nothing matches the impossible verifier.
         return Err(AuthError::Failed(user.to_owned()));
     }
-    let mut buf = BytesMut::new();
-    messages::auth_sasl_final(&mut buf, server_final.as_bytes());
-    send(stream, buf).await?;
+    messages::auth_sasl_final(last, server_final.as_bytes());
     Ok(passthrough.then_some(Learned::Scram {
         salt,
         iterations,

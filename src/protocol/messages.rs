@@ -6,12 +6,8 @@
 
 use bytes::{BufMut, BytesMut};
 use pgwire::error::ErrorInfo;
-use pgwire::messages::response::{
-    ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus as PgStatus,
-};
-use pgwire::messages::startup::{
-    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
-};
+use pgwire::messages::response::{ErrorResponse, NoticeResponse};
+use pgwire::messages::startup::NegotiateProtocolVersion;
 use pgwire::messages::Message;
 
 use super::TransactionStatus;
@@ -109,49 +105,70 @@ impl ErrorFields {
 }
 
 pub fn ready_for_query(buf: &mut BytesMut, status: TransactionStatus) {
-    let status = match status {
-        TransactionStatus::Idle => PgStatus::Idle,
-        TransactionStatus::InTransaction => PgStatus::Transaction,
-        TransactionStatus::Failed => PgStatus::Error,
-    };
-    put(buf, ReadyForQuery::new(status));
+    header(buf, b'Z', 1);
+    buf.put_u8(match status {
+        TransactionStatus::Idle => b'I',
+        TransactionStatus::InTransaction => b'T',
+        TransactionStatus::Failed => b'E',
+    });
+}
+
+// The login messages below are written directly (every login sends them; pgwire's types
+// would allocate a String or Bytes per field). A test checks each against pgwire.
+
+/// Tag and length word of a message whose body is `body` bytes long.
+fn header(buf: &mut BytesMut, tag: u8, body: usize) {
+    buf.reserve(5 + body);
+    buf.put_u8(tag);
+    buf.put_i32((body + 4) as i32);
 }
 
 pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    put(buf, ParameterStatus::new(name.to_owned(), value.to_owned()));
+    header(buf, b'S', name.len() + value.len() + 2);
+    buf.put_slice(name.as_bytes());
+    buf.put_u8(0);
+    buf.put_slice(value.as_bytes());
+    buf.put_u8(0);
 }
 
 pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
-    put(buf, BackendKeyData::new(pid, SecretKey::I32(secret)));
+    header(buf, b'K', 8);
+    buf.put_i32(pid);
+    buf.put_i32(secret);
+}
+
+/// An Authentication message: `code`, then `data`.
+fn authentication(buf: &mut BytesMut, code: i32, data: &[u8]) {
+    header(buf, b'R', 4 + data.len());
+    buf.put_i32(code);
+    buf.put_slice(data);
 }
 
 pub fn auth_ok(buf: &mut BytesMut) {
-    put(buf, Authentication::Ok);
+    authentication(buf, 0, &[]);
 }
 
 pub fn auth_md5(buf: &mut BytesMut, salt: [u8; 4]) {
-    put(buf, Authentication::MD5Password(salt.to_vec()));
+    authentication(buf, 5, &salt);
 }
 
 pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
-    put(
-        buf,
-        Authentication::SASL(mechanisms.iter().map(|m| m.to_string()).collect()),
-    );
+    let body: usize = mechanisms.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
+    header(buf, b'R', 4 + body);
+    buf.put_i32(10);
+    for m in mechanisms {
+        buf.put_slice(m.as_bytes());
+        buf.put_u8(0);
+    }
+    buf.put_u8(0);
 }
 
 pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {
-    put(
-        buf,
-        Authentication::SASLContinue(bytes::Bytes::copy_from_slice(data)),
-    );
+    authentication(buf, 11, data);
 }
 
 pub fn auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
-    put(
-        buf,
-        Authentication::SASLFinal(bytes::Bytes::copy_from_slice(data)),
-    );
+    authentication(buf, 12, data);
 }
 
 pub fn negotiate_protocol_version(buf: &mut BytesMut, newest_minor: i32, unsupported: Vec<String>) {
@@ -217,6 +234,8 @@ pub fn quote_ident(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pgwire::messages::response::{ReadyForQuery, TransactionStatus as PgStatus};
+    use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 
     #[test]
     fn error_round_trip() {
@@ -238,6 +257,70 @@ mod tests {
         assert_eq!(f.message, "no terminator");
         ErrorFields::parse(b"");
         ErrorFields::parse(b"\0\0\0");
+    }
+
+    /// The login messages written by hand are byte for byte what pgwire encodes.
+    #[test]
+    fn login_messages_match_pgwire() {
+        fn ours(f: impl FnOnce(&mut BytesMut)) -> BytesMut {
+            let mut b = BytesMut::from(&b"x"[..]);
+            f(&mut b);
+            b.split_off(1)
+        }
+        fn theirs<M: Message>(m: M) -> BytesMut {
+            let mut b = BytesMut::new();
+            put(&mut b, m);
+            b
+        }
+        assert_eq!(
+            ours(|b| parameter_status(b, "TimeZone", "Europe/Paris")),
+            theirs(ParameterStatus::new(
+                "TimeZone".into(),
+                "Europe/Paris".into()
+            ))
+        );
+        assert_eq!(
+            ours(|b| parameter_status(b, "application_name", "")),
+            theirs(ParameterStatus::new("application_name".into(), "".into()))
+        );
+        assert_eq!(
+            ours(|b| backend_key_data(b, 12345, -7)),
+            theirs(BackendKeyData::new(12345, SecretKey::I32(-7)))
+        );
+        assert_eq!(ours(auth_ok), theirs(Authentication::Ok));
+        assert_eq!(
+            ours(|b| auth_md5(b, [1, 2, 3, 4])),
+            theirs(Authentication::MD5Password(vec![1, 2, 3, 4]))
+        );
+        assert_eq!(
+            ours(|b| auth_sasl(b, &["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"])),
+            theirs(Authentication::SASL(vec![
+                "SCRAM-SHA-256".into(),
+                "SCRAM-SHA-256-PLUS".into()
+            ]))
+        );
+        assert_eq!(
+            ours(|b| auth_sasl_continue(b, b"r=abc,s=xyz,i=4096")),
+            theirs(Authentication::SASLContinue(bytes::Bytes::from_static(
+                b"r=abc,s=xyz,i=4096"
+            )))
+        );
+        assert_eq!(
+            ours(|b| auth_sasl_final(b, b"v=sig")),
+            theirs(Authentication::SASLFinal(bytes::Bytes::from_static(
+                b"v=sig"
+            )))
+        );
+        for (status, pg) in [
+            (TransactionStatus::Idle, PgStatus::Idle),
+            (TransactionStatus::InTransaction, PgStatus::Transaction),
+            (TransactionStatus::Failed, PgStatus::Error),
+        ] {
+            assert_eq!(
+                ours(|b| ready_for_query(b, status)),
+                theirs(ReadyForQuery::new(pg))
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! protocol documentation (<https://www.postgresql.org/docs/current/protocol-message-formats.html>).
 
 pub mod frame;
+pub mod login_input;
 pub mod messages;
 pub mod startup;
 

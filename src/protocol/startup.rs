@@ -1,9 +1,11 @@
 //! Untagged packets a client sends first: StartupMessage, SSLRequest, GSSENCRequest and
-//! CancelRequest. They are read with exact-size reads (no read-ahead), so no byte past the
-//! packet is ever buffered: TLS, when it comes, starts on a clean stream.
+//! CancelRequest. They are read through the client's [`LoginInput`], which may hold bytes
+//! past the packet: before TLS starts, the caller refuses any (see `client::handshake`).
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
+
+use super::login_input::LoginInput;
 
 /// PostgreSQL's own cap on a startup packet (`MAX_STARTUP_PACKET_LENGTH`).
 pub const MAX_STARTUP_PACKET: usize = 10_000;
@@ -47,27 +49,23 @@ pub enum StartupError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads one untagged packet with exact reads.
+/// Reads one untagged packet through `input`. The length word is checked before the body
+/// is waited for; the packet's bytes are consumed, what follows it stays buffered.
 pub async fn read_packet<S: AsyncRead + Unpin>(
     stream: &mut S,
+    input: &mut LoginInput,
 ) -> Result<StartupPacket, StartupError> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await?;
-    read_packet_body(stream, len).await
-}
-
-/// Reads the rest of an untagged packet whose length word `len` was already read.
-pub async fn read_packet_body<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    len: [u8; 4],
-) -> Result<StartupPacket, StartupError> {
-    let len = i32::from_be_bytes(len) as i64;
+    input.fill(stream, 4).await?;
+    let b = input.buffered();
+    let len = i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64;
     if !(8..=MAX_STARTUP_PACKET as i64).contains(&len) {
         return Err(StartupError::BadLength(len));
     }
-    let mut body = vec![0u8; len as usize - 4];
-    stream.read_exact(&mut body).await?;
-    parse_packet(&body)
+    let len = len as usize;
+    input.fill(stream, len).await?;
+    let packet = parse_packet(&input.buffered()[4..len]);
+    input.consume(len);
+    packet
 }
 
 /// Parses the body of an untagged packet (everything after the length word).
@@ -226,7 +224,9 @@ mod tests {
     async fn read_rejects_bad_lengths() {
         for len in [0i32, 3, -1, 10_001, i32::MAX] {
             let mut wire: &[u8] = &len.to_be_bytes();
-            let err = read_packet(&mut wire).await.unwrap_err();
+            let err = read_packet(&mut wire, &mut LoginInput::new())
+                .await
+                .unwrap_err();
             assert!(matches!(err, StartupError::BadLength(_)), "{len}: {err}");
         }
     }
