@@ -111,7 +111,6 @@ impl Pools {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let notify = st.timing.query_wait_notify;
         let notify_at = (!notify.is_zero()).then(|| began + notify);
-        cell.notice.store(false, Ordering::Relaxed);
         let waiter = Waiter {
             seq,
             cell: cell.clone(),
@@ -200,6 +199,9 @@ impl WaitGuard {
         })
         .await;
         self.done = true;
+        // Out of the queue now, so the sweeper cannot flag it again: a notice it flagged
+        // that the client did not read yet must not carry over to the next wait.
+        self.cell.notice.store(false, Ordering::Relaxed);
         grant
     }
 }
@@ -211,6 +213,7 @@ impl Drop for WaitGuard {
         }
         let mut st = self.pools.lock();
         st.pools[self.pool].waiters.retain(|w| w.seq != self.seq);
+        self.cell.notice.store(false, Ordering::Relaxed);
         // A grant made before we left the queue is in the cell: give it back.
         match self.cell.take() {
             Some(Grant::Server(server)) => {
