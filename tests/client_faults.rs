@@ -460,3 +460,37 @@ async fn client_sockets_run_tcp_keepalive() {
         }
     }
 }
+
+/// A Query and Terminate in one packet: as PostgreSQL, the Query is answered before the
+/// connection closes, and the server goes back to the pool clean. An extended-protocol
+/// request without a Sync before Terminate gets no answer (PostgreSQL sends none either),
+/// and the proxy does not wait for one.
+#[tokio::test]
+async fn query_and_terminate_in_one_packet_are_both_honoured() {
+    let name = "cf_qx";
+    let proxy = trust_app(name, "pool_size = 2").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    w.send(&[wire::query("SELECT 41 + 1"), wire::tagged(b'X', b"")])
+        .await;
+    let msgs = w.until_ready().await;
+    let tags: String = msgs.iter().map(|m| m.tag as char).collect();
+    assert_eq!(tags, "TDCZ");
+    assert_eq!(msgs[1].row(), [Some("42".to_string())]);
+    let mut s = w.stream;
+    wire::expect_closed(&mut s).await;
+    // Without a Sync: nothing is owed, and the client is let go at once.
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    w.send(&[
+        wire::parse("", "SELECT 1"),
+        wire::bind("", "", &[]),
+        wire::execute(""),
+        wire::tagged(b'X', b""),
+    ])
+    .await;
+    let mut s = w.stream;
+    let started = Instant::now();
+    wire::expect_closed(&mut s).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    leaks.check().await;
+}

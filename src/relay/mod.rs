@@ -319,12 +319,16 @@ pub async fn transaction(
                 Err(e) => return server_gone(client, server, out, e.to_string()).await,
             }
         }
-        if client_closed {
-            return Outcome::ClientGone(txn.leftover(client, server));
-        }
         let quiet = quiet(client, &server.buf, &server.cursor)
             && !client.stream.wants_write()
             && !server.stream.wants_write();
+        // After Terminate, as PostgreSQL: the requests before it are answered first (a
+        // client may send a Query and Terminate in one packet, then read the answer), then
+        // the client is gone. Extended-protocol messages with no Sync after them get no
+        // answer from PostgreSQL either: nothing to wait for then.
+        if client_closed && (txn.unsynced || (txn.owed.is_empty() && quiet)) {
+            return Outcome::ClientGone(txn.leftover(client, server));
+        }
         if txn.done() && quiet {
             return Outcome::Done;
         }
@@ -334,7 +338,9 @@ pub async fn transaction(
         if between && stop.is_draining() {
             return Outcome::Drained;
         }
-        let read_client = client.buf.len() - client.ready < HIGH_WATER;
+        // Nothing after Terminate is read (and a client that shut its side down after it
+        // is not taken for gone while its answers are still on their way).
+        let read_client = !client_closed && client.buf.len() - client.ready < HIGH_WATER;
         let read_server = server.buf.len() < HIGH_WATER;
         let deadline = if txn.timeouts.off() {
             None
