@@ -22,6 +22,24 @@ fn config(pg: &TestPostgres, dbs: &[&str], pool_size: u32, extra: &str) -> Strin
     s
 }
 
+/// A proxy started from a configuration file (`config`) in a temp dir, with an app per
+/// database, for tests that rewrite the file and reload it.
+async fn from_file(
+    dbs: &[&str],
+    pool_size: u32,
+    extra: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, Proxy) {
+    let pg = pg();
+    for d in dbs {
+        pg.create_app(d).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    std::fs::write(&path, config(pg, dbs, pool_size, extra)).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    (dir, path, proxy)
+}
+
 /// Server connections the console's SHOW POOLS reports for a database (`sv_active` +
 /// `sv_idle` + `sv_used` + `sv_tested` + `sv_login`) and the pool size SHOW DATABASES reports.
 async fn console_view(console: &tokio_postgres::Client, db: &str) -> (u32, u32) {
@@ -167,11 +185,7 @@ async fn pool_size_changes_under_load() {
 #[tokio::test]
 async fn a_bad_reload_keeps_the_old_configuration() {
     let pg = pg();
-    pg.create_app("rl_bad").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("pgsluice.toml");
-    std::fs::write(&path, config(pg, &["rl_bad"], 4, "")).unwrap();
-    let proxy = Proxy::start_file(&path).await;
+    let (_dir, path, proxy) = from_file(&["rl_bad"], 4, "").await;
     let c = proxy.client("rl_bad").await;
     std::fs::write(&path, "pool_size = \"many\"\n").unwrap();
     let e = pgsluice::reload::reload(&proxy.shared).unwrap_err();
@@ -195,12 +209,7 @@ async fn a_bad_reload_keeps_the_old_configuration() {
 #[tokio::test]
 async fn a_removed_database_drains() {
     let pg = pg();
-    pg.create_app("rl_keep").await;
-    pg.create_app("rl_gone").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("pgsluice.toml");
-    std::fs::write(&path, config(pg, &["rl_keep", "rl_gone"], 2, "")).unwrap();
-    let proxy = Proxy::start_file(&path).await;
+    let (_dir, path, proxy) = from_file(&["rl_keep", "rl_gone"], 2, "").await;
     let keep = proxy.client("rl_keep").await;
     let gone = proxy.client("rl_gone").await;
     gone.batch_execute("BEGIN; SELECT 1").await.unwrap();
@@ -279,11 +288,7 @@ async fn sighup_reloads_the_binary() {
 #[tokio::test]
 async fn a_shorter_query_wait_timeout_ends_later_waits_first() {
     let pg = pg();
-    pg.create_app("rl_wait").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("pgsluice.toml");
-    std::fs::write(&path, config(pg, &["rl_wait"], 1, "")).unwrap();
-    let proxy = Proxy::start_file(&path).await;
+    let (_dir, path, proxy) = from_file(&["rl_wait"], 1, "").await;
     let holder = proxy.client("rl_wait").await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     // Queued with the 30 s wait.
@@ -319,11 +324,7 @@ async fn a_shorter_query_wait_timeout_ends_later_waits_first() {
 #[tokio::test]
 async fn a_reloaded_query_timeout_reaches_connected_clients() {
     let pg = pg();
-    pg.create_app("rl_qt").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("pgsluice.toml");
-    std::fs::write(&path, config(pg, &["rl_qt"], 2, "")).unwrap();
-    let proxy = Proxy::start_file(&path).await;
+    let (_dir, path, proxy) = from_file(&["rl_qt"], 2, "").await;
     let c = proxy.client("rl_qt").await;
     // No query_timeout yet: a 1.5 s statement finishes.
     assert_eq!(scalar(&c, "SELECT pg_sleep(1.5)::text || 'ok'").await, "ok");
