@@ -20,6 +20,12 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// The floods of this file (thousands of connections, megabyte messages, process RSS
+/// checks) take turns: run side by side in one test process they starve one another of the
+/// two CPUs and add to one another's RSS, and a 10 s reply deadline or an RSS bound then
+/// fails for a reason that is not the proxy's.
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn trust_app(name: &str, top: &str) -> Proxy {
     app(name, &format!("auth_type = \"trust\"\n{top}")).await
 }
@@ -50,6 +56,7 @@ async fn fatal_for(
 /// wait for a body that will never come and no allocation of its size.
 #[tokio::test]
 async fn nonsense_and_giant_startup_lengths() {
+    let _turn = FLOODS.lock().await;
     let name = "hi_lengths";
     let proxy = trust_app(name, "").await;
     let leaks = Leaks::new(&proxy, name).await;
@@ -78,6 +85,7 @@ async fn nonsense_and_giant_startup_lengths() {
 /// and its memory stays flat.
 #[tokio::test]
 async fn a_thousand_giant_startup_declarations_keep_memory_flat() {
+    let _turn = FLOODS.lock().await;
     let name = "hi_giant";
     pg().create_app(name).await;
     let proxy = ProxyProcess::start(&app_config(pg(), name, "max_client_conn = 2000")).await;
@@ -216,6 +224,7 @@ async fn login_with_key(port: u16, name: &str) -> (Wire, (i32, i32)) {
 /// dropped, never forwarded.
 #[tokio::test]
 async fn bad_cancel_requests() {
+    let _turn = FLOODS.lock().await;
     let name = "hi_badcancel";
     pg().create_app(name).await;
     // The database behind a forwarder that counts connections: a forwarded cancel is one.
@@ -621,6 +630,7 @@ fn client_nonce(body: &[u8]) -> String {
 /// is never shown to the client.
 #[tokio::test]
 async fn hostile_upstream() {
+    let _turn = FLOODS.lock().await;
     let name = "hi_hostile";
     type Case = (
         &'static str,

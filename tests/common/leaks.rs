@@ -170,6 +170,15 @@ struct Socket {
 }
 
 const TCP_LISTEN: u8 = 0x0A;
+
+/// The proxy's accepted client sockets on its listening `port`.
+fn proxy_client_sockets(pid: u32, port: u16) -> Vec<Socket> {
+    let inodes = socket_inodes(pid);
+    sockets()
+        .into_iter()
+        .filter(|s| s.local_port == port && s.state != TCP_LISTEN && inodes.contains(&s.inode))
+        .collect()
+}
 const TCP_CLOSE_WAIT: u8 = 0x08;
 
 fn sockets() -> Vec<Socket> {
@@ -283,23 +292,23 @@ impl<'a> Leaks<'a> {
     ) -> Leaks<'a> {
         install_panic_counter();
         let target = target.into();
-        // A connection just closed (a readiness probe, a setup client) may still be counted
-        // for a moment: let the figures settle first.
+        // A connection just closed (a readiness probe, a setup client) may still be counted,
+        // or its socket still be open on the proxy's side (CLOSE_WAIT) for a moment: let the
+        // figures settle first, so that the baseline holds only connections that stay.
+        let pid = target.pid();
+        let port = target.port();
         let mut m = target.scrape().await;
+        let mut client_sockets = proxy_client_sockets(pid, port);
         for _ in 0..40 {
-            if m.sum("pgsluice_client_logins_in_progress", &[]) == 0.0 {
+            let closing = client_sockets.iter().any(|s| s.state == TCP_CLOSE_WAIT);
+            if m.sum("pgsluice_client_logins_in_progress", &[]) == 0.0 && !closing {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
             m = target.scrape().await;
+            client_sockets = proxy_client_sockets(pid, port);
         }
-        let pid = target.pid();
-        let port = target.port();
-        let inodes = socket_inodes(pid);
-        let client_sockets = sockets()
-            .iter()
-            .filter(|s| s.local_port == port && s.state != TCP_LISTEN && inodes.contains(&s.inode))
-            .count();
+        let client_sockets = client_sockets.len();
         let child = matches!(target, Target::Child(_));
         Leaks {
             target,
