@@ -255,7 +255,11 @@ async fn serve(
     if !leftover.is_empty() {
         session.client.buf = leftover;
     }
-    session.run().await
+    let ended = session.run().await;
+    // The read buffer serves the next client of this thread (a storm of short sessions
+    // allocates none).
+    session.client.release_buffer();
+    ended
 }
 
 /// An admin console session (databases `pgbouncer` and `pgsluice`), for `admin_users` only.

@@ -306,7 +306,9 @@ impl TxnCounts {
 #[derive(Debug, Default)]
 struct Apps {
     names: HashSet<String>,
-    handles: HashMap<(String, String, String), Arc<AppMetrics>>,
+    /// Handles by label; each label's few (database, user) pairs are scanned, so that a
+    /// login looks its handles up without building an owned key.
+    handles: HashMap<String, Vec<Arc<AppMetrics>>>,
 }
 
 /// All metrics of one proxy.
@@ -733,7 +735,7 @@ impl Metrics {
 
     /// The label an `application_name` gets: itself (cut to 63 bytes) while fewer than
     /// `max_applications` distinct names have been seen, else `other`.
-    fn application_label(&self, apps: &mut Apps, name: &str) -> String {
+    fn application_label<'n>(&self, apps: &mut Apps, name: &'n str) -> &'n str {
         let mut end = name.len().min(MAX_APPLICATION_LABEL);
         while !name.is_char_boundary(end) {
             end -= 1;
@@ -743,13 +745,13 @@ impl Metrics {
             n => n,
         };
         if apps.names.contains(name) {
-            return name.to_owned();
+            return name;
         }
         if apps.names.len() < self.max_applications {
             apps.names.insert(name.to_owned());
-            return name.to_owned();
+            return name;
         }
-        OTHER_APPLICATION.to_owned()
+        OTHER_APPLICATION
     }
 
     /// The handles of a client's application (resolved once per client, and again when it
@@ -757,26 +759,37 @@ impl Metrics {
     pub fn app(&self, database: &str, user: &str, application_name: &str) -> Arc<AppMetrics> {
         let mut apps = lock(&self.apps);
         let label = self.application_label(&mut apps, application_name);
-        let key = (database.to_owned(), user.to_owned(), label);
-        if let Some(a) = apps.handles.get(&key) {
+        if let Some(a) = apps
+            .handles
+            .get(label)
+            .and_then(|v| v.iter().find(|a| a.database == database && a.user == user))
+        {
             return a.clone();
         }
-        let l = [database, user, key.2.as_str()];
+        let l = [database, user, label];
         let a = Arc::new(AppMetrics {
             database: database.to_owned(),
             user: user.to_owned(),
-            label: key.2.clone(),
+            label: label.to_owned(),
             wait: self.application_wait.with_label_values(&l),
             checkout_timeouts: self.application_checkout_timeouts.with_label_values(&l),
             idle_in_transaction: self.application_idle_in_transaction.with_label_values(&l),
         });
-        apps.handles.insert(key, a.clone());
+        apps.handles
+            .entry(label.to_owned())
+            .or_default()
+            .push(a.clone());
         a
     }
 
     /// Every application label set in use so far.
     pub fn apps(&self) -> Vec<Arc<AppMetrics>> {
-        let mut v: Vec<_> = lock(&self.apps).handles.values().cloned().collect();
+        let mut v: Vec<_> = lock(&self.apps)
+            .handles
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
         v.sort_by(|a, b| (&a.database, &a.user, &a.label).cmp(&(&b.database, &b.user, &b.label)));
         v
     }

@@ -133,7 +133,8 @@ impl Budget {
 
 #[derive(Debug, Default)]
 struct State {
-    by_key: HashMap<(String, String), PoolId>,
+    /// Pools by database, then user: looked up without building an owned key.
+    by_key: HashMap<String, HashMap<String, PoolId>>,
     pools: Vec<Pool>,
     budgets: Vec<Budget>,
     sweep: queue::Sweep,
@@ -158,6 +159,11 @@ enum Blocked {
 }
 
 impl State {
+    /// The pool of a database and user, if one was made.
+    fn find(&self, database: &str, user: &str) -> Option<PoolId> {
+        self.by_key.get(database)?.get(user).copied()
+    }
+
     fn blocked(&self, id: PoolId) -> Option<Blocked> {
         let p = &self.pools[id];
         let s = &p.settings;
@@ -387,15 +393,17 @@ impl Pools {
 
     /// The pool for a client-facing database and user; `None` when the database is unknown.
     pub fn pool_for(&self, database: &str, user: &str) -> Option<PoolId> {
-        let key = (database.to_owned(), user.to_owned());
-        let existing = self.lock().by_key.get(&key).copied();
-        if let Some(id) = existing {
-            return (!self.lock().pools[id].removed).then_some(id);
+        let existing = {
+            let st = self.lock();
+            st.find(database, user).map(|id| (id, st.pools[id].removed))
+        };
+        if let Some((id, removed)) = existing {
+            return (!removed).then_some(id);
         }
         let settings = self.config.load().pool_settings(database, user)?;
         let budget = self.budget_for(&settings.host, settings.port);
         let mut st = self.lock();
-        if let Some(&id) = st.by_key.get(&key) {
+        if let Some(id) = st.find(database, user) {
             return Some(id);
         }
         let id = st.pools.len();
@@ -414,7 +422,10 @@ impl Pools {
             testing: 0,
             retired: [0; Retire::ALL.len()],
         });
-        st.by_key.insert(key, id);
+        st.by_key
+            .entry(database.to_owned())
+            .or_default()
+            .insert(user.to_owned(), id);
         Some(id)
     }
 

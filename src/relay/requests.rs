@@ -82,6 +82,13 @@ fn refuse(r: Refusal) -> ErrorFields {
 }
 
 impl ClientConn {
+    /// Gives the read buffer back for another client of this thread (at the client's end).
+    pub fn release_buffer(&mut self) {
+        if self.buf.capacity() > 0 {
+            give_buffer(std::mem::take(&mut self.buf));
+        }
+    }
+
     /// Reads more bytes into the buffer; `Ok(false)` at end of stream. Cancel-safe.
     ///
     /// A client waiting with nothing buffered holds no buffer: it gives it back to this
