@@ -111,12 +111,22 @@ impl std::fmt::Display for PeerField {
     }
 }
 
-async fn fatal(stream: &mut Stream, e: &ErrorFields) {
-    fatal_after(stream, &[], e).await
+/// Sends the error and closes.
+fn fatal<'a>(stream: &'a mut Stream, e: &'a ErrorFields) -> Cold<'a> {
+    fatal_after(stream, &[], e)
 }
 
+/// A future of a path taken once per connection at most (an error, a goodbye), in an
+/// allocation of its own: the client's task, which lives as long as the client, does not
+/// carry its room.
+type Cold<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 /// Sends `first` (what login still owes the client), then the error, and closes.
-async fn fatal_after(stream: &mut Stream, first: &[u8], e: &ErrorFields) {
+fn fatal_after<'a>(stream: &'a mut Stream, first: &'a [u8], e: &'a ErrorFields) -> Cold<'a> {
+    Box::pin(send_fatal(stream, first, e))
+}
+
+async fn send_fatal(stream: &mut Stream, first: &[u8], e: &ErrorFields) {
     let mut buf = BytesMut::from(first);
     e.encode(&mut buf);
     // Bounded: a client that does not read (its socket buffer full) must not hold the
@@ -128,12 +138,14 @@ async fn fatal_after(stream: &mut Stream, first: &[u8], e: &ErrorFields) {
     .await;
 }
 
-async fn serve(
+/// Login, up to a [`Session`] (`None`: the connection ended without one: a cancel request,
+/// an admin console session, or a client that left quietly).
+async fn log_in(
     mut stream: Stream,
     addr: Option<Addr>,
     shared: &Arc<Shared>,
     over_limit: Option<usize>,
-) -> Result<(), String> {
+) -> Result<Option<Session>, String> {
     let config = shared.pools.config();
     let logging_in = shared.clients.logging_in();
     // Unix-socket clients have no IP address: login_rate_limit counts TCP clients only.
@@ -141,7 +153,7 @@ async fn serve(
     let mut input = LoginInput::new();
     let login = tokio::time::timeout(
         config.client_login_timeout,
-        Box::pin(handshake(&mut stream, &mut input, shared, peer, over_limit)),
+        handshake(&mut stream, &mut input, shared, peer, over_limit),
     )
     .await;
     let login = match login {
@@ -156,7 +168,7 @@ async fn serve(
             return Err(e.message);
         }
         Ok(Ok(Some(login))) => login,
-        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(None)) => return Ok(None),
         Ok(Err(End::Quiet)) => return Err("connection closed during login".into()),
         Ok(Err(End::Tell(e))) => {
             shared.metrics.error(match e.code.as_str() {
@@ -173,7 +185,9 @@ async fn serve(
         .record("database", login.database.as_str());
     if crate::admin::is_console(&login.database) {
         drop(logging_in);
-        return console(stream, input.into_leftover(), shared, login).await;
+        return console(stream, input.into_leftover(), shared, login)
+            .await
+            .map(|()| None);
     }
     if shared.console.is_draining() {
         let e = ErrorFields::new(Severity::Fatal, "08P01", "pooler is shutting down")
@@ -255,6 +269,21 @@ async fn serve(
     if !leftover.is_empty() {
         session.client.buf = leftover;
     }
+    Ok(Some(session))
+}
+
+async fn serve(
+    stream: Stream,
+    addr: Option<Addr>,
+    shared: &Arc<Shared>,
+    over_limit: Option<usize>,
+) -> Result<(), String> {
+    // Login runs in an allocation of its own: its futures (handshake, TLS, authentication,
+    // the welcome) are large, and a logged-in client's task should not carry their room for
+    // the rest of its life (an idle client is mostly its task).
+    let Some(mut session) = Box::pin(log_in(stream, addr, shared, over_limit)).await? else {
+        return Ok(());
+    };
     let ended = session.run().await;
     // The read buffer serves the next client of this thread (a storm of short sessions
     // allocates none).
@@ -759,176 +788,235 @@ impl Session {
                     return Err(e.message);
                 }
             }
-            let Some(got) = self.wait_for_server(wait).await else {
-                return Ok(()); // the client left while queued
-            };
-            self.cancel.idle();
-            let mut checkout = match got {
-                Wait::Got(c) => c,
-                Wait::Drained => {
-                    let e = shutting_down();
-                    fatal(&mut self.client.stream, &e).await;
-                    return Err(e.message);
+            let checkout = match self.wait_for_server(wait).await {
+                None => return Ok(()), // the client left while queued
+                Some(Wait::Got(c)) => {
+                    self.cancel.idle();
+                    c
                 }
-                Wait::Cancelled => {
-                    let e = ErrorFields::new(
-                        Severity::Error,
-                        "57014",
-                        "canceling statement due to user request",
-                    )
-                    .with_hint("the statement was cancelled while waiting for a server connection");
-                    self.refuse_request(&e).await?;
-                    continue;
-                }
-                Wait::Failed(e) => {
-                    count_pool_error(&self.shared, &self.meter.pool, Some(&self.meter.app), &e);
-                    tracing::info!(error = %e, "no server for client");
-                    self.refuse_request(&pool_error(&e, Severity::Error))
-                        .await?;
+                Some(not_served) => {
+                    self.cancel.idle();
+                    Box::pin(self.not_served(not_served)).await?;
                     continue;
                 }
             };
-            if let Err(e) = sync_params(&self.params, checkout.server()).await {
-                let e = ErrorFields::new(
-                    Severity::Fatal,
-                    "08P01",
-                    format!("pgsluice could not apply the client's parameters: {e}"),
-                );
+            if let Some(end) = self.serve_transaction(checkout).await {
+                return end;
+            }
+        }
+    }
+
+    /// One transaction on the checked-out server: the relay, then what its outcome asks
+    /// for. `Some` when the client's session ends.
+    ///
+    /// Only the relay waits on this path; what a rare outcome does (read back parameters,
+    /// clean a server up, tell the client) runs in [`Session::after`], boxed, so that every
+    /// client's task does not carry that room.
+    async fn serve_transaction(&mut self, mut checkout: Checkout) -> Option<Result<(), String>> {
+        // The server's session parameters usually match the client's already.
+        if self.params != checkout.server().session {
+            if let Err(e) = Box::pin(self.apply_params(&mut checkout)).await {
+                return Some(Err(e));
+            }
+        }
+        self.cancel.serving(checkout.server().key);
+        let owed = std::mem::take(&mut self.owed);
+        let mut txn = Txn::reusing(self.mode == PoolMode::Transaction, owed);
+        txn.counts = TxnCounts::new(Some(self.meter.clone()));
+        let generation = self.shared.pools.generation();
+        if self.timeouts.0 != generation {
+            let config = self.shared.pools.config();
+            self.timeouts = (
+                generation,
+                relay::Timeouts {
+                    query: config.query_timeout,
+                    idle_transaction: config.idle_transaction_timeout,
+                },
+            );
+        }
+        txn.timeouts = self.timeouts.1;
+        let outcome = relay::transaction(
+            &mut self.client,
+            checkout.server(),
+            &mut txn,
+            Watch {
+                stop: &self.shared.stop,
+                waker: &self.registration.client.stop_waker,
+            },
+        )
+        .await;
+        txn.counts.finish();
+        if txn.read_only_error {
+            checkout.read_only_error();
+        }
+        self.owed = txn.take_owed();
+        if txn.stats != relay::StatementStats::default() {
+            let (p, s) = (&self.meter.pool, txn.stats);
+            p.client_parses.inc_by(s.client_parses.into());
+            p.server_parses.inc_by(s.server_parses.into());
+            p.parse_hits.inc_by(s.parse_hits.into());
+            p.evictions.inc_by(s.evictions.into());
+            p.binds.inc_by(s.binds.into());
+        }
+        let no_cancel_pending = self.cancel.idle();
+        match outcome {
+            // A cancel may still hit it, or it said something that retires it: close it.
+            Outcome::Done if !no_cancel_pending || txn.server_in_doubt => {
+                drop(checkout);
+                None
+            }
+            Outcome::Done if txn.effects.is_empty() => {
+                checkout.release();
+                None
+            }
+            outcome => {
+                let effects = std::mem::take(&mut txn.effects);
+                Box::pin(self.after(checkout, outcome, effects, no_cancel_pending)).await
+            }
+        }
+    }
+
+    /// Sets the client's parameters on its server; on failure tells the client and ends.
+    async fn apply_params(&mut self, checkout: &mut Checkout) -> Result<(), String> {
+        let Err(e) = sync_params(&self.params, checkout.server()).await else {
+            return Ok(());
+        };
+        let e = ErrorFields::new(
+            Severity::Fatal,
+            "08P01",
+            format!("pgsluice could not apply the client's parameters: {e}"),
+        );
+        fatal(&mut self.client.stream, &e).await;
+        Err(e.message)
+    }
+
+    /// The client got no server: a cancel while queued or a pool error is answered and the
+    /// session goes on (`Ok`); draining ends it.
+    async fn not_served(&mut self, wait: Wait) -> Result<(), String> {
+        match wait {
+            Wait::Got(c) => drop(c), // not reached: the caller relays on it
+            Wait::Drained => {
+                let e = shutting_down();
                 fatal(&mut self.client.stream, &e).await;
                 return Err(e.message);
             }
-            self.cancel.serving(checkout.server().key);
-            let owed = std::mem::take(&mut self.owed);
-            let mut txn = Txn::reusing(self.mode == PoolMode::Transaction, owed);
-            txn.counts = TxnCounts::new(Some(self.meter.clone()));
-            let generation = self.shared.pools.generation();
-            if self.timeouts.0 != generation {
-                let config = self.shared.pools.config();
-                self.timeouts = (
-                    generation,
-                    relay::Timeouts {
-                        query: config.query_timeout,
-                        idle_transaction: config.idle_transaction_timeout,
-                    },
-                );
+            Wait::Cancelled => {
+                let e = ErrorFields::new(
+                    Severity::Error,
+                    "57014",
+                    "canceling statement due to user request",
+                )
+                .with_hint("the statement was cancelled while waiting for a server connection");
+                self.refuse_request(&e).await?;
             }
-            txn.timeouts = self.timeouts.1;
-            let outcome = relay::transaction(
-                &mut self.client,
-                checkout.server(),
-                &mut txn,
-                Watch {
-                    stop: &self.shared.stop,
-                    waker: &self.registration.client.stop_waker,
-                },
-            )
-            .await;
-            txn.counts.finish();
-            if txn.read_only_error {
-                checkout.read_only_error();
+            Wait::Failed(e) => {
+                count_pool_error(&self.shared, &self.meter.pool, Some(&self.meter.app), &e);
+                tracing::info!(error = %e, "no server for client");
+                self.refuse_request(&pool_error(&e, Severity::Error))
+                    .await?;
             }
-            self.owed = txn.take_owed();
-            if txn.stats != relay::StatementStats::default() {
-                let (p, s) = (&self.meter.pool, txn.stats);
-                p.client_parses.inc_by(s.client_parses.into());
-                p.server_parses.inc_by(s.server_parses.into());
-                p.parse_hits.inc_by(s.parse_hits.into());
-                p.evictions.inc_by(s.evictions.into());
-                p.binds.inc_by(s.binds.into());
+        }
+        Ok(())
+    }
+
+    /// What a transaction's outcome asks for when it is not a clean return of the server:
+    /// read back the parameters it changed, or clean the server up and end the session.
+    async fn after(
+        &mut self,
+        mut checkout: Checkout,
+        outcome: Outcome,
+        effects: SessionEffects,
+        no_cancel_pending: bool,
+    ) -> Option<Result<(), String>> {
+        // A cancel may still hit the server: it cannot be cleaned up and reused.
+        let unless_cancelled = |left| {
+            if no_cancel_pending {
+                left
+            } else {
+                Leftover::Busy
             }
-            let no_cancel_pending = self.cancel.idle();
-            match outcome {
-                // A cancel may still hit it, or it said something that retires it: close it.
-                Outcome::Done if !no_cancel_pending || txn.server_in_doubt => drop(checkout),
-                Outcome::Done => {
-                    if !txn.effects.is_empty() {
-                        if let Err(e) = self.refresh_params(checkout.server(), &txn.effects).await {
-                            tracing::warn!(error = %e, "could not read back session parameters; closing that server");
-                            drop(checkout);
-                            continue;
-                        }
-                        self.sync_application();
-                    }
-                    checkout.release();
-                }
-                Outcome::ClientGone(left) => {
-                    let left = if no_cancel_pending {
-                        left
-                    } else {
-                        Leftover::Busy
-                    };
-                    Box::pin(self.leave(checkout, left)).await;
-                    return Ok(());
-                }
-                Outcome::ClientError(e, left) => {
-                    self.shared
-                        .metrics
-                        .error(ErrorKind::of_client_error(&e.code));
-                    let left = if no_cancel_pending {
-                        left
-                    } else {
-                        Leftover::Busy
-                    };
-                    fatal(&mut self.client.stream, &e).await;
-                    Box::pin(self.leave(checkout, left)).await;
-                    return Err(e.message);
-                }
-                Outcome::Drained => {
-                    Box::pin(self.leave(checkout, Leftover::Clean)).await;
-                    let e = shutting_down();
-                    fatal(&mut self.client.stream, &e).await;
-                    return Err(e.message);
-                }
-                Outcome::TimedOut { error, left, tell } => {
-                    self.shared
-                        .metrics
-                        .error(ErrorKind::of_client_error(&error.code));
-                    tracing::info!(error = %error.message, "client closed at a timeout");
-                    if tell {
-                        fatal(&mut self.client.stream, &error).await;
-                    } else {
-                        // Cut inside a message: an ErrorResponse would be read as its rest.
-                        let _ = tokio::time::timeout(
-                            std::time::Duration::from_secs(1),
-                            self.client.stream.shutdown(),
-                        )
-                        .await;
-                    }
-                    self.leave(checkout, left).await;
-                    return Err(error.message);
-                }
-                Outcome::Aborted(left) => {
-                    let e = ErrorFields::new(Severity::Fatal, "57P01", "terminating connection because pgsluice is shutting down and shutdown_timeout passed")
-                        .with_hint("the transaction was cancelled and rolled back; reconnect and retry");
-                    fatal(&mut self.client.stream, &e).await;
-                    Box::pin(self.leave(
-                        checkout,
-                        if left == Leftover::Clean {
-                            left
-                        } else {
-                            Leftover::Busy
-                        },
-                    ))
-                    .await;
-                    return Err(e.message);
-                }
-                Outcome::ServerGone {
-                    why,
-                    between_messages,
-                } => {
-                    self.shared.metrics.error(ErrorKind::ServerLost);
-                    let e = ErrorFields::new(Severity::Fatal, "08006", "pgsluice: the server connection closed unexpectedly")
-                        .with_hint("the server may have restarted or terminated the session; reconnect and retry");
-                    if between_messages {
-                        fatal(&mut self.client.stream, &e).await;
-                    } else {
-                        // Cut inside a large message: an ErrorResponse now would be read as
-                        // its rest. Closing tells the client as plainly.
-                        let _ = self.client.stream.shutdown().await;
-                    }
+        };
+        match outcome {
+            Outcome::Done => {
+                if let Err(e) = self.refresh_params(checkout.server(), &effects).await {
+                    tracing::warn!(error = %e, "could not read back session parameters; closing that server");
                     drop(checkout);
-                    return Err(format!("server connection lost: {why}"));
+                    return None;
                 }
+                self.sync_application();
+                checkout.release();
+                None
+            }
+            Outcome::ClientGone(left) => {
+                self.leave(checkout, unless_cancelled(left)).await;
+                Some(Ok(()))
+            }
+            Outcome::ClientError(e, left) => {
+                self.shared
+                    .metrics
+                    .error(ErrorKind::of_client_error(&e.code));
+                fatal(&mut self.client.stream, &e).await;
+                self.leave(checkout, unless_cancelled(left)).await;
+                Some(Err(e.message))
+            }
+            Outcome::Drained => {
+                self.leave(checkout, Leftover::Clean).await;
+                let e = shutting_down();
+                fatal(&mut self.client.stream, &e).await;
+                Some(Err(e.message))
+            }
+            Outcome::TimedOut { error, left, tell } => {
+                self.shared
+                    .metrics
+                    .error(ErrorKind::of_client_error(&error.code));
+                tracing::info!(error = %error.message, "client closed at a timeout");
+                if tell {
+                    fatal(&mut self.client.stream, &error).await;
+                } else {
+                    // Cut inside a message: an ErrorResponse would be read as its rest.
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        self.client.stream.shutdown(),
+                    )
+                    .await;
+                }
+                self.leave(checkout, left).await;
+                Some(Err(error.message))
+            }
+            Outcome::Aborted(left) => {
+                let e = ErrorFields::new(Severity::Fatal, "57P01", "terminating connection because pgsluice is shutting down and shutdown_timeout passed")
+                    .with_hint("the transaction was cancelled and rolled back; reconnect and retry");
+                fatal(&mut self.client.stream, &e).await;
+                let left = if left == Leftover::Clean {
+                    left
+                } else {
+                    Leftover::Busy
+                };
+                self.leave(checkout, left).await;
+                Some(Err(e.message))
+            }
+            Outcome::ServerGone {
+                why,
+                between_messages,
+            } => {
+                self.shared.metrics.error(ErrorKind::ServerLost);
+                let e = ErrorFields::new(
+                    Severity::Fatal,
+                    "08006",
+                    "pgsluice: the server connection closed unexpectedly",
+                )
+                .with_hint(
+                    "the server may have restarted or terminated the session; reconnect and retry",
+                );
+                if between_messages {
+                    fatal(&mut self.client.stream, &e).await;
+                } else {
+                    // Cut inside a large message: an ErrorResponse now would be read as
+                    // its rest. Closing tells the client as plainly.
+                    let _ = self.client.stream.shutdown().await;
+                }
+                drop(checkout);
+                Some(Err(format!("server connection lost: {why}")))
             }
         }
     }
@@ -1227,9 +1315,6 @@ async fn sync_params(
     params: &BTreeMap<String, String>,
     server: &mut ServerConn,
 ) -> Result<(), ServerError> {
-    if *params == server.session {
-        return Ok(());
-    }
     // set_config parses a value as the config file does, so list values such as
     // `a, "$user"` round-trip (SET would take one quoted string as a single element).
     let sets: Vec<String> = params

@@ -442,7 +442,19 @@ fn timed_out(
 
 /// The server connection broke. The client gets what was ready for it (whole messages,
 /// unless a large one was streaming), if it takes it within a second.
-async fn server_gone(
+///
+/// Boxed: a rare path, whose timer and write need not add to the room every relay (and so
+/// every client's task) carries.
+fn server_gone<'a>(
+    client: &'a mut ClientConn,
+    server: &'a mut ServerConn,
+    out: usize,
+    why: String,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+    Box::pin(flush_to_client(client, server, out, why))
+}
+
+async fn flush_to_client(
     client: &mut ClientConn,
     server: &mut ServerConn,
     out: usize,
