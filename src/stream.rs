@@ -259,12 +259,22 @@ impl Stream {
 
     /// Waits until [`Stream::read_some`] may have something (or an error or end of stream).
     pub async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
+    }
+
+    /// [`Stream::readable`] as a poll: ready at once when rustls holds plaintext.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if let Some(tls) = &self.tls {
             if tls.plain > 0 || tls.eof {
-                return Ok(());
+                return Poll::Ready(Ok(()));
             }
         }
-        self.sock.readable().await
+        self.sock.poll_read_ready(cx)
+    }
+
+    /// [`Stream::writable`] as a poll.
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.sock.poll_write_ready(cx)
     }
 
     /// Waits until the socket may take more bytes.

@@ -20,6 +20,9 @@ mod requests;
 
 use std::collections::VecDeque;
 
+use std::future::Future;
+use std::task::Poll;
+
 use bytes::Buf;
 
 use crate::metrics::TxnCounts;
@@ -272,6 +275,8 @@ pub async fn transaction(
     // `server.buf[..out]` is read and ready for the client.
     let mut out = 0;
     let mut waits = Waits::default();
+    // Armed once a timeout applies (never with the defaults), then moved, not re-made.
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         match client.scan(txn, &mut server.statements) {
             Ok(false) => {}
@@ -352,45 +357,153 @@ pub async fn transaction(
                 && (txn.status != TransactionStatus::Idle || txn.unsynced);
             waits.update(txn.timeouts, !txn.owed.is_empty(), idle_in_transaction)
         };
-        tokio::select! {
-            r = server.stream.readable(), if read_server => {
-                if let Err(e) = r { return server_gone(client, server, out, e.to_string()).await }
-                server.buf.reserve(READ_CHUNK);
-                match server.stream.read_some(&mut server.buf) {
-                    Ok(0) => return server_gone(client, server, out, "server closed the connection".into()).await,
-                    Ok(_) => {
-                        match replies::process(&mut server.buf, out, &mut server.cursor, txn, &mut client.statements, &mut server.statements) {
-                            Ok(end) => out = end,
-                            Err(e) => return server_gone(client, server, out, e.to_string()).await,
-                        }
-                    }
-                    Err(e) if would_block(&e) => {}
-                    Err(e) => return server_gone(client, server, out, e.to_string()).await,
-                }
-            }
-            r = client.stream.readable(), if read_client => {
-                if r.is_err() { return Outcome::ClientGone(txn.leftover(client, server)) }
-                client.buf.reserve(READ_CHUNK);
-                match client.stream.read_some(&mut client.buf) {
-                    Ok(0) => return Outcome::ClientGone(txn.leftover(client, server)),
-                    Ok(_) => {}
-                    Err(e) if would_block(&e) => {}
-                    Err(_) => return Outcome::ClientGone(txn.leftover(client, server)),
-                }
-            }
-            r = client.stream.writable(), if out > 0 || client.stream.wants_write() => {
-                if r.is_err() { return Outcome::ClientGone(txn.leftover(client, server)) }
-            }
-            r = server.stream.writable(), if client.ready > 0 || server.stream.wants_write() => {
-                if let Err(e) = r { return server_gone(client, server, out, e.to_string()).await }
-            }
-            _ = watch.draining(), if between => {}
-            _ = watch.aborting() => return Outcome::Aborted(txn.leftover(client, server)),
-            // No clock read nor timer while the timeouts are off (the default).
-            _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
-                return timed_out(client, server, out, txn, &waits);
+        if let Some(d) = deadline {
+            match timer.as_mut() {
+                Some(t) if t.deadline() == d => {}
+                Some(t) => t.as_mut().reset(d),
+                None => timer = Some(Box::pin(tokio::time::sleep_until(d))),
             }
         }
+        let wants = Wants {
+            read_server,
+            read_client,
+            write_client: out > 0 || client.stream.wants_write(),
+            write_server: client.ready > 0 || server.stream.wants_write(),
+            drain: between,
+        };
+        let mut armed = deadline.and(timer.as_mut());
+        let woke = match std::future::poll_fn(|cx| {
+            wants.poll(cx, client, server, &watch, armed.as_deref_mut())
+        })
+        .await
+        {
+            Ok(woke) => woke,
+            Err(Stop::ClientGone) => return Outcome::ClientGone(txn.leftover(client, server)),
+            Err(Stop::ServerGone(e)) => {
+                return server_gone(client, server, out, e.to_string()).await
+            }
+            Err(Stop::Aborting) => return Outcome::Aborted(txn.leftover(client, server)),
+            Err(Stop::TimedOut) => return timed_out(client, server, out, txn, &waits),
+        };
+        if woke.server {
+            server.buf.reserve(READ_CHUNK);
+            match server.stream.read_some(&mut server.buf) {
+                Ok(0) => {
+                    return server_gone(client, server, out, "server closed the connection".into())
+                        .await
+                }
+                Ok(_) => match replies::process(
+                    &mut server.buf,
+                    out,
+                    &mut server.cursor,
+                    txn,
+                    &mut client.statements,
+                    &mut server.statements,
+                ) {
+                    Ok(end) => out = end,
+                    Err(e) => return server_gone(client, server, out, e.to_string()).await,
+                },
+                Err(e) if would_block(&e) => {}
+                Err(e) => return server_gone(client, server, out, e.to_string()).await,
+            }
+        }
+        if woke.client {
+            client.buf.reserve(READ_CHUNK);
+            match client.stream.read_some(&mut client.buf) {
+                Ok(0) => return Outcome::ClientGone(txn.leftover(client, server)),
+                Ok(_) => {}
+                Err(e) if would_block(&e) => {}
+                Err(_) => return Outcome::ClientGone(txn.leftover(client, server)),
+            }
+        }
+    }
+}
+
+/// What the relay waits for, in one poll over both sockets, the shutdown flags and the
+/// timeout (no future per source: the relay's state stays small, and every source that is
+/// ready is served in the same turn, so a streaming server cannot starve the client).
+#[derive(Debug, Clone, Copy)]
+struct Wants {
+    read_server: bool,
+    read_client: bool,
+    write_client: bool,
+    write_server: bool,
+    /// A session between transactions ends when draining begins.
+    drain: bool,
+}
+
+/// The sockets with bytes to read after a wait.
+#[derive(Debug, Default)]
+struct Woke {
+    server: bool,
+    client: bool,
+}
+
+/// What ends a relay while it waits.
+enum Stop {
+    ClientGone,
+    ServerGone(std::io::Error),
+    Aborting,
+    TimedOut,
+}
+
+impl Wants {
+    /// Ready when anything the relay waits for happened: readable sockets are returned,
+    /// anything else (room to write, draining) only ends the wait.
+    fn poll(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        client: &ClientConn,
+        server: &ServerConn,
+        watch: &Watch<'_>,
+        timer: Option<&mut std::pin::Pin<Box<tokio::time::Sleep>>>,
+    ) -> Poll<Result<Woke, Stop>> {
+        let mut woke = Woke::default();
+        let mut any = false;
+        if watch.poll_aborting(cx).is_ready() {
+            return Poll::Ready(Err(Stop::Aborting));
+        }
+        if self.read_server {
+            match server.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => woke.server = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Stop::ServerGone(e))),
+                Poll::Pending => {}
+            }
+        }
+        if self.read_client {
+            match client.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => woke.client = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Stop::ClientGone)),
+                Poll::Pending => {}
+            }
+        }
+        if self.write_client {
+            match client.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => any = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Stop::ClientGone)),
+                Poll::Pending => {}
+            }
+        }
+        if self.write_server {
+            match server.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => any = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Stop::ServerGone(e))),
+                Poll::Pending => {}
+            }
+        }
+        if self.drain && watch.poll_draining(cx).is_ready() {
+            any = true;
+        }
+        if woke.server || woke.client || any {
+            return Poll::Ready(Ok(woke));
+        }
+        // No clock read nor timer while the timeouts are off (the default).
+        if let Some(t) = timer {
+            if t.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Stop::TimedOut));
+            }
+        }
+        Poll::Pending
     }
 }
 
