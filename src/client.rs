@@ -768,7 +768,8 @@ struct Session {
 enum Wait {
     Got(Checkout),
     Cancelled,
-    Failed(PoolError),
+    /// Boxed: a rare outcome, which would otherwise size every wait for a server.
+    Failed(Box<PoolError>),
     /// Draining: the client leaves instead of waiting.
     Drained,
 }
@@ -1053,9 +1054,7 @@ impl Session {
             }
         }
         let began = Instant::now();
-        // Boxed: the queue's futures are large, and an idle client's task should not carry
-        // their room while it waits for its next request.
-        Box::pin(self.wait_queued(wait, began)).await
+        self.wait_queued(wait, began).await
     }
 
     /// [`Session::wait_for_server`] when no idle server is there: queue, open one, or wait.
@@ -1072,15 +1071,28 @@ impl Session {
             .then(|| self.meter.pool.database.clone());
         // Cancel safety: dropping the checkout future leaves the queue and returns any grant.
         let waiting = cell.clone();
+        // Its error is boxed: a rare outcome, which would otherwise size every queued wait.
         let checkout = async move {
             let Some(database) = paused else {
-                return shared.pools.checkout(pool, wait, &waiting).await;
+                return shared
+                    .pools
+                    .checkout(pool, wait, &waiting)
+                    .await
+                    .map_err(Box::new);
             };
-            tokio::time::timeout(wait, shared.console.wait_resumed(&database))
-                .await
-                .map_err(|_| PoolError::WaitTimeout(wait))?;
+            // Boxed: a rare wait, kept out of every queued client's room.
+            Box::pin(tokio::time::timeout(
+                wait,
+                shared.console.wait_resumed(&database),
+            ))
+            .await
+            .map_err(|_| Box::new(PoolError::WaitTimeout(wait)))?;
             let left = wait.saturating_sub(began.elapsed());
-            shared.pools.checkout(pool, left, &waiting).await
+            shared
+                .pools
+                .checkout(pool, left, &waiting)
+                .await
+                .map_err(Box::new)
         };
         tokio::pin!(checkout);
         let cancelled = self.cancel.cancelled_while_queued();

@@ -136,6 +136,9 @@ impl Pools {
     /// Runs `server_check_query` on a server idle longer than `server_check_delay` at `now`
     /// (the checkout's start: no clock read of its own). False when the check failed: the
     /// checkout is marked retired (dropping it closes the server).
+    ///
+    /// The check itself runs in an allocation of its own, made only when one is due: the
+    /// queued checkout that calls this stays small.
     pub(super) async fn check_if_due(
         self: &Arc<Self>,
         checkout: &mut Checkout,
@@ -150,6 +153,15 @@ impl Pools {
             }
             (c.server_check_query.clone(), c.server_connect_timeout)
         };
+        Box::pin(self.check(checkout, query, timeout)).await
+    }
+
+    async fn check(
+        self: &Arc<Self>,
+        checkout: &mut Checkout,
+        query: String,
+        timeout: std::time::Duration,
+    ) -> bool {
         let server = checkout.server();
         let (pool, id) = (server.pool, server.id);
         let _testing = Testing::new(self, pool);

@@ -738,29 +738,34 @@ impl Pools {
                     }
                     return Ok(checkout);
                 }
-                Grant::Slot => match Box::pin(self.open(pool)).await {
-                    Ok(server) => {
-                        return Ok(Checkout {
-                            server: Some(server),
-                            pools: self.clone(),
-                            retire: None,
-                        })
-                    }
+                Grant::Slot => {
+                    let e = match Box::pin(self.open(pool)).await {
+                        Ok(server) => {
+                            return Ok(Checkout {
+                                server: Some(server),
+                                pools: self.clone(),
+                                retire: None,
+                            })
+                        }
+                        Err(e) => e,
+                    };
                     // The database restarts or is full for a moment: try again shortly,
                     // within server_login_retry and the client's own wait.
-                    Err(PoolError::Server(e))
-                        if e.is_transient() && {
-                            let retry_until = now + self.config.load().server_login_retry;
-                            Instant::now() + backoff
-                                < deadline.map_or(retry_until, |d| d.min(retry_until))
-                        } =>
-                    {
-                        tracing::debug!(error = %e, "server connection failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+                    let retry = matches!(&e, PoolError::Server(se) if se.is_transient()) && {
+                        let retry_until = now + self.config.load().server_login_retry;
+                        Instant::now() + backoff
+                            < deadline.map_or(retry_until, |d| d.min(retry_until))
+                    };
+                    if !retry {
+                        return Err(e);
                     }
-                    Err(e) => return Err(e),
-                },
+                    tracing::debug!(error = %e, "server connection failed; retrying");
+                    // The error is not held across the wait, and the wait is boxed: a rare
+                    // path, kept out of every queued checkout's room.
+                    drop(e);
+                    Box::pin(tokio::time::sleep(backoff)).await;
+                    backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
+                }
             }
         }
     }
