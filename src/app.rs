@@ -48,6 +48,8 @@ pub struct Shared {
     pub started: Instant,
     /// Draining and stopping (SIGTERM, SHUTDOWN).
     pub stop: Stop,
+    /// Clients' login parameter sets, shared among the clients that sent equal ones.
+    pub param_sets: crate::session_params::ParamSets,
 }
 
 impl Shared {
@@ -72,6 +74,7 @@ impl Shared {
             console: Console::default(),
             started: Instant::now(),
             stop: Stop::default(),
+            param_sets: Default::default(),
         })
     }
 }

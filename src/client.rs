@@ -23,6 +23,7 @@ use crate::protocol::startup::{self, Startup, StartupError, StartupPacket};
 use crate::protocol::{frontend, TransactionStatus};
 use crate::relay::{self, ClientConn, Leftover, Outcome, Peek, Txn};
 use crate::server::{ServerConn, ServerError};
+use crate::session_params::SessionParams;
 use crate::shutdown::Watch;
 use crate::socket::{Addr, Socket};
 use crate::sql::SessionEffects;
@@ -245,6 +246,7 @@ async fn log_in(
         app: registration.client.app().metrics,
         client: registration.client.clone(),
     });
+    let params = shared.param_sets.intern(login.params);
     let mut session = Session {
         client: ClientConn::new(
             stream,
@@ -255,8 +257,8 @@ async fn log_in(
         shared: shared.clone(),
         pool,
         mode: shared.pools.settings(pool).mode,
-        startup_params: login.params.clone(),
-        params: login.params,
+        startup_params: params.clone(),
+        params,
         cancel,
         meter,
         registration,
@@ -748,10 +750,11 @@ struct Session {
     shared: Arc<Shared>,
     pool: PoolId,
     mode: PoolMode,
-    /// Tracked parameters as the client's startup packet set them (RESET ALL returns here).
-    startup_params: BTreeMap<String, String>,
-    /// Tracked parameters the client wants on every server it gets.
-    params: BTreeMap<String, String>,
+    /// Tracked parameters as the client's startup packet set them (RESET ALL returns here);
+    /// shared with the clients that sent the same.
+    startup_params: SessionParams,
+    /// Tracked parameters the client wants on every server it gets (copied when changed).
+    params: SessionParams,
     cancel: crate::cancel::CancelHandle,
     /// Metric handles of this client's pool and application.
     meter: Arc<Meter>,
@@ -815,8 +818,14 @@ impl Session {
     /// client's task does not carry that room.
     async fn serve_transaction(&mut self, mut checkout: Checkout) -> Option<Result<(), String>> {
         // The server's session parameters usually match the client's already.
-        if self.params != checkout.server().session {
-            if let Err(e) = Box::pin(self.apply_params(&mut checkout)).await {
+        // The usual case is decided by pointer: clients with equal login sets share one, and
+        // a server keeps the set it was last given.
+        let server = checkout.server();
+        if !Arc::ptr_eq(&self.params, &server.session) {
+            if self.params == server.session {
+                // Equal sets in two allocations: from now on one, compared by pointer.
+                server.session = self.params.clone();
+            } else if let Err(e) = Box::pin(self.apply_params(&mut checkout)).await {
                 return Some(Err(e));
             }
         }
@@ -1249,7 +1258,7 @@ impl Session {
                     return false;
                 }
                 // The reset returned every parameter to its default.
-                server.session.clear();
+                server.session = self.shared.param_sets.empty();
             }
             true
         })
@@ -1292,7 +1301,7 @@ impl Session {
     ) -> Result<(), ServerError> {
         if effects.reset_all {
             self.params = self.startup_params.clone();
-            server.session.clear();
+            server.session = self.shared.param_sets.empty();
         }
         if effects.touched.is_empty() {
             return Ok(());
@@ -1309,12 +1318,12 @@ impl Session {
         for (name, value) in effects.touched.iter().zip(row) {
             match value {
                 Some(v) => {
-                    self.params.insert(name.clone(), v.clone());
-                    server.session.insert(name.clone(), v);
+                    Arc::make_mut(&mut self.params).insert(name.clone(), v.clone());
+                    Arc::make_mut(&mut server.session).insert(name.clone(), v);
                 }
                 None => {
-                    self.params.remove(name);
-                    server.session.remove(name);
+                    Arc::make_mut(&mut self.params).remove(name);
+                    Arc::make_mut(&mut server.session).remove(name);
                 }
             }
         }
@@ -1323,10 +1332,7 @@ impl Session {
 }
 
 /// Makes the server's session parameters the client's: one round trip, only when they differ.
-async fn sync_params(
-    params: &BTreeMap<String, String>,
-    server: &mut ServerConn,
-) -> Result<(), ServerError> {
+async fn sync_params(params: &SessionParams, server: &mut ServerConn) -> Result<(), ServerError> {
     // set_config parses a value as the config file does, so list values such as
     // `a, "$user"` round-trip (SET would take one quoted string as a single element).
     let sets: Vec<String> = params

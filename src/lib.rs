@@ -39,6 +39,7 @@ pub mod relay;
 pub mod reload;
 pub mod secrets;
 pub mod server;
+pub mod session_params;
 pub mod shutdown;
 pub mod socket;
 pub mod sql;

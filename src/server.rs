@@ -1,7 +1,6 @@
 //! A connection from the proxy to PostgreSQL ("server", as in PgBouncer): connect, log in,
 //! run the proxy's own small queries, send cancels, close politely.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -95,8 +94,8 @@ pub struct ServerConn {
     /// ParameterStatus values the server reported at login.
     pub reported: Vec<(String, String)>,
     /// Tracked parameters the proxy has SET on this session (lower-case name → value);
-    /// absent means the server's default.
-    pub session: BTreeMap<String, String>,
+    /// absent means the server's default. Shared with the clients whose sets are equal.
+    pub session: crate::session_params::SessionParams,
     pub created: Instant,
     /// Idle past `server_check_delay` (set by the janitor): the next checkout checks it.
     pub check_due: bool,
@@ -209,7 +208,7 @@ impl ServerConn {
                 secret: 0,
             },
             reported: Vec::new(),
-            session: BTreeMap::new(),
+            session: Default::default(),
             created: Instant::now(),
             check_due: false,
             connected: std::time::SystemTime::now(),

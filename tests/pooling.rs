@@ -129,6 +129,12 @@ async fn per_client_parameters_do_not_leak() {
     ))
     .await;
     let c = connect(&base).await;
+    // The same login parameters as `a`: the proxy shares one set between them, and a SET
+    // by one must not reach the other.
+    let a2 = connect(&format!(
+        "{base} application_name=alpha options='-c TimeZone=Asia/Tokyo'"
+    ))
+    .await;
     let default_tz = scalar(&c, "SHOW TimeZone").await;
     a.batch_execute("SET statement_timeout = '7s'")
         .await
@@ -161,9 +167,19 @@ async fn per_client_parameters_do_not_leak() {
     a.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
     assert_eq!(scalar(&b, "SHOW TimeZone").await, "America/New_York");
     assert_eq!(scalar(&a, "SHOW TimeZone").await, "UTC");
+    for _ in 0..3 {
+        assert_eq!(scalar(&a2, "SHOW TimeZone").await, "Asia/Tokyo");
+        assert_eq!(scalar(&a2, "SHOW statement_timeout").await, "0");
+        assert_eq!(scalar(&a, "SHOW TimeZone").await, "UTC");
+    }
     a.batch_execute("RESET ALL").await.unwrap();
     assert_eq!(scalar(&a, "SHOW TimeZone").await, "Asia/Tokyo");
     assert_eq!(scalar(&a, "SHOW statement_timeout").await, "0");
+    a2.batch_execute("SET TimeZone = 'Europe/Paris'")
+        .await
+        .unwrap();
+    assert_eq!(scalar(&a, "SHOW TimeZone").await, "Asia/Tokyo");
+    assert_eq!(scalar(&a2, "SHOW TimeZone").await, "Europe/Paris");
 }
 
 /// Statements whose effect would outlive the transaction are refused with 0A000 and a hint;
