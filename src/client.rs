@@ -262,7 +262,6 @@ async fn log_in(
         cancel,
         meter,
         registration,
-        owed: Default::default(),
         wait_cell: None,
         timeouts: (u64::MAX, relay::Timeouts::default()),
     };
@@ -760,8 +759,6 @@ struct Session {
     meter: Arc<Meter>,
     /// This client's entry in the registry (SHOW CLIENTS, gauges); removed on drop.
     registration: Registration,
-    /// The reply queue's allocation, kept from one transaction to the next.
-    owed: std::collections::VecDeque<relay::Owed>,
     /// Where this client's grants arrive when it queues for a server (made at its first wait).
     wait_cell: Option<Arc<WaitCell>>,
     /// `query_timeout` and `idle_transaction_timeout`, as of configuration `timeouts.0`.
@@ -830,7 +827,7 @@ impl Session {
             }
         }
         self.cancel.serving(checkout.server().key);
-        let owed = std::mem::take(&mut self.owed);
+        let owed = std::mem::take(&mut checkout.server().owed);
         let mut txn = Txn::reusing(self.mode == PoolMode::Transaction, owed);
         txn.counts = TxnCounts::new(Some(self.meter.clone()));
         let generation = self.shared.pools.generation();
@@ -859,7 +856,7 @@ impl Session {
         if txn.read_only_error {
             checkout.read_only_error();
         }
-        self.owed = txn.take_owed();
+        checkout.server().owed = txn.take_owed();
         if txn.stats != relay::StatementStats::default() {
             let (p, s) = (&self.meter.pool, txn.stats);
             p.client_parses.inc_by(s.client_parses.into());

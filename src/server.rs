@@ -96,6 +96,9 @@ pub struct ServerConn {
     /// Tracked parameters the proxy has SET on this session (lower-case name → value);
     /// absent means the server's default. Shared with the clients whose sets are equal.
     pub session: crate::session_params::SessionParams,
+    /// The reply queue's allocation, kept from one transaction to the next: with the
+    /// server (there are `pool_size` of them), not with each client.
+    pub owed: std::collections::VecDeque<crate::relay::Owed>,
     pub created: Instant,
     /// Idle past `server_check_delay` (set by the janitor): the next checkout checks it.
     pub check_due: bool,
@@ -209,6 +212,7 @@ impl ServerConn {
             },
             reported: Vec::new(),
             session: Default::default(),
+            owed: Default::default(),
             created: Instant::now(),
             check_due: false,
             connected: std::time::SystemTime::now(),
