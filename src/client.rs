@@ -765,8 +765,8 @@ struct Session {
     timeouts: (u64, relay::Timeouts),
 }
 
-enum Wait {
-    Got(Checkout),
+/// Why a wait for a server ended without one.
+enum NotServed {
     Cancelled,
     /// Boxed: a rare outcome, which would otherwise size every wait for a server.
     Failed(Box<PoolError>),
@@ -791,11 +791,11 @@ impl Session {
             }
             let checkout = match self.wait_for_server(wait).await {
                 None => return Ok(()), // the client left while queued
-                Some(Wait::Got(c)) => {
+                Some(Ok(c)) => {
                     self.cancel.idle();
                     c
                 }
-                Some(not_served) => {
+                Some(Err(not_served)) => {
                     self.cancel.idle();
                     Box::pin(self.not_served(not_served)).await?;
                     continue;
@@ -899,15 +899,14 @@ impl Session {
 
     /// The client got no server: a cancel while queued or a pool error is answered and the
     /// session goes on (`Ok`); draining ends it.
-    async fn not_served(&mut self, wait: Wait) -> Result<(), String> {
-        match wait {
-            Wait::Got(c) => drop(c), // not reached: the caller relays on it
-            Wait::Drained => {
+    async fn not_served(&mut self, why: NotServed) -> Result<(), String> {
+        match why {
+            NotServed::Drained => {
                 let e = shutting_down();
                 fatal(&mut self.client.stream, &e).await;
                 return Err(e.message);
             }
-            Wait::Cancelled => {
+            NotServed::Cancelled => {
                 let e = ErrorFields::new(
                     Severity::Error,
                     "57014",
@@ -916,7 +915,7 @@ impl Session {
                 .with_hint("the statement was cancelled while waiting for a server connection");
                 self.refuse_request(&e).await?;
             }
-            Wait::Failed(e) => {
+            NotServed::Failed(e) => {
                 count_pool_error(&self.shared, &self.meter.pool, Some(&self.meter.app), &e);
                 tracing::info!(error = %e, "no server for client");
                 self.refuse_request(&pool_error(&e, Severity::Error))
@@ -1035,7 +1034,7 @@ impl Session {
     }
 
     /// A server was checked out after waiting since `began` (`None`: at once).
-    fn got(&self, mut c: Checkout, began: Option<Instant>) -> Wait {
+    fn got(&self, mut c: Checkout, began: Option<Instant>) -> Checkout {
         self.observe_wait(began);
         self.meter.pool.server_assignments.inc();
         let s = c.server();
@@ -1046,17 +1045,20 @@ impl Session {
             pid: s.key.pid,
             connect_time: s.connected,
         });
-        Wait::Got(c)
+        c
     }
 
     /// Waits for a server. Meanwhile watches the client: a cancel takes it out of the queue,
     /// and a client that hangs up stops waiting (`None`) instead of running a dead request.
-    async fn wait_for_server(&mut self, wait: std::time::Duration) -> Option<Wait> {
+    async fn wait_for_server(
+        &mut self,
+        wait: std::time::Duration,
+    ) -> Option<Result<Checkout, NotServed>> {
         if !self.shared.console.is_paused(&self.meter.pool.database) {
             if let Some(c) = self.shared.pools.try_idle(self.pool) {
                 // No wait: no clock read, and the wait observed is zero.
                 self.registration.client.set_request_time();
-                return Some(self.got(c, None));
+                return Some(Ok(self.got(c, None)));
             }
         }
         let began = Instant::now();
@@ -1064,7 +1066,11 @@ impl Session {
     }
 
     /// [`Session::wait_for_server`] when no idle server is there: queue, open one, or wait.
-    async fn wait_queued(&mut self, wait: std::time::Duration, began: Instant) -> Option<Wait> {
+    async fn wait_queued(
+        &mut self,
+        wait: std::time::Duration,
+        began: Instant,
+    ) -> Option<Result<Checkout, NotServed>> {
         self.registration.client.set_waiting(began);
         let shared = self.shared.clone();
         let cell = self.wait_cell.get_or_insert_with(Arc::default).clone();
@@ -1115,15 +1121,15 @@ impl Session {
             tokio::select! {
                 r = &mut checkout => {
                     return Some(match r {
-                        Ok(c) => self.got(c, Some(began)),
+                        Ok(c) => Ok(self.got(c, Some(began))),
                         Err(e) => {
                             self.observe_wait(Some(began));
-                            Wait::Failed(e)
+                            Err(NotServed::Failed(e))
                         }
                     });
                 }
-                _ = &mut cancelled => return Some(Wait::Cancelled),
-                _ = watch.draining() => return Some(Wait::Drained),
+                _ = &mut cancelled => return Some(Err(NotServed::Cancelled)),
+                _ = watch.draining() => return Some(Err(NotServed::Drained)),
                 _ = cell.notice_due(), if !notified => {
                     notified = true;
                     let mut buf = BytesMut::new();
