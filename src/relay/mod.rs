@@ -19,7 +19,6 @@ mod replies;
 mod requests;
 
 use std::collections::VecDeque;
-
 use std::future::Future;
 use std::task::Poll;
 
