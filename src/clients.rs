@@ -88,7 +88,7 @@ pub struct Client {
     state: AtomicU8,
     /// When the current wait began (µs since `base`, plus 1); 0 when not waiting.
     wait_began: AtomicU64,
-    /// Latest request, µs since the Unix epoch.
+    /// Latest request (µs since `base`, plus 1); 0 before the first.
     request_time: AtomicU64,
     /// When the server this client holds last became idle inside an open transaction
     /// (µs since `base`, plus 1); 0 when it is not idle in a transaction.
@@ -102,12 +102,6 @@ pub struct Client {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn unix_micros(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 impl Client {
@@ -127,15 +121,16 @@ impl Client {
     }
 
     /// The client sent a request and waits for a server from `since`.
-    /// The client sent a request now (SHOW CLIENTS `request_time`).
-    pub fn set_request_time(&self) {
-        self.request_time
-            .store(unix_micros(SystemTime::now()), Ordering::Relaxed);
+    /// The client sent a request at `at` (SHOW CLIENTS `request_time`): a monotonic
+    /// stamp, turned into wall-clock time only when shown.
+    pub fn set_request_time(&self, at: Instant) {
+        self.request_time.store(self.stamp(at), Ordering::Relaxed);
     }
 
     pub fn set_waiting(&self, since: Instant) {
-        self.set_request_time();
-        self.wait_began.store(self.stamp(since), Ordering::Relaxed);
+        let stamp = self.stamp(since);
+        self.request_time.store(stamp, Ordering::Relaxed);
+        self.wait_began.store(stamp, Ordering::Relaxed);
         self.state
             .store(ClientState::Waiting as u8, Ordering::Relaxed);
     }
@@ -167,7 +162,7 @@ impl Client {
     pub fn request_time(&self) -> Option<SystemTime> {
         match self.request_time.load(Ordering::Relaxed) {
             0 => None,
-            us => Some(SystemTime::UNIX_EPOCH + Duration::from_micros(us)),
+            s => Some(SystemTime::now() - self.since(s, Instant::now())),
         }
     }
 

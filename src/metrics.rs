@@ -200,8 +200,11 @@ pub struct TxnCounts {
     /// Bytes read from the client / from the server (and passed on) since the last publish.
     pub received: u64,
     pub sent: u64,
-    /// When the current transaction's first message was passed to the server.
+    /// When the current transaction's first message was passed to the server (or, for the
+    /// first transaction of a checkout, when its request arrived: one clock read for both).
     started: Option<Instant>,
+    /// When the last transaction ended (the server's `last_used` when it goes back).
+    pub ended: Option<Instant>,
     /// When the server last became idle inside the open transaction.
     idle_since: Option<Instant>,
     /// Idle-in-transaction time since the last publish (for the pool's counter).
@@ -214,6 +217,15 @@ impl TxnCounts {
     pub fn new(meter: Option<Arc<Meter>>) -> TxnCounts {
         TxnCounts {
             meter,
+            ..TxnCounts::default()
+        }
+    }
+
+    /// Counts for a transaction whose request arrived at `at`.
+    pub fn starting(meter: Arc<Meter>, at: Instant) -> TxnCounts {
+        TxnCounts {
+            meter: Some(meter),
+            started: Some(at),
             ..TxnCounts::default()
         }
     }
@@ -258,6 +270,7 @@ impl TxnCounts {
 
     fn transaction_ended(&mut self) {
         let now = Instant::now();
+        self.ended = Some(now);
         self.end_idle(now);
         if let (Some(m), Some(started)) = (&self.meter, self.started.take()) {
             m.pool.transactions.inc();

@@ -261,6 +261,12 @@ async fn show_clients_and_servers_link_up() {
     assert_eq!(field(w, "addr"), "127.0.0.1");
     assert_eq!(field(w, "local_port"), proxy.addr.port().to_string());
     assert!(field(w, "connect_time").ends_with(" UTC"));
+    // Kept as a monotonic stamp, shown as wall-clock time: after the login, not 1970.
+    let (connected, requested) = (field(w, "connect_time"), field(w, "request_time"));
+    assert!(
+        requested.ends_with(" UTC") && requested >= connected,
+        "{requested} < {connected}"
+    );
     let i = clients
         .iter()
         .find(|r| field(r, "application_name") == "")

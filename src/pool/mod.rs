@@ -809,8 +809,12 @@ impl Pools {
     }
 
     /// Returns a clean, idle server (see the module rules).
-    fn checkin(&self, mut server: Server) {
-        let now = Instant::now();
+    fn checkin(&self, server: Server) {
+        self.checkin_at(server, Instant::now())
+    }
+
+    /// [`Pools::checkin`] of a server last used at `now` (a time the caller read already).
+    fn checkin_at(&self, mut server: Server, now: Instant) {
         server.last_used = now;
         server.check_due = false;
         let mut st = self.lock();
@@ -1066,13 +1070,22 @@ impl Checkout {
 
     /// Gives the server back for reuse. Only for a server that is idle, outside any
     /// transaction, with nothing unread. A retired server closes instead.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(None)
+    }
+
+    /// [`Checkout::release`] of a server whose last transaction ended at `used` (when
+    /// known: the relay read the clock then, and a transaction reads it no more).
+    pub fn release_at(mut self, used: Option<Instant>) {
         if self.retire.is_some() {
             return; // Drop closes it and counts why
         }
         if let Some(server) = self.server.take() {
             debug_assert!(server.buf.is_empty() && server.cursor.at_boundary());
-            self.pools.checkin(server);
+            match used {
+                Some(at) => self.pools.checkin_at(server, at),
+                None => self.pools.checkin(server),
+            }
         }
     }
 }
