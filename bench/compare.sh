@@ -24,7 +24,9 @@
 #                            Also (not in the default list): pgsluice-unix, pgsluice-unix-1t
 #                            (pgbench -> pgsluice over its listen_unix socket, pgsluice ->
 #                            PostgreSQL over its socket directory: the sidecar shape) and
-#                            pgbouncer-unix (the same legs through PgBouncer's unix_socket_dir)
+#                            pgbouncer-unix (the same legs through PgBouncer's unix_socket_dir);
+#                            pgsluice-2p: two 1-thread processes on one port (so_reuseport),
+#                            each with half the pool (CPU and RSS are the two processes' sums)
 #   BENCH_ALT_BIN            another pgsluice binary (say, a build of main before a change): adds
 #                            targets pgsluice-alt and pgsluice-alt-1t unless BENCH_TARGETS is set
 #   BENCH_JOBS=2             pgbench threads (-j)
@@ -186,15 +188,17 @@ declare -A PORT PID HOST
 host_of() { echo "${HOST[$1]:-127.0.0.1}"; }
 PG_STARTED=0
 
-stop_pid() { # pid: SIGTERM, wait up to 10 s, then SIGKILL
-  local pid=$1 i
-  [ -n "$pid" ] && [ "$pid" != 0 ] || return 0
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for i in $(seq 1 100); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
+stop_pid() { # pid (or pid,pid,...): SIGTERM, wait up to 10 s, then SIGKILL
+  local pid i
+  for pid in ${1//,/ }; do
+    [ -n "$pid" ] && [ "$pid" != 0 ] || continue
+    kill -TERM "$pid" 2>/dev/null || continue
+    for i in $(seq 1 100); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
   done
-  kill -KILL "$pid" 2>/dev/null || true
 }
 
 cleanup() {
@@ -261,8 +265,11 @@ export PGPASSWORD="$PASSWORD"
 # with auth "trust" they check nothing. pgsluice logs in to PostgreSQL with the plain-text
 # password (PBKDF2 once per server connection, 20 per pool); PgBouncer reuses the client's
 # SCRAM keys with the verifier, or the plain-text password under trust.
-start_pgsluice() { # target workers auth [binary] [unix]
-  local t=$1 workers=$2 auth=$3 bin=${4:-$BIN} unix=${5:-0} upstream=127.0.0.1 listen_unix=""
+start_pgsluice() { # target workers auth [binary] [unix] [processes]
+  local t=$1 workers=$2 auth=$3 bin=${4:-$BIN} unix=${5:-0} procs=${6:-1} upstream=127.0.0.1 listen_unix=""
+  # Several processes share the port (so_reuseport) and split the pool between them.
+  local reuse=0 pool=$POOL_SIZE
+  [ "$procs" -gt 1 ] && reuse=1 pool=$(((POOL_SIZE + procs - 1) / procs))
   PORT[$t]=$(freeport)
   if [ "$unix" = 1 ]; then
     # Both legs over Unix sockets: clients in $WORK/$t.sock, PostgreSQL's socket directory.
@@ -272,8 +279,9 @@ start_pgsluice() { # target workers auth [binary] [unix]
   cat >"$WORK/$t.toml" <<EOF
 listen = "127.0.0.1:${PORT[$t]}"
 listen_unix = "$listen_unix"
+so_reuseport = $reuse
 pool_mode = "transaction"
-pool_size = $POOL_SIZE
+pool_size = $pool
 max_client_conn = $((max_idle + max_clients + 500))
 auth_type = "$auth"
 worker_threads = $workers
@@ -289,9 +297,15 @@ password = "$PASSWORD"
 [users.bench]
 password = "$VERIFIER"
 EOF
-  PGSLUICE_LOG=${PGSLUICE_LOG:-warn} "$bin" --config "$WORK/$t.toml" >>"$WORK/$t.log" 2>&1 &
-  PID[$t]=$!
-  wait_port "${PORT[$t]}" || die "$t did not start (see $WORK/$t.log)"
+  local i pids=""
+  for i in $(seq 1 "$procs"); do
+    PGSLUICE_LOG=${PGSLUICE_LOG:-warn} "$bin" --config "$WORK/$t.toml" >>"$WORK/$t.log" 2>&1 &
+    pids="$pids${pids:+,}$!"
+    # One at a time: a second process must find the first one's listener.
+    wait_port "${PORT[$t]}" || die "$t did not start (see $WORK/$t.log)"
+  done
+  PID[$t]=$pids
+  for i in ${pids//,/ }; do kill -0 "$i" 2>/dev/null || die "$t did not start (see $WORK/$t.log)"; done
 }
 
 start_pgbouncer() { # auth [target] [unix]
@@ -347,6 +361,7 @@ start_target() { # target auth
     pgsluice-alt-1t) start_pgsluice pgsluice-alt-1t 1 "$2" "$ALT_BIN" ;;
     pgsluice-unix) start_pgsluice pgsluice-unix 0 "$2" "$BIN" 1 ;;
     pgsluice-unix-1t) start_pgsluice pgsluice-unix-1t 1 "$2" "$BIN" 1 ;;
+    pgsluice-2p) start_pgsluice pgsluice-2p 1 "$2" "$BIN" 0 2 ;;
     pgbouncer) start_pgbouncer "$2" ;;
     pgbouncer-unix) start_pgbouncer "$2" pgbouncer-unix 1 ;;
     direct) PID[direct]=0 ;;
@@ -393,8 +408,8 @@ run_one() { # target workload clients repeat [seconds] [warmup]
   local pid=${PID[$t]:-0} dir="$WORK/logs/$t-$wl-$c-$r"
   mkdir -p "$dir"
   if [ "$pid" != 0 ] && [ -w "/proc/$pid/clear_refs" ]; then echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true; fi
-  local sargs=()
-  [ "$pid" != 0 ] && sargs=(--pid "$pid")
+  local sargs=() p
+  for p in ${pid//,/ }; do [ "$p" != 0 ] && sargs+=(--pid "$p"); done
   "$PY" "$HELPER" sample "${sargs[@]}" --interval 0.2 --max-seconds $((secs + 300)) --out "$dir/samples" &
   local spid=$! ec=0
   # shellcheck disable=SC2046
@@ -495,7 +510,9 @@ syscall_pass() { # tool target workload clients seconds
     t1=$(cat "$dir/t1" 2>/dev/null || echo 0)
   else
     t0=$(date +%s.%N)
-    timeout -s INT "$secs" "$STRACE" -c -f -q -p "${PID[$t]}" -o "$dir/counts" 2>/dev/null || true
+    local pargs=() p
+    for p in ${PID[$t]//,/ }; do pargs+=(-p "$p"); done
+    timeout -s INT "$secs" "$STRACE" -c -f -q "${pargs[@]}" -o "$dir/counts" 2>/dev/null || true
     t1=$(date +%s.%N)
   fi
   wait "$bpid" || log "pgbench failed during the $tool pass of $t: $(tail -2 "$dir/out")"
@@ -528,7 +545,11 @@ done
 for t in $TARGETS; do stop_target "$t"; done
 
 # --- 3. idle clients: RSS per client (a fresh proxy each time) -----------------------------
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+rss_kib() { # pid (or pid,pid,...): the sum
+  local p sum=0
+  for p in ${1//,/ }; do sum=$((sum + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status"))); done
+  echo "$sum"
+}
 for n in $IDLE; do
   if [ "$n" -gt $((FDS - 200)) ]; then continue; fi
   for t in $(tcp_proxies); do

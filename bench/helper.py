@@ -36,12 +36,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # /proc
 
 
+def pid_list(pids):
+    """The processes of a target: "123" or, for several processes, "123,456"; 0 for none."""
+    return [int(p) for p in str(pids).split(",") if p.strip() and int(p) != 0]
+
+
 def proc_cpu(pid):
-    """(utime, stime) in seconds for a whole process (all threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        data = f.read()
-    fields = data[data.rindex(")") + 2 :].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    """(utime, stime) in seconds for a whole process (all threads); for "p1,p2", the sum."""
+    u = s = 0.0
+    for p in pid_list(pid):
+        with open(f"/proc/{p}/stat") as f:
+            data = f.read()
+        fields = data[data.rindex(")") + 2 :].split()
+        u += int(fields[11]) / CLK_TCK
+        s += int(fields[12]) / CLK_TCK
+    return u, s
 
 
 def proc_status(pid):
@@ -55,9 +64,11 @@ def proc_status(pid):
 
 
 def proc_cpu_ns(pid):
-    """On-CPU nanoseconds of all live threads of a process (finer than the tick counts)."""
+    """On-CPU nanoseconds of all live threads of a process (finer than the tick counts);
+    for "p1,p2", of both."""
     total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+    paths = [q for p in pid_list(pid) for q in glob.glob(f"/proc/{p}/task/*/schedstat")]
+    for path in paths:
         try:
             with open(path) as f:
                 total += int(f.read().split()[0])
@@ -198,19 +209,22 @@ def cmd_analyze(args):
             res["window_tps"] = round(n / (b["t"] - a["t"]), 1) if b["t"] > a["t"] else None
             if n > 0:
                 res["machine_us_per_txn"] = round((b["busy"] - a["busy"]) / n * 1e6, 2)
-                key = str(args.pid) if args.pid else None
-                if key and key in a and key in b:
-                    du = b[key][0] - a[key][0]
-                    ds = b[key][1] - a[key][1]
+                keys = [str(p) for p in pid_list(args.pid)]
+                if keys and all(k in a and k in b for k in keys):
+                    du = sum(b[k][0] - a[k][0] for k in keys)
+                    ds = sum(b[k][1] - a[k][1] for k in keys)
                     res["cpu_user_s"] = round(du, 3)
                     res["cpu_sys_s"] = round(ds, 3)
                     res["cpu_us_per_txn"] = round((du + ds) / n * 1e6, 2)
                     res["user_us_per_txn"] = round(du / n * 1e6, 2)
                     res["sys_us_per_txn"] = round(ds / n * 1e6, 2)
-        if args.pid:
-            hwm = [s[str(args.pid)][3] for s in samples if str(args.pid) in s]
+        peaks = []
+        for k in (str(p) for p in pid_list(args.pid)):
+            hwm = [s[k][3] for s in samples if k in s]
             if hwm:
-                res["peak_rss_kib"] = max(hwm)
+                peaks.append(max(hwm))
+        if peaks:
+            res["peak_rss_kib"] = sum(peaks)
     print(json.dumps(res))
 
 
@@ -406,15 +420,16 @@ async def storm_main(args):
         except Exception:
             pass
     await asyncio.sleep(0.3)
-    cpu0 = proc_cpu_ns(args.pid) if args.pid else None
-    ticks0 = proc_cpu(args.pid) if args.pid else None
+    measured = bool(pid_list(args.pid))
+    cpu0 = proc_cpu_ns(args.pid) if measured else None
+    ticks0 = proc_cpu(args.pid) if measured else None
     started = time.time()
     results = await bounded([one() for _ in range(args.n)], args.concurrency)
     elapsed = time.time() - started
     # Let the proxy finish with the connections that just closed.
     await asyncio.sleep(0.3)
     cpu = {}
-    if args.pid:
+    if measured:
         ns = proc_cpu_ns(args.pid) - cpu0
         u, s = proc_cpu(args.pid)
         cpu = {
@@ -504,11 +519,12 @@ LABEL = {
     "pgsluice-alt-1t": "pgsluice alt (1 thread)",
     "pgsluice-unix": "pgsluice over Unix sockets",
     "pgsluice-unix-1t": "pgsluice over Unix sockets (1 thread)",
+    "pgsluice-2p": "pgsluice, 2 processes of 1 thread (so_reuseport)",
     "pgbouncer": "PgBouncer",
     "pgbouncer-unix": "PgBouncer over Unix sockets",
     "direct": "direct",
 }
-PGSLUICE_TARGETS = ["pgsluice", "pgsluice-1t", "pgsluice-alt", "pgsluice-alt-1t", "pgsluice-unix", "pgsluice-unix-1t"]
+PGSLUICE_TARGETS = ["pgsluice", "pgsluice-1t", "pgsluice-alt", "pgsluice-alt-1t", "pgsluice-unix", "pgsluice-unix-1t", "pgsluice-2p"]
 
 
 def med(vals):
@@ -810,7 +826,7 @@ def main():
         p.add_argument(a, required=True)
     p.add_argument("--clients", type=int, required=True)
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--pid", type=int, default=0)
+    p.add_argument("--pid", default="0", help="the target's process ids, comma-separated")
     p.add_argument("--exit-code", type=int, default=0)
 
     for name in ("idle", "storm"):
@@ -827,7 +843,7 @@ def main():
         if name == "idle":
             p.add_argument("--hold", type=float, default=60)
         else:
-            p.add_argument("--pid", type=int, default=0, help="proxy whose CPU to measure")
+            p.add_argument("--pid", default="0", help="proxy processes whose CPU to measure (comma-separated)")
 
     p = sub.add_parser("syscalls")
     p.add_argument("--tool", choices=("perf", "strace"), required=True)

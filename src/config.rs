@@ -103,6 +103,10 @@ pub struct Config {
         deserialize_with = "de::octal_mode"
     )]
     pub unix_socket_mode: u32,
+    /// `SO_REUSEPORT` on the TCP listener (1) or not (0, the default): several pgsluice
+    /// processes on one host may then listen on the same port, the kernel spreading clients.
+    #[serde(default, deserialize_with = "de::num")]
+    pub so_reuseport: u32,
     /// Quick mode: one upstream database as a URL `postgres://USER:PASSWORD@HOST:PORT/DBNAME`.
     #[serde(default)]
     pub upstream: Option<Password>,
@@ -977,6 +981,9 @@ impl Config {
         }
         if self.pool_size == 0 {
             return Err(invalid("pool_size", "must be at least 1"));
+        }
+        if self.so_reuseport > 1 {
+            return Err(invalid("so_reuseport", "must be 0 (off) or 1 (on)"));
         }
         if self.tcp_keepalive > 1 {
             return Err(invalid("tcp_keepalive", "must be 0 (off) or 1 (on)"));

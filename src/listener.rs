@@ -21,8 +21,9 @@ use crate::socket::{self, Socket};
 /// for their retransmission, 1 s and more.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds the client listener (the first address `addr` resolves to that binds).
-pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+/// Binds the client listener (the first address `addr` resolves to that binds); with
+/// `reuse_port` (`so_reuseport`), other processes that set it too may bind the same port.
+pub async fn bind(addr: &str, reuse_port: bool) -> std::io::Result<TcpListener> {
     let mut last = None;
     for a in tokio::net::lookup_host(addr).await? {
         let socket = if a.is_ipv4() {
@@ -31,6 +32,9 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
             tokio::net::TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
+        if reuse_port {
+            socket.set_reuseport(true)?;
+        }
         match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
             Ok(l) => return Ok(l),
             Err(e) => last = Some(e),

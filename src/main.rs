@@ -28,6 +28,9 @@ struct Cli {
     /// Also listen on a Unix socket in this directory (DIR/.s.PGSQL.PORT, PORT from --listen).
     #[arg(long, value_name = "DIR")]
     listen_unix: Option<String>,
+    /// 1: set SO_REUSEPORT, so that several pgsluice processes share the listen port.
+    #[arg(long, value_name = "0|1")]
+    so_reuseport: Option<String>,
     /// Quick mode: the one upstream database, postgres://USER:PASSWORD@HOST:PORT/DBNAME.
     #[arg(long)]
     upstream: Option<String>,
@@ -95,6 +98,7 @@ impl Cli {
         let pairs = [
             ("listen", &self.listen),
             ("listen_unix", &self.listen_unix),
+            ("so_reuseport", &self.so_reuseport),
             ("upstream", &self.upstream),
             ("pool_mode", &self.pool_mode),
             ("pool_size", &self.pool_size),
@@ -253,7 +257,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, source: pgsluice::reload::ConfigSource) -> anyhow::Result<()> {
-    let listener = pgsluice::listener::bind(&config.listen)
+    let listener = pgsluice::listener::bind(&config.listen, config.so_reuseport == 1)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     if let Some(addr) = &config.metrics.listen {

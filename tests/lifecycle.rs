@@ -360,3 +360,60 @@ async fn secrets_stay_out_of_the_log() {
         assert!(!log.contains(secret), "{secret:?} is in the log");
     }
 }
+
+/// `so_reuseport = 1`: a second process listens on the same port, and the kernel gives each
+/// process some of the clients, which it serves whole. Without the option the port is
+/// taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_port_with_so_reuseport() {
+    let name = "lc_reuseport";
+    let pg = pg();
+    pg.create_app(name).await;
+    let toml = format!(
+        "so_reuseport = 1\nworker_threads = 1\n{}",
+        config(name, 2, pg.port)
+            .replace("max_server_connections = 20", "max_server_connections = 4")
+    );
+    let a = ProxyProcess::start(&toml).await;
+    let taken = pgsluice::listener::bind(&format!("127.0.0.1:{}", a.port), false).await;
+    assert_eq!(
+        taken.map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::AddrInUse,
+        "a listener without SO_REUSEPORT bound the port"
+    );
+    let mut b = ProxyProcess::start_with(
+        &toml,
+        Options {
+            port: Some(a.port),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            b.log().contains("pgsluice is ready")
+        })
+        .await,
+        "the second process did not listen:\n{}",
+        b.log()
+    );
+    assert!(b.running());
+    // Each client's connection comes from a new port: the kernel's hash spreads them.
+    let mut clients = Vec::new();
+    for i in 0..24 {
+        let c = connect(&a.conn(name, "x", name)).await;
+        assert_eq!(scalar(&c, &format!("SELECT {i}")).await, i.to_string());
+        clients.push(c);
+    }
+    let a_clients = common::leaks::metrics(&a)
+        .await
+        .sum("pgsluice_client_connections", &[]);
+    let b_clients = common::leaks::metrics(&b)
+        .await
+        .sum("pgsluice_client_connections", &[]);
+    assert_eq!(a_clients + b_clients, 24.0, "{a_clients} + {b_clients}");
+    assert!(
+        a_clients > 0.0 && b_clients > 0.0,
+        "all clients went to one process: {a_clients} and {b_clients}"
+    );
+}
