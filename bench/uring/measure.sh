@@ -14,8 +14,9 @@
 #   URING_SECONDS=10                  length of each timed pgbench run
 #   URING_ROUNDS=3                    rounds; figures are medians, ratios paired per round
 #   URING_RUNS="simple:16 simple:100 extended:16"   protocol:clients
-#   URING_TARGETS="epoll uring uring-ms direct"
+#   URING_TARGETS="epoll epoll-raw uring uring-ms direct"
 #        epoll    = --mode epoll (tokio current-thread, edge-triggered epoll)
+#        epoll-raw = --mode epoll-raw (one thread, a plain epoll_wait loop, no tokio)
 #        uring    = --mode uring (single-shot RECV re-armed after each SEND, POLL_FIRST,
 #                   SINGLE_ISSUER + DEFER_TASKRUN)
 #        uring-ms = --mode uring --multishot (multishot RECV + provided buffer ring)
@@ -29,7 +30,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 SECS=${URING_SECONDS:-10}
 ROUNDS=${URING_ROUNDS:-3}
 RUNS=${URING_RUNS:-simple:16 simple:100 extended:16}
-TARGETS=${URING_TARGETS:-epoll uring uring-ms direct}
+TARGETS=${URING_TARGETS:-epoll epoll-raw uring uring-ms direct}
 SYS_SECS=${URING_SYSCALL_SECONDS:-5}
 PG_BIN=${URING_PG_BIN:-/usr/lib/postgresql/15/bin}
 OUT=${URING_RESULTS:-$HERE/results}/$(date +%Y%m%d-%H%M%S)
@@ -92,6 +93,7 @@ runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/postgres.log" -w
 flags_of() {
   case "$1" in
     epoll) echo "--mode epoll" ;;
+    epoll-raw) echo "--mode epoll-raw" ;;
     uring) echo "--mode uring" ;;
     uring-ms) echo "--mode uring --multishot" ;;
     uring-plain) echo "--mode uring --no-poll-first --no-defer-taskrun" ;;
@@ -201,49 +203,50 @@ left=$("$PG_BIN/psql" -X -At -h 127.0.0.1 -p "${PORT[direct]}" -U postgres postg
   -c "SELECT count(*) - 1 FROM pg_stat_activity WHERE backend_type = 'client backend'")
 [ "$left" = 0 ] || log "warning: $left server connections still open after all runs"
 
-python3 - "$OUT" <<'EOF' | tee "$OUT/summary.md"
+python3 - "$OUT" "$SECS" <<'EOF' | tee "$OUT/summary.md"
 import csv, statistics as st, sys, collections
-out = sys.argv[1]
+out, secs = sys.argv[1], float(sys.argv[2])
 runs = list(csv.DictReader(open(f"{out}/runs.tsv"), delimiter="\t"))
 by = collections.defaultdict(list)
 for r in runs:
     n = int(r["txns"]); u = float(r["user_s"]); s = float(r["sys_s"])
-    r.update(tps=float(r["tps"]), u=u * 1e6 / n, s=s * 1e6 / n, cpu=(u + s) * 1e6 / n,
-             m=float(r["machine_s"]) * 1e6 / n)
+    r.update(tps=float(r["tps"]), u=u * 1e6 / n, s=s * 1e6 / n, cpu=(u + s) * 1e6 / n)
     by[(r["proto"], r["clients"], r["target"])].append(r)
 sysc = collections.defaultdict(dict)
 for r in csv.DictReader(open(f"{out}/syscalls.tsv"), delimiter="\t"):
     if r["count"].isdigit() and int(r["txns"] or 0) > 0:
         sysc[(r["proto"], r["clients"], r["target"])][r["syscall"]] = int(r["count"]) / int(r["txns"])
 keys = sorted({(k[0], k[1]) for k in by}, key=lambda k: (k[0] != "simple", int(k[1])))
-targets = []
-for r in runs:
-    if r["target"] not in targets: targets.append(r["target"])
+targets = list(dict.fromkeys(r["target"] for r in runs))
 med = lambda rs, f: st.median(x[f] for x in rs)
-print("| workload | target | TPS | relay CPU us/txn | user | system | syscalls/txn | recv+send | epoll_wait | io_uring_enter | CPU vs epoll | TPS vs epoll | machine CPU us/txn |")
+
+def paired(rs, base, f):
+    """Median over rounds of this target's figure over the base's in the same round."""
+    b = {x["round"]: x for x in base}
+    v = [x[f] / b[x["round"]][f] for x in rs if x["round"] in b and b[x["round"]][f] > 0]
+    return f"{st.median(v):.2f}" if v else "-"
+
+print("| workload | target | TPS | relay CPU µs/txn | user | system | syscalls/txn | recv+send | epoll_wait | io_uring_enter | CPU vs epoll | CPU vs epoll-raw | TPS vs epoll |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for proto, c in keys:
-    base = {r["round"]: r for r in by.get((proto, c, "epoll"), [])}
     for t in targets:
         rs = by.get((proto, c, t), [])
         if not rs: continue
+        tps_ratio = paired(rs, by.get((proto, c, "epoll"), []), "tps") if t != "epoll" else "-"
+        if t == "direct":
+            print(f"| {proto} c={c} | direct | {med(rs,'tps'):.0f} |" + " - |" * 9 + f" {tps_ratio} |")
+            continue
         y = sysc.get((proto, c, t), {})
         sc = lambda k: f"{y[k]:.2f}" if k in y else "-"
         rw = f"{y.get('recvfrom', 0) + y.get('sendto', 0):.2f}" if y else "-"
-        cpu = ratio_tps = "-"
-        if t != "epoll" and base:
-            pc = [x["cpu"] / base[x["round"]]["cpu"] for x in rs if x["round"] in base and base[x["round"]]["cpu"] > 0 and t != "direct"]
-            pt = [x["tps"] / base[x["round"]]["tps"] for x in rs if x["round"] in base]
-            cpu = f"{st.median(pc):.3f}" if pc else "-"
-            ratio_tps = f"{st.median(pt):.3f}" if pt else "-"
-        if t == "direct":
-            print(f"| {proto} c={c} | {t} | {med(rs,'tps'):.0f} | - | - | - | - | - | - | - | - | {ratio_tps} | {med(rs,'m'):.1f} |")
-        else:
-            spread = (max(x["cpu"] for x in rs) - min(x["cpu"] for x in rs)) / med(rs, "cpu") * 100
-            print(f"| {proto} c={c} | {t} | {med(rs,'tps'):.0f} | {med(rs,'cpu'):.1f} (±{spread/2:.0f}%) | {med(rs,'u'):.1f} | {med(rs,'s'):.1f} | {sc('sys_enter')} | {rw} | {sc('epoll_wait')} | {sc('io_uring_enter')} | {cpu} | {ratio_tps} | {med(rs,'m'):.1f} |")
+        vs = [paired(rs, by.get((proto, c, b), []), "cpu") if t != b else "-" for b in ("epoll", "epoll-raw")]
+        half = (max(x["cpu"] for x in rs) - min(x["cpu"] for x in rs)) / med(rs, "cpu") * 50
+        print(f"| {proto} c={c} | {t} | {med(rs,'tps'):.0f} | {med(rs,'cpu'):.1f} (±{half:.0f}%) | {med(rs,'u'):.1f} | {med(rs,'s'):.1f} "
+              f"| {sc('sys_enter')} | {rw} | {sc('epoll_wait')} | {sc('io_uring_enter')} | {vs[0]} | {vs[1]} | {tps_ratio} |")
+busy = st.median(float(r["machine_s"]) for r in runs) / secs
 print()
-print(f"Medians of {len({r['round'] for r in runs})} rounds; ratios are paired per round, then the median. "
+print(f"Medians of {len({r['round'] for r in runs})} rounds of {secs:.0f} s; ratios are paired per round, then the median. "
       "(±x%) is half the spread between the rounds' lowest and highest CPU per transaction. "
-      "Machine CPU: all busy time of the machine (pgbench, PostgreSQL, relay, and anyone else) per transaction.")
+      f"Machine busy during a run (median, all processes): {busy:.2f} of {len(open('/proc/cpuinfo').read().split('processor')) - 1} cores.")
 EOF
 log "results in $OUT"

@@ -3,12 +3,17 @@
 //! against tokio's epoll readiness model. A measuring tool, not product code.
 //!
 //!   uring-relay --mode epoll --listen PORT --upstream PGPORT
+//!   uring-relay --mode epoll-raw --listen PORT --upstream PGPORT
 //!   uring-relay --mode uring --listen PORT --upstream PGPORT [--multishot] [--no-poll-first]
 //!               [--no-defer-taskrun]
 //!
 //! epoll: tokio current-thread runtime; per direction wait for readiness, one nonblocking recv
 //! into a reused buffer (a short read clears the readiness, so no EAGAIN recv follows), then
 //! send it all. That is pgsluice's relay loop without the protocol work.
+//!
+//! epoll-raw: the same without tokio: one thread, one edge-triggered epoll set, a plain loop
+//! over epoll_wait's events (as PgBouncer's libevent loop). It separates what io_uring saves
+//! in the kernel from what leaving tokio's task machinery saves in user space.
 //!
 //! uring: one thread, one ring. Every socket has one RECV outstanding; its completion queues a
 //! SEND to the peer; once all of it is sent, the RECV is armed again. Everything a loop turn
@@ -57,8 +62,8 @@ fn parse_args() -> Args {
             }
         }
     }
-    if a.listen == 0 || a.upstream == 0 || !(a.mode == "epoll" || a.mode == "uring") {
-        eprintln!("usage: uring-relay --mode epoll|uring --listen PORT --upstream PORT");
+    if a.listen == 0 || a.upstream == 0 || !["epoll", "epoll-raw", "uring"].contains(&&*a.mode) {
+        eprintln!("usage: uring-relay --mode epoll|epoll-raw|uring --listen PORT --upstream PORT");
         std::process::exit(2);
     }
     a
@@ -70,6 +75,8 @@ fn main() -> io::Result<()> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", args.listen))?;
     if args.mode == "epoll" {
         epoll::run(listener, upstream)
+    } else if args.mode == "epoll-raw" {
+        epoll_raw::run(listener, upstream)
     } else {
         uring::run(listener, upstream, &args)
     }
@@ -162,6 +169,126 @@ mod epoll {
             }
         }
         Ok(())
+    }
+}
+
+mod epoll_raw {
+    use super::*;
+
+    const LISTENER: u64 = u64::MAX;
+
+    struct Pair {
+        fds: [RawFd; 2],
+        bufs: [Vec<u8>; 2],
+    }
+
+    pub fn run(listener: std::net::TcpListener, upstream: SocketAddr) -> io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        add(ep, listener.as_raw_fd(), libc::EPOLLIN as u32, LISTENER)?;
+        let mut pairs: Vec<Option<Pair>> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        loop {
+            let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), 256, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in &events[..n as usize] {
+                let key = ev.u64;
+                if key == LISTENER {
+                    while let Ok((client, _)) = listener.accept() {
+                        let Ok(server) = StdTcpStream::connect(upstream) else {
+                            continue;
+                        };
+                        let p = free.pop().unwrap_or_else(|| {
+                            pairs.push(None);
+                            pairs.len() - 1
+                        });
+                        let socks = [client, server];
+                        for (d, s) in socks.iter().enumerate() {
+                            s.set_nodelay(true)?;
+                            s.set_nonblocking(true)?;
+                            let flags = (libc::EPOLLIN | libc::EPOLLET) as u32;
+                            add(ep, s.as_raw_fd(), flags, (p as u64) << 1 | d as u64)?;
+                        }
+                        let fds = socks.map(|s| s.into_raw_fd());
+                        pairs[p] = Some(Pair {
+                            fds,
+                            bufs: [vec![0; BUF], vec![0; BUF]],
+                        });
+                    }
+                    continue;
+                }
+                let (p, d) = ((key >> 1) as usize, (key & 1) as usize);
+                // An event of a pair closed earlier in this batch finds nothing (or a
+                // new pair whose recv then returns EAGAIN: harmless).
+                let Some(pair) = pairs[p].as_mut() else {
+                    continue;
+                };
+                if !relay(pair, d) {
+                    for fd in pair.fds {
+                        unsafe { libc::close(fd) };
+                    }
+                    pairs[p] = None;
+                    free.push(p);
+                }
+            }
+        }
+    }
+
+    fn add(ep: RawFd, fd: RawFd, events: u32, key: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events, u64: key };
+        if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Edge-triggered: reads until a read leaves room in the buffer (the socket is drained)
+    /// and sends each piece on. False when the pair is done.
+    fn relay(pair: &mut Pair, d: usize) -> bool {
+        let (from, to, buf) = (pair.fds[d], pair.fds[1 - d], &mut pair.bufs[d]);
+        loop {
+            let n = unsafe { libc::recv(from, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock;
+            }
+            if n == 0 || !send_all(to, &buf[..n as usize]) {
+                return false;
+            }
+            if (n as usize) < buf.len() {
+                return true;
+            }
+        }
+    }
+
+    /// Sends it all; if the peer's socket is full, waits for it with poll(2) (never under
+    /// pgbench -S; it blocks the loop, which a measuring tool may).
+    fn send_all(fd: RawFd, mut buf: &[u8]) -> bool {
+        while !buf.is_empty() {
+            let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+            if n >= 0 {
+                buf = &buf[n as usize..];
+            } else if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                unsafe { libc::poll(&mut pfd, 1, -1) };
+            } else {
+                return false;
+            }
+        }
+        true
     }
 }
 
