@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # io_uring vs epoll (tokio) for a 1:1 pass-through relay: CPU per transaction and syscalls.
 #
-#   bench/uring/measure.sh        (about 10 minutes with the defaults on 2 cores; run as root)
+#   bench/uring/measure.sh        (about 12 minutes with the defaults on 2 cores; run as root)
 #
 # Builds uring-relay (release), starts a throwaway PostgreSQL (fsync off, trust for
 # 127.0.0.1, pgbench scale 10) as the postgres user, starts the relay in each mode on its own
@@ -14,12 +14,14 @@
 #   URING_SECONDS=10                  length of each timed pgbench run
 #   URING_ROUNDS=3                    rounds; figures are medians, ratios paired per round
 #   URING_RUNS="simple:16 simple:100 extended:16"   protocol:clients
-#   URING_TARGETS="epoll epoll-raw uring uring-ms direct"
+#   URING_TARGETS="epoll epoll-raw uring uring-link uring-ms direct"
 #        epoll    = --mode epoll (tokio current-thread, edge-triggered epoll)
 #        epoll-raw = --mode epoll-raw (one thread, a plain epoll_wait loop, no tokio)
 #        uring    = --mode uring (single-shot RECV re-armed after each SEND, POLL_FIRST,
 #                   SINGLE_ISSUER + DEFER_TASKRUN)
 #        uring-ms = --mode uring --multishot (multishot RECV + provided buffer ring)
+#        uring-link = --mode uring --link (the RECV re-armed in the same enter as the SEND,
+#                   linked behind it)
 #        uring-plain = --mode uring --no-poll-first --no-defer-taskrun (not in the default list)
 #   URING_SYSCALL_SECONDS=5           length of each syscall pass ("0" skips the pass)
 #   URING_PG_BIN=/usr/lib/postgresql/15/bin
@@ -30,7 +32,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 SECS=${URING_SECONDS:-10}
 ROUNDS=${URING_ROUNDS:-3}
 RUNS=${URING_RUNS:-simple:16 simple:100 extended:16}
-TARGETS=${URING_TARGETS:-epoll epoll-raw uring uring-ms direct}
+TARGETS=${URING_TARGETS:-epoll epoll-raw uring uring-link uring-ms direct}
 SYS_SECS=${URING_SYSCALL_SECONDS:-5}
 PG_BIN=${URING_PG_BIN:-/usr/lib/postgresql/15/bin}
 OUT=${URING_RESULTS:-$HERE/results}/$(date +%Y%m%d-%H%M%S)
@@ -96,6 +98,7 @@ flags_of() {
     epoll-raw) echo "--mode epoll-raw" ;;
     uring) echo "--mode uring" ;;
     uring-ms) echo "--mode uring --multishot" ;;
+    uring-link) echo "--mode uring --link" ;;
     uring-plain) echo "--mode uring --no-poll-first --no-defer-taskrun" ;;
     *) die "unknown target $1" ;;
   esac

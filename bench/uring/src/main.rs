@@ -5,7 +5,7 @@
 //!   uring-relay --mode epoll --listen PORT --upstream PGPORT
 //!   uring-relay --mode epoll-raw --listen PORT --upstream PGPORT
 //!   uring-relay --mode uring --listen PORT --upstream PGPORT [--multishot] [--no-poll-first]
-//!               [--no-defer-taskrun]
+//!               [--no-defer-taskrun] [--link]
 //!
 //! epoll: tokio current-thread runtime; per direction wait for readiness, one nonblocking recv
 //! into a reused buffer (a short read clears the readiness, so no EAGAIN recv follows), then
@@ -19,7 +19,9 @@
 //! SEND to the peer; once all of it is sent, the RECV is armed again. Everything a loop turn
 //! queued goes to the kernel in one `submit_and_wait(1)`, so several operations share one
 //! kernel entry. With --multishot each socket keeps one multishot RECV that takes buffers from
-//! a registered buffer ring instead of being re-armed per message.
+//! a registered buffer ring instead of being re-armed per message. With --link (single-shot
+//! only) the re-armed RECV is linked behind the SEND (IOSQE_IO_LINK, MSG_WAITALL) and so
+//! submitted in the same enter, not one turn later.
 
 use std::collections::VecDeque;
 use std::io;
@@ -35,6 +37,7 @@ struct Args {
     multishot: bool,
     poll_first: bool,
     defer_taskrun: bool,
+    link: bool,
 }
 
 fn parse_args() -> Args {
@@ -45,6 +48,7 @@ fn parse_args() -> Args {
         multishot: false,
         poll_first: true,
         defer_taskrun: true,
+        link: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -54,6 +58,7 @@ fn parse_args() -> Args {
             "--listen" => a.listen = value().parse().expect("--listen PORT"),
             "--upstream" => a.upstream = value().parse().expect("--upstream PORT"),
             "--multishot" => a.multishot = true,
+            "--link" => a.link = true,
             "--no-poll-first" => a.poll_first = false,
             "--no-defer-taskrun" => a.defer_taskrun = false,
             _ => {
@@ -389,6 +394,7 @@ mod uring {
         /// Sockets whose multishot RECV ended for want of buffers.
         starved: Vec<(usize, usize)>,
         poll_first: bool,
+        link: bool,
         listen_fd: RawFd,
         upstream: SocketAddr,
     }
@@ -415,6 +421,7 @@ mod uring {
             bufs,
             starved: Vec::new(),
             poll_first: args.poll_first,
+            link: args.link,
             listen_fd: listener.as_raw_fd(),
             upstream,
         };
@@ -556,14 +563,26 @@ mod uring {
             dir.sending = true;
             pair.inflight += 1;
             let fd = types::Fd(pair.fds[1 - d]);
-            let e = opcode::Send::new(fd, ptr, len as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build();
+            let own = base == pair.dirs[d].buf.as_ptr();
+            let link = self.link && own;
+            // --link: MSG_WAITALL makes the kernel finish a short send itself, and the RECV
+            // linked after it starts only once all is sent, so it goes in the same enter.
+            let flags = libc::MSG_NOSIGNAL | if link { libc::MSG_WAITALL } else { 0 };
+            let e = opcode::Send::new(fd, ptr, len as u32).flags(flags).build();
+            let e = if link {
+                e.flags(squeue::Flags::IO_LINK)
+            } else {
+                e
+            };
             self.push(e.user_data(ud(p, SEND, d)));
+            if link {
+                self.arm_recv(p, d);
+            }
         }
 
         fn completed(&mut self, p: usize, kind: u64, d: usize, res: i32, flags: u32) {
             let multishot = self.bufs.is_some();
+            let link = self.link;
             let more = multishot && kind == RECV && cqueue::more(flags);
             let pair = self.pair(p);
             if !more {
@@ -597,6 +616,9 @@ mod uring {
             let dir = &mut pair.dirs[d];
             dir.sent += res;
             dir.sending = false;
+            if dir.sent < dir.queue[0].1 && link && dir.queue[0].0 == OWN {
+                return self.close(p); // MSG_WAITALL: short only on error; the RECV is cancelled
+            }
             if dir.sent < dir.queue[0].1 {
                 return self.send_head(p, d); // short send: the rest
             }
@@ -604,7 +626,9 @@ mod uring {
             dir.sent = 0;
             let more_queued = !dir.queue.is_empty();
             if bid == OWN {
-                self.arm_recv(p, d); // single-shot: read again once all is sent
+                if !link {
+                    self.arm_recv(p, d); // single-shot: read again once all is sent
+                }
             } else {
                 self.bufs.as_mut().unwrap().give(bid);
                 if let Some((sp, sd)) = self.starved.pop() {
