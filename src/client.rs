@@ -73,28 +73,55 @@ struct Login {
     hello: BytesMut,
 }
 
-/// Serves one accepted client connection until it ends. Errors end here, logged once.
-pub async fn handle(stream: Socket, shared: Arc<Shared>) {
-    handle_with(stream, shared, None).await
-}
-
-/// Serves a connection accepted over `max_client_conn` (= `max`): only an admin console
-/// login (or a cancel request) gets in; any other startup is refused with 53300, before
+/// The task of one accepted client connection: serves it until it ends, logs why (once),
+/// then gives back `permit`, its place under `max_client_conn`. `over_limit`: the
+/// connection was accepted over `max_client_conn` (= the value): only an admin console login
+/// (or a cancel request) gets in, any other startup is refused with 53300 before
 /// authentication.
-pub async fn handle_over_limit(stream: Socket, shared: Arc<Shared>, max: usize) {
-    handle_with(stream, shared, Some(max)).await
-}
-
-async fn handle_with(stream: Socket, shared: Arc<Shared>, over_limit: Option<usize>) {
-    let stream = Stream::from(stream);
-    // Asked once (one getpeername); formatted only if the span is recorded.
-    let peer = stream.peer();
-    let span = tracing::info_span!("client", peer = %PeerField(peer), user = tracing::field::Empty, database = tracing::field::Empty);
-    let ended = serve(stream, peer, &shared, over_limit, &span).await;
-    let _in = span.enter();
-    match ended {
-        Ok(()) => tracing::debug!("client left"),
-        Err(msg) => tracing::info!(reason = %msg, "client closed"),
+///
+/// Built so that the task holds little for the client's whole life (an idle client is
+/// mostly its task): the socket goes into the boxed login at once instead of being carried
+/// by each async layer, and the task is this one future, not one wrapped in others (each
+/// layer would keep its own copy of what it was given).
+pub fn task(
+    stream: Socket,
+    shared: Arc<Shared>,
+    over_limit: Option<usize>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let stream = Stream::from(stream);
+        // Asked once (one getpeername); formatted only if the span is recorded.
+        let peer = stream.peer();
+        // The span is entered where a client's log lines come from: login, and the rare
+        // paths of a session (not served, parameters applied, the clean-up after a
+        // transaction). Not at every wake-up of its task: with a subscriber that records it
+        // (the default level, `info`), entering and leaving it cost about 470 instructions
+        // per transaction, 7 % of a select's.
+        let span = tracing::info_span!("client", peer = %PeerField(peer), user = tracing::field::Empty, database = tracing::field::Empty);
+        // Login runs in an allocation of its own: its futures (handshake, TLS,
+        // authentication, the welcome) are large, and a logged-in client's task should not
+        // carry their room for the rest of its life.
+        let login = Box::pin(
+            async move { log_in(stream, peer, &shared, over_limit).await }.instrument(span.clone()),
+        );
+        let ended = match login.await {
+            Ok(Some(mut session)) => {
+                let ended = session.run().await;
+                // The read buffer serves the next client of this thread (a storm of short
+                // sessions allocates none).
+                session.client.release_buffer();
+                ended
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        let _in = span.enter();
+        match ended {
+            Ok(()) => tracing::debug!("client left"),
+            Err(msg) => tracing::info!(reason = %msg, "client closed"),
+        }
+        drop(permit);
     }
 }
 
@@ -144,7 +171,7 @@ async fn log_in(
     addr: Option<Addr>,
     shared: &Arc<Shared>,
     over_limit: Option<usize>,
-) -> Result<Option<Session>, String> {
+) -> Result<Option<Box<Session>>, String> {
     let config = shared.pools.config();
     let logging_in = shared.clients.logging_in();
     // Unix-socket clients have no IP address: login_rate_limit counts TCP clients only.
@@ -245,7 +272,9 @@ async fn log_in(
         client: registration.client.clone(),
     });
     let params = shared.param_sets.intern(login.params);
-    let mut session = Session {
+    // Boxed: the client's task then holds a pointer, not a second copy of the session
+    // beside the login's result.
+    let mut session = Box::new(Session {
         client: ClientConn::new(
             stream,
             config.max_query_size,
@@ -263,40 +292,13 @@ async fn log_in(
         wait_cell: None,
         timeouts: (u64::MAX, relay::Timeouts::default()),
         span: tracing::Span::current(),
-    };
+    });
     // What the client sent right after its login (a pipelined first Query) is read first.
     let leftover = input.into_leftover();
     if !leftover.is_empty() {
         session.client.buf = leftover;
     }
     Ok(Some(session))
-}
-
-/// Logs in, then runs the session.
-///
-/// The client's tracing span is entered where its log lines come from: login, and the rare
-/// paths of a session (not served, parameters applied, the clean-up after a transaction). Not at every wake-up of its task: with a
-/// subscriber that records it (the default level, `info`), entering and leaving it cost
-/// about 470 instructions per transaction, 7 % of a select's.
-async fn serve(
-    stream: Stream,
-    addr: Option<Addr>,
-    shared: &Arc<Shared>,
-    over_limit: Option<usize>,
-    span: &tracing::Span,
-) -> Result<(), String> {
-    // Login runs in an allocation of its own: its futures (handshake, TLS, authentication,
-    // the welcome) are large, and a logged-in client's task should not carry their room for
-    // the rest of its life (an idle client is mostly its task).
-    let login = log_in(stream, addr, shared, over_limit).instrument(span.clone());
-    let Some(mut session) = Box::pin(login).await? else {
-        return Ok(());
-    };
-    let ended = session.run().await;
-    // The read buffer serves the next client of this thread (a storm of short sessions
-    // allocates none).
-    session.client.release_buffer();
-    ended
 }
 
 /// An admin console session (databases `pgbouncer` and `pgsluice`), for `admin_users` only.
@@ -789,14 +791,15 @@ impl Session {
         loop {
             self.registration.client.set_idle();
             // Hold no server until a whole first message of a transaction is here.
-            match self.next_request().await {
-                Ok(true) => {}
+            let e = match self.next_request().await {
+                Ok(true) => None,
                 Ok(false) => return Ok(()),
                 Err(End::Quiet) => return Err("client connection lost".into()),
-                Err(End::Tell(e)) => {
-                    fatal(&mut self.client.stream, &e).await;
-                    return Err(e.message);
-                }
+                Err(End::Tell(e)) => Some(Box::new(e)),
+            };
+            if let Some(e) = e {
+                fatal(&mut self.client.stream, &e).await;
+                return Err(e.message);
             }
             let (checkout, got_at) = match self.wait_for_server(wait).await {
                 None => return Ok(()), // the client left while queued
@@ -1100,38 +1103,51 @@ impl Session {
         let shared = self.shared.clone();
         let cell = self.wait_cell.get_or_insert_with(Arc::default).clone();
         let pool = self.pool;
-        // A paused database holds its clients here; that wait counts toward
-        // query_wait_timeout, as in PgBouncer.
-        let paused = shared
-            .console
-            .is_paused(&self.meter.pool.database)
-            .then(|| self.meter.pool.database.clone());
         // Cancel safety: dropping the checkout future leaves the queue and returns any grant.
-        let waiting = cell.clone();
         // Its error is boxed: a rare outcome, which would otherwise size every queued wait.
-        let checkout = async move {
-            let Some(database) = paused else {
-                return shared
-                    .pools
-                    .checkout(pool, wait, &waiting)
+        if shared.console.is_paused(&self.meter.pool.database) {
+            // A paused database holds its clients here; that wait counts toward
+            // query_wait_timeout, as in PgBouncer. Boxed: a rare wait, kept out of every
+            // queued client's room.
+            let database = self.meter.pool.database.clone();
+            let waiting = cell.clone();
+            let mut checkout = Box::pin(async move {
+                tokio::time::timeout(wait, shared.console.wait_resumed(&database))
                     .await
-                    .map_err(Box::new);
-            };
-            // Boxed: a rare wait, kept out of every queued client's room.
-            Box::pin(tokio::time::timeout(
-                wait,
-                shared.console.wait_resumed(&database),
-            ))
-            .await
-            .map_err(|_| Box::new(PoolError::WaitTimeout(wait)))?;
-            let left = wait.saturating_sub(began.elapsed());
+                    .map_err(|_| Box::new(PoolError::WaitTimeout(wait)))?;
+                let left = wait.saturating_sub(began.elapsed());
+                shared
+                    .pools
+                    .checkout(pool, left, &waiting)
+                    .await
+                    .map_err(Box::new)
+            });
+            return self.queued(checkout.as_mut(), &cell, wait, began).await;
+        }
+        let checkout = async {
             shared
                 .pools
-                .checkout(pool, left, &waiting)
+                .checkout(pool, wait, &cell)
                 .await
                 .map_err(Box::new)
         };
-        tokio::pin!(checkout);
+        // Pinned here and lent: an async fn keeps its arguments beside its locals, so a
+        // future passed by value would be held twice.
+        let checkout = std::pin::pin!(checkout);
+        self.queued(checkout, &cell, wait, began).await
+    }
+
+    /// The queued wait of [`Session::wait_queued`]: `checkout` against a cancel, a drain and
+    /// the client hanging up; tells the client why it waits when it has waited long.
+    async fn queued(
+        &mut self,
+        mut checkout: std::pin::Pin<
+            &mut (dyn std::future::Future<Output = Result<Checkout, Box<PoolError>>> + Send + '_),
+        >,
+        cell: &WaitCell,
+        wait: std::time::Duration,
+        began: Instant,
+    ) -> Option<Result<(Checkout, Instant), NotServed>> {
         let cancelled = self.cancel.cancelled_while_queued();
         tokio::pin!(cancelled);
         // PgBouncer's query_wait_notify: tell a client queued this long why it waits (the
@@ -1144,7 +1160,7 @@ impl Session {
         loop {
             let room = self.client.buf.len() < relay::HIGH_WATER;
             tokio::select! {
-                r = &mut checkout => {
+                r = checkout.as_mut() => {
                     let now = Instant::now();
                     let waited = now.saturating_duration_since(began);
                     return Some(match r {
@@ -1159,21 +1175,9 @@ impl Session {
                 _ = watch.draining() => return Some(Err(NotServed::Drained)),
                 _ = cell.notice_due(), if !notified => {
                     notified = true;
-                    let mut buf = BytesMut::new();
-                    ErrorFields {
-                        severity: "NOTICE".into(),
-                        code: "00000".into(),
-                        message: "No server connection available in postgres backend, client being queued".into(),
-                        detail: Some(format!(
-                            "pgsluice: every server connection of pool {}/{} is busy; waiting up to query_wait_timeout ({}s)",
-                            self.meter.pool.database,
-                            self.meter.pool.user,
-                            wait.as_secs_f64()
-                        )),
-                        hint: None,
-                    }
-                    .encode_notice(&mut buf);
-                    if self.client.stream.send(&buf).await.is_err() {
+                    let pool = &self.meter.pool;
+                    let told = tell_queued(&mut self.client.stream, &pool.database, &pool.user, wait);
+                    if Box::pin(told).await.is_err() {
                         return None;
                     }
                 }
@@ -1359,6 +1363,28 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// PgBouncer's query_wait_notify: a NOTICE telling a client queued long why it waits.
+async fn tell_queued(
+    stream: &mut Stream,
+    database: &str,
+    user: &str,
+    wait: std::time::Duration,
+) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    ErrorFields {
+        severity: "NOTICE".into(),
+        code: "00000".into(),
+        message: "No server connection available in postgres backend, client being queued".into(),
+        detail: Some(format!(
+            "pgsluice: every server connection of pool {database}/{user} is busy; waiting up to query_wait_timeout ({}s)",
+            wait.as_secs_f64()
+        )),
+        hint: None,
+    }
+    .encode_notice(&mut buf);
+    stream.send(&buf).await
 }
 
 /// Makes the server's session parameters the client's: one round trip, only when they differ.

@@ -207,22 +207,14 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
         }
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
-                let shared = shared.clone();
-                let tracker = shared.stop.clients.clone();
-                tracker.spawn(async move {
-                    client::handle(stream, shared).await;
-                    drop(permit);
-                });
+                let tracker = &shared.stop.clients;
+                tracker.spawn(client::task(stream, shared.clone(), None, permit));
             }
             Err(_) => match reserve.clone().try_acquire_owned() {
                 // It may be an operator: read its startup packet before refusing it.
                 Ok(permit) => {
-                    let shared = shared.clone();
-                    let tracker = shared.stop.clients.clone();
-                    tracker.spawn(async move {
-                        client::handle_over_limit(stream, shared, max).await;
-                        drop(permit);
-                    });
+                    let tracker = &shared.stop.clients;
+                    tracker.spawn(client::task(stream, shared.clone(), Some(max), permit));
                 }
                 Err(_) => {
                     shared

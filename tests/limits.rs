@@ -193,12 +193,23 @@ async fn ten_thousand_clients_at_once() {
     drop(socks);
     leaks.check().await;
     let after_second = common::leaks::rss_kib(proxy.pid());
-    eprintln!("RSS after the first crowd {after_first} KiB, after the second {after_second} KiB");
-    // Leaked sessions would add about what the first crowd took (`rss`); the allocator's
-    // own churn adds a little.
+    let socks = crowd(proxy.port, name, n).await;
+    assert_eq!(socks.len(), n, "every client of the third crowd was served");
+    drop(socks);
+    leaks.check().await;
+    let after_third = common::leaks::rss_kib(proxy.pid());
+    eprintln!("RSS after the first crowd {after_first} KiB, after the second {after_second} KiB, after the third {after_third} KiB");
+    // Leaked sessions would add about what the first crowd took (`rss`) at every crowd.
+    // The allocator settles instead: the second crowd still adds some (where the first
+    // one's memory went back to the heap decides what fits; seen: 11-21 MB of ~90), the
+    // third hardly any (seen: 3-5 MB).
     assert!(
-        after_second <= after_first + rss / 4,
+        after_second <= after_first + rss / 2,
         "a second crowd of {n} grew RSS from {after_first} to {after_second} KiB (the first took {rss} KiB): memory is not reused"
+    );
+    assert!(
+        after_third <= after_second + rss / 8,
+        "a third crowd of {n} grew RSS from {after_second} to {after_third} KiB (the first took {rss} KiB): memory is not reused"
     );
 }
 
