@@ -417,3 +417,56 @@ async fn two_processes_share_one_port_with_so_reuseport() {
         "all clients went to one process: {a_clients} and {b_clients}"
     );
 }
+
+/// A client's log lines carry its span (peer, user, database) though the span is entered
+/// only on the rare paths, not at every wake-up: the line a timeout writes mid-session and
+/// the line that ends the client both name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_log_lines_name_it() {
+    let name = "lc_span";
+    let pg = pg();
+    pg.create_app(name).await;
+    let toml = format!("query_timeout = \"1s\"\n{}", config(name, 2, pg.port));
+    let proxy = ProxyProcess::start(&toml).await;
+    let c = connect(&proxy.conn(name, "x", name)).await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+    let e = c.simple_query("SELECT pg_sleep(5)").await.unwrap_err();
+    assert_eq!(code(&e), "57014", "{}", message(&e));
+    let named = |needle: &str| {
+        // Plain text once the terminal colours are taken out.
+        let log = String::from_utf8(strip_ansi(proxy.log().as_bytes())).unwrap();
+        log.lines().any(|l| {
+            l.contains(needle)
+                && l.contains("peer=127.0.0.1:")
+                && l.contains(&format!("user=\"{name}\""))
+                && l.contains(&format!("database=\"{name}\""))
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            named("client closed at a timeout") && named("client closed")
+        })
+        .await,
+        "log lines without the client's span:\n{}",
+        proxy.log()
+    );
+}
+
+/// `s` without ANSI escape sequences (`ESC [ ... letter`).
+fn strip_ansi(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == 0x1b && s.get(i + 1) == Some(&b'[') {
+            i += 2;
+            while i < s.len() && !s[i].is_ascii_alphabetic() {
+                i += 1;
+            }
+            i += 1;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    out
+}
