@@ -1302,6 +1302,19 @@ mod tests {
     }
 
     #[test]
+    fn so_reuseport() {
+        assert_eq!(Config::from_toml(MIN).unwrap().so_reuseport, 0);
+        let c = Config::from_toml(&format!("so_reuseport = 1\n{MIN}")).unwrap();
+        assert_eq!(c.so_reuseport, 1);
+        for bad in ["2", "-1", "\"yes\""] {
+            let e = Config::from_toml(&format!("so_reuseport = {bad}\n{MIN}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("so_reuseport:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn unix_sockets() {
         let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
         // A URL names a socket directory as libpq does: a host parameter, or an escaped host.
