@@ -58,7 +58,12 @@ impl Proxy {
     pub async fn start(toml: &str) -> Proxy {
         let config = pgsluice::Config::from_toml(toml)
             .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Bound as pgsluice binds its own (a backlog of 4,096): with tokio's 1,024, a burst
+        // of thousands of connections overflows the accept queue and some wait for SYN
+        // retransmits, seconds that no proxy could save.
+        let listener = pgsluice::listener::bind("127.0.0.1:0", false)
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // Bound before the proxy runs, so that the socket is there when this returns.
@@ -91,7 +96,12 @@ impl Proxy {
             flags: vec![],
         };
         let config = source.load().unwrap_or_else(|e| panic!("test config: {e}"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Bound as pgsluice binds its own (a backlog of 4,096): with tokio's 1,024, a burst
+        // of thousands of connections overflows the accept queue and some wait for SYN
+        // retransmits, seconds that no proxy could save.
+        let listener = pgsluice::listener::bind("127.0.0.1:0", false)
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shared = pgsluice::app::Shared::with_source(config, source);
