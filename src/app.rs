@@ -61,6 +61,7 @@ impl Shared {
     pub fn with_source(config: Config, source: ConfigSource) -> Arc<Shared> {
         let credentials = ArcSwap::from_pointee(Credentials::from_config(&config, None));
         let metrics = Arc::new(Metrics::new(config.metrics.max_applications as usize));
+        let cancels = Arc::new(Cancels::new(config.peer_id));
         Arc::new(Shared {
             pools: Pools::new(Arc::new(config)),
             credentials,
@@ -68,7 +69,7 @@ impl Shared {
             login_limiter: LoginLimiter::default(),
             source,
             background: Mutex::new(Vec::new()),
-            cancels: Arc::new(Cancels::default()),
+            cancels,
             metrics,
             clients: Arc::new(Clients::default()),
             console: Console::default(),

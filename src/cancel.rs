@@ -2,6 +2,14 @@
 //! it reaches the server currently serving that client (with that server's real key), or
 //! takes the client out of the queue if it is still waiting. Wrong keys are ignored, as
 //! PostgreSQL does, and the secret is compared in constant time.
+//!
+//! Peering (`peer_id`, `[peers]`): processes that share a port (`so_reuseport`) or sit behind
+//! one load balancer each write their `peer_id` into the keys they hand out, so a cancel
+//! request that reaches the wrong process is sent on to the right one, once. A key's
+//! process id is then: bit 31 zero (positive, as PostgreSQL's), bits 30–17 the `peer_id`,
+//! bit 16 set on a request already sent on by a peer (it is never sent on again: a
+//! misconfigured `[peers]` cannot make a loop), bits 15–0 random. The secret stays 32
+//! random bits.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -11,7 +19,18 @@ use atomic_waker::AtomicWaker;
 use rand::RngExt;
 use subtle::ConstantTimeEq;
 
-use crate::server::{send_cancel, ServerKey};
+use crate::config::{Config, Peer};
+use crate::server::{cancel_over, send_cancel, ServerKey};
+use crate::socket;
+
+/// Where a key's `peer_id` starts in its process id.
+const PEER_SHIFT: u32 = 17;
+/// Marks a cancel request a peer has sent on.
+const SENT_ON: i32 = 1 << 16;
+/// The random part of a peered process's ids.
+const PEERED_RANDOM: i32 = SENT_ON - 1;
+/// How long sending a request on to a peer may take (connect, send, its answer).
+const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -41,6 +60,78 @@ pub struct ClientCancel {
 #[derive(Debug, Default)]
 pub struct Cancels {
     map: Mutex<HashMap<i32, Arc<ClientCancel>>>,
+    /// This process's `peer_id` (0: not peered), fixed for its life.
+    peer_id: u32,
+}
+
+/// What became of a cancel request (`pgsluice_cancel_requests_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Sent to the server running the client's query.
+    Server,
+    /// The client was waiting for a server: it stops waiting.
+    Queued,
+    /// The client was between transactions: nothing to cancel.
+    Idle,
+    /// No client has this key here, or the secret was wrong.
+    Unknown,
+    /// Sent on to the peered process whose `peer_id` the key carries.
+    Peer,
+    /// That process is not in `[peers]`, or could not be reached.
+    PeerFailed,
+}
+
+impl Handled {
+    pub fn label(self) -> &'static str {
+        match self {
+            Handled::Server => "server",
+            Handled::Queued => "queued",
+            Handled::Idle => "idle",
+            Handled::Unknown => "unknown",
+            Handled::Peer => "peer",
+            Handled::PeerFailed => "peer_failed",
+        }
+    }
+
+    pub const ALL: [Handled; 6] = [
+        Handled::Server,
+        Handled::Queued,
+        Handled::Idle,
+        Handled::Unknown,
+        Handled::Peer,
+        Handled::PeerFailed,
+    ];
+}
+
+/// Where a cancel request with process id `pid` goes, in a process whose `peer_id` is `own`.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// One of this process's clients, under this id.
+    Here(i32),
+    /// To peer `id`, with this process id (marked sent on).
+    Peer { id: u32, pid: i32 },
+    /// Nobody's: a negative id, or one a peer sent on already that is not this process's.
+    Nowhere,
+}
+
+fn route(own: u32, pid: i32) -> Route {
+    if own == 0 {
+        return Route::Here(pid);
+    }
+    if pid < 0 {
+        return Route::Nowhere;
+    }
+    let id = (pid >> PEER_SHIFT) as u32;
+    if id == own {
+        Route::Here(pid & !SENT_ON)
+    } else if pid & SENT_ON != 0 || id == 0 {
+        Route::Nowhere
+    } else {
+        Route::Peer {
+            id,
+            pid: pid | SENT_ON,
+        }
+    }
 }
 
 /// A client's registration; dropping it forgets the key.
@@ -51,11 +142,25 @@ pub struct CancelHandle {
 }
 
 impl Cancels {
+    /// The keys of a process whose `peer_id` is `peer_id` (0: not peered).
+    pub fn new(peer_id: u32) -> Cancels {
+        Cancels {
+            map: Mutex::default(),
+            peer_id,
+        }
+    }
+
     pub fn register(self: &Arc<Self>) -> CancelHandle {
         let mut rng = rand::rng();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let pid = loop {
-            let pid = rng.random_range(1..i32::MAX);
+            let pid = if self.peer_id == 0 {
+                rng.random_range(1..i32::MAX)
+            } else {
+                // Positive and never 0: peer_id is at least 1. At most MAX_PEERED_CLIENTS
+                // (60,000) of the 65,536 ids are ever taken, so this loop ends.
+                ((self.peer_id as i32) << PEER_SHIFT) | (rng.random::<i32>() & PEERED_RANDOM)
+            };
             if !map.contains_key(&pid) {
                 break pid;
             }
@@ -75,26 +180,49 @@ impl Cancels {
         }
     }
 
-    /// Handles a CancelRequest. Unknown keys do nothing.
-    pub async fn cancel(&self, pid: i32, secret: i32) {
+    /// Handles a CancelRequest: for one of this process's clients, or sent on to the peer
+    /// whose `peer_id` the key carries (`config`'s `[peers]`). Unknown keys do nothing.
+    pub async fn cancel(&self, pid: i32, secret: i32, config: &Config) -> Handled {
+        match route(self.peer_id, pid) {
+            Route::Here(pid) => self.cancel_here(pid, secret).await,
+            Route::Nowhere => Handled::Unknown,
+            Route::Peer { id, pid } => match config.peer(id) {
+                None => {
+                    tracing::debug!(peer_id = id, "cancel request for a peer not in [peers]");
+                    Handled::PeerFailed
+                }
+                Some(peer) => match send_on(peer, pid, secret).await {
+                    Ok(()) => Handled::Peer,
+                    Err(e) => {
+                        tracing::warn!(peer_id = id, host = %peer.host, port = peer.port, error = %e, "could not send a cancel request on to its peer");
+                        Handled::PeerFailed
+                    }
+                },
+            },
+        }
+    }
+
+    async fn cancel_here(&self, pid: i32, secret: i32) -> Handled {
         let client = self
             .map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&pid)
             .cloned();
-        let Some(client) = client else { return };
+        let Some(client) = client else {
+            return Handled::Unknown;
+        };
         if !bool::from(client.secret.to_be_bytes().ct_eq(&secret.to_be_bytes())) {
-            return;
+            return Handled::Unknown;
         }
         let key = {
             let target = client.target.lock().unwrap_or_else(|p| p.into_inner());
             match *target {
-                Target::Idle => return,
+                Target::Idle => return Handled::Idle,
                 Target::Queued => {
                     client.queued_cancel.store(true, Ordering::Release);
                     client.queued_waker.wake();
-                    return;
+                    return Handled::Queued;
                 }
                 Target::Server(key) => {
                     // Counted under the lock, so the client sees it when it finishes.
@@ -107,7 +235,23 @@ impl Cancels {
             tracing::warn!(error = %e, "could not forward a cancel request to the server");
         }
         client.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Handled::Server
     }
+}
+
+/// Sends a cancel request on to `peer` and waits until it has handled it (it closes the
+/// connection once the cancel reached the server), bounded by [`PEER_TIMEOUT`].
+async fn send_on(peer: &Peer, pid: i32, secret: i32) -> std::io::Result<()> {
+    let sent = tokio::time::timeout(PEER_TIMEOUT, async {
+        let stream = socket::connect(&peer.host, peer.port).await?;
+        cancel_over(stream, pid, secret).await
+    });
+    sent.await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the peer did not answer in 5 s",
+        ))
+    })
 }
 
 impl CancelHandle {
@@ -152,5 +296,50 @@ impl Drop for CancelHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.client.pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpeered_keys_stay_here() {
+        assert_eq!(route(0, 12345), Route::Here(12345));
+        assert_eq!(route(0, SENT_ON | 7), Route::Here(SENT_ON | 7));
+    }
+
+    #[test]
+    fn peered_keys_carry_the_peer_id() {
+        let cancels = Arc::new(Cancels::new(16_383));
+        let handles: Vec<_> = (0..2000).map(|_| cancels.register()).collect();
+        for h in &handles {
+            let pid = h.client.pid;
+            assert!(pid > 0, "{pid}");
+            assert_eq!(pid >> PEER_SHIFT, 16_383);
+            assert_eq!(pid & SENT_ON, 0);
+            assert_eq!(route(16_383, pid), Route::Here(pid));
+        }
+        let mut pids: Vec<_> = handles.iter().map(|h| h.client.pid).collect();
+        pids.sort();
+        pids.dedup();
+        assert_eq!(pids.len(), 2000, "two clients got one id");
+    }
+
+    #[test]
+    fn a_peers_key_is_sent_on_once() {
+        let pid = (2 << PEER_SHIFT) | 0x1234;
+        // At process 1: sent on to peer 2, marked.
+        let Route::Peer { id, pid: sent } = route(1, pid) else {
+            panic!("not sent on")
+        };
+        assert_eq!((id, sent), (2, pid | SENT_ON));
+        // At process 2: its own, found under the unmarked id.
+        assert_eq!(route(2, sent), Route::Here(pid));
+        // At process 3 (a [peers] entry pointing at the wrong process): not sent on again.
+        assert_eq!(route(3, sent), Route::Nowhere);
+        // Ids no peer hands out.
+        assert_eq!(route(1, -5), Route::Nowhere);
+        assert_eq!(route(1, 0x1234), Route::Nowhere);
     }
 }

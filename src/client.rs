@@ -431,7 +431,9 @@ async fn handshake(
                 ))
             }
             Ok(StartupPacket::Cancel { pid, secret }) => {
-                shared.cancels.cancel(pid, secret).await;
+                let config = shared.pools.config();
+                let handled = shared.cancels.cancel(pid, secret, &config).await;
+                shared.metrics.cancel_request(handled);
                 return Ok(None);
             }
             Ok(StartupPacket::Startup(s)) => {

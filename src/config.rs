@@ -107,6 +107,13 @@ pub struct Config {
     /// processes on one host may then listen on the same port, the kernel spreading clients.
     #[serde(default, deserialize_with = "de::num")]
     pub so_reuseport: u32,
+    /// This process's number among peered pgsluice processes, 1 to 16,383, written into
+    /// every cancel key it hands out; 0 (the default): no peering.
+    #[serde(default, deserialize_with = "de::num")]
+    pub peer_id: u32,
+    /// Where each peered process takes cancel requests (`[peers.ID]`, ID its `peer_id`).
+    #[serde(default)]
+    pub peers: BTreeMap<String, Peer>,
     /// Quick mode: one upstream database as a URL `postgres://USER:PASSWORD@HOST:PORT/DBNAME`.
     #[serde(default)]
     pub upstream: Option<Password>,
@@ -405,6 +412,23 @@ impl Default for MetricsConfig {
     }
 }
 
+/// A peered pgsluice process: a cancel request carrying its `peer_id` is sent on to it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Host name, IP address, or the directory of its Unix socket (a path).
+    pub host: String,
+    #[serde(default = "defaults::peer_port", deserialize_with = "de::num")]
+    pub port: u16,
+}
+
+/// The highest `peer_id`: 14 bits of a cancel key's 31-bit process id.
+pub const MAX_PEER_ID: u32 = 16_383;
+
+/// Most clients of one peered process: the rest of the process id (16 bits) tells them
+/// apart.
+pub const MAX_PEERED_CLIENTS: u32 = 60_000;
+
 /// One client-facing database.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -579,6 +603,9 @@ mod defaults {
     }
     pub fn port() -> u16 {
         5432
+    }
+    pub fn peer_port() -> u16 {
+        6432
     }
 }
 
@@ -791,6 +818,11 @@ fn percent_decode(s: &str) -> Result<String, String> {
 }
 
 impl Config {
+    /// The peer whose `peer_id` is `id`, if `[peers]` has it.
+    pub fn peer(&self, id: u32) -> Option<&Peer> {
+        self.peers.get(id.to_string().as_str())
+    }
+
     /// Loads from an optional file, then the process environment, then `flags` (key, value).
     pub fn load(file: Option<&Path>, flags: &[(&str, String)]) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
@@ -984,6 +1016,30 @@ impl Config {
         }
         if self.so_reuseport > 1 {
             return Err(invalid("so_reuseport", "must be 0 (off) or 1 (on)"));
+        }
+        if self.peer_id > MAX_PEER_ID {
+            return Err(invalid(
+                "peer_id",
+                format!("must be 0 (no peering) to {MAX_PEER_ID}"),
+            ));
+        }
+        if self.peer_id != 0 && self.max_client_conn > MAX_PEERED_CLIENTS {
+            return Err(invalid(
+                "max_client_conn",
+                format!("at most {MAX_PEERED_CLIENTS} with peer_id set: a peered process's cancel keys have 16 bits to tell its clients apart"),
+            ));
+        }
+        for (name, peer) in &self.peers {
+            let canonical = name.parse::<u32>().map(|n| n.to_string() == *name);
+            if !matches!(name.parse::<u32>(), Ok(1..=MAX_PEER_ID)) || canonical != Ok(true) {
+                return Err(invalid(
+                    format!("peers.{name}"),
+                    format!("a peer is named by its peer_id, 1 to {MAX_PEER_ID}"),
+                ));
+            }
+            if peer.host.is_empty() {
+                return Err(invalid(format!("peers.{name}.host"), "must not be empty"));
+            }
         }
         if self.tcp_keepalive > 1 {
             return Err(invalid("tcp_keepalive", "must be 0 (off) or 1 (on)"));
@@ -1299,6 +1355,36 @@ mod tests {
         assert!(UpstreamUrl::parse("mysql://a@b/c").is_err());
         assert!(UpstreamUrl::parse("postgres://a@b:notaport/c").is_err());
         assert!(UpstreamUrl::parse("postgres://a@b/c?sslmode=verify-full").is_err());
+    }
+
+    #[test]
+    fn peering() {
+        let c = Config::from_toml(MIN).unwrap();
+        assert_eq!((c.peer_id, c.peers.len()), (0, 0));
+        let c = Config::from_toml(&format!(
+            "peer_id = 2\n{MIN}\n[peers.1]\nhost = \"/run/p1\"\n[peers.2]\nhost = \"10.0.0.2\"\nport = 6000\n"
+        ))
+        .unwrap();
+        assert_eq!(c.peer_id, 2);
+        assert_eq!(
+            c.peer(1).map(|p| (p.host.as_str(), p.port)),
+            Some(("/run/p1", 6432))
+        );
+        assert_eq!(
+            c.peer(2).map(|p| (p.host.as_str(), p.port)),
+            Some(("10.0.0.2", 6000))
+        );
+        assert_eq!(c.peer(3), None);
+        let err = |toml: String| Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(err(format!("peer_id = 16384\n{MIN}")).starts_with("peer_id:"));
+        for bad in ["0", "16384", "01", "x"] {
+            let e = err(format!("{MIN}\n[peers.\"{bad}\"]\nhost = \"h\"\n"));
+            assert!(e.starts_with(&format!("peers.{bad}:")), "{bad}: {e}");
+        }
+        assert!(err(format!("{MIN}\n[peers.1]\nhost = \"\"\n")).starts_with("peers.1.host:"));
+        let e = err(format!("peer_id = 1\nmax_client_conn = 60001\n{MIN}"));
+        assert!(e.starts_with("max_client_conn:"), "{e}");
+        assert!(Config::from_toml(&format!("peer_id = 1\nmax_client_conn = 60000\n{MIN}")).is_ok());
     }
 
     #[test]

@@ -31,6 +31,10 @@ struct Cli {
     /// 1: set SO_REUSEPORT, so that several pgsluice processes share the listen port.
     #[arg(long, value_name = "0|1")]
     so_reuseport: Option<String>,
+    /// This process's number among peered processes (1-16383; 0: no peering), so that a
+    /// cancel request reaching another process is sent on to this one.
+    #[arg(long, value_name = "ID")]
+    peer_id: Option<String>,
     /// Quick mode: the one upstream database, postgres://USER:PASSWORD@HOST:PORT/DBNAME.
     #[arg(long)]
     upstream: Option<String>,
@@ -99,6 +103,7 @@ impl Cli {
             ("listen", &self.listen),
             ("listen_unix", &self.listen_unix),
             ("so_reuseport", &self.so_reuseport),
+            ("peer_id", &self.peer_id),
             ("upstream", &self.upstream),
             ("pool_mode", &self.pool_mode),
             ("pool_size", &self.pool_size),

@@ -366,6 +366,7 @@ pub struct Metrics {
     errors: Vec<IntCounter>,
     client_logins: IntGauge,
     auth_lookups: Vec<IntCounter>,
+    cancel_requests: Vec<IntCounter>,
     scram_derivations: IntCounter,
     pools: Mutex<HashMap<PoolId, Arc<PoolMetrics>>>,
     apps: Mutex<Apps>,
@@ -621,6 +622,15 @@ impl Metrics {
             .iter()
             .map(|o| lookups.with_label_values(&[o.label()]))
             .collect();
+        let cancels = b.counter(
+            "pgsluice_cancel_requests_total",
+            "Cancel requests received, by what became of them: server, queued, idle, unknown, peer (sent on to the peered process of its key), peer_failed.",
+            &["result"],
+        );
+        let cancel_requests = crate::cancel::Handled::ALL
+            .iter()
+            .map(|h| cancels.with_label_values(&[h.label()]))
+            .collect();
         let scram_derivations = b
             .counter(
                 "pgsluice_scram_key_derivations_total",
@@ -686,6 +696,7 @@ impl Metrics {
             errors,
             client_logins,
             auth_lookups,
+            cancel_requests,
             scram_derivations,
             pools: Mutex::new(HashMap::new()),
             apps: Mutex::new(Apps::default()),
@@ -714,6 +725,15 @@ impl Metrics {
             .position(|o| *o == outcome)
             .expect("every outcome is listed");
         self.auth_lookups[i].inc();
+    }
+
+    /// Counts one cancel request by what became of it.
+    pub fn cancel_request(&self, handled: crate::cancel::Handled) {
+        let i = crate::cancel::Handled::ALL
+            .iter()
+            .position(|h| *h == handled)
+            .expect("every result is listed");
+        self.cancel_requests[i].inc();
     }
 
     /// The handles of a pool (resolved on first use).

@@ -44,6 +44,8 @@ fn restart_keys(c: &Config) -> Vec<(String, String)> {
             format!("{:?}", c.metrics.listen),
         ),
         ("max_client_conn".to_owned(), c.max_client_conn.to_string()),
+        // The cancel keys handed out carry it.
+        ("peer_id".to_owned(), c.peer_id.to_string()),
         ("budget.mode".to_owned(), format!("{:?}", c.budget.mode())),
         ("fleet.name".to_owned(), c.fleet.name.clone()),
     ];

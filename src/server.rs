@@ -442,9 +442,15 @@ pub(crate) fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerE
 /// Asks PostgreSQL to cancel whatever the session `key` is running (a CancelRequest on a new
 /// connection). Waits until the server has read it, so the cancel is in effect on return.
 pub async fn send_cancel(key: ServerKey) -> Result<(), std::io::Error> {
-    let mut stream = socket::connect_addr(key.addr).await?;
+    let stream = socket::connect_addr(key.addr).await?;
+    cancel_over(stream, key.pid, key.secret).await
+}
+
+/// Sends a CancelRequest for (`pid`, `secret`) on `stream`, a new connection to a server
+/// or to a peered pgsluice, and waits until the other end has read it and closed.
+pub async fn cancel_over(mut stream: Socket, pid: i32, secret: i32) -> Result<(), std::io::Error> {
     let mut out = BytesMut::new();
-    frontend::cancel_request(key.pid, key.secret, &mut out);
+    frontend::cancel_request(pid, secret, &mut out);
     stream.write_all(&out).await?;
     // The server closes the connection once it has handled the request.
     let mut sink = [0u8; 64];

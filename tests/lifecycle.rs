@@ -418,6 +418,128 @@ async fn two_processes_share_one_port_with_so_reuseport() {
     );
 }
 
+/// Peering: two processes share a port, each with its `peer_id` and its own Unix socket,
+/// and the same `[peers]`. A cancel request lands on either process (the kernel's hash
+/// picks), yet every running query is cancelled: a process that does not have the key
+/// sends the request on to the peer whose id the key carries. Without peering about half
+/// of these cancels would be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_reach_the_right_process_through_peers() {
+    let name = "lc_peers";
+    let pg = pg();
+    pg.create_app(name).await;
+    let port = common::pg::free_port();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let peers: String = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            format!(
+                "[peers.{}]\nhost = \"{}\"\nport = {port}\n",
+                i + 1,
+                d.path().display()
+            )
+        })
+        .collect();
+    let start = |id: usize| {
+        let toml = format!(
+            "so_reuseport = 1\nworker_threads = 1\npeer_id = {id}\nlisten_unix = \"{}\"\n{}{peers}",
+            dirs[id - 1].path().display(),
+            config(name, 24, pg.port)
+                .replace("max_server_connections = 20", "max_server_connections = 24"),
+        );
+        async move {
+            ProxyProcess::start_with(
+                &toml,
+                Options {
+                    port: Some(port),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    };
+    let a = start(1).await;
+    let mut b = start(2).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            b.log().contains("pgsluice is ready")
+        })
+        .await,
+        "the second process did not listen:\n{}",
+        b.log()
+    );
+    assert!(b.running());
+    const N: usize = 24;
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        let c = connect(&a.conn(name, "x", name)).await;
+        clients.push(Arc::new(c));
+    }
+    let mut running = Vec::new();
+    for c in &clients {
+        let c = c.clone();
+        running.push(tokio::spawn(async move {
+            c.batch_execute("SELECT pg_sleep(60)").await
+        }));
+    }
+    // All 24 queries run on PostgreSQL before any cancel, however the kernel split them.
+    let admin = pg.admin().await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n == N as i64
+        })
+        .await,
+        "the queries did not all start"
+    );
+    let started = Instant::now();
+    for c in &clients {
+        // Each cancel request is a new TCP connection to the shared port.
+        c.cancel_token()
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    }
+    for r in running {
+        let e = tokio::time::timeout(Duration::from_secs(20), r)
+            .await
+            .expect("a query was not cancelled")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(code(&e), "57014", "{}", message(&e));
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let count = |m: &common::leaks::Metrics, result: &str| {
+        m.sum("pgsluice_cancel_requests_total", &[("result", result)])
+    };
+    let (ma, mb) = (
+        common::leaks::metrics(&a).await,
+        common::leaks::metrics(&b).await,
+    );
+    let sent_on = count(&ma, "peer") + count(&mb, "peer");
+    let at_server = count(&ma, "server") + count(&mb, "server");
+    // Each cancel reached its server once: directly, or sent on and then sent to it.
+    assert_eq!(
+        at_server, N as f64,
+        "cancels at a server ({sent_on} sent on)"
+    );
+    assert!(sent_on > 0.0, "no cancel went to the other process");
+    assert_eq!(count(&ma, "peer_failed") + count(&mb, "peer_failed"), 0.0);
+    assert_eq!(count(&ma, "unknown") + count(&mb, "unknown"), 0.0);
+    // The clients carry on.
+    for c in &clients {
+        assert_eq!(scalar(c, "SELECT 1").await, "1");
+    }
+}
+
 /// A client's log lines carry its span (peer, user, database) though the span is entered
 /// only on the rare paths, not at every wake-up: the line a timeout writes mid-session and
 /// the line that ends the client both name it.
