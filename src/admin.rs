@@ -587,7 +587,7 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
             .clients
             .all()
             .iter()
-            .filter(|c| db.is_none_or(|d| c.database == d))
+            .filter(|c| db.is_none_or(|d| &*c.database == d))
             .any(|c| c.state() == ClientState::Active);
         if !busy {
             break;
@@ -631,7 +631,7 @@ async fn wait_close(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, 
     known_database(shared, db, "wait for")?;
     loop {
         let pending = shared.clients.all().iter().any(|c| {
-            db.is_none_or(|d| c.database == d)
+            db.is_none_or(|d| &*c.database == d)
                 && c.server()
                     .is_some_and(|s| shared.pools.close_needed(c.pool, s.id))
         });
@@ -781,7 +781,7 @@ fn show_pools(shared: &Shared) -> Table {
     ]);
     let by_pool = clients_by_pool(&shared.clients.all(), Instant::now());
     for p in shared.pools.stats() {
-        let key = (p.database.clone(), p.user.clone());
+        let key = (p.database.as_str().into(), p.user.as_str().into());
         let c = by_pool.get(&key).cloned().unwrap_or_default();
         let sv = ServerCounts::of(&p, &c);
         let mode = shared
@@ -958,8 +958,8 @@ fn show_clients(shared: &Shared) -> Table {
         let link = c.server().map(|s| server_ptr(s.id));
         t.row(vec![
             "C".into(),
-            c.user.clone().into(),
-            c.database.clone().into(),
+            (&*c.user).into(),
+            (&*c.database).into(),
             "none".into(),
             c.state().as_str().into(),
             addr,
@@ -974,7 +974,7 @@ fn show_clients(shared: &Shared) -> Table {
             client_ptr(c.id).into(),
             link.unwrap_or_default().into(),
             0i64.into(),
-            c.tls.clone().into(),
+            (&*c.tls).into(),
             c.app().name.into(),
             0i64.into(),
             c.id.into(),
@@ -993,11 +993,11 @@ fn show_servers(shared: &Shared) -> Table {
         let user = config
             .pool_settings(&c.database, &c.user)
             .map(|p| p.upstream_user)
-            .unwrap_or_else(|| c.user.clone());
+            .unwrap_or_else(|| c.user.to_string());
         t.row(vec![
             "S".into(),
             user.into(),
-            c.database.clone().into(),
+            (&*c.database).into(),
             "none".into(),
             "active".into(),
             addr,
@@ -1080,7 +1080,7 @@ fn show_databases(shared: &Shared) -> Table {
             .filter(|p| &p.database == name)
             .map(|p| p.open)
             .sum();
-        let n_clients = clients.iter().filter(|c| &c.database == name).count();
+        let n_clients = clients.iter().filter(|c| *c.database == **name).count();
         t.row(vec![
             name.clone().into(),
             db.host.clone().into(),
@@ -1127,7 +1127,7 @@ fn show_users(shared: &Shared) -> Table {
             .filter(|p| &p.user == name)
             .map(|p| p.open)
             .sum();
-        let n_clients = clients.iter().filter(|c| &c.user == name).count();
+        let n_clients = clients.iter().filter(|c| *c.user == **name).count();
         t.row(vec![
             name.clone().into(),
             u.and_then(|u| u.pool_size)

@@ -254,8 +254,8 @@ async fn log_in(
         .unwrap_or_default();
     let registration = shared.clients.register(NewClient {
         pool,
-        database: login.database.clone(),
-        user: login.user.clone(),
+        database: &login.database,
+        user: &login.user,
         addr,
         local: stream.local(),
         tls: stream.tls_description(),
@@ -1065,13 +1065,17 @@ impl Session {
         self.observe_wait(waited);
         self.meter.pool.server_assignments.inc();
         let s = c.server();
-        self.registration.client.set_active(ServerLink {
-            id: s.id,
-            addr: s.key.addr,
-            local: None,
-            pid: s.key.pid,
-            connect_time: s.connected,
+        // Made at the server's first checkout, then shared by each client it serves.
+        let link = s.link.get_or_insert_with(|| {
+            Arc::new(ServerLink {
+                id: s.id,
+                addr: s.key.addr,
+                local: None,
+                pid: s.key.pid,
+                connect_time: s.connected,
+            })
         });
+        self.registration.client.set_active(link.clone());
         c
     }
 

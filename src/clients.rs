@@ -72,19 +72,18 @@ pub struct AppSlot {
 pub struct Client {
     pub id: u64,
     pub pool: PoolId,
-    pub database: String,
-    pub user: String,
+    /// Shared with the other clients of the same name (see [`Clients::name`]).
+    pub database: Arc<str>,
+    pub user: Arc<str>,
     pub addr: Option<crate::socket::Addr>,
     pub local: Option<crate::socket::Addr>,
     /// TLS protocol and cipher suite, empty for plain TCP (SHOW CLIENTS `tls`).
-    pub tls: String,
+    pub tls: Box<str>,
     /// The client task's waker while it watches for shutdown (see [`crate::shutdown::Watch`]).
     pub stop_waker: atomic_waker::AtomicWaker,
     pub connect_time: SystemTime,
     /// The process id in the BackendKeyData pgsluice gave the client.
     pub pid: i32,
-    /// Time origin of the microsecond stamps below (the registry's).
-    base: Instant,
     state: AtomicU8,
     /// When the current wait began (µs since `base`, plus 1); 0 when not waiting.
     wait_began: AtomicU64,
@@ -97,8 +96,13 @@ pub struct Client {
     /// unit); moved forward by scrapes, taken by the relay when the stretch ends.
     idle_counted: AtomicU64,
     app: Mutex<AppSlot>,
-    server: Mutex<Option<ServerLink>>,
+    /// The server it last held (shared with the server's other clients): current while the
+    /// client is active. Not cleared when it goes idle: one lock per transaction, not two.
+    server: Mutex<Option<Arc<ServerLink>>>,
 }
+
+/// Time origin of the clients' microsecond stamps, shared by all (not one copy each).
+static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -108,7 +112,7 @@ impl Client {
     /// A stamp for the atomics above: µs since `base`, plus 1 (so that 0 means none).
     #[inline]
     fn stamp(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.base).as_micros() as u64 + 1
+        at.saturating_duration_since(*BASE).as_micros() as u64 + 1
     }
 
     fn since(&self, stamp: u64, now: Instant) -> Duration {
@@ -136,8 +140,9 @@ impl Client {
     }
 
     /// The client got `server`.
-    pub fn set_active(&self, server: ServerLink) {
-        *lock(&self.server) = Some(server);
+    pub fn set_active(&self, server: Arc<ServerLink>) {
+        let last = lock(&self.server).replace(server);
+        drop(last);
         self.wait_began.store(0, Ordering::Relaxed);
         self.state
             .store(ClientState::Active as u8, Ordering::Relaxed);
@@ -148,7 +153,6 @@ impl Client {
         self.wait_began.store(0, Ordering::Relaxed);
         self.idle_began.store(0, Ordering::Relaxed);
         self.state.store(ClientState::Idle as u8, Ordering::Relaxed);
-        *lock(&self.server) = None;
     }
 
     /// How long the client has been waiting for a server, if it is.
@@ -166,7 +170,11 @@ impl Client {
         }
     }
 
-    pub fn server(&self) -> Option<ServerLink> {
+    /// The server the client holds, if it is active.
+    pub fn server(&self) -> Option<Arc<ServerLink>> {
+        if self.state() != ClientState::Active {
+            return None;
+        }
         lock(&self.server).clone()
     }
 
@@ -227,8 +235,11 @@ impl Client {
 /// Everyone connected.
 #[derive(Debug)]
 pub struct Clients {
-    base: Instant,
     next_id: AtomicU64,
+    /// Database and user names, each kept once for all the clients that use it. Only
+    /// names that logged in get here, so the set stays as small as the configuration (or
+    /// the `auth_query` users that connect).
+    names: Mutex<std::collections::HashSet<Arc<str>>>,
     map: Mutex<BTreeMap<u64, Arc<Client>>>,
     /// Connections that have not finished logging in.
     logging_in: AtomicU32,
@@ -239,8 +250,8 @@ pub struct Clients {
 impl Default for Clients {
     fn default() -> Self {
         Clients {
-            base: Instant::now(),
             next_id: AtomicU64::new(1),
+            names: Mutex::default(),
             map: Mutex::new(BTreeMap::new()),
             logging_in: AtomicU32::new(0),
             left: tokio::sync::Notify::new(),
@@ -250,10 +261,10 @@ impl Default for Clients {
 
 /// A new client's details, for [`Clients::register`].
 #[derive(Debug)]
-pub struct NewClient {
+pub struct NewClient<'a> {
     pub pool: PoolId,
-    pub database: String,
-    pub user: String,
+    pub database: &'a str,
+    pub user: &'a str,
     pub addr: Option<crate::socket::Addr>,
     pub local: Option<crate::socket::Addr>,
     pub tls: String,
@@ -287,20 +298,30 @@ impl Drop for LoginGuard {
 }
 
 impl Clients {
-    pub fn register(self: &Arc<Self>, c: NewClient) -> Registration {
+    /// `name` as the one shared copy.
+    fn name(&self, name: &str) -> Arc<str> {
+        let mut names = lock(&self.names);
+        if let Some(n) = names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = name.into();
+        names.insert(n.clone());
+        n
+    }
+
+    pub fn register(self: &Arc<Self>, c: NewClient<'_>) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let client = Arc::new(Client {
             id,
             pool: c.pool,
-            database: c.database,
-            user: c.user,
+            database: self.name(c.database),
+            user: self.name(c.user),
             addr: c.addr,
             local: c.local,
-            tls: c.tls,
+            tls: c.tls.into_boxed_str(),
             stop_waker: Default::default(),
             connect_time: SystemTime::now(),
             pid: c.pid,
-            base: self.base,
             state: AtomicU8::new(ClientState::Idle as u8),
             wait_began: AtomicU64::new(0),
             request_time: AtomicU64::new(0),

@@ -872,8 +872,8 @@ impl ClientCounts {
 pub fn clients_by_pool(
     clients: &[Arc<Client>],
     now: Instant,
-) -> HashMap<(String, String), ClientCounts> {
-    let mut out: HashMap<(String, String), ClientCounts> = HashMap::new();
+) -> HashMap<(Arc<str>, Arc<str>), ClientCounts> {
+    let mut out: HashMap<(Arc<str>, Arc<str>), ClientCounts> = HashMap::new();
     for c in clients {
         out.entry((c.database.clone(), c.user.clone()))
             .or_default()
@@ -923,7 +923,7 @@ pub fn scrape(shared: &Shared) -> Vec<u8> {
     for p in shared.pools.stats() {
         let l = [p.database.as_str(), p.user.as_str()];
         let c = by_pool
-            .get(&(p.database.clone(), p.user.clone()))
+            .get(&(p.database.as_str().into(), p.user.as_str().into()))
             .cloned()
             .unwrap_or_default();
         for s in ClientState::ALL {

@@ -108,6 +108,9 @@ pub struct ServerConn {
     /// Index of the pool this connection belongs to.
     pub pool: usize,
     pub id: u64,
+    /// What SHOW SERVERS and SHOW CLIENTS show of it, made at its first checkout and
+    /// shared by the clients it serves.
+    pub link: Option<std::sync::Arc<crate::clients::ServerLink>>,
 }
 
 async fn read_whole<S: AsyncRead + Unpin>(
@@ -219,6 +222,7 @@ impl ServerConn {
             last_used: Instant::now(),
             pool,
             id,
+            link: None,
         };
         conn.login(settings, keys, application_name).await?;
         Ok(conn)

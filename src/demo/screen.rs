@@ -39,7 +39,7 @@ impl Reading {
         let by_pool = clients_by_pool(&shared.clients.all(), now);
         for p in shared.pools.stats() {
             let c = by_pool
-                .get(&(p.database.clone(), p.user.clone()))
+                .get(&(p.database.as_str().into(), p.user.as_str().into()))
                 .cloned()
                 .unwrap_or_default();
             let s = ServerCounts::of(&p, &c);
