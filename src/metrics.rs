@@ -307,6 +307,11 @@ impl TxnCounts {
 
     /// The relay ended (transaction over, or the client or server left): closes an open
     /// idle stretch and publishes the rest.
+    /// Lets go of the client's metric handles (the counts stay with the server).
+    pub fn detach(&mut self) {
+        self.meter = None;
+    }
+
     pub fn finish(&mut self) {
         if self.idle_since.is_some() {
             self.end_idle(Instant::now());

@@ -96,9 +96,11 @@ pub struct ServerConn {
     /// Tracked parameters the proxy has SET on this session (lower-case name → value);
     /// absent means the server's default. Shared with the clients whose sets are equal.
     pub session: crate::session_params::SessionParams,
-    /// The reply queue's allocation, kept from one transaction to the next: with the
-    /// server (there are `pool_size` of them), not with each client.
-    pub owed: std::collections::VecDeque<crate::relay::Owed>,
+    /// The state of a transaction, kept with the server (there are `pool_size` of them)
+    /// from one transaction to the next, not with each client: a client's task would
+    /// otherwise carry its room (~240 bytes) idle or not, and the reply queue's allocation
+    /// is reused. Taken by the transaction running on the server; `None` until the first.
+    pub txn: Option<Box<crate::relay::Txn>>,
     pub created: Instant,
     /// Idle past `server_check_delay` (set by the janitor): the next checkout checks it.
     pub check_due: bool,
@@ -215,7 +217,7 @@ impl ServerConn {
             },
             reported: Vec::new(),
             session: Default::default(),
-            owed: Default::default(),
+            txn: None,
             created: Instant::now(),
             check_due: false,
             connected: std::time::SystemTime::now(),

@@ -218,9 +218,24 @@ impl Txn {
         }
     }
 
-    /// The reply queue's allocation, for the next transaction.
-    pub fn take_owed(&mut self) -> VecDeque<Owed> {
-        std::mem::take(&mut self.owed)
+    /// Makes this a new transaction counted in `counts`, keeping the reply queue's
+    /// allocation. Field by field: building a whole `Txn` and moving it in costs more.
+    pub fn reset(&mut self, transaction_mode: bool, counts: TxnCounts, timeouts: Timeouts) {
+        self.owed.clear();
+        self.unsynced = false;
+        self.copy_in = false;
+        self.errored = false;
+        self.status = TransactionStatus::Idle;
+        self.forwarded = false;
+        self.transaction_mode = transaction_mode;
+        self.server_in_doubt = false;
+        self.read_only_error = false;
+        if !self.effects.is_empty() {
+            self.effects = SessionEffects::default();
+        }
+        self.counts = counts;
+        self.stats = StatementStats::default();
+        self.timeouts = timeouts;
     }
 
     fn done(&self) -> bool {
