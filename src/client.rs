@@ -1112,7 +1112,7 @@ impl Session {
         // Not boxed, though it is the largest state of a session (792 bytes, carried by
         // every client's task idle or not): boxed, the task's cell was 768 bytes instead of
         // 1,280 (2.09 against 2.55 KiB per idle client), but each queued transaction paid a
-        // `malloc`, a `free` and a copy of the future, +270 instructions per select at 100
+        // `malloc`, a `free` and a copy of the future, +345 instructions per select at 100
         // clients (glibc's tcache keeps 7 blocks of a size; 100 clients queue at once).
         self.wait_queued(wait, began).await
     }
