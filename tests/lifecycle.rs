@@ -361,6 +361,29 @@ async fn secrets_stay_out_of_the_log() {
     }
 }
 
+/// Starts a process on `port` (with `so_reuseport`, another may hold it too) and waits
+/// until it listens.
+async fn start_sharing(toml: &str, port: u16) -> ProxyProcess {
+    let mut p = ProxyProcess::start_with(
+        toml,
+        Options {
+            port: Some(port),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            p.log().contains("pgsluice is ready")
+        })
+        .await,
+        "the process did not listen:\n{}",
+        p.log()
+    );
+    assert!(p.running());
+    p
+}
+
 /// `so_reuseport = 1`: a second process listens on the same port, and the kernel gives each
 /// process some of the clients, which it serves whole. Without the option the port is
 /// taken.
@@ -381,23 +404,7 @@ async fn two_processes_share_one_port_with_so_reuseport() {
         std::io::ErrorKind::AddrInUse,
         "a listener without SO_REUSEPORT bound the port"
     );
-    let mut b = ProxyProcess::start_with(
-        &toml,
-        Options {
-            port: Some(a.port),
-            ..Default::default()
-        },
-    )
-    .await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            b.log().contains("pgsluice is ready")
-        })
-        .await,
-        "the second process did not listen:\n{}",
-        b.log()
-    );
-    assert!(b.running());
+    let b = start_sharing(&toml, a.port).await;
     // Each client's connection comes from a new port: the kernel's hash spreads them.
     let mut clients = Vec::new();
     for i in 0..24 {
@@ -448,28 +455,10 @@ async fn cancels_reach_the_right_process_through_peers() {
             config(name, 24, pg.port)
                 .replace("max_server_connections = 20", "max_server_connections = 24"),
         );
-        async move {
-            ProxyProcess::start_with(
-                &toml,
-                Options {
-                    port: Some(port),
-                    ..Default::default()
-                },
-            )
-            .await
-        }
+        async move { start_sharing(&toml, port).await }
     };
     let a = start(1).await;
-    let mut b = start(2).await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            b.log().contains("pgsluice is ready")
-        })
-        .await,
-        "the second process did not listen:\n{}",
-        b.log()
-    );
-    assert!(b.running());
+    let b = start(2).await;
     const N: usize = 24;
     let mut clients = Vec::new();
     for _ in 0..N {
