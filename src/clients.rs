@@ -85,12 +85,12 @@ pub struct Client {
     /// The process id in the BackendKeyData pgsluice gave the client.
     pub pid: i32,
     state: AtomicU8,
-    /// When the current wait began (µs since `base`, plus 1); 0 when not waiting.
+    /// When the current wait began (µs since `BASE`, plus 1); 0 when not waiting.
     wait_began: AtomicU64,
-    /// Latest request (µs since `base`, plus 1); 0 before the first.
+    /// Latest request (µs since `BASE`, plus 1); 0 before the first.
     request_time: AtomicU64,
     /// When the server this client holds last became idle inside an open transaction
-    /// (µs since `base`, plus 1); 0 when it is not idle in a transaction.
+    /// (µs since `BASE`, plus 1); 0 when it is not idle in a transaction.
     idle_began: AtomicU64,
     /// Up to when that idle stretch has been added to the application's counter (same
     /// unit); moved forward by scrapes, taken by the relay when the stretch ends.
@@ -109,7 +109,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Client {
-    /// A stamp for the atomics above: µs since `base`, plus 1 (so that 0 means none).
+    /// A stamp for the atomics above: µs since `BASE`, plus 1 (so that 0 means none).
     #[inline]
     fn stamp(&self, at: Instant) -> u64 {
         at.saturating_duration_since(*BASE).as_micros() as u64 + 1
