@@ -290,6 +290,11 @@ async fn show_clients_and_servers_link_up() {
     let back = row_of(&servers, "remote_pid", &pid);
     assert_eq!(field(back, "state"), "idle");
     assert_eq!(field(back, "link"), "");
+    // And the worker, idle again, links to no server (the link it kept is not shown).
+    let (_, clients) = show(&admin, "SHOW CLIENTS").await;
+    let w = row_of(&clients, "application_name", "worker");
+    assert_eq!(field(w, "state"), "idle");
+    assert_eq!(field(w, "link"), "");
     drop(idle);
 }
 
