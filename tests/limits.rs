@@ -202,13 +202,14 @@ async fn ten_thousand_clients_at_once() {
     // Leaked sessions would add about what the first crowd took (`rss`) at every crowd.
     // The allocator settles instead: the second crowd still adds some (where the first
     // one's memory went back to the heap decides what fits; seen: 11-21 MB of ~90), the
-    // third hardly any (seen: 3-5 MB).
+    // third less (seen: 3-9 MB; 9.3 of 70 once in CI). Both bounds stay far below a
+    // leak's ~70 MB per crowd.
     assert!(
         after_second <= after_first + rss / 2,
         "a second crowd of {n} grew RSS from {after_first} to {after_second} KiB (the first took {rss} KiB): memory is not reused"
     );
     assert!(
-        after_third <= after_second + rss / 8,
+        after_third <= after_second + rss / 4,
         "a third crowd of {n} grew RSS from {after_second} to {after_third} KiB (the first took {rss} KiB): memory is not reused"
     );
 }
