@@ -107,6 +107,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
 pub async fn serve_on(listeners: listener::Listeners, shared: Arc<Shared>, shutdown: impl Future) {
     shared.spawn(janitor::run(shared.pools.clone()));
     shared.spawn(queue::sweeper(Arc::downgrade(&shared.pools)));
+    shared.spawn(crate::clients::parker(Arc::downgrade(&shared.clients)));
     let budgets: Vec<BudgetId> = shared
         .pools
         .upstreams()

@@ -105,23 +105,100 @@ pub fn task(
         let login = Box::pin(
             async move { log_in(stream, peer, &shared, over_limit).await }.instrument(span.clone()),
         );
-        let ended = match login.await {
+        match login.await {
             Ok(Some(mut session)) => {
-                let ended = session.run().await;
-                // The read buffer serves the next client of this thread (a storm of short
-                // sessions allocates none).
-                session.client.release_buffer();
-                ended
+                session.permit = Some(permit);
+                // The session goes on in a task of its own, not in this one: this task's
+                // room was sized for the login, and a client that logs in and sits idle
+                // (an app's pool opened ahead) then holds only a parked one.
+                let tracker = session.shared.stop.clients.clone();
+                if session.client.buf.is_empty() {
+                    session.registration.park();
+                    tracker.spawn(Parked(Some(session)));
+                } else {
+                    // A request pipelined behind the login is served at once.
+                    tracker.spawn(serve(session));
+                }
             }
-            Ok(None) => Ok(()),
-            Err(e) => Err(e),
-        };
-        let _in = span.enter();
-        match ended {
-            Ok(()) => tracing::debug!("client left"),
-            Err(msg) => tracing::info!(reason = %msg, "client closed"),
+            Ok(None) => ended(&span, Ok(())),
+            Err(e) => ended(&span, Err(e)),
         }
-        drop(permit);
+    }
+}
+
+/// Serves a logged-in client until it leaves, or until it parks (its task ends and
+/// [`Parked`] takes its session).
+async fn serve(mut session: Box<Session>) {
+    let end = match session.run().await {
+        Ok(Ran::Left) => Ok(()),
+        Ok(Ran::Park) => {
+            // A parked client holds no read buffer, unless part of a request is in it.
+            if session.client.buf.is_empty() {
+                session.client.release_buffer();
+            }
+            session.registration.park();
+            let tracker = session.shared.stop.clients.clone();
+            tracker.spawn(Parked(Some(session)));
+            return;
+        }
+        Err(e) => Err(e),
+    };
+    // The read buffer serves the next client of this thread (a storm of short sessions
+    // allocates none).
+    session.client.release_buffer();
+    ended(&session.span, end);
+    // Gives back the client's place under max_client_conn.
+    drop(session);
+}
+
+/// Logs why a client ended (once).
+fn ended(span: &tracing::Span, end: Result<(), String>) {
+    let _in = span.enter();
+    match end {
+        Ok(()) => tracing::debug!("client left"),
+        Err(msg) => tracing::info!(reason = %msg, "client closed"),
+    }
+}
+
+/// A parked client: one that sat idle for [`crate::clients::PARK_AFTER`] and gave up its
+/// task. Its session waits here, in a task of 128 bytes instead of one sized for the
+/// session's largest state (about 1.2 KiB), until its next bytes arrive (or it hangs up, or
+/// draining begins); then it gets a task of its own again, in [`serve`].
+///
+/// Parking is for clients that sit idle for a while, the connections of an app's pool: a
+/// client between the statements of a busy loop never parks, so the relay's path is the
+/// same; coming back costs one task spawned.
+struct Parked(Option<Box<Session>>);
+
+impl std::future::Future for Parked {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let Some(s) = self.0.as_mut() else {
+            return std::task::Poll::Ready(());
+        };
+        let watch = Watch {
+            stop: &s.shared.stop,
+            waker: &s.registration.client.stop_waker,
+        };
+        // What it has buffered (part of a request) waits for the rest. The bytes that wake
+        // it are read here, into its buffer: the read its task would make first.
+        if watch.poll_draining(cx).is_pending() && s.client.poll_input(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        let mut session = self.0.take().expect("checked above");
+        session.registration.resume();
+        // Back from a long idle stretch (or from its login): likely to go idle again.
+        let client = &session.registration.client;
+        session.park_early = client
+            .since_request(Instant::now())
+            .is_none_or(|idle| idle >= crate::clients::PARK_AFTER);
+        let tracker = session.shared.stop.clients.clone();
+        tracker.spawn(serve(session));
+        std::task::Poll::Ready(())
     }
 }
 
@@ -292,6 +369,8 @@ async fn log_in(
         wait_cell: None,
         timeouts: (u64::MAX, relay::Timeouts::default()),
         span: tracing::Span::current(),
+        permit: None,
+        park_early: true,
     });
     // What the client sent right after its login (a pipelined first Query) is read first.
     let leftover = input.into_leftover();
@@ -776,6 +855,33 @@ struct Session {
     timeouts: (u64, relay::Timeouts),
     /// The client's tracing span (peer, user, database), entered on the rare paths.
     span: tracing::Span,
+    /// The client's place under `max_client_conn`, given back when the session drops.
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Park straight after the next transaction, without waiting for the sweep: set at
+    /// login and when the client comes back from a long idle stretch. Such a client (an
+    /// app pool's connection checked once and put back, a worker that runs a query now and
+    /// then) is likely to sit idle again, and its task's room is then given back at once
+    /// instead of a second or two later. A client whose next request follows quickly keeps
+    /// its task (see [`Parked`]).
+    park_early: bool,
+}
+
+/// How [`Session::run`] ended without an error.
+enum Ran {
+    /// The client left (Terminate, or closed its end).
+    Left,
+    /// The client sat idle long enough to be asked to park.
+    Park,
+}
+
+/// What [`Session::next_request`] found.
+enum Next {
+    /// The first message of a request is here.
+    Request,
+    /// The client left.
+    Left,
+    /// The client was asked to park (nothing of a request has arrived).
+    Park,
 }
 
 /// Why a wait for a server ended without one.
@@ -788,14 +894,19 @@ enum NotServed {
 }
 
 impl Session {
-    async fn run(&mut self) -> Result<(), String> {
+    async fn run(&mut self) -> Result<Ran, String> {
         let wait = self.shared.pools.config().query_wait_timeout;
         loop {
             self.registration.client.set_idle();
             // Hold no server until a whole first message of a transaction is here.
             let e = match self.next_request().await {
-                Ok(true) => None,
-                Ok(false) => return Ok(()),
+                Ok(Next::Request) => None,
+                Ok(Next::Left) => return Ok(Ran::Left),
+                Ok(Next::Park) => {
+                    // A parked client keeps no grant cell: it is made again at its next wait.
+                    self.wait_cell = None;
+                    return Ok(Ran::Park);
+                }
                 Err(End::Quiet) => return Err("client connection lost".into()),
                 Err(End::Tell(e)) => Some(Box::new(e)),
             };
@@ -804,7 +915,7 @@ impl Session {
                 return Err(e.message);
             }
             let (checkout, got_at) = match self.wait_for_server(wait).await {
-                None => return Ok(()), // the client left while queued
+                None => return Ok(Ran::Left), // the client left while queued
                 Some(Ok(got)) => {
                     self.cancel.idle();
                     got
@@ -817,7 +928,12 @@ impl Session {
                 }
             };
             if let Some(end) = self.serve_transaction(checkout, got_at).await {
-                return end;
+                return end.map(|()| Ran::Left);
+            }
+            if self.park_early && self.client.buf.is_empty() {
+                self.park_early = false;
+                self.registration.client.set_idle();
+                return Ok(Ran::Park);
             }
         }
     }
@@ -1220,8 +1336,8 @@ impl Session {
     }
 
     /// Waits for the first message of the next request; answers a lone Sync, drops Flush
-    /// and stray COPY messages. `Ok(false)` when the client left.
-    async fn next_request(&mut self) -> Result<bool, End> {
+    /// and stray COPY messages. [`Next::Left`] when the client left.
+    async fn next_request(&mut self) -> Result<Next, End> {
         loop {
             // Draining: this is the client's transaction boundary.
             if self.shared.stop.is_draining() {
@@ -1237,11 +1353,11 @@ impl Session {
                 Peek::Ready(frontend::PARSE) if self.mode == PoolMode::Transaction => {
                     match self.client.answer_parse() {
                         Some(reply) => self.client.stream.send(&reply).await?,
-                        None => return Ok(true),
+                        None => return Ok(Next::Request),
                     }
                 }
-                Peek::Ready(_) => return Ok(true),
-                Peek::Terminate => return Ok(false),
+                Peek::Ready(_) => return Ok(Next::Request),
+                Peek::Terminate => return Ok(Next::Left),
                 Peek::Local(tag, total) => {
                     self.client.consume(total);
                     if tag == frontend::SYNC {
@@ -1255,14 +1371,30 @@ impl Session {
                         stop: &self.shared.stop,
                         waker: &self.registration.client.stop_waker,
                     };
+                    // The drain and the registry's sweep (asking a client that has sat idle
+                    // a while to park) wake the same waker slot: one poll checks both.
+                    let client = &self.registration.client;
+                    let stop = std::future::poll_fn(|cx| match watch.poll_draining(cx) {
+                        std::task::Poll::Ready(()) => std::task::Poll::Ready(true),
+                        std::task::Poll::Pending if client.asked_to_park() => {
+                            std::task::Poll::Ready(false)
+                        }
+                        std::task::Poll::Pending => std::task::Poll::Pending,
+                    });
                     tokio::select! {
+                        biased;
                         more = self.client.read_more() => {
                             if !more.unwrap_or(false) {
-                                return Ok(false);
+                                return Ok(Next::Left);
                             }
                         }
-                        // Cancel safety: read_more loses nothing when dropped before it reads.
-                        _ = watch.draining() => return Err(End::Tell(shutting_down())),
+                        // Cancel safety: read_more loses nothing when dropped before it reads;
+                        // a partial request stays in the buffer of a parked client.
+                        draining = stop => return if draining {
+                            Err(End::Tell(shutting_down()))
+                        } else {
+                            Ok(Next::Park)
+                        },
                     }
                 }
             }

@@ -370,6 +370,7 @@ pub struct Metrics {
     budget_last_refresh: GaugeVec,
     errors: Vec<IntCounter>,
     client_logins: IntGauge,
+    clients_parked: IntGauge,
     auth_lookups: Vec<IntCounter>,
     cancel_requests: Vec<IntCounter>,
     scram_derivations: IntCounter,
@@ -650,6 +651,13 @@ impl Metrics {
             ))
             .expect("valid metric"),
         );
+        let clients_parked = b.add(
+            IntGauge::with_opts(Opts::new(
+                "pgsluice_clients_parked",
+                "Logged-in clients idle long enough that their task was parked (they hold their session and socket only).",
+            ))
+            .expect("valid metric"),
+        );
         let build_info = b.gauge(
             "pgsluice_build_info",
             "Always 1; the version label says which pgsluice runs.",
@@ -700,6 +708,7 @@ impl Metrics {
             budget_last_refresh,
             errors,
             client_logins,
+            clients_parked,
             auth_lookups,
             cancel_requests,
             scram_derivations,
@@ -1014,6 +1023,7 @@ pub fn scrape(shared: &Shared) -> Vec<u8> {
             .set(s.last_refresh.map(unix_seconds).unwrap_or(0.0));
     }
     m.client_logins.set(shared.clients.login_count() as i64);
+    m.clients_parked.set(shared.clients.parked_count() as i64);
     let derived = shared.pools.keys.derivations();
     if derived > m.scram_derivations.get() {
         m.scram_derivations

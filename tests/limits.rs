@@ -201,15 +201,16 @@ async fn ten_thousand_clients_at_once() {
     eprintln!("RSS after the first crowd {after_first} KiB, after the second {after_second} KiB, after the third {after_third} KiB");
     // Leaked sessions would add about what the first crowd took (`rss`) at every crowd.
     // The allocator settles instead: the second crowd still adds some (where the first
-    // one's memory went back to the heap decides what fits; seen: 11-21 MB of ~90), the
-    // third less (seen: 3-9 MB; 9.3 of 70 once in CI). Both bounds stay far below a
-    // leak's ~70 MB per crowd.
+    // one's memory went back to the heap decides what fits; seen with glibc: 11-37 MB of
+    // ~75; with jemalloc, which keeps freed pages for 10 s: 16 MB), the third usually less
+    // (seen: 3-13 MB, once 19.7 with jemalloc). Both bounds stay far below a leak's ~75 MB
+    // per crowd.
     assert!(
         after_second <= after_first + rss / 2,
         "a second crowd of {n} grew RSS from {after_first} to {after_second} KiB (the first took {rss} KiB): memory is not reused"
     );
     assert!(
-        after_third <= after_second + rss / 4,
+        after_third <= after_second + rss / 2,
         "a third crowd of {n} grew RSS from {after_second} to {after_third} KiB (the first took {rss} KiB): memory is not reused"
     );
 }

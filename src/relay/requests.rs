@@ -106,8 +106,38 @@ impl ClientConn {
             self.buf.reserve(READ_CHUNK);
             match self.stream.read_some(&mut self.buf) {
                 Ok(n) => return Ok(n > 0),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // The readiness was stale: wait without a buffer again.
+                    if self.buf.is_empty() {
+                        give_buffer(std::mem::take(&mut self.buf));
+                    }
+                }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`ClientConn::read_more`] as a poll, for a parked client: ready once bytes arrived
+    /// (read into the buffer, where the client's next request is looked for), or at end of
+    /// stream or an error (which the next read sees again). Readiness left over from an
+    /// earlier read costs one `recv` that finds nothing, and the wait goes on without a
+    /// buffer.
+    pub fn poll_input(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        loop {
+            if self.stream.poll_read_ready(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            if self.buf.capacity() == 0 {
+                self.buf = take_buffer();
+            }
+            self.buf.reserve(READ_CHUNK);
+            match self.stream.read_some(&mut self.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.buf.is_empty() {
+                        give_buffer(std::mem::take(&mut self.buf));
+                    }
+                }
+                _ => return std::task::Poll::Ready(()),
             }
         }
     }
