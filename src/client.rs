@@ -143,12 +143,15 @@ async fn serve(mut session: Box<Session>) {
         }
         Err(e) => Err(e),
     };
-    // The read buffer serves the next client of this thread (a storm of short sessions
-    // allocates none).
+    finish(session, end);
+}
+
+/// A client's session ends: its read buffer serves the next client of this thread (a storm
+/// of short sessions allocates none), why it ended is logged, and dropping it gives back its
+/// place under max_client_conn.
+fn finish(mut session: Box<Session>, end: Result<(), String>) {
     session.client.release_buffer();
     ended(&session.span, end);
-    // Gives back the client's place under max_client_conn.
-    drop(session);
 }
 
 /// Logs why a client ended (once).
@@ -186,10 +189,26 @@ impl std::future::Future for Parked {
         };
         // What it has buffered (part of a request) waits for the rest. The bytes that wake
         // it are read here, into its buffer: the read its task would make first.
-        if watch.poll_draining(cx).is_pending() && s.client.poll_input(cx).is_pending() {
-            return std::task::Poll::Pending;
-        }
+        let input = match watch.poll_draining(cx) {
+            std::task::Poll::Ready(()) => None,
+            std::task::Poll::Pending => match s.client.poll_input(cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                std::task::Poll::Ready(more) => Some(more),
+            },
+        };
         let mut session = self.0.take().expect("checked above");
+        // A client that leaves (Terminate alone, or its end closed) leaves from here,
+        // without a task of its own again: a short connection, or a pool closing its idle
+        // connections.
+        let left = match input {
+            Some(false) => true,
+            Some(true) => session.client.buf[..] == TERMINATE[..],
+            None => false,
+        };
+        if left {
+            finish(session, Ok(()));
+            return std::task::Poll::Ready(());
+        }
         session.registration.resume();
         // Back from a long idle stretch (or from its login): likely to go idle again.
         let client = &session.registration.client;
@@ -201,6 +220,9 @@ impl std::future::Future for Parked {
         std::task::Poll::Ready(())
     }
 }
+
+/// A Terminate message, whole.
+const TERMINATE: [u8; 5] = [frontend::TERMINATE, 0, 0, 0, 4];
 
 /// A client's address in its tracing span (empty when unknown).
 struct PeerField(Option<Addr>);

@@ -145,8 +145,19 @@ async fn a_parked_client_that_hangs_up_is_gone() {
     for c in &clients {
         assert_eq!(scalar(c, "SELECT 1").await, "1");
     }
-    assert!(parked_reaches(&proxy, 10).await);
+    // Five more that close their socket without a Terminate.
+    let port = proxy.addr.port();
+    let mut raw = Vec::new();
+    for _ in 0..5 {
+        let mut w = Wire::connect_password(port, "park_gone", "park_gone", "park_gone-pw").await;
+        let (tags, _) = w.round(&[wire::query("SELECT 1")]).await;
+        assert_eq!(tags, "TDCZ");
+        raw.push(w);
+    }
+    assert!(parked_reaches(&proxy, 15).await);
+    // tokio-postgres sends Terminate, then closes.
     drop(clients);
+    drop(raw);
     assert!(
         eventually(Duration::from_secs(5), || async {
             proxy.shared.clients.is_empty() && parked(&proxy) == 0

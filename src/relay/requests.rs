@@ -117,15 +117,16 @@ impl ClientConn {
         }
     }
 
-    /// [`ClientConn::read_more`] as a poll, for a parked client: ready once bytes arrived
-    /// (read into the buffer, where the client's next request is looked for), or at end of
-    /// stream or an error (which the next read sees again). Readiness left over from an
-    /// earlier read costs one `recv` that finds nothing, and the wait goes on without a
-    /// buffer.
-    pub fn poll_input(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+    /// [`ClientConn::read_more`] as a poll, for a parked client: `true` once bytes arrived
+    /// (read into the buffer, where the client's next request is looked for), `false` at end
+    /// of stream or on an error. Readiness left over from an earlier read costs one `recv`
+    /// that finds nothing, and the wait goes on without a buffer.
+    pub fn poll_input(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
         loop {
-            if self.stream.poll_read_ready(cx).is_pending() {
-                return std::task::Poll::Pending;
+            match self.stream.poll_read_ready(cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                std::task::Poll::Ready(Err(_)) => return std::task::Poll::Ready(false),
+                std::task::Poll::Ready(Ok(())) => {}
             }
             if self.buf.capacity() == 0 {
                 self.buf = take_buffer();
@@ -137,7 +138,8 @@ impl ClientConn {
                         give_buffer(std::mem::take(&mut self.buf));
                     }
                 }
-                _ => return std::task::Poll::Ready(()),
+                Ok(n) => return std::task::Poll::Ready(n > 0),
+                Err(_) => return std::task::Poll::Ready(false),
             }
         }
     }
