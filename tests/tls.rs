@@ -290,6 +290,37 @@ async fn allow_mode_serves_both() {
     }
 }
 
+/// A TLS client parks like any other (its next bytes are read through rustls by its parked
+/// task) and comes back, with a statement prepared before.
+#[tokio::test]
+async fn a_tls_client_parks_and_comes_back() {
+    let ca = Ca::new("park CA");
+    let (proxy, _dir) = client_tls_proxy("tlspark", &ca, "require").await;
+    let port = proxy.addr.port();
+    let tls = tls_connect(
+        &ca,
+        &format!("host=localhost hostaddr=127.0.0.1 port={port} user=tlspark password=tlspark-pw dbname=tlspark sslmode=require"),
+    )
+    .await
+    .unwrap();
+    let stmt = tls.prepare("SELECT $1::int * 2").await.unwrap();
+    let mut last = 0;
+    for round in 1..=3 {
+        let parked = common::eventually(Duration::from_secs(6), || async {
+            proxy.shared.clients.parked_count() == 1
+        })
+        .await;
+        assert!(parked, "round {round}: the idle TLS client parks");
+        last = tls
+            .query_one(&stmt, &[&round])
+            .await
+            .unwrap()
+            .get::<_, i32>(0);
+        assert_eq!(last, round * 2);
+    }
+    assert_eq!(last, 6);
+}
+
 #[tokio::test]
 async fn plaintext_after_ssl_request_is_rejected() {
     let ca = Ca::new("injection CA");
