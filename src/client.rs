@@ -381,7 +381,7 @@ async fn log_in(
             shared.pools.known_statements(pool),
         ),
         shared: shared.clone(),
-        pool,
+        pool: u32::try_from(pool).expect("fewer than 2^32 pools"),
         mode: shared.pools.settings(pool).mode,
         startup_params: params.clone(),
         params,
@@ -859,7 +859,9 @@ fn pool_error(e: &PoolError, severity: Severity) -> ErrorFields {
 struct Session {
     client: ClientConn,
     shared: Arc<Shared>,
-    pool: PoolId,
+    /// Its [`PoolId`], in 4 bytes beside `mode` and `park_early` (see [`Session::pool`]):
+    /// every byte of a session is kept by every idle client.
+    pool: u32,
     mode: PoolMode,
     /// Tracked parameters as the client's startup packet set them (RESET ALL returns here);
     /// shared with the clients that sent the same.
@@ -916,6 +918,10 @@ enum NotServed {
 }
 
 impl Session {
+    fn pool(&self) -> PoolId {
+        self.pool as PoolId
+    }
+
     async fn run(&mut self) -> Result<Ran, String> {
         let wait = self.shared.pools.config().query_wait_timeout;
         loop {
@@ -1239,7 +1245,7 @@ impl Session {
         wait: std::time::Duration,
     ) -> Option<Result<(Checkout, Instant), NotServed>> {
         if !self.shared.console.is_paused(&self.meter.pool.database) {
-            if let Some(c) = self.shared.pools.try_idle(self.pool) {
+            if let Some(c) = self.shared.pools.try_idle(self.pool()) {
                 // No wait: the wait observed is zero.
                 let now = Instant::now();
                 self.registration.client.set_request_time(now);
@@ -1264,7 +1270,7 @@ impl Session {
         self.registration.client.set_waiting(began);
         let shared = self.shared.clone();
         let cell = self.wait_cell.get_or_insert_with(Arc::default).clone();
-        let pool = self.pool;
+        let pool = self.pool();
         // Cancel safety: dropping the checkout future leaves the queue and returns any grant.
         // Its error is boxed: a rare outcome, which would otherwise size every queued wait.
         if shared.console.is_paused(&self.meter.pool.database) {
@@ -1365,7 +1371,7 @@ impl Session {
             if self.shared.stop.is_draining() {
                 return Err(End::Tell(shutting_down()));
             }
-            if self.shared.pools.is_removed(self.pool) {
+            if self.shared.pools.is_removed(self.pool()) {
                 return Err(End::Tell(
                     ErrorFields::new(Severity::Fatal, "57P01", "terminating connection because its database or user was removed from the pgsluice configuration")
                         .with_hint("the configuration was reloaded without this database or user"),

@@ -15,6 +15,23 @@ use std::sync::{Arc, Mutex};
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
+/// SipHash with keys drawn once per process, as `RandomState` draws them per map: the
+/// same protection against names chosen to collide, without 16 bytes of keys in every
+/// client's session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessKeys;
+
+static KEYS: std::sync::LazyLock<std::hash::RandomState> =
+    std::sync::LazyLock::new(std::hash::RandomState::new);
+
+impl std::hash::BuildHasher for ProcessKeys {
+    type Hasher = std::hash::DefaultHasher;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        KEYS.build_hasher()
+    }
+}
+
 /// One statement as the server knows it.
 #[derive(Debug)]
 pub struct Statement {
@@ -77,7 +94,7 @@ impl KnownStatements {
 /// A client's named statements.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    map: HashMap<Box<[u8]>, Arc<Statement>>,
+    map: HashMap<Box<[u8]>, Arc<Statement>, ProcessKeys>,
     /// The proxy-wide set of statements known to prepare.
     pub known: Arc<KnownStatements>,
 }
@@ -85,7 +102,7 @@ pub struct ClientStatements {
 impl ClientStatements {
     pub fn new(known: Arc<KnownStatements>) -> ClientStatements {
         ClientStatements {
-            map: HashMap::new(),
+            map: HashMap::with_hasher(ProcessKeys),
             known,
         }
     }

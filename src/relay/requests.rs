@@ -39,10 +39,10 @@ pub struct ClientConn<S = Stream> {
     pub ready: usize,
     /// Bytes of a message being streamed through that have not arrived yet.
     pub(super) pass: usize,
-    pub max_query_size: usize,
+    pub max_query_size: u32,
     /// Named statements a server may hold per connection in transaction mode (0: named
     /// statements are refused there).
-    pub max_prepared: usize,
+    pub max_prepared: u32,
     /// The client's named statements (transaction mode).
     pub statements: ClientStatements,
 }
@@ -190,8 +190,9 @@ impl<S> ClientConn<S> {
             buf: BytesMut::new(),
             ready: 0,
             pass: 0,
-            max_query_size,
-            max_prepared,
+            // Both fit: a message's length is an i32, and so is a count of statements.
+            max_query_size: max_query_size.min(i32::MAX as usize) as u32,
+            max_prepared: max_prepared.min(i32::MAX as usize) as u32,
             statements: ClientStatements::new(known),
         }
     }
@@ -216,8 +217,8 @@ impl<S> ClientConn<S> {
                 Peek::NeedMore
             }),
             frontend::QUERY | frontend::PARSE => {
-                if total - 1 > self.max_query_size {
-                    return Err(query_too_long(total - 1, self.max_query_size));
+                if total - 1 > self.max_query_size as usize {
+                    return Err(query_too_long(total - 1, self.max_query_size as usize));
                 }
                 Ok(if whole {
                     Peek::Ready(tag)
@@ -334,8 +335,8 @@ impl<S> ClientConn<S> {
             let rewrite = txn.transaction_mode && self.max_prepared > 0;
             match tag {
                 frontend::QUERY | frontend::PARSE => {
-                    if total - 1 > self.max_query_size {
-                        return Err(query_too_long(total - 1, self.max_query_size));
+                    if total - 1 > self.max_query_size as usize {
+                        return Err(query_too_long(total - 1, self.max_query_size as usize));
                     }
                     if have < total {
                         return Ok(false);
@@ -555,7 +556,7 @@ impl<S> ClientConn<S> {
         client_name: Option<Box<[u8]>>,
     ) -> Vec<u8> {
         let mut out = Vec::new();
-        if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared) {
+        if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared as usize) {
             out.extend_from_slice(&close_message(&evicted));
             txn.stats.evictions += 1;
             self.owe(txn, server, Reply::Close, true, Undo::Evict(evicted));
