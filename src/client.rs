@@ -111,12 +111,11 @@ pub fn task(
                 // The session goes on in a task of its own, not in this one: this task's
                 // room was sized for the login, and a client that logs in and sits idle
                 // (an app's pool opened ahead) then holds only a parked one.
-                let tracker = session.shared.stop.clients.clone();
                 if session.client.buf.is_empty() {
-                    session.registration.park();
-                    tracker.spawn(Parked(Some(session)));
+                    park(session);
                 } else {
                     // A request pipelined behind the login is served at once.
+                    let tracker = session.shared.stop.clients.clone();
                     tracker.spawn(serve(session));
                 }
             }
@@ -131,19 +130,21 @@ pub fn task(
 async fn serve(mut session: Box<Session>) {
     let end = match session.run().await {
         Ok(Ran::Left) => Ok(()),
-        Ok(Ran::Park) => {
-            // A parked client holds no read buffer, unless part of a request is in it.
-            if session.client.buf.is_empty() {
-                session.client.release_buffer();
-            }
-            session.registration.park();
-            let tracker = session.shared.stop.clients.clone();
-            tracker.spawn(Parked(Some(session)));
-            return;
-        }
+        Ok(Ran::Park) => return park(session),
         Err(e) => Err(e),
     };
     finish(session, end);
+}
+
+/// The session's task ends; it waits in a [`Parked`] one.
+fn park(mut session: Box<Session>) {
+    // A parked client holds no read buffer, unless part of a request is in it.
+    if session.client.buf.is_empty() {
+        session.client.release_buffer();
+    }
+    session.registration.park();
+    let tracker = session.shared.stop.clients.clone();
+    tracker.spawn(Parked(Some(session)));
 }
 
 /// A client's session ends: its read buffer serves the next client of this thread (a storm
@@ -163,14 +164,15 @@ fn ended(span: &tracing::Span, end: Result<(), String>) {
     }
 }
 
-/// A parked client: one that sat idle for [`crate::clients::PARK_AFTER`] and gave up its
-/// task. Its session waits here, in a task of 128 bytes instead of one sized for the
-/// session's largest state (about 1.2 KiB), until its next bytes arrive (or it hangs up, or
-/// draining begins); then it gets a task of its own again, in [`serve`].
+/// A parked client: one that gave up its task (at login, straight after a transaction that
+/// followed its login or an idle stretch, or idle for [`crate::clients::PARK_AFTER`]). Its
+/// session waits here, in a task of 128 bytes instead of one sized for the session's
+/// largest state (about 1.1 KiB), until its next bytes arrive (or it hangs up, or draining
+/// begins); then it gets a task of its own again, in [`serve`].
 ///
-/// Parking is for clients that sit idle for a while, the connections of an app's pool: a
-/// client between the statements of a busy loop never parks, so the relay's path is the
-/// same; coming back costs one task spawned.
+/// Parking is for clients that sit idle, the connections of an app's pool: a client
+/// between the statements of a busy loop does not park, so the relay's path is the same;
+/// coming back costs one task spawned.
 struct Parked(Option<Box<Session>>);
 
 impl std::future::Future for Parked {
