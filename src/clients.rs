@@ -143,10 +143,6 @@ impl Client {
         self.parking.load(Ordering::Acquire) == ASKED
     }
 
-    pub fn is_parked(&self) -> bool {
-        self.parking.load(Ordering::Relaxed) == PARKED
-    }
-
     /// The client sent a request and waits for a server from `since`.
     /// The client sent a request at `at` (SHOW CLIENTS `request_time`): a monotonic
     /// stamp, turned into wall-clock time only when shown.
