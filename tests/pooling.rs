@@ -611,3 +611,50 @@ async fn client_leaving_the_queue_runs_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(scalar(&holder, "SELECT count(*) FROM hits").await, "0");
 }
+
+/// COPY FROM STDIN over the extended protocol, as tokio-postgres sends it: Bind, Execute,
+/// Sync, then the data, CopyDone, Sync. PostgreSQL ignores the first Sync while it copies,
+/// so one ReadyForQuery answers the two; the proxy must not wait for a second. With one
+/// server, a second client gets it after each copy, and a copy the server rejects midway
+/// (bad data) leaves the connection and the server usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_over_the_extended_protocol() {
+    use futures_util::SinkExt;
+    let proxy = app("copy_ext", "pool_size = 1").await;
+    let c = proxy.client("copy_ext").await;
+    let other = proxy.client("copy_ext").await;
+    c.batch_execute("CREATE TABLE rows_in (n int, t text)")
+        .await
+        .unwrap();
+    for round in 0..3 {
+        let sink = c.copy_in("COPY rows_in FROM STDIN").await.unwrap();
+        let mut sink = std::pin::pin!(sink);
+        let data: String = (0..1000).map(|n| format!("{n}\tround {round}\n")).collect();
+        sink.send(bytes::Bytes::from(data)).await.unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 1000);
+        // The one server went back to the pool: the other client runs at once.
+        let n = tokio::time::timeout(
+            Duration::from_secs(5),
+            other.query_one("SELECT count(*) FROM rows_in", &[]),
+        )
+        .await
+        .expect("the server is back in the pool after the copy")
+        .unwrap();
+        assert_eq!(n.get::<_, i64>(0), 1000 * (round + 1));
+    }
+    // Rejected midway: the error reaches the client, and both connections go on.
+    let sink = c.copy_in("COPY rows_in FROM STDIN").await.unwrap();
+    let mut sink = std::pin::pin!(sink);
+    let _ = sink
+        .send(bytes::Bytes::from_static(b"1\tgood\nnot-a-number\tbad\n"))
+        .await;
+    let e = sink.finish().await.expect_err("bad data fails the copy");
+    assert_eq!(
+        e.as_db_error().map(|d| d.code().code()),
+        Some("22P02"),
+        "{e}"
+    );
+    assert_eq!(scalar(&c, "SELECT count(*) FROM rows_in").await, "3000");
+    assert_eq!(scalar(&other, "SELECT 1").await, "1");
+    c.batch_execute("DROP TABLE rows_in").await.unwrap();
+}

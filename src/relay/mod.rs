@@ -68,6 +68,9 @@ pub struct Txn {
     unsynced: bool,
     /// The server waits for COPY data.
     copy_in: bool,
+    /// The server ended a COPY FROM STDIN with an error before the client's CopyDone or
+    /// CopyFail, which is still to come (see `Txn::copy_ended`).
+    copy_end_pending: bool,
     /// An extended-protocol message failed: the server skips to the next Sync.
     errored: bool,
     status: TransactionStatus,
@@ -205,6 +208,7 @@ impl Txn {
             owed,
             unsynced: false,
             copy_in: false,
+            copy_end_pending: false,
             errored: false,
             status: TransactionStatus::Idle,
             forwarded: false,
@@ -224,6 +228,7 @@ impl Txn {
         self.owed.clear();
         self.unsynced = false;
         self.copy_in = false;
+        self.copy_end_pending = false;
         self.errored = false;
         self.status = TransactionStatus::Idle;
         self.forwarded = false;

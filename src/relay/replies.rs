@@ -35,6 +35,9 @@ pub enum Reply {
     Sync,
     Query,
     FunctionCall,
+    /// Not a reply: marks where the client ended a COPY FROM STDIN (CopyDone or CopyFail),
+    /// so that the Syncs it sent during the copy, which PostgreSQL ignores, are known.
+    CopyEnd,
 }
 
 impl Reply {
@@ -52,6 +55,7 @@ impl Reply {
             Reply::Describe => tag == b'T' || tag == b'n',
             Reply::Execute => tag == b'C' || tag == b'I' || tag == b's',
             Reply::Sync | Reply::Query | Reply::FunctionCall => tag == backend::READY_FOR_QUERY,
+            Reply::CopyEnd => false,
         }
     }
 }
@@ -238,6 +242,9 @@ impl Txn {
         clients: &mut ClientStatements,
         servers: &mut ServerStatements,
     ) {
+        if self.copy_in && (tag == backend::COMMAND_COMPLETE || tag == backend::ERROR_RESPONSE) {
+            self.copy_ended();
+        }
         match tag {
             backend::READY_FOR_QUERY => {
                 self.copy_in = false;
@@ -281,6 +288,40 @@ impl Txn {
                 }
             }
         }
+    }
+
+    /// The server left COPY FROM STDIN (CommandComplete, or an ErrorResponse). PostgreSQL
+    /// ignores Sync and Flush while it copies in, so the Syncs the client sent between the
+    /// Execute that started the copy and its CopyDone or CopyFail get no ReadyForQuery
+    /// (tokio-postgres sends Bind, Execute, Sync, then the data, CopyDone, Sync): they leave
+    /// the queue with the CopyEnd marker. A copy the server ended with an error before the
+    /// client finished has no marker yet: every Sync owed came during the copy, and the
+    /// CopyDone or CopyFail still to come gets no marker.
+    fn copy_ended(&mut self) {
+        self.copy_in = false;
+        let end = self
+            .owed
+            .iter()
+            .position(|e| matches!(e, Owed::Reply { kind: Reply::CopyEnd, .. }));
+        if end.is_none() {
+            self.copy_end_pending = true;
+        }
+        let end = end.unwrap_or(self.owed.len());
+        let mut at = 0;
+        self.owed.retain(|e| {
+            let during = at <= end
+                && matches!(e, Owed::Reply { kind: Reply::Sync | Reply::CopyEnd, .. });
+            at += 1;
+            !during
+        });
+    }
+
+    /// The client sent CopyDone or CopyFail: marks it (see [`Txn::copy_ended`]).
+    pub(super) fn copy_end_sent(&mut self) {
+        if std::mem::take(&mut self.copy_end_pending) {
+            return;
+        }
+        let _ = self.owe(Reply::CopyEnd, false, Undo::None);
     }
 
     /// True when `tag` ends a reply to a message the proxy added (the client must not see it).

@@ -473,7 +473,9 @@ impl<S> ClientConn<S> {
                     txn.unsynced = true;
                     self.pass = total;
                 }
-                frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                frontend::COPY_DATA => self.pass = total,
+                frontend::COPY_DONE | frontend::COPY_FAIL => {
+                    txn.copy_end_sent();
                     self.pass = total
                 }
                 frontend::TERMINATE => return Ok(true),
