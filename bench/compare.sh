@@ -25,6 +25,7 @@
 #                            (pgbench -> pgsluice over its listen_unix socket, pgsluice ->
 #                            PostgreSQL over its socket directory: the sidecar shape) and
 #                            pgbouncer-unix (the same legs through PgBouncer's unix_socket_dir);
+#                            pgsluice-uring: 1 thread with io_uring = 1 (sockets through io_uring);
 #                            pgsluice-2p: two 1-thread processes on one port (so_reuseport),
 #                            each with half the pool (CPU and RSS are the two processes' sums)
 #   BENCH_ALT_BIN            another pgsluice binary (say, a build of main before a change): adds
@@ -265,8 +266,8 @@ export PGPASSWORD="$PASSWORD"
 # with auth "trust" they check nothing. pgsluice logs in to PostgreSQL with the plain-text
 # password (PBKDF2 once per server connection, 20 per pool); PgBouncer reuses the client's
 # SCRAM keys with the verifier, or the plain-text password under trust.
-start_pgsluice() { # target workers auth [binary] [unix] [processes]
-  local t=$1 workers=$2 auth=$3 bin=${4:-$BIN} unix=${5:-0} procs=${6:-1} upstream=127.0.0.1 listen_unix=""
+start_pgsluice() { # target workers auth [binary] [unix] [processes] [io_uring]
+  local t=$1 workers=$2 auth=$3 bin=${4:-$BIN} unix=${5:-0} procs=${6:-1} uring=${7:-0} upstream=127.0.0.1 listen_unix=""
   # Several processes share the port (so_reuseport) and split the pool between them.
   local reuse=0 pool=$POOL_SIZE
   [ "$procs" -gt 1 ] && reuse=1 pool=$(((POOL_SIZE + procs - 1) / procs))
@@ -285,6 +286,7 @@ pool_size = $pool
 max_client_conn = $((max_idle + max_clients + 500))
 auth_type = "$auth"
 worker_threads = $workers
+io_uring = $uring
 
 [budget]
 max_server_connections = $((POOL_SIZE * 5))
@@ -362,6 +364,8 @@ start_target() { # target auth
     pgsluice-unix) start_pgsluice pgsluice-unix 0 "$2" "$BIN" 1 ;;
     pgsluice-unix-1t) start_pgsluice pgsluice-unix-1t 1 "$2" "$BIN" 1 ;;
     pgsluice-2p) start_pgsluice pgsluice-2p 1 "$2" "$BIN" 0 2 ;;
+    pgsluice-uring) start_pgsluice pgsluice-uring 1 "$2" "$BIN" 0 1 1 ;;
+    pgsluice-unix-uring) start_pgsluice pgsluice-unix-uring 1 "$2" "$BIN" 1 1 1 ;;
     pgbouncer) start_pgbouncer "$2" ;;
     pgbouncer-unix) start_pgbouncer "$2" pgbouncer-unix 1 ;;
     direct) PID[direct]=0 ;;

@@ -520,11 +520,13 @@ LABEL = {
     "pgsluice-unix": "pgsluice over Unix sockets",
     "pgsluice-unix-1t": "pgsluice over Unix sockets (1 thread)",
     "pgsluice-2p": "pgsluice, 2 processes of 1 thread (so_reuseport)",
+    "pgsluice-uring": "pgsluice with io_uring (1 thread)",
+    "pgsluice-unix-uring": "pgsluice with io_uring over Unix sockets (1 thread)",
     "pgbouncer": "PgBouncer",
     "pgbouncer-unix": "PgBouncer over Unix sockets",
     "direct": "direct",
 }
-PGSLUICE_TARGETS = ["pgsluice", "pgsluice-1t", "pgsluice-alt", "pgsluice-alt-1t", "pgsluice-unix", "pgsluice-unix-1t", "pgsluice-2p"]
+PGSLUICE_TARGETS = ["pgsluice", "pgsluice-1t", "pgsluice-alt", "pgsluice-alt-1t", "pgsluice-unix", "pgsluice-unix-1t", "pgsluice-2p", "pgsluice-uring", "pgsluice-unix-uring"]
 
 
 def med(vals):

@@ -259,6 +259,10 @@ pub struct Config {
     /// Threads serving connections; 0: one per core. Restart to change.
     #[serde(default, deserialize_with = "de::num")]
     pub worker_threads: usize,
+    /// 1: client and server sockets go through io_uring (feature `io-uring`, Linux, with
+    /// `worker_threads = 1`); 0 (the default): epoll. Restart to change.
+    #[serde(default, deserialize_with = "de::num")]
+    pub io_uring: u32,
     /// A client queued this long gets a NOTICE that it waits for a server (0: never).
     #[serde(
         default = "defaults::query_wait_notify",
@@ -1017,6 +1021,21 @@ impl Config {
         if self.so_reuseport > 1 {
             return Err(invalid("so_reuseport", "must be 0 (off) or 1 (on)"));
         }
+        if self.io_uring > 1 {
+            return Err(invalid("io_uring", "must be 0 (off) or 1 (on)"));
+        }
+        if self.io_uring == 1 && !cfg!(feature = "io-uring") {
+            return Err(invalid(
+                "io_uring",
+                "this pgsluice was built without the io-uring feature",
+            ));
+        }
+        if self.io_uring == 1 && self.worker_threads != 1 {
+            return Err(invalid(
+                "io_uring",
+                "needs worker_threads = 1 (one ring per process; run several processes with so_reuseport to use more cores)",
+            ));
+        }
         if self.peer_id > MAX_PEER_ID {
             return Err(invalid(
                 "peer_id",
@@ -1397,6 +1416,28 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.starts_with("so_reuseport:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn io_uring_needs_one_worker_thread() {
+        assert_eq!(Config::from_toml(MIN).unwrap().io_uring, 0);
+        let c = Config::from_toml(&format!("io_uring = 1\nworker_threads = 1\n{MIN}"));
+        if cfg!(feature = "io-uring") {
+            assert_eq!(c.unwrap().io_uring, 1);
+        } else {
+            let e = c.unwrap_err().to_string();
+            assert!(e.contains("without the io-uring feature"), "{e}");
+        }
+        for top in [
+            "io_uring = 1",
+            "io_uring = 1\nworker_threads = 2",
+            "io_uring = 2\nworker_threads = 1",
+        ] {
+            let e = Config::from_toml(&format!("{top}\n{MIN}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("io_uring:"), "{top}: {e}");
         }
     }
 

@@ -45,6 +45,8 @@ pub mod socket;
 pub mod sql;
 pub mod stream;
 pub mod tls;
+#[cfg(feature = "io-uring")]
+pub mod uring;
 
 pub use app::run;
 pub use config::Config;

@@ -205,6 +205,13 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
             let _ = tcp.set_nodelay(true);
             set_keepalive(tcp, &shared);
         }
+        let stream = match stream.into_ring() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot move a client's socket to io_uring");
+                continue;
+            }
+        };
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let tracker = &shared.stop.clients;

@@ -31,6 +31,9 @@ struct Cli {
     /// 1: set SO_REUSEPORT, so that several pgsluice processes share the listen port.
     #[arg(long, value_name = "0|1")]
     so_reuseport: Option<String>,
+    /// 1: client and server sockets through io_uring (needs worker_threads = 1).
+    #[arg(long, value_name = "0|1")]
+    io_uring: Option<String>,
     /// This process's number among peered processes (1-16383; 0: no peering), so that a
     /// cancel request reaching another process is sent on to this one.
     #[arg(long, value_name = "ID")]
@@ -103,6 +106,7 @@ impl Cli {
             ("listen", &self.listen),
             ("listen_unix", &self.listen_unix),
             ("so_reuseport", &self.so_reuseport),
+            ("io_uring", &self.io_uring),
             ("peer_id", &self.peer_id),
             ("upstream", &self.upstream),
             ("pool_mode", &self.pool_mode),
@@ -252,7 +256,11 @@ fn main() -> ExitCode {
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
     };
-    match runtime.block_on(serve(config, source)) {
+    let served = runtime.block_on(serve(config, source));
+    // What the last clients were sent (a shutdown's ErrorResponse) may still be queued.
+    #[cfg(feature = "io-uring")]
+    pgsluice::uring::finish(std::time::Duration::from_secs(1));
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -262,6 +270,15 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, source: pgsluice::reload::ConfigSource) -> anyhow::Result<()> {
+    #[cfg(feature = "io-uring")]
+    if config.io_uring == 1 {
+        // Refused by old kernels and by seccomp filters (Docker's default profile among
+        // them): say so and serve over epoll rather than not at all.
+        match pgsluice::uring::start() {
+            Ok(()) => tracing::info!("client and server sockets go through io_uring"),
+            Err(e) => tracing::warn!(error = %e, "io_uring is not available: using epoll"),
+        }
+    }
     let listener = pgsluice::listener::bind(&config.listen, config.so_reuseport == 1)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -38,6 +38,7 @@ fn restart_keys(c: &Config) -> Vec<(String, String)> {
             format!("{:o}", c.unix_socket_mode),
         ),
         ("worker_threads".to_owned(), c.worker_threads.to_string()),
+        ("io_uring".to_owned(), c.io_uring.to_string()),
         ("log_format".to_owned(), format!("{:?}", c.log_format)),
         (
             "metrics.listen".to_owned(),

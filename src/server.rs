@@ -192,6 +192,8 @@ impl ServerConn {
                 source,
             })?;
         let peer = match &sock {
+            #[cfg(feature = "io-uring")]
+            Socket::Uring(_) => unreachable!("moved to the ring below"),
             Socket::Tcp(tcp) => {
                 tcp.set_nodelay(true)?;
                 let keepalive = socket2::TcpKeepalive::new()
@@ -203,7 +205,7 @@ impl ServerConn {
             // Its name as configured, for cancels (the kernel's may differ, e.g. a symlink).
             Socket::Unix(_) => Addr::unix(&settings.host, settings.port),
         };
-        let mut stream = Stream::from(sock);
+        let mut stream = Stream::from(sock.into_ring_for_server()?);
         negotiate_tls(&mut stream, settings, addr).await?;
         let mut conn = ServerConn {
             stream,

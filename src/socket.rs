@@ -23,6 +23,9 @@ use tokio::net::{TcpStream, UnixStream};
 pub enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Either kind, served through this thread's io_uring ring (`io_uring = true`).
+    #[cfg(feature = "io-uring")]
+    Uring(crate::uring::Sock),
 }
 
 /// Runs `$body` with `$s` bound to the socket inside `$sock`, whichever kind it is.
@@ -31,6 +34,8 @@ macro_rules! on_socket {
         match $sock {
             Socket::Tcp($s) => $body,
             Socket::Unix($s) => $body,
+            #[cfg(feature = "io-uring")]
+            Socket::Uring($s) => $body,
         }
     };
 }
@@ -48,6 +53,36 @@ impl From<UnixStream> for Socket {
 }
 
 impl Socket {
+    /// Moves a client's socket to this thread's io_uring ring when there is one (see
+    /// [`crate::uring`]); otherwise returns it as it is.
+    pub fn into_ring(self) -> io::Result<Socket> {
+        #[cfg(feature = "io-uring")]
+        return self.into_ring_reading(crate::uring::Reads::Small);
+        #[cfg(not(feature = "io-uring"))]
+        Ok(self)
+    }
+
+    /// [`Socket::into_ring`] for a server's socket, which reads into large buffers.
+    pub fn into_ring_for_server(self) -> io::Result<Socket> {
+        #[cfg(feature = "io-uring")]
+        return self.into_ring_reading(crate::uring::Reads::Large);
+        #[cfg(not(feature = "io-uring"))]
+        Ok(self)
+    }
+
+    #[cfg(feature = "io-uring")]
+    fn into_ring_reading(self, reads: crate::uring::Reads) -> io::Result<Socket> {
+        if !crate::uring::active() {
+            return Ok(self);
+        }
+        use crate::uring::Sock;
+        Ok(match self {
+            Socket::Tcp(s) => Socket::Uring(Sock::new(s.into_std()?.into(), false, reads)),
+            Socket::Unix(s) => Socket::Uring(Sock::new(s.into_std()?.into(), true, reads)),
+            uring => uring,
+        })
+    }
+
     #[inline]
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         on_socket!(self, s => s.try_read(buf))
@@ -121,6 +156,18 @@ impl Socket {
                 };
                 named(s.peer_addr()).or_else(|| named(s.local_addr()))
             }
+            #[cfg(feature = "io-uring")]
+            Socket::Uring(s) => {
+                let sock = socket2::SockRef::from(s);
+                if !s.is_unix() {
+                    return sock.peer_addr().ok()?.as_socket().map(Addr::Tcp);
+                }
+                let named = |a: io::Result<socket2::SockAddr>| {
+                    a.ok()
+                        .and_then(|a| a.as_pathname().and_then(Addr::unix_file))
+                };
+                named(sock.peer_addr()).or_else(|| named(sock.local_addr()))
+            }
         }
     }
 
@@ -133,10 +180,22 @@ impl Socket {
                 .local_addr()
                 .ok()
                 .and_then(|a| a.as_pathname().and_then(Addr::unix_file)),
+            #[cfg(feature = "io-uring")]
+            Socket::Uring(s) => {
+                let local = socket2::SockRef::from(s).local_addr().ok()?;
+                match s.is_unix() {
+                    false => local.as_socket().map(Addr::Tcp),
+                    true => local.as_pathname().and_then(Addr::unix_file),
+                }
+            }
         }
     }
 
     pub fn is_unix(&self) -> bool {
+        #[cfg(feature = "io-uring")]
+        if let Socket::Uring(s) = self {
+            return s.is_unix();
+        }
         matches!(self, Socket::Unix(_))
     }
 }
@@ -147,7 +206,12 @@ impl AsyncRead for Socket {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        on_socket!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(feature = "io-uring")]
+            Socket::Uring(s) => s.poll_read(cx, buf),
+        }
     }
 }
 
@@ -157,7 +221,12 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        on_socket!(self.get_mut(), s => Pin::new(s).poll_write(cx, data))
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_write(cx, data),
+            Socket::Unix(s) => Pin::new(s).poll_write(cx, data),
+            #[cfg(feature = "io-uring")]
+            uring => Pin::new(uring).poll_write_vectored(cx, &[io::IoSlice::new(data)]),
+        }
     }
 
     fn poll_write_vectored(
@@ -165,7 +234,19 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        on_socket!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Socket::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            #[cfg(feature = "io-uring")]
+            Socket::Uring(s) => loop {
+                match s.try_write_vectored(bufs) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::task::ready!(s.poll_write_ready(cx))?
+                    }
+                    r => return Poll::Ready(r),
+                }
+            },
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -173,11 +254,21 @@ impl AsyncWrite for Socket {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        on_socket!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(feature = "io-uring")]
+            Socket::Uring(s) => s.poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        on_socket!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(feature = "io-uring")]
+            Socket::Uring(s) => s.poll_shutdown(cx),
+        }
     }
 }
 

@@ -350,6 +350,10 @@ impl Stream {
 
     /// True when the socket holds input right now (one `recv` with MSG_PEEK).
     pub fn has_input_now(&self) -> bool {
+        #[cfg(feature = "io-uring")]
+        if let Socket::Uring(s) = &self.sock {
+            return s.has_input() || self.tls.as_ref().is_some_and(|t| t.plain > 0);
+        }
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
         matches!(self.sock.sock_ref().peek(&mut probe), Ok(n) if n > 0)
     }
@@ -357,6 +361,10 @@ impl Stream {
     /// True when nothing arrived and the peer has not closed: what an idle server's socket
     /// should look like. No system call unless the socket was flagged readable.
     pub fn looks_idle(&self) -> bool {
+        #[cfg(feature = "io-uring")]
+        if let Socket::Uring(s) = &self.sock {
+            return s.looks_idle() && self.tls.as_ref().is_none_or(|t| t.plain == 0 && !t.eof);
+        }
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
         let r = match &self.tls {
             None => self

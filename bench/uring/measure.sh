@@ -23,6 +23,9 @@
 #        uring-link = --mode uring --link (the RECV re-armed in the same enter as the SEND,
 #                   linked behind it)
 #        uring-plain = --mode uring --no-poll-first --no-defer-taskrun (not in the default list)
+#        usend    = --mode usend (epoll's reads; sends queued on a ring, one enter per runtime
+#                   turn; SINGLE_ISSUER + DEFER_TASKRUN; not in the default list)
+#        usend-coop = --mode usend --no-defer-taskrun (COOP_TASKRUN instead)
 #   URING_SYSCALL_SECONDS=5           length of each syscall pass ("0" skips the pass)
 #   URING_PG_BIN=/usr/lib/postgresql/15/bin
 #   URING_RESULTS=bench/uring/results
@@ -100,6 +103,8 @@ flags_of() {
     uring-ms) echo "--mode uring --multishot" ;;
     uring-link) echo "--mode uring --link" ;;
     uring-plain) echo "--mode uring --no-poll-first --no-defer-taskrun" ;;
+    usend) echo "--mode usend" ;;
+    usend-coop) echo "--mode usend --no-defer-taskrun" ;;
     *) die "unknown target $1" ;;
   esac
 }

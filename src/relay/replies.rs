@@ -299,10 +299,15 @@ impl Txn {
     /// CopyDone or CopyFail still to come gets no marker.
     fn copy_ended(&mut self) {
         self.copy_in = false;
-        let end = self
-            .owed
-            .iter()
-            .position(|e| matches!(e, Owed::Reply { kind: Reply::CopyEnd, .. }));
+        let end = self.owed.iter().position(|e| {
+            matches!(
+                e,
+                Owed::Reply {
+                    kind: Reply::CopyEnd,
+                    ..
+                }
+            )
+        });
         if end.is_none() {
             self.copy_end_pending = true;
         }
@@ -310,7 +315,13 @@ impl Txn {
         let mut at = 0;
         self.owed.retain(|e| {
             let during = at <= end
-                && matches!(e, Owed::Reply { kind: Reply::Sync | Reply::CopyEnd, .. });
+                && matches!(
+                    e,
+                    Owed::Reply {
+                        kind: Reply::Sync | Reply::CopyEnd,
+                        ..
+                    }
+                );
             at += 1;
             !during
         });

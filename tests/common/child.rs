@@ -65,6 +65,12 @@ impl ProxyProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        // TEST_IO_URING=1: the child serves through io_uring (set in its environment, so
+        // that a test rewriting the file for a reload keeps it).
+        if super::io_uring_mode() {
+            cmd.env("PGSLUICE_IO_URING", "1")
+                .env("PGSLUICE_WORKER_THREADS", "1");
+        }
         for (k, v) in opts.env {
             cmd.env(k, v);
         }

@@ -24,6 +24,12 @@ use tokio_postgres::{Client, NoTls};
 
 static PG: OnceLock<TestPostgres> = OnceLock::new();
 
+/// `TEST_IO_URING=1`: in-process proxies serve their sockets through io_uring
+/// (see [`Proxy::start`]); `.ci/run` runs the suite once more that way.
+pub fn io_uring_mode() -> bool {
+    std::env::var_os("TEST_IO_URING").is_some_and(|v| v == "1")
+}
+
 /// The PostgreSQL server shared by the tests of one binary.
 pub fn pg() -> &'static TestPostgres {
     PG.get_or_init(|| TestPostgres::start(&[]))
@@ -58,6 +64,62 @@ impl Proxy {
     pub async fn start(toml: &str) -> Proxy {
         let config = pgsluice::Config::from_toml(toml)
             .unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        Self::run(config, None).await
+    }
+
+    /// Binds the listeners and serves `config`: on this runtime, or, with
+    /// `TEST_IO_URING=1`, as the binary serves `io_uring = 1`: on a thread of its own
+    /// with a current-thread runtime and an io_uring ring.
+    async fn run(
+        config: pgsluice::Config,
+        source: Option<pgsluice::reload::ConfigSource>,
+    ) -> Proxy {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        #[cfg(feature = "io-uring")]
+        if io_uring_mode() {
+            let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    pgsluice::uring::start().expect("io_uring (TEST_IO_URING=1)");
+                    let (listeners, addr) = Self::listeners(&config).await;
+                    let shared = match source {
+                        Some(source) => pgsluice::app::Shared::with_source(config, source),
+                        None => pgsluice::app::Shared::new(config),
+                    };
+                    let _ = up_tx.send((addr, shared.clone()));
+                    pgsluice::app::serve_on(listeners, shared, stopped).await;
+                });
+                pgsluice::uring::finish(Duration::from_secs(1));
+            });
+            let (addr, shared) = up_rx.await.expect("the io_uring proxy thread started");
+            return Proxy {
+                addr,
+                shared,
+                stop: Some(stop),
+            };
+        }
+        let (listeners, addr) = Self::listeners(&config).await;
+        let shared = match source {
+            Some(source) => pgsluice::app::Shared::with_source(config, source),
+            None => pgsluice::app::Shared::new(config),
+        };
+        tokio::spawn(pgsluice::app::serve_on(listeners, shared.clone(), stopped));
+        Proxy {
+            addr,
+            shared,
+            stop: Some(stop),
+        }
+    }
+
+    /// The TCP listener on a free port and, when configured, `listen_unix` with its port.
+    async fn listeners(config: &pgsluice::Config) -> (pgsluice::listener::Listeners, SocketAddr) {
         // Bound as pgsluice binds its own (a backlog of 4,096): with tokio's 1,024, a burst
         // of thousands of connections overflows the accept queue and some wait for SYN
         // retransmits, seconds that no proxy could save.
@@ -65,28 +127,14 @@ impl Proxy {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        // Bound before the proxy runs, so that the socket is there when this returns.
-        let unix = pgsluice::listener::bind_unix_for(&config, &listener)
+        let unix = pgsluice::listener::bind_unix_for(config, &listener)
             .await
             .unwrap_or_else(|e| panic!("listen_unix: {e}"));
         let listeners = pgsluice::listener::Listeners {
             tcp: listener,
             unix,
         };
-        let shared = pgsluice::app::Shared::new(config);
-        tokio::spawn(pgsluice::app::serve_on(
-            listeners,
-            shared.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Proxy {
-            addr,
-            shared,
-            stop: Some(stop),
-        }
+        (listeners, addr)
     }
 
     /// Starts pgsluice from a configuration file, which a reload reads again.
@@ -96,23 +144,7 @@ impl Proxy {
             flags: vec![],
         };
         let config = source.load().unwrap_or_else(|e| panic!("test config: {e}"));
-        // Bound as pgsluice binds its own (a backlog of 4,096): with tokio's 1,024, a burst
-        // of thousands of connections overflows the accept queue and some wait for SYN
-        // retransmits, seconds that no proxy could save.
-        let listener = pgsluice::listener::bind("127.0.0.1:0", false)
-            .await
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let shared = pgsluice::app::Shared::with_source(config, source);
-        tokio::spawn(pgsluice::app::serve(listener, shared.clone(), async move {
-            let _ = stopped.await;
-        }));
-        Proxy {
-            addr,
-            shared,
-            stop: Some(stop),
-        }
+        Self::run(config, Some(source)).await
     }
 
     /// A tokio-postgres connection string to the proxy.

@@ -4,6 +4,7 @@
 //!
 //!   uring-relay --mode epoll --listen PORT --upstream PGPORT
 //!   uring-relay --mode epoll-raw --listen PORT --upstream PGPORT
+//!   uring-relay --mode usend --listen PORT --upstream PGPORT [--no-defer-taskrun]
 //!   uring-relay --mode uring --listen PORT --upstream PGPORT [--multishot] [--no-poll-first]
 //!               [--no-defer-taskrun] [--link]
 //!
@@ -14,6 +15,11 @@
 //! epoll-raw: the same without tokio: one thread, one edge-triggered epoll set, a plain loop
 //! over epoll_wait's events (as PgBouncer's libevent loop). It separates what io_uring saves
 //! in the kernel from what leaving tokio's task machinery saves in user space.
+//!
+//! usend: epoll's loop (tokio readiness, one recv per arrival), but every send is copied into
+//! the socket's outgoing buffer and queued on one io_uring ring per thread as a SEND; a flusher
+//! task, woken by the first send a runtime turn queues, submits them all in one enter. Reads
+//! stay on epoll, so idle sockets hold no buffer; only the sends are batched.
 //!
 //! uring: one thread, one ring. Every socket has one RECV outstanding; its completion queues a
 //! SEND to the peer; once all of it is sent, the RECV is armed again. Everything a loop turn
@@ -67,8 +73,13 @@ fn parse_args() -> Args {
             }
         }
     }
-    if a.listen == 0 || a.upstream == 0 || !["epoll", "epoll-raw", "uring"].contains(&&*a.mode) {
-        eprintln!("usage: uring-relay --mode epoll|epoll-raw|uring --listen PORT --upstream PORT");
+    if a.listen == 0
+        || a.upstream == 0
+        || !["epoll", "epoll-raw", "uring", "usend"].contains(&&*a.mode)
+    {
+        eprintln!(
+            "usage: uring-relay --mode epoll|epoll-raw|uring|usend --listen PORT --upstream PORT"
+        );
         std::process::exit(2);
     }
     a
@@ -82,6 +93,8 @@ fn main() -> io::Result<()> {
         epoll::run(listener, upstream)
     } else if args.mode == "epoll-raw" {
         epoll_raw::run(listener, upstream)
+    } else if args.mode == "usend" {
+        usend::run(listener, upstream, args.defer_taskrun)
     } else {
         uring::run(listener, upstream, &args)
     }
@@ -147,7 +160,7 @@ mod epoll {
     /// WouldBlock to `try_io` so it clears the readiness and the next wait goes to epoll
     /// rather than to a recv that returns EAGAIN (as pgsluice's `Stream::read_some`).
     /// None: nothing there after all; Some(0): end of stream.
-    fn read_some(s: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    pub(crate) fn read_some(s: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
         let mut got = 0;
         let r = s.try_io(Interest::READABLE, || {
             got = s.try_read(buf)?;
@@ -669,6 +682,307 @@ mod uring {
             }
             self.starved.retain(|s| s.0 != p);
             self.free.push(p);
+        }
+    }
+}
+
+mod usend {
+    //! Sends batched through io_uring, reads by tokio readiness (see the top of the file).
+    use super::*;
+    use io_uring::{opcode, types, IoUring};
+    use std::cell::RefCell;
+    use std::task::{Poll, Waker};
+    use tokio::io::unix::AsyncFd;
+    use tokio::net::TcpStream;
+
+    /// Bytes a socket may have waiting to be sent before a writer waits.
+    const CAP: usize = 256 * 1024;
+
+    /// One socket's outgoing side. The ring sends from `sending` (untouched while a SEND is in
+    /// flight); writers append to `pending`.
+    struct Out {
+        fd: RawFd,
+        sending: Vec<u8>,
+        sent: usize,
+        pending: Vec<u8>,
+        busy: bool,
+        waiter: Option<Waker>,
+        err: Option<i32>,
+        /// The owner is gone: close `fd` once nothing is in flight.
+        orphan: bool,
+    }
+
+    struct Ring {
+        ring: IoUring,
+        outs: Vec<Option<Out>>,
+        free: Vec<usize>,
+        queued: bool,
+        flusher: Option<Waker>,
+    }
+
+    thread_local! {
+        static RING: RefCell<Option<Ring>> = const { RefCell::new(None) };
+    }
+
+    fn with<R>(f: impl FnOnce(&mut Ring) -> R) -> R {
+        RING.with(|r| f(r.borrow_mut().as_mut().expect("ring set up")))
+    }
+
+    impl Ring {
+        fn push(&mut self, e: io_uring::squeue::Entry) {
+            // SAFETY: the buffer an entry names is an `Out::sending`, which is neither
+            // touched nor freed until the entry's completion has been reaped.
+            while unsafe { self.ring.submission().push(&e) }.is_err() {
+                self.ring.submit().expect("io_uring_enter");
+            }
+            if !self.queued {
+                self.queued = true;
+                if let Some(w) = self.flusher.take() {
+                    w.wake();
+                }
+            }
+        }
+
+        /// Sends what `sending` holds from `sent` on.
+        fn send(&mut self, slot: usize) {
+            let o = self.outs[slot].as_mut().unwrap();
+            o.busy = true;
+            let e = opcode::Send::new(
+                types::Fd(o.fd),
+                o.sending[o.sent..].as_ptr(),
+                (o.sending.len() - o.sent) as u32,
+            )
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(slot as u64);
+            self.push(e);
+        }
+
+        /// Starts sending what writers queued, if anything.
+        fn start(&mut self, slot: usize) {
+            let o = self.outs[slot].as_mut().unwrap();
+            if o.busy || o.pending.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut o.sending, &mut o.pending);
+            o.sent = 0;
+            self.send(slot);
+        }
+
+        fn completed(&mut self, slot: usize, res: i32) {
+            let o = self.outs[slot].as_mut().unwrap();
+            o.busy = false;
+            if res < 0 {
+                o.err = Some(-res);
+                o.pending.clear();
+            } else {
+                o.sent += res as usize;
+                if o.sent < o.sending.len() && o.err.is_none() {
+                    return self.send(slot);
+                }
+                o.sending.clear();
+                o.sent = 0;
+            }
+            if let Some(w) = o.waiter.take() {
+                w.wake();
+            }
+            if o.err.is_none() {
+                self.start(slot);
+            }
+            let o = self.outs[slot].as_mut().unwrap();
+            if o.orphan && !o.busy {
+                unsafe { libc::close(o.fd) };
+                self.outs[slot] = None;
+                self.free.push(slot);
+            }
+        }
+    }
+
+    /// The outgoing side of `s`, sent through the ring (over a dup of its fd, so that it can
+    /// finish after the owner dropped the stream).
+    struct Sender(usize);
+
+    impl Sender {
+        fn new(s: &TcpStream) -> io::Result<Sender> {
+            let fd = unsafe { libc::dup(s.as_raw_fd()) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Sender(with(|r| {
+                let out = Out {
+                    fd,
+                    sending: Vec::new(),
+                    sent: 0,
+                    pending: Vec::new(),
+                    busy: false,
+                    waiter: None,
+                    err: None,
+                    orphan: false,
+                };
+                match r.free.pop() {
+                    Some(i) => {
+                        r.outs[i] = Some(out);
+                        i
+                    }
+                    None => {
+                        r.outs.push(Some(out));
+                        r.outs.len() - 1
+                    }
+                }
+            })))
+        }
+
+        /// Queues all of `data`; waits only while the socket has CAP bytes queued.
+        async fn write_all(&self, data: &[u8]) -> io::Result<()> {
+            std::future::poll_fn(|cx| {
+                with(|r| {
+                    let o = r.outs[self.0].as_mut().unwrap();
+                    if let Some(e) = o.err {
+                        return Poll::Ready(Err(io::Error::from_raw_os_error(e)));
+                    }
+                    if o.pending.len() + o.sending.len() - o.sent >= CAP {
+                        o.waiter = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    }
+                    o.pending.extend_from_slice(data);
+                    r.start(self.0);
+                    Poll::Ready(Ok(()))
+                })
+            })
+            .await
+        }
+    }
+
+    impl Drop for Sender {
+        fn drop(&mut self) {
+            with(|r| {
+                let o = r.outs[self.0].as_mut().unwrap();
+                o.orphan = true;
+                if !o.busy && o.pending.is_empty() {
+                    unsafe { libc::close(o.fd) };
+                    r.outs[self.0] = None;
+                    r.free.push(self.0);
+                }
+            })
+        }
+    }
+
+    /// Submits what a runtime turn queued, in one enter, and reaps completions.
+    async fn flusher(ring_fd: AsyncFd<RawFd>) {
+        let mut done: Vec<(u64, i32)> = Vec::with_capacity(256);
+        loop {
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(Ok(mut g)) = ring_fd.poll_read_ready(cx) {
+                    g.clear_ready();
+                    return Poll::Ready(());
+                }
+                with(|r| {
+                    if r.queued {
+                        Poll::Ready(())
+                    } else {
+                        r.flusher = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                })
+            })
+            .await;
+            with(|r| {
+                loop {
+                    r.queued = false;
+                    match r.ring.submit() {
+                        Ok(_) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                        Err(e) => panic!("io_uring_enter: {e}"),
+                    }
+                    done.clear();
+                    done.extend(r.ring.completion().map(|c| (c.user_data(), c.result())));
+                    for &(slot, res) in &done {
+                        r.completed(slot as usize, res);
+                    }
+                    // Resends of short sends go in the same turn.
+                    if !r.queued {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+
+    pub fn run(
+        listener: std::net::TcpListener,
+        upstream: SocketAddr,
+        defer: bool,
+    ) -> io::Result<()> {
+        let mut b = IoUring::builder();
+        b.setup_single_issuer();
+        if defer {
+            b.setup_defer_taskrun().setup_taskrun_flag();
+        } else {
+            b.setup_coop_taskrun().setup_taskrun_flag();
+        }
+        let ring = b.setup_cqsize(4096).build(1024)?;
+        let fd = ring.as_raw_fd();
+        RING.with(|r| {
+            *r.borrow_mut() = Some(Ring {
+                ring,
+                outs: Vec::new(),
+                free: Vec::new(),
+                queued: false,
+                flusher: None,
+            })
+        });
+        listener.set_nonblocking(true)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            tokio::task::spawn_local(flusher(AsyncFd::with_interest(
+                fd,
+                tokio::io::Interest::READABLE,
+            )?));
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            loop {
+                let (client, _) = listener.accept().await?;
+                tokio::task::spawn_local(async move {
+                    if let Err(e) = relay(client, upstream).await {
+                        eprintln!("relay: {e}");
+                    }
+                });
+            }
+        })
+    }
+
+    async fn relay(client: TcpStream, upstream: SocketAddr) -> io::Result<()> {
+        let server = TcpStream::connect(upstream).await?;
+        client.set_nodelay(true)?;
+        server.set_nodelay(true)?;
+        let socks = [&client, &server];
+        let out = [Sender::new(&server)?, Sender::new(&client)?];
+        let mut bufs = [vec![0u8; BUF], vec![0u8; BUF]];
+        loop {
+            let ready = std::future::poll_fn(|cx| {
+                let r = [
+                    socks[0].poll_read_ready(cx).is_ready(),
+                    socks[1].poll_read_ready(cx).is_ready(),
+                ];
+                if r[0] || r[1] {
+                    Poll::Ready(r)
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            for d in 0..2 {
+                if !ready[d] {
+                    continue;
+                }
+                match epoll::read_some(socks[d], &mut bufs[d])? {
+                    None => {}
+                    Some(0) => return Ok(()),
+                    Some(n) => out[d].write_all(&bufs[d][..n]).await?,
+                }
+            }
         }
     }
 }
