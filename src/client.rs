@@ -395,6 +395,7 @@ async fn log_in(
         span: tracing::Span::current(),
         permit: None,
         park_early: true,
+        servers_lost: 0,
     });
     // What the client sent right after its login (a pipelined first Query) is read first.
     let leftover = input.into_leftover();
@@ -890,6 +891,9 @@ struct Session {
     /// instead of a second or two later. A client whose next request follows quickly keeps
     /// its task (see [`Parked`]).
     park_early: bool,
+    /// Servers in a row that were lost while the client's parameters were set on them,
+    /// before anything of the client's ran (see [`Session::apply_params`]).
+    servers_lost: u8,
 }
 
 /// How [`Session::run`] ended without an error.
@@ -987,11 +991,15 @@ impl Session {
             if self.params == server.session {
                 // Equal sets in two allocations: from now on one, compared by pointer.
                 server.session = self.params.clone();
-            } else if let Err(e) = {
+            } else {
                 let span = self.span.clone();
-                Box::pin(self.apply_params(&mut checkout).instrument(span)).await
-            } {
-                return Some(Err(e));
+                match Box::pin(self.apply_params(&mut checkout).instrument(span)).await {
+                    Ok(true) => {}
+                    // The server died first: it is closed, and the run loop finds the same
+                    // request still buffered and waits for another server.
+                    Ok(false) => return None,
+                    Err(e) => return Some(Err(e)),
+                }
             }
         }
         self.cancel.serving(checkout.server().key);
@@ -1069,14 +1077,26 @@ impl Session {
         }
     }
 
-    /// Sets the client's parameters on its server; on failure tells the client and ends.
-    async fn apply_params(&mut self, checkout: &mut Checkout) -> Result<(), String> {
+    /// Sets the client's parameters on its server. `Ok(false)`: the server was lost (it had
+    /// died in the pool, say, its reset not yet seen), before anything of the client's ran:
+    /// the caller drops it and the request goes to another server, up to three times in a
+    /// row. Otherwise a failure is told to the client and ends the session: 08006 for a
+    /// server lost again, 08P01 for anything else.
+    async fn apply_params(&mut self, checkout: &mut Checkout) -> Result<bool, String> {
         let Err(e) = sync_params(&self.params, checkout.server()).await else {
-            return Ok(());
+            self.servers_lost = 0;
+            return Ok(true);
         };
+        let lost = matches!(e, crate::server::ServerError::Io(_));
+        if lost && self.servers_lost < 2 {
+            self.servers_lost += 1;
+            tracing::info!(error = %e, "server lost before the client's request ran: trying another");
+            return Ok(false);
+        }
+        let code = if lost { "08006" } else { "08P01" };
         let e = ErrorFields::new(
             Severity::Fatal,
-            "08P01",
+            code,
             format!("pgsluice could not apply the client's parameters: {e}"),
         );
         fatal(&mut self.client.stream, &e).await;

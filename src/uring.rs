@@ -470,6 +470,14 @@ impl Ring {
         }
     }
 
+    /// Takes in what the kernel has finished: completions already posted, and those whose
+    /// task work waits for this thread to enter the kernel (`IORING_SQ_TASKRUN`).
+    fn catch_up(&mut self) {
+        if self.ring.submission().taskrun() || !self.ring.completion().is_empty() {
+            self.turn();
+        }
+    }
+
     /// Submits, reaps and handles completions until nothing more is queued.
     fn turn(&mut self) {
         loop {
@@ -833,9 +841,14 @@ impl Sock {
     }
 
     /// Nothing was received and the peer has not closed: what an idle server looks like.
+    /// Completions the kernel has ready are taken in first (a server that died while idle
+    /// must not be handed out); that costs a system call only when some are pending.
     pub fn looks_idle(&self) -> bool {
-        self.on(|r| matches!(r.slot(self.slot).input, Input::Idle | Input::Armed))
-            .unwrap_or(false)
+        self.on(|r| {
+            r.catch_up();
+            matches!(r.slot(self.slot).input, Input::Idle | Input::Armed)
+        })
+        .unwrap_or(false)
     }
 
     /// Runs `f`; readiness here is the slot's own state, so there is nothing to clear.
