@@ -504,7 +504,7 @@ syscall_pass() { # tool target workload clients seconds
   sleep $((2 + c / 200)) # past the logins
   if [ "$tool" = perf ]; then
     local ev="" s
-    for s in recvfrom sendto read write readv writev recvmsg sendmsg epoll_wait epoll_pwait futex sched_yield epoll_ctl; do
+    for s in recvfrom sendto read write readv writev recvmsg sendmsg epoll_wait epoll_pwait futex sched_yield epoll_ctl io_uring_enter; do
       ev="$ev,syscalls:sys_enter_$s"
     done
     # The command runs between the counters' start and stop: its clock bounds the window.
