@@ -131,18 +131,7 @@ mod epoll {
         let socks = [&client, &server];
         let mut bufs = [vec![0u8; BUF], vec![0u8; BUF]];
         loop {
-            let ready = std::future::poll_fn(|cx| {
-                let r = [
-                    socks[0].poll_read_ready(cx).is_ready(),
-                    socks[1].poll_read_ready(cx).is_ready(),
-                ];
-                if r[0] || r[1] {
-                    Poll::Ready(r)
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await;
+            let ready = either_readable(socks).await;
             for d in 0..2 {
                 if !ready[d] {
                     continue;
@@ -154,6 +143,22 @@ mod epoll {
                 }
             }
         }
+    }
+
+    /// Waits until either socket is readable; which ones are.
+    pub(crate) async fn either_readable(socks: [&TcpStream; 2]) -> [bool; 2] {
+        std::future::poll_fn(|cx| {
+            let r = [
+                socks[0].poll_read_ready(cx).is_ready(),
+                socks[1].poll_read_ready(cx).is_ready(),
+            ];
+            if r[0] || r[1] {
+                Poll::Ready(r)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// One recv. A read that leaves room in the buffer drained the socket: report
@@ -937,10 +942,10 @@ mod usend {
             .build()?;
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async move {
-            tokio::task::spawn_local(flusher(AsyncFd::with_interest(
-                fd,
-                tokio::io::Interest::READABLE,
-            )?));
+            // SAFETY: the ring (and its fd) lives in the thread-local for the whole run.
+            let ring_fd =
+                unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?;
+            tokio::task::spawn_local(flusher(ring_fd));
             let listener = tokio::net::TcpListener::from_std(listener)?;
             loop {
                 let (client, _) = listener.accept().await?;
@@ -961,18 +966,7 @@ mod usend {
         let out = [Sender::new(&server)?, Sender::new(&client)?];
         let mut bufs = [vec![0u8; BUF], vec![0u8; BUF]];
         loop {
-            let ready = std::future::poll_fn(|cx| {
-                let r = [
-                    socks[0].poll_read_ready(cx).is_ready(),
-                    socks[1].poll_read_ready(cx).is_ready(),
-                ];
-                if r[0] || r[1] {
-                    Poll::Ready(r)
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await;
+            let ready = epoll::either_readable(socks).await;
             for d in 0..2 {
                 if !ready[d] {
                     continue;
