@@ -387,8 +387,16 @@ fn health(url: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .map_err(|e| e.to_string())?;
+    // The status line may come in pieces (a server writing it in several sends): read until
+    // its end, the connection's end, or 64 bytes.
     let mut head = [0u8; 64];
-    let n = s.read(&mut head).map_err(|e| e.to_string())?;
+    let mut n = 0;
+    while n < head.len() && !head[..n].contains(&b'\n') {
+        match s.read(&mut head[n..]).map_err(|e| e.to_string())? {
+            0 => break,
+            got => n += got,
+        }
+    }
     let status = String::from_utf8_lossy(&head[..n]);
     match status.split_whitespace().nth(1) {
         Some("200") => Ok(()),

@@ -145,7 +145,12 @@ fn health_command_checks_the_endpoint() {
                 }
                 req.extend_from_slice(&buf[..n]);
             }
-            write!(s, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").unwrap();
+            // In pieces, as some servers send it: the status line too.
+            for piece in ["HTTP/1.1 ", status, "\r\ncontent-length: 0\r\n\r\n"] {
+                s.write_all(piece.as_bytes()).unwrap();
+                s.flush().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
     });
     let run = || {
