@@ -604,6 +604,8 @@ impl Ring {
             }
             SEND => {
                 s.send_busy = false;
+                // Nothing sent of a non-empty buffer would be sent again for ever: a failure.
+                let res = if res == 0 { -libc::EPIPE } else { res };
                 if res < 0 {
                     s.send_failed = Some(-res);
                     s.pending = Vec::new();
