@@ -30,6 +30,11 @@ fn available() -> bool {
 
 /// Starts the binary with io_uring for app `name` and checks it is on (not fallen back).
 async fn start(name: &str) -> ProxyProcess {
+    start_with(name, "").await
+}
+
+/// [`start`] with more top-level configuration.
+async fn start_with(name: &str, extra: &str) -> ProxyProcess {
     let pg = pg();
     pg.create_app(name).await;
     let top = if io_uring_mode() {
@@ -38,7 +43,8 @@ async fn start(name: &str) -> ProxyProcess {
     } else {
         TOP
     };
-    let proxy = ProxyProcess::start(&app_config(pg, name, top)).await;
+    let top = format!("{top}\n{extra}");
+    let proxy = ProxyProcess::start(&app_config(pg, name, &top)).await;
     assert!(
         proxy.log().contains("go through io_uring"),
         "io_uring is not on:\n{}",
@@ -247,4 +253,59 @@ async fn shutdown_message_reaches_the_clients() {
     let m = w.recv().await;
     assert_eq!(m.tag, b'E', "an ErrorResponse before the close");
     assert_eq!(m.code().as_deref(), Some("57P01"), "{:?}", m.fields());
+}
+
+/// The inode of the proxy's end of a TCP connection (from `/proc/net/tcp`): non-zero while
+/// a descriptor holds the socket, 0 once it is closed and the kernel alone finishes it.
+fn proxy_side_inode(proxy_port: u16, client_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if port(f[1])? != proxy_port || port(f[2])? != client_port {
+            return None;
+        }
+        f[9].parse().ok()
+    })
+}
+
+/// A client that stops reading in the middle of a big result, and is then given up on by
+/// the proxy (here by query_timeout), leaves output that cannot be sent. Its socket lingers
+/// to send it for up to 10 s (LINGER in src/uring.rs), then is closed: it does not hold a
+/// descriptor for as long as the client keeps its end open, and others are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_the_linger() {
+    if !available() {
+        return;
+    }
+    let name = "uring_linger";
+    let proxy = start_with(name, "query_timeout = \"1s\"").await;
+    let mut w = Wire::connect_password(proxy.port, name, name, "uring_linger-pw").await;
+    let client_port = w.stream.local_addr().unwrap().port();
+    // About a gigabyte, far beyond the socket buffers; the client reads none of it.
+    w.send(&[wire::query(
+        "SELECT repeat('x', 1000) FROM generate_series(1, 1000000)",
+    )])
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // query_timeout (1 s) ended the transaction: its server is no longer sending.
+    let c = proxy.client(name).await;
+    assert_eq!(
+        scalar(&c, "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND usename = 'uring_linger'").await,
+        "1",
+        "only this query runs: the stalled client's was cancelled"
+    );
+    drop(c);
+    let inode = proxy_side_inode(proxy.port, client_port);
+    assert!(
+        inode.is_some_and(|i| i != 0),
+        "the proxy's end is still held while its output lingers: {inode:?}"
+    );
+    let closed = eventually(Duration::from_secs(20), || async {
+        proxy_side_inode(proxy.port, client_port).is_none_or(|i| i == 0)
+    })
+    .await;
+    assert!(closed, "the lingering socket was not closed after 10 s");
+    // The client kept its end open all along.
+    drop(w);
 }
