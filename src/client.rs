@@ -83,16 +83,24 @@ struct Login {
 /// mostly its task): the socket goes into the boxed login at once instead of being carried
 /// by each async layer, and the task is this one future, not one wrapped in others (each
 /// layer would keep its own copy of what it was given).
+/// A client's addresses as the accept gave them (`None`: asked of its socket).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Addrs {
+    pub peer: Option<Addr>,
+    pub local: Option<Addr>,
+}
+
 pub fn task(
     stream: Socket,
+    addrs: Addrs,
     shared: Arc<Shared>,
     over_limit: Option<usize>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     async move {
         let stream = Stream::from(stream);
-        // Asked once (one getpeername); formatted only if the span is recorded.
-        let peer = stream.peer();
+        // Asked once at most (one getpeername); formatted only if the span is recorded.
+        let peer = addrs.peer.or_else(|| stream.peer());
         // The span is entered where a client's log lines come from: login, and the rare
         // paths of a session (not served, parameters applied, the clean-up after a
         // transaction). Not at every wake-up of its task: with a subscriber that records it
@@ -103,7 +111,11 @@ pub fn task(
         // authentication, the welcome) are large, and a logged-in client's task should not
         // carry their room for the rest of its life.
         let login = Box::pin(
-            async move { log_in(stream, peer, &shared, over_limit).await }.instrument(span.clone()),
+            async move {
+                let addrs = Addrs { peer, ..addrs };
+                log_in(stream, addrs, &shared, over_limit).await
+            }
+            .instrument(span.clone()),
         );
         match login.await {
             Ok(Some(mut session)) => {
@@ -269,10 +281,11 @@ async fn send_fatal(stream: &mut Stream, first: &[u8], e: &ErrorFields) {
 /// an admin console session, or a client that left quietly).
 async fn log_in(
     mut stream: Stream,
-    addr: Option<Addr>,
+    addrs: Addrs,
     shared: &Arc<Shared>,
     over_limit: Option<usize>,
 ) -> Result<Option<Box<Session>>, String> {
+    let addr = addrs.peer;
     let config = shared.pools.config();
     let logging_in = shared.clients.logging_in();
     // Unix-socket clients have no IP address: login_rate_limit counts TCP clients only.
@@ -358,7 +371,7 @@ async fn log_in(
         database: &login.database,
         user: &login.user,
         addr,
-        local: stream.local(),
+        local: addrs.local.or_else(|| stream.local()),
         tls: stream.tls_description(),
         pid: cancel.client.pid,
         app: AppSlot {
@@ -1373,8 +1386,7 @@ impl Session {
                 }
                 r = self.client.stream.readable(), if room => {
                     r.ok()?;
-                    self.client.buf.reserve(8192);
-                    match self.client.stream.read_some(&mut self.client.buf) {
+                    match self.client.read_some() {
                         Ok(0) => return None,
                         Ok(_) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -13,7 +13,7 @@ use crate::app::Shared;
 use crate::client;
 use crate::config::Config;
 use crate::protocol::messages::{ErrorFields, Severity};
-use crate::socket::{self, Socket};
+use crate::socket::{self, Addr, Socket};
 
 /// Length of the queue of connections the kernel completes before pgsluice accepts them
 /// (capped by `net.core.somaxconn`). Larger than tokio's 1024: a burst of thousands of
@@ -49,20 +49,104 @@ pub async fn bind(addr: &str, reuse_port: bool) -> std::io::Result<TcpListener> 
 /// that an operator can look at a proxy that is full.
 pub const ADMIN_RESERVE: usize = 5;
 
-/// TCP keepalive on a client socket as the configuration says now (a reload applies to
-/// connections accepted after it): a client host that vanished without closing is found
-/// after `tcp_keepidle + tcp_keepintvl × tcp_keepcnt` and its connection closed.
-fn set_keepalive(stream: &tokio::net::TcpStream, shared: &Shared) {
+/// TCP keepalive as the configuration says (`None`: off): a client host that vanished
+/// without closing is found after `tcp_keepidle + tcp_keepintvl × tcp_keepcnt` and its
+/// connection closed.
+type Keepalive = Option<(Duration, Duration, u32)>;
+
+fn keepalive_wanted(shared: &Shared) -> Keepalive {
     let c = shared.pools.config();
-    if c.tcp_keepalive == 1 {
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(c.tcp_keepidle)
-            .with_interval(c.tcp_keepintvl)
-            .with_retries(c.tcp_keepcnt);
-        if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
-            tracing::debug!(error = %e, "could not set TCP keepalive on a client socket");
+    (c.tcp_keepalive == 1).then_some((c.tcp_keepidle, c.tcp_keepintvl, c.tcp_keepcnt))
+}
+
+/// Sets TCP_NODELAY and keepalive on a socket (a listener, or one client's).
+fn set_options(sock: socket2::SockRef<'_>, keepalive: Keepalive) -> io::Result<()> {
+    sock.set_tcp_nodelay(true)?;
+    match keepalive {
+        Some((idle, interval, count)) => sock.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval)
+                .with_retries(count),
+        ),
+        None => sock.set_keepalive(false),
+    }
+}
+
+/// The socket options of accepted TCP clients. Linux copies TCP_NODELAY and the keepalive
+/// settings of a listener into every socket it accepts, so they are set once on the
+/// listener instead of on each client (five system calls a login, a tenth of a short
+/// connection's). The first client accepted is checked; where a kernel does not copy them,
+/// every client gets them set as before. A reload's keepalive settings reach the listener
+/// at the next accept: they apply to connections accepted after it.
+struct ClientOptions {
+    /// What the listener has (`None`: not set yet).
+    listener: Option<Keepalive>,
+    /// Checked on an accepted client that the kernel copied the listener's options.
+    checked: bool,
+    /// Set on each client instead.
+    per_client: bool,
+}
+
+impl ClientOptions {
+    /// Sets the options on the listener, before it accepts anyone.
+    fn new(listener: &TcpListener, want: Keepalive) -> ClientOptions {
+        let mut options = ClientOptions {
+            listener: None,
+            checked: false,
+            per_client: false,
+        };
+        options.set_listener(listener, want);
+        options
+    }
+
+    fn set_listener(&mut self, listener: &TcpListener, want: Keepalive) {
+        match set_options(socket2::SockRef::from(listener), want) {
+            Ok(()) => self.listener = Some(want),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot set socket options on the listener: setting them on each client");
+                self.per_client = true;
+            }
         }
     }
+
+    /// Gives `client` the options `want` (the configuration's now).
+    fn apply(&mut self, listener: &TcpListener, client: &tokio::net::TcpStream, want: Keepalive) {
+        if !self.per_client && self.listener != Some(want) {
+            // A reload changed them. This client was accepted with the listener's old ones.
+            self.set_listener(listener, want);
+            self.set_on(client, want);
+            return;
+        }
+        if !self.per_client && !self.checked {
+            self.checked = true;
+            if !inherited(client, want) {
+                tracing::debug!("accepted sockets do not take the listener's options: setting them on each client");
+                self.per_client = true;
+            }
+        }
+        if self.per_client {
+            self.set_on(client, want);
+        }
+    }
+
+    fn set_on(&self, client: &tokio::net::TcpStream, want: Keepalive) {
+        if let Err(e) = set_options(socket2::SockRef::from(client), want) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY and keepalive on a client socket");
+        }
+    }
+}
+
+/// Whether `client` has TCP_NODELAY and the keepalive settings `want`.
+fn inherited(client: &tokio::net::TcpStream, want: Keepalive) -> bool {
+    let s = socket2::SockRef::from(client);
+    let keepalive_ok = match want {
+        None => s.keepalive().ok() == Some(false),
+        Some((idle, ..)) => {
+            s.keepalive().ok() == Some(true) && s.tcp_keepalive_time().ok() == Some(idle)
+        }
+    };
+    s.tcp_nodelay().unwrap_or(false) && keepalive_ok
 }
 
 /// The sockets clients connect to.
@@ -168,8 +252,8 @@ pub async fn bind_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixSock
     })
 }
 
-/// The next client from either listener.
-async fn accept(listeners: &Listeners) -> io::Result<Socket> {
+/// The next client from either listener, with its address when the accept gave one (TCP).
+async fn accept(listeners: &Listeners) -> io::Result<(Socket, Option<Addr>)> {
     let unix = async {
         match &listeners.unix {
             Some(u) => u.listener.accept().await,
@@ -177,8 +261,8 @@ async fn accept(listeners: &Listeners) -> io::Result<Socket> {
         }
     };
     tokio::select! {
-        r = listeners.tcp.accept() => r.map(|(s, _)| Socket::Tcp(s)),
-        r = unix => r.map(|(s, _)| Socket::Unix(s)),
+        r = listeners.tcp.accept() => r.map(|(s, a)| (Socket::Tcp(s), Some(Addr::Tcp(a)))),
+        r = unix => r.map(|(s, _)| (Socket::Unix(s), None)),
     }
 }
 
@@ -187,8 +271,17 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
     let max = shared.pools.config().max_client_conn as usize;
     let slots = Arc::new(Semaphore::new(max));
     let reserve = Arc::new(Semaphore::new(ADMIN_RESERVE));
+    let mut options = ClientOptions::new(&listeners.tcp, keepalive_wanted(&shared));
+    // A listener bound to one address is every TCP client's local address (no getsockname
+    // per client); one bound to all addresses is asked per client.
+    let tcp_local = listeners
+        .tcp
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified())
+        .map(Addr::Tcp);
     loop {
-        let stream = match accept(&listeners).await {
+        let (stream, peer) = match accept(&listeners).await {
             Ok(stream) => stream,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -202,9 +295,12 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
         };
         // TCP only: a Unix socket has no Nagle and no keepalive.
         if let Socket::Tcp(tcp) = &stream {
-            let _ = tcp.set_nodelay(true);
-            set_keepalive(tcp, &shared);
+            options.apply(&listeners.tcp, tcp, keepalive_wanted(&shared));
         }
+        let addrs = client::Addrs {
+            peer,
+            local: if peer.is_some() { tcp_local } else { None },
+        };
         let stream = match stream.into_ring() {
             Ok(s) => s,
             Err(e) => {
@@ -215,13 +311,19 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
         match slots.clone().try_acquire_owned() {
             Ok(permit) => {
                 let tracker = &shared.stop.clients;
-                tracker.spawn(client::task(stream, shared.clone(), None, permit));
+                tracker.spawn(client::task(stream, addrs, shared.clone(), None, permit));
             }
             Err(_) => match reserve.clone().try_acquire_owned() {
                 // It may be an operator: read its startup packet before refusing it.
                 Ok(permit) => {
                     let tracker = &shared.stop.clients;
-                    tracker.spawn(client::task(stream, shared.clone(), Some(max), permit));
+                    tracker.spawn(client::task(
+                        stream,
+                        addrs,
+                        shared.clone(),
+                        Some(max),
+                        permit,
+                    ));
                 }
                 Err(_) => {
                     shared
@@ -246,4 +348,64 @@ async fn refuse(mut stream: Socket, max: usize) {
     )
     .encode(&mut buf);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options_of(s: &tokio::net::TcpStream) -> (bool, bool, Option<Duration>) {
+        let s = socket2::SockRef::from(s);
+        let on = s.keepalive().unwrap();
+        let idle = on.then(|| s.tcp_keepalive_time().unwrap());
+        (s.tcp_nodelay().unwrap(), on, idle)
+    }
+
+    /// Connects a client and accepts it as the accept loop does.
+    async fn accept_with(
+        listener: &TcpListener,
+        options: &mut ClientOptions,
+        want: Keepalive,
+    ) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let c = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = listener.accept().await.unwrap();
+        options.apply(listener, &s, want);
+        (c, s)
+    }
+
+    /// Clients take TCP_NODELAY and keepalive from the listener without a call of their own,
+    /// and a reload's new settings reach the client accepted next and those after it.
+    #[tokio::test]
+    async fn accepted_clients_get_nodelay_and_keepalive() {
+        let listener = bind("127.0.0.1:0", false).await.unwrap();
+        let first: Keepalive = Some((Duration::from_secs(61), Duration::from_secs(7), 4));
+        let mut options = ClientOptions::new(&listener, first);
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let (c, s) = accept_with(&listener, &mut options, first).await;
+            assert_eq!(options_of(&s), (true, true, Some(Duration::from_secs(61))));
+            held.push((c, s));
+        }
+        assert!(
+            options.checked && !options.per_client,
+            "the kernel copies the listener's options"
+        );
+        // A reload: a new idle time, then keepalive off.
+        let second: Keepalive = Some((Duration::from_secs(33), Duration::from_secs(5), 2));
+        for _ in 0..2 {
+            let (c, s) = accept_with(&listener, &mut options, second).await;
+            assert_eq!(options_of(&s), (true, true, Some(Duration::from_secs(33))));
+            held.push((c, s));
+        }
+        for _ in 0..2 {
+            let (c, s) = accept_with(&listener, &mut options, None).await;
+            assert_eq!(options_of(&s), (true, false, None));
+            held.push((c, s));
+        }
+        assert!(!options.per_client);
+        // Those accepted earlier keep what they had.
+        assert_eq!(options_of(&held[0].1).2, Some(Duration::from_secs(61)));
+    }
 }

@@ -89,7 +89,7 @@ impl Socket {
     }
 
     #[inline]
-    pub fn try_read_buf(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+    pub fn try_read_buf<B: bytes::BufMut>(&self, buf: &mut B) -> io::Result<usize> {
         on_socket!(self, s => s.try_read_buf(buf))
     }
 

@@ -224,17 +224,22 @@ impl Stream {
         }
     }
 
-    /// Reads what is available into `buf`'s spare room; `Ok(0)` at end of stream.
+    /// Reads what is available into `buf`'s spare room, `max` bytes at most; `Ok(0)` at end
+    /// of stream. (A buffer that grew for one big message has room for much more than a
+    /// read should take: the reader bounds what it holds.)
     ///
     /// Plain socket: a read that leaves room unfilled has drained the socket, so it also clears
     /// the socket's readiness (as tokio's own `poll_read` does): the next wait then goes to
     /// epoll instead of to a `recv` that fails with EAGAIN, and an idle server's liveness
     /// check costs no system call.
-    pub fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    pub fn read_some(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        // Callers reserve room first.
+        let spare = buf.capacity() - buf.len();
+        let room = spare.min(max);
+        debug_assert!(room > 0, "read_some without room");
         if self.tls.is_some() {
             let start = buf.len();
-            let room = buf.capacity() - start;
-            buf.resize(buf.capacity(), 0);
+            buf.resize(start + room, 0);
             let r = self.tls_read(&mut buf[start..start + room]);
             buf.truncate(start + *r.as_ref().unwrap_or(&0));
             return r;
@@ -242,8 +247,11 @@ impl Stream {
         let sock = &self.sock;
         let mut got = 0;
         let r = sock.try_io(Interest::READABLE, || {
-            let room = buf.capacity() - buf.len();
-            got = sock.try_read_buf(buf)?;
+            got = if room == spare {
+                sock.try_read_buf(buf)?
+            } else {
+                sock.try_read_buf(&mut bytes::BufMut::limit(&mut *buf, room))?
+            };
             if got > 0 && got < room {
                 // Not an error: tells try_io to clear the readiness it saw.
                 Err(io::ErrorKind::WouldBlock.into())

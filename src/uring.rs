@@ -35,7 +35,6 @@ use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 
@@ -825,13 +824,11 @@ impl Sock {
     }
 
     /// Reads into `buf`'s spare room (64 bytes of it made when there is none, as tokio's).
-    pub fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        if buf.capacity() == buf.len() {
-            buf.reserve(64);
-        }
+    pub fn try_read_buf<B: bytes::BufMut>(&self, buf: &mut B) -> io::Result<usize> {
         self.read_with(|src| {
-            let n = src.len().min(buf.capacity() - buf.len());
-            buf.extend_from_slice(&src[..n]);
+            // The room the caller offers (a BytesMut's spare capacity, or less).
+            let n = src.len().min(buf.chunk_mut().len());
+            buf.put_slice(&src[..n]);
             n
         })
     }

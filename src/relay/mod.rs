@@ -364,7 +364,13 @@ pub async fn transaction(
         }
         // Nothing after Terminate is read (and a client that shut its side down after it
         // is not taken for gone while its answers are still on their way).
-        let read_client = !client_closed && client.buf.len() - client.ready < HIGH_WATER;
+        // Bounded both ways: bytes ready for a server that does not take them (a COPY
+        // faster than the server) stop the reading, and so do unscanned bytes, except for
+        // the rest of a message the proxy must hold whole (a Query or Parse up to
+        // max_query_size), which would otherwise never complete.
+        let read_client = !client_closed
+            && client.ready < HIGH_WATER
+            && (client.buf.len() - client.ready < HIGH_WATER || client.holding());
         let read_server = server.buf.len() < HIGH_WATER;
         let deadline = if txn.timeouts.off() {
             None
@@ -405,8 +411,10 @@ pub async fn transaction(
             Err(Stop::TimedOut) => return timed_out(client, server, out, txn, &waits),
         };
         if woke.server {
+            // Up to the high-water mark in one read when there is room for it.
+            let room = READ_CHUNK.max(HIGH_WATER.saturating_sub(server.buf.len()));
             server.buf.reserve(READ_CHUNK);
-            match server.stream.read_some(&mut server.buf) {
+            match server.stream.read_some(&mut server.buf, room) {
                 Ok(0) => {
                     return server_gone(client, server, out, "server closed the connection".into())
                         .await
@@ -427,8 +435,7 @@ pub async fn transaction(
             }
         }
         if woke.client {
-            client.buf.reserve(READ_CHUNK);
-            match client.stream.read_some(&mut client.buf) {
+            match client.read_some() {
                 Ok(0) => return Outcome::ClientGone(txn.leftover(client, server)),
                 Ok(_) => {}
                 Err(e) if would_block(&e) => {}
