@@ -401,19 +401,12 @@ async fn idle_in_transaction_hits_its_timeout() {
 /// The kernel's view of the proxy's end of a client connection: (timer kind, jiffies to go)
 /// from /proc/net/tcp's `tr:tm->when` (kind 2 is the keepalive timer).
 fn proxy_side_timer(proxy_port: u16, client_port: u16) -> Option<(u32, u64)> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if port(f[1])? != proxy_port || port(f[2])? != client_port {
-            return None;
-        }
-        let (tr, when) = f[5].split_once(':')?;
-        Some((
-            u32::from_str_radix(tr, 16).ok()?,
-            u64::from_str_radix(when, 16).ok()?,
-        ))
-    })
+    let f = common::leaks::tcp_row(proxy_port, client_port)?;
+    let (tr, when) = f[5].split_once(':')?;
+    Some((
+        u32::from_str_radix(tr, 16).ok()?,
+        u64::from_str_radix(when, 16).ok()?,
+    ))
 }
 
 /// Scenario 23, case (a): a client host that vanishes without closing (no FIN) is found by

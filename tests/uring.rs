@@ -258,15 +258,9 @@ async fn shutdown_message_reaches_the_clients() {
 /// The inode of the proxy's end of a TCP connection (from `/proc/net/tcp`): non-zero while
 /// a descriptor holds the socket, 0 once it is closed and the kernel alone finishes it.
 fn proxy_side_inode(proxy_port: u16, client_port: u16) -> Option<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if port(f[1])? != proxy_port || port(f[2])? != client_port {
-            return None;
-        }
-        f[9].parse().ok()
-    })
+    common::leaks::tcp_row(proxy_port, client_port)?[9]
+        .parse()
+        .ok()
 }
 
 /// A client that stops reading in the middle of a big result, and is then given up on by

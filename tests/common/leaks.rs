@@ -236,22 +236,34 @@ pub fn fd_count(pid: u32) -> usize {
 
 /// Resident set size of a process, in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    status_kib(pid, "VmRSS:")
 }
 
 /// Peak resident set size of a process since it started or since [`reset_peak_rss`], in KiB.
 pub fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// A figure in KiB from `/proc/PID/status` (0 if absent).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The fields of `/proc/net/tcp`'s line for the IPv4 connection from `local_port` to
+/// `remote_port` on this host (`tr:tm->when` is field 5, the inode field 9).
+pub fn tcp_row(local_port: u16, remote_port: u16) -> Option<Vec<String>> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (port(f[1])? == local_port && port(f[2])? == remote_port)
+            .then(|| f.iter().map(|s| s.to_string()).collect())
+    })
 }
 
 /// Starts [`peak_rss_kib`] again from the current resident size.
