@@ -813,7 +813,12 @@ async fn welcome(
             // parameters and hears at once if the server cannot be reached.
             let checkout = shared
                 .pools
-                .checkout(pool, config.query_wait_timeout, &Default::default())
+                .checkout(
+                    pool,
+                    config.query_wait_timeout,
+                    &Default::default(),
+                    Instant::now(),
+                )
                 .await
                 .map_err(|e| {
                     let m = shared.metrics.pool(pool, &login.database, &login.user);
@@ -1321,7 +1326,7 @@ impl Session {
                 let left = wait.saturating_sub(began.elapsed());
                 shared
                     .pools
-                    .checkout(pool, left, &waiting)
+                    .checkout(pool, left, &waiting, Instant::now())
                     .await
                     .map_err(Box::new)
             });
@@ -1330,7 +1335,7 @@ impl Session {
         let checkout = async {
             shared
                 .pools
-                .checkout(pool, wait, &cell)
+                .checkout(pool, wait, &cell, began)
                 .await
                 .map_err(Box::new)
         };
@@ -1362,7 +1367,10 @@ impl Session {
         };
         loop {
             let room = self.client.buf.len() < relay::HIGH_WATER;
+            // Biased, in this order: no random start per poll, and a grant that comes with
+            // a cancel or a drain is taken (the request runs; a cancel is best-effort).
             tokio::select! {
+                biased;
                 r = checkout.as_mut() => {
                     let now = Instant::now();
                     let waited = now.saturating_duration_since(began);

@@ -120,13 +120,15 @@ pub fn scram(data: &[u8]) {
             stored_key: [7; 32],
             server_key: [9; 32],
         };
-        let Ok((server_first, exchange)) = client_first(first, verifier) else {
+        let Ok(exchange) = client_first(first, &verifier) else {
             return;
         };
-        let nonce = server_first
+        let nonce = exchange
+            .server_first()
             .strip_prefix("r=")
             .and_then(|s| s.split(',').next())
-            .expect("server-first starts with the nonce");
+            .expect("server-first starts with the nonce")
+            .to_owned();
         let last = replace(last, b"%n", nonce.as_bytes());
         let _ = exchange.client_final(&last);
     } else if pick & 2 == 0 {

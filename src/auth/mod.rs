@@ -209,7 +209,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             .ok_or_else(|| AuthError::UnknownUser(user.to_owned())),
         // As PostgreSQL: md5 with a SCRAM verifier stored runs SCRAM.
         AuthType::Md5 if md5.is_none() && verifier.is_some() => {
-            scram_exchange(stream, input, last, verifier.cloned(), user, passthrough).await
+            scram_exchange(stream, input, last, verifier, user, passthrough).await
         }
         AuthType::Md5 => {
             md5_exchange(stream, input, md5, user).await?;
@@ -218,7 +218,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
                 .map(|h| Learned::Md5(h.to_owned())))
         }
         AuthType::ScramSha256 => {
-            scram_exchange(stream, input, last, verifier.cloned(), user, passthrough).await
+            scram_exchange(stream, input, last, verifier, user, passthrough).await
         }
     }
 }
@@ -285,12 +285,19 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     input: &mut LoginInput,
     last: &mut BytesMut,
-    verifier: Option<Verifier>,
+    verifier: Option<&Verifier>,
     user: &str,
     passthrough: bool,
 ) -> Result<Option<Learned>, AuthError> {
     let known = verifier.is_some();
-    let verifier = verifier.unwrap_or_else(Verifier::impossible);
+    let impossible;
+    let verifier = match verifier {
+        Some(v) => v,
+        None => {
+            impossible = Verifier::impossible();
+            &impossible
+        }
+    };
     let mut buf = BytesMut::new();
     messages::auth_sasl(&mut buf, &[scram::MECHANISM]);
     send(stream, buf).await?;
@@ -316,16 +323,11 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     if len < 0 || len as usize != rest.len() - 4 {
         return Err(AuthError::Protocol("malformed SASLInitialResponse".into()));
     }
-    let (salt, iterations, server_key) = (
-        verifier.salt.clone(),
-        verifier.iterations,
-        verifier.server_key,
-    );
-    let (server_first, exchange) = scram::client_first(&rest[4..], verifier)
+    let exchange = scram::client_first(&rest[4..], verifier)
         .map_err(|e| AuthError::Protocol(e.to_string()))?;
     input.consume(n);
     let mut buf = BytesMut::new();
-    messages::auth_sasl_continue(&mut buf, server_first.as_bytes());
+    messages::auth_sasl_continue(&mut buf, exchange.server_first().as_bytes());
     send(stream, buf).await?;
 
     let body = read_password_message(stream, input).await?;
@@ -340,12 +342,12 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(AuthError::Failed(user.to_owned()));
     }
     messages::auth_sasl_final(last, server_final.as_bytes());
-    Ok(passthrough.then_some(Learned::Scram {
-        salt,
-        iterations,
+    Ok(passthrough.then(|| Learned::Scram {
+        salt: verifier.salt.clone(),
+        iterations: verifier.iterations,
         keys: ScramKeys {
             client_key,
-            server_key,
+            server_key: verifier.server_key,
         },
     }))
 }

@@ -81,17 +81,25 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// The exchange after the server-first message was sent.
+/// The exchange after the server-first message was made.
+///
+/// One string holds the AuthMessage as it grows: client-first-message-bare, `,`,
+/// server-first-message, then (at the client's final message) `,` and
+/// client-final-message-without-proof. Built once per login, without `format!`.
 #[derive(Debug)]
 pub struct Exchange {
-    verifier: Verifier,
-    client_first_bare: String,
-    server_first: String,
-    nonce: String,
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+    auth_message: String,
+    /// Where the server-first message is in `auth_message`.
+    server_first: std::ops::Range<usize>,
+    /// Where the combined nonce (client's, then the proxy's) is in `auth_message`.
+    nonce: std::ops::Range<usize>,
 }
 
-/// Handles client-first-message; returns server-first-message and the exchange state.
-pub fn client_first(message: &[u8], verifier: Verifier) -> Result<(String, Exchange), ScramError> {
+/// Handles client-first-message; returns the exchange, whose
+/// [`Exchange::server_first`] is the message to send.
+pub fn client_first(message: &[u8], verifier: &Verifier) -> Result<Exchange, ScramError> {
     let msg = std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
     // gs2-header: cbind-flag "," [authzid] ","
     let (flag, rest) = msg
@@ -129,29 +137,56 @@ pub fn client_first(message: &[u8], verifier: Verifier) -> Result<(String, Excha
     {
         return Err(ScramError::Malformed("bad client nonce"));
     }
-    let nonce = format!(
-        "{client_nonce}{}",
-        B64.encode(rand::rng().random::<[u8; 18]>())
-    );
-    let server_first = format!(
-        "r={nonce},s={},i={}",
-        B64.encode(&verifier.salt),
-        verifier.iterations
-    );
-    let exchange = Exchange {
-        verifier,
-        client_first_bare: bare.to_owned(),
-        server_first: server_first.clone(),
+    // bare "," "r=" nonce "," "s=" salt "," "i=" iterations, then room for the client's
+    // final message without its proof (c=biws,r=nonce: about the nonce again).
+    let nonce_len = client_nonce.len() + 24;
+    let mut auth = String::with_capacity(bare.len() + 2 * nonce_len + verifier.salt.len() * 2 + 40);
+    auth.push_str(bare);
+    auth.push(',');
+    let first_start = auth.len();
+    auth.push_str("r=");
+    let nonce_start = auth.len();
+    auth.push_str(client_nonce);
+    B64.encode_string(rand::rng().random::<[u8; 18]>(), &mut auth);
+    let nonce = nonce_start..auth.len();
+    auth.push_str(",s=");
+    B64.encode_string(&verifier.salt, &mut auth);
+    auth.push_str(",i=");
+    let mut digits = [0u8; 10];
+    auth.push_str(decimal(verifier.iterations, &mut digits));
+    Ok(Exchange {
+        stored_key: verifier.stored_key,
+        server_key: verifier.server_key,
+        server_first: first_start..auth.len(),
+        auth_message: auth,
         nonce,
-    };
-    Ok((server_first, exchange))
+    })
+}
+
+/// `n` in decimal, in `buf`.
+fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).expect("ASCII digits")
 }
 
 impl Exchange {
+    /// The server-first message to send.
+    pub fn server_first(&self) -> &str {
+        &self.auth_message[self.server_first.clone()]
+    }
+
     /// Handles client-final-message; when the proof is right, returns server-final-message
     /// and the ClientKey the proof revealed (`ClientProof XOR ClientSignature`), which lets
     /// the proxy log in upstream as the client (passthrough).
-    pub fn client_final(self, message: &[u8]) -> Result<(String, [u8; 32]), ScramError> {
+    pub fn client_final(mut self, message: &[u8]) -> Result<(String, [u8; 32]), ScramError> {
         let msg = std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = msg
             .rsplit_once(",p=")
@@ -169,30 +204,35 @@ impl Exchange {
         if !matches!(channel, Some("biws") | Some("eSws")) {
             return Err(ScramError::ChannelBinding);
         }
-        if nonce != Some(self.nonce.as_str()) {
+        if nonce != Some(&self.auth_message[self.nonce.clone()]) {
             return Err(ScramError::Malformed("nonce mismatch"));
         }
-        let proof = B64
-            .decode(proof)
-            .map_err(|_| ScramError::Malformed("proof is not base64"))?;
-        if proof.len() != 32 {
-            return Err(ScramError::Malformed("proof has the wrong length"));
-        }
-        let auth_message = format!(
-            "{},{},{}",
-            self.client_first_bare, self.server_first, without_proof
-        );
-        let signature = hmac(&self.verifier.stored_key, &[auth_message.as_bytes()]);
+        // 32 bytes are 44 base64 characters; the decoder wants room for its estimate.
+        let mut proof_bytes = [0u8; 36];
+        let proof = match B64.decode_slice(proof, &mut proof_bytes) {
+            Ok(32) => &proof_bytes[..32],
+            Ok(_) | Err(base64::DecodeSliceError::OutputSliceTooSmall) => {
+                return Err(ScramError::Malformed("proof has the wrong length"))
+            }
+            Err(_) => return Err(ScramError::Malformed("proof is not base64")),
+        };
+        self.auth_message.push(',');
+        self.auth_message.push_str(without_proof);
+        let auth_message = self.auth_message.as_bytes();
+        let signature = hmac(&self.stored_key, &[auth_message]);
         let mut client_key = [0u8; 32];
         for (k, (p, s)) in client_key.iter_mut().zip(proof.iter().zip(signature)) {
             *k = p ^ s;
         }
         let stored: [u8; 32] = Sha256::digest(client_key).into();
-        if !bool::from(stored.ct_eq(&self.verifier.stored_key)) {
+        if !bool::from(stored.ct_eq(&self.stored_key)) {
             return Err(ScramError::WrongPassword);
         }
-        let server_signature = hmac(&self.verifier.server_key, &[auth_message.as_bytes()]);
-        Ok((format!("v={}", B64.encode(server_signature)), client_key))
+        let server_signature = hmac(&self.server_key, &[auth_message]);
+        let mut server_final = String::with_capacity(46);
+        server_final.push_str("v=");
+        B64.encode_string(server_signature, &mut server_final);
+        Ok((server_final, client_key))
     }
 }
 
@@ -206,9 +246,9 @@ mod tests {
         let mut client =
             ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
         let first = client.message().to_vec();
-        let (server_first, ex) = client_first(&first, Verifier::from_password(stored_password))?;
+        let ex = client_first(&first, &Verifier::from_password(stored_password))?;
         client
-            .update(server_first.as_bytes())
+            .update(ex.server_first().as_bytes())
             .expect("client accepts server-first");
         let fin = client.message().to_vec();
         let (server_final, _) = ex.client_final(&fin)?;
@@ -230,8 +270,8 @@ mod tests {
     #[test]
     fn impossible_verifier_rejects() {
         let mut client = ScramSha256::new(b"anything", ChannelBinding::unsupported());
-        let (sf, ex) = client_first(&client.message().to_vec(), Verifier::impossible()).unwrap();
-        client.update(sf.as_bytes()).unwrap();
+        let ex = client_first(&client.message().to_vec(), &Verifier::impossible()).unwrap();
+        client.update(ex.server_first().as_bytes()).unwrap();
         assert_eq!(
             ex.client_final(client.message()).unwrap_err(),
             ScramError::WrongPassword
@@ -250,16 +290,73 @@ mod tests {
 
     #[test]
     fn malformed_messages() {
-        let v = Verifier::impossible;
-        assert!(client_first(b"", v()).is_err());
-        assert!(client_first(b"n,,n=,", v()).is_err());
+        let v = &Verifier::impossible();
+        assert!(client_first(b"", v).is_err());
+        assert!(client_first(b"n,,n=,", v).is_err());
         assert_eq!(
-            client_first(b"p=tls-server-end-point,,n=,r=abc", v()).unwrap_err(),
+            client_first(b"p=tls-server-end-point,,n=,r=abc", v).unwrap_err(),
             ScramError::ChannelBinding
         );
-        assert!(client_first(b"n,a=bob,n=,r=abc", v()).is_err());
-        let (_, ex) = client_first(b"n,,n=,r=abc", v()).unwrap();
+        assert!(client_first(b"n,a=bob,n=,r=abc", v).is_err());
+        let ex = client_first(b"n,,n=,r=abc", v).unwrap();
         assert!(ex.client_final(b"c=biws,r=wrong,p=AAAA").is_err());
-        assert!(client_first(&[0xff, 0xfe], v()).is_err());
+        assert!(client_first(&[0xff, 0xfe], v).is_err());
+    }
+
+    /// The proof must be 32 bytes of base64; the nonce the combined one.
+    #[test]
+    fn proofs_of_the_wrong_form() {
+        let v = &Verifier::impossible();
+        let fin = |proof: &str| {
+            let ex = client_first(b"n,,n=,r=abc", v).unwrap();
+            let nonce = ex.server_first()[2..].split(',').next().unwrap().to_owned();
+            ex.client_final(format!("c=biws,r={nonce},p={proof}").as_bytes())
+        };
+        let b64 = |n: usize| B64.encode(vec![1u8; n]);
+        assert_eq!(
+            fin(&b64(31)).unwrap_err(),
+            ScramError::Malformed("proof has the wrong length")
+        );
+        assert_eq!(
+            fin(&b64(33)).unwrap_err(),
+            ScramError::Malformed("proof has the wrong length")
+        );
+        assert_eq!(
+            fin(&b64(64)).unwrap_err(),
+            ScramError::Malformed("proof has the wrong length")
+        );
+        assert_eq!(
+            fin("!!!!").unwrap_err(),
+            ScramError::Malformed("proof is not base64")
+        );
+        assert_eq!(fin(&b64(32)).unwrap_err(), ScramError::WrongPassword);
+    }
+
+    /// server-first-message: the client's nonce extended by 24 base64 characters, the
+    /// salt, the iterations in decimal.
+    #[test]
+    fn server_first_form() {
+        let v = Verifier {
+            iterations: 4096,
+            salt: b"0123456789abcdef".to_vec(),
+            stored_key: [1; 32],
+            server_key: [2; 32],
+        };
+        let ex = client_first(b"n,,n=,r=clientnonce", &v).unwrap();
+        let first = ex.server_first();
+        let (nonce, rest) = first
+            .strip_prefix("r=clientnonce")
+            .unwrap()
+            .split_once(',')
+            .unwrap();
+        assert_eq!(nonce.len(), 24, "{first}");
+        assert_eq!(
+            rest,
+            format!("s={},i=4096", B64.encode(b"0123456789abcdef"))
+        );
+        let mut digits = [0; 10];
+        for n in [0, 1, 9, 10, 4096, 99_999, u32::MAX] {
+            assert_eq!(decimal(n, &mut digits), n.to_string());
+        }
     }
 }

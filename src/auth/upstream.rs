@@ -490,9 +490,8 @@ mod tests {
     /// client proof (passthrough).
     fn exchange(verifier: &Verifier, keys: &ScramKeys) -> Result<(), String> {
         let (mut client, first) = ScramClient::start();
-        let (server_first, ex) =
-            scram::client_first(first.as_bytes(), verifier.clone()).map_err(|e| e.to_string())?;
-        let (salt, iterations) = client.server_first(server_first.as_bytes())?;
+        let ex = scram::client_first(first.as_bytes(), verifier).map_err(|e| e.to_string())?;
+        let (salt, iterations) = client.server_first(ex.server_first().as_bytes())?;
         assert_eq!(
             (salt.as_slice(), iterations),
             (verifier.salt.as_slice(), verifier.iterations)

@@ -646,16 +646,16 @@ impl Pools {
         }
     }
 
-    /// Checks a server out, waiting up to `wait` for one; a wait's grants arrive in `cell`
-    /// (one per client, reused). Cancel-safe: dropping the future gives back anything it
-    /// was granted.
+    /// Checks a server out, waiting up to `wait` from `now` (the caller's clock reading: the
+    /// moment the request began) for one; a wait's grants arrive in `cell` (one per client,
+    /// reused). Cancel-safe: dropping the future gives back anything it was granted.
     pub async fn checkout(
         self: &Arc<Self>,
         pool: PoolId,
         wait: Duration,
         cell: &Arc<WaitCell>,
+        now: Instant,
     ) -> Result<Checkout, PoolError> {
-        let now = Instant::now();
         let deadline = now.checked_add(wait);
         let mut backoff = FIRST_RETRY_BACKOFF;
         loop {
