@@ -73,16 +73,6 @@ struct Login {
     hello: BytesMut,
 }
 
-/// The task of one accepted client connection: serves it until it ends, logs why (once),
-/// then gives back `permit`, its place under `max_client_conn`. `over_limit`: the
-/// connection was accepted over `max_client_conn` (= the value): only an admin console login
-/// (or a cancel request) gets in, any other startup is refused with 53300 before
-/// authentication.
-///
-/// Built so that the task holds little for the client's whole life (an idle client is
-/// mostly its task): the socket goes into the boxed login at once instead of being carried
-/// by each async layer, and the task is this one future, not one wrapped in others (each
-/// layer would keep its own copy of what it was given).
 /// A client's addresses as the accept gave them (`None`: asked of its socket).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Addrs {
@@ -90,14 +80,20 @@ pub struct Addrs {
     pub local: Option<Addr>,
 }
 
+/// The task of one accepted client connection, for its whole life: serves it until it ends,
+/// logs why (once), then gives back `permit`, its place under `max_client_conn`.
+/// `over_limit`: the connection was accepted over `max_client_conn` (= the value): only an
+/// admin console login (or a cancel request) gets in, any other startup is refused with
+/// 53300 before authentication.
 pub fn task(
     stream: Socket,
     addrs: Addrs,
     shared: Arc<Shared>,
     over_limit: Option<usize>,
     permit: tokio::sync::OwnedSemaphorePermit,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    async move {
+) -> Connection {
+    // The socket goes into the boxed login at once instead of being carried by the task.
+    let login = async move {
         let stream = Stream::from(stream);
         // Asked once at most (one getpeername); formatted only if the span is recorded.
         let peer = addrs.peer.or_else(|| stream.peer());
@@ -107,56 +103,110 @@ pub fn task(
         // (the default level, `info`), entering and leaving it cost about 470 instructions
         // per transaction, 7 % of a select's.
         let span = tracing::info_span!("client", peer = %PeerField(peer), user = tracing::field::Empty, database = tracing::field::Empty);
-        // Login runs in an allocation of its own: its futures (handshake, TLS,
-        // authentication, the welcome) are large, and a logged-in client's task should not
-        // carry their room for the rest of its life.
-        let login = Box::pin(
-            async move {
-                let addrs = Addrs { peer, ..addrs };
-                log_in(stream, addrs, &shared, over_limit).await
-            }
-            .instrument(span.clone()),
-        );
-        match login.await {
+        let addrs = Addrs { peer, ..addrs };
+        match log_in(stream, addrs, &shared, over_limit)
+            .instrument(span.clone())
+            .await
+        {
             Ok(Some(mut session)) => {
                 session.permit = Some(permit);
-                // The session goes on in a task of its own, not in this one: this task's
-                // room was sized for the login, and a client that logs in and sits idle
-                // (an app's pool opened ahead) then holds only a parked one.
                 if session.client.buf.is_empty() {
-                    park(session);
+                    Some(session) // to park until its first request
                 } else {
                     // A request pipelined behind the login is served at once.
-                    let tracker = session.shared.stop.clients.clone();
-                    tracker.spawn(serve(session));
+                    serve(session).await
                 }
             }
-            Ok(None) => ended(&span, Ok(())),
-            Err(e) => ended(&span, Err(e)),
+            Ok(None) => {
+                ended(&span, Ok(()));
+                None
+            }
+            Err(e) => {
+                ended(&span, Err(e));
+                None
+            }
+        }
+    };
+    Connection(Phase::Running(Box::pin(login)))
+}
+
+/// One client connection's task. It stays small (two words): what each phase waits on is
+/// in an allocation of its own, made when the phase begins and freed when it ends. The
+/// login's futures (handshake, TLS, authentication, the welcome) are large and needed once;
+/// a serving session's is about 1.1 KiB; a parked one waits on its socket with nothing but
+/// its session. A client that logs in and sits idle (an app's pool opened ahead) then holds
+/// its session and this task only, and going from one phase to the next costs an
+/// allocation, not a task spawned (and the next phase runs in the same wake-up).
+pub struct Connection(Phase);
+
+/// What a connection's task waits on. Two variants in two words: the running future's
+/// pointer tells them apart. After the end the task is not polled again: what is left in
+/// it (a finished future, or no session) is dropped with it.
+enum Phase {
+    /// Logging in (and serving a request pipelined behind the login), or serving
+    /// requests: the session when it is to park, `None` when the connection ended (why
+    /// was logged).
+    Running(std::pin::Pin<Box<dyn std::future::Future<Output = Option<Box<Session>>> + Send>>),
+    /// Idle, waiting for the client's next bytes (`None` once it left).
+    Parked(Option<Box<Session>>),
+}
+
+impl std::future::Future for Connection {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        loop {
+            match &mut self.0 {
+                Phase::Running(running) => match running.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    // The session parks; its login or serving future is dropped here.
+                    Poll::Ready(Some(session)) => self.0 = Phase::Parked(Some(park(session))),
+                },
+                Phase::Parked(parked) => {
+                    let Some(session) = parked else {
+                        return Poll::Ready(());
+                    };
+                    let served = match unpark(session, cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(served) => served,
+                    };
+                    let session = parked.take().expect("matched above");
+                    if !served {
+                        finish(session, Ok(()));
+                        return Poll::Ready(());
+                    }
+                    self.0 = Phase::Running(Box::pin(serve(session)));
+                }
+            }
         }
     }
 }
 
-/// Serves a logged-in client until it leaves, or until it parks (its task ends and
-/// [`Parked`] takes its session).
-async fn serve(mut session: Box<Session>) {
+/// Serves a logged-in client until it leaves (`None`), or until it parks: then its serving
+/// future is dropped and the session comes back, to wait in [`Phase::Parked`].
+async fn serve(mut session: Box<Session>) -> Option<Box<Session>> {
     let end = match session.run().await {
         Ok(Ran::Left) => Ok(()),
-        Ok(Ran::Park) => return park(session),
+        Ok(Ran::Park) => return Some(session),
         Err(e) => Err(e),
     };
     finish(session, end);
+    None
 }
 
-/// The session's task ends; it waits in a [`Parked`] one.
-fn park(mut session: Box<Session>) {
-    // A parked client holds no read buffer, unless part of a request is in it.
+/// The session parks: it waits for its next bytes with no read buffer (unless part of a
+/// request is in it) and no serving future.
+fn park(mut session: Box<Session>) -> Box<Session> {
     if session.client.buf.is_empty() {
         session.client.release_buffer();
     }
     session.registration.park();
-    let tracker = session.shared.stop.clients.clone();
-    tracker.spawn(Parked(Some(session)));
+    session
 }
 
 /// A client's session ends: its read buffer serves the next client of this thread (a storm
@@ -176,63 +226,45 @@ fn ended(span: &tracing::Span, end: Result<(), String>) {
     }
 }
 
-/// A parked client: one that gave up its task (at login, straight after a transaction that
-/// followed its login or an idle stretch, or idle for [`crate::clients::PARK_AFTER`]). Its
-/// session waits here, in a task of 128 bytes instead of one sized for the session's
-/// largest state (about 1.1 KiB), until its next bytes arrive (or it hangs up, or draining
-/// begins); then it gets a task of its own again, in [`serve`].
+/// A parked session's wait (at login, straight after a transaction that followed its login
+/// or an idle stretch, or idle for [`crate::clients::PARK_AFTER`]): `true` when it is to be
+/// served again (bytes arrived, read into its buffer where the next request is looked for;
+/// or draining began, which the serving loop answers), `false` when the client left
+/// (Terminate alone, or its end closed: a short connection, or a pool closing its idle
+/// connections leaves from here, without serving again).
 ///
 /// Parking is for clients that sit idle, the connections of an app's pool: a client
 /// between the statements of a busy loop does not park, so the relay's path is the same;
-/// coming back costs one task spawned.
-struct Parked(Option<Box<Session>>);
-
-impl std::future::Future for Parked {
-    type Output = ();
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        let Some(s) = self.0.as_mut() else {
-            return std::task::Poll::Ready(());
-        };
-        let watch = Watch {
-            stop: &s.shared.stop,
-            waker: &s.registration.client.stop_waker,
-        };
-        // What it has buffered (part of a request) waits for the rest. The bytes that wake
-        // it are read here, into its buffer: the read its task would make first.
-        let input = match watch.poll_draining(cx) {
-            std::task::Poll::Ready(()) => None,
-            std::task::Poll::Pending => match s.client.poll_input(cx) {
-                std::task::Poll::Pending => return std::task::Poll::Pending,
-                std::task::Poll::Ready(more) => Some(more),
-            },
-        };
-        let mut session = self.0.take().expect("checked above");
-        // A client that leaves (Terminate alone, or its end closed) leaves from here,
-        // without a task of its own again: a short connection, or a pool closing its idle
-        // connections.
-        let left = match input {
-            Some(false) => true,
-            Some(true) => session.client.buf[..] == TERMINATE[..],
-            None => false,
-        };
-        if left {
-            finish(session, Ok(()));
-            return std::task::Poll::Ready(());
-        }
-        session.registration.resume();
-        // Back from a long idle stretch (or from its login): likely to go idle again.
-        let client = &session.registration.client;
-        session.park_early = client
-            .since_request(Instant::now())
-            .is_none_or(|idle| idle >= crate::clients::PARK_AFTER);
-        let tracker = session.shared.stop.clients.clone();
-        tracker.spawn(serve(session));
-        std::task::Poll::Ready(())
+/// coming back costs one allocation of the serving future.
+fn unpark(s: &mut Session, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
+    let watch = Watch {
+        stop: &s.shared.stop,
+        waker: &s.registration.client.stop_waker,
+    };
+    // What it has buffered (part of a request) waits for the rest. The bytes that wake
+    // it are read here, into its buffer: the read its serving loop would make first.
+    let input = match watch.poll_draining(cx) {
+        std::task::Poll::Ready(()) => None,
+        std::task::Poll::Pending => match s.client.poll_input(cx) {
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+            std::task::Poll::Ready(more) => Some(more),
+        },
+    };
+    let left = match input {
+        Some(false) => true,
+        Some(true) => s.client.buf[..] == TERMINATE[..],
+        None => false,
+    };
+    if left {
+        return std::task::Poll::Ready(false);
     }
+    s.registration.resume();
+    // Back from a long idle stretch (or from its login): likely to go idle again.
+    let client = &s.registration.client;
+    s.park_early = client
+        .since_request(Instant::now())
+        .is_none_or(|idle| idle >= crate::clients::PARK_AFTER);
+    std::task::Poll::Ready(true)
 }
 
 /// A Terminate message, whole.
@@ -905,9 +937,9 @@ struct Session {
     /// Park straight after the next transaction, without waiting for the sweep: set at
     /// login and when the client comes back from a long idle stretch. Such a client (an
     /// app pool's connection checked once and put back, a worker that runs a query now and
-    /// then) is likely to sit idle again, and its task's room is then given back at once
+    /// then) is likely to sit idle again, and its serving future's room is then given back at once
     /// instead of a second or two later. A client whose next request follows quickly keeps
-    /// its task (see [`Parked`]).
+    /// its serving future (see [`Phase::Parked`]).
     park_early: bool,
     /// Servers in a row that were lost while the client's parameters were set on them,
     /// before anything of the client's ran (see [`Session::apply_params`]).
@@ -1641,4 +1673,17 @@ async fn sync_params(params: &SessionParams, server: &mut ServerConn) -> Result<
     server.simple_query(&sql).await?;
     server.session = params.clone();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every client holds its connection's task for its whole life, parked or not: the
+    /// task's future stays two words (the phase is told by the running future's pointer).
+    #[test]
+    fn a_connection_task_is_two_words() {
+        assert_eq!(
+            std::mem::size_of::<super::Connection>(),
+            2 * std::mem::size_of::<usize>()
+        );
+    }
 }

@@ -99,20 +99,21 @@ pub struct Client {
     /// The server it last held (shared with the server's other clients): current while the
     /// client is active. Not cleared when it goes idle: one lock per transaction, not two.
     server: Mutex<Option<Arc<ServerLink>>>,
-    /// Whether its task is parked: `RUNNING`, `ASKED` or `PARKED` (see [`Clients::park_idle`]).
+    /// Whether it is parked: `RUNNING`, `ASKED` or `PARKED` (see [`Clients::park_idle`]).
     parking: AtomicU8,
 }
 
-/// A client's task runs (it may be asked to park when it has been idle for [`PARK_AFTER`]).
+/// A client is served (it may be asked to park when it has been idle for [`PARK_AFTER`]).
 const RUNNING: u8 = 0;
 /// The sweep asked the client to park; it does at its idle wait.
 const ASKED: u8 = 1;
-/// The client has no task of its own: its session waits for its next bytes in a small one.
+/// The client is parked: no serving future, its session waits in its connection's task for
+/// its next bytes.
 const PARKED: u8 = 2;
 
 /// How long a client sits idle (since its latest request, or its login) before it is asked
-/// to park: long enough that a client between the statements of a busy loop keeps its task,
-/// short enough that the idle connections of an app's pool hold little memory.
+/// to park: long enough that a client between the statements of a busy loop keeps its serving
+/// future, short enough that the idle connections of an app's pool hold little memory.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Time origin of the clients' microsecond stamps, shared by all (not one copy each).
@@ -316,7 +317,7 @@ impl Registration {
         self.clients.parked.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The client has a task of its own again.
+    /// The client is served again.
     pub fn resume(&self) {
         if self.client.parking.swap(RUNNING, Ordering::Relaxed) == PARKED {
             self.clients.parked.fetch_sub(1, Ordering::Relaxed);
@@ -400,9 +401,9 @@ impl Clients {
     }
 
     /// Asks every client idle for `after` (since its latest request, or since it logged in)
-    /// to park: to end its task and wait for its next bytes in one of 128 bytes. A client's
-    /// task is sized by its largest state (a queued wait for a server), about 1.2 KiB that an
-    /// idle client does not need. Returns how many were asked.
+    /// to park: to drop its serving future and wait for its next bytes with its session only.
+    /// A serving future is sized by its largest state (a queued wait for a server), about
+    /// 1.1 KiB that an idle client does not need. Returns how many were asked.
     ///
     /// One walk of the registry under its lock per call (a few µs per thousand clients);
     /// the wake-ups happen after the lock is released.
