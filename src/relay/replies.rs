@@ -361,8 +361,18 @@ impl Txn {
 }
 
 /// Splices in the proxy's own replies that are due (everything before them is answered)
-/// at `at`, the end of what is ready for the client.
+/// at `at`, the end of what is ready for the client. Inlined to a check of the queue's
+/// front: it runs for every server message and every turn of the relay (7 times per
+/// select), and there is almost never anything to splice.
+#[inline]
 pub(super) fn emit_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn) {
+    if matches!(txn.owed.front(), Some(Owed::Synthetic { .. })) {
+        splice_due(buf, at, txn);
+    }
+}
+
+#[inline(never)]
+fn splice_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn) {
     while let Some(Owed::Synthetic { reply, .. }) = txn.owed.front() {
         let reply = *reply;
         txn.owed.pop_front();
