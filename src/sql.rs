@@ -390,7 +390,13 @@ pub enum Deallocate {
 
 /// Recognises `DEALLOCATE name`, `DEALLOCATE ALL` and `DISCARD ALL` as a whole query text.
 pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
-    // Most texts are something else: one token tells.
+    // Most texts are something else: their first letter tells (this runs for every Query).
+    match sql.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return None,
+        Some(b) if b.is_ascii_alphabetic() && !b.eq_ignore_ascii_case(&b'd') => return None,
+        Some(_) => {}
+    }
+    // Then one token (a comment may come first).
     let first = Lexer { s: sql, i: 0 }.next_token();
     if !is(first.as_ref(), "deallocate") && !is(first.as_ref(), "discard") {
         return None;
@@ -705,6 +711,20 @@ mod tests {
         assert_eq!(deallocate(b"DEALLOCATE s1; SELECT 1"), None);
         assert_eq!(deallocate(b"SELECT 1"), None);
         assert_eq!(deallocate(b"DISCARD PLANS"), None);
+        // The first-letter shortcut: whitespace and comments before the word.
+        assert_eq!(deallocate(b" \n\tDEALLOCATE ALL"), Some(Deallocate::All));
+        assert_eq!(
+            deallocate(b"/* c */ discard all"),
+            Some(Deallocate::DiscardAll)
+        );
+        assert_eq!(
+            deallocate(b"-- x\nDeallocate s2"),
+            Some(Deallocate::Name("s2".into()))
+        );
+        assert_eq!(deallocate(b""), None);
+        assert_eq!(deallocate(b"   "), None);
+        assert_eq!(deallocate(b"DELETE FROM t"), None);
+        assert_eq!(deallocate(b"_deallocate all"), None);
     }
 
     #[test]

@@ -256,7 +256,10 @@ impl Txn {
                         other => skipped.push(other),
                     }
                 }
-                Self::all_unanswered(skipped, clients, servers);
+                // Usually the batch's own entry was first: nothing was skipped.
+                if !skipped.is_empty() {
+                    Self::all_unanswered(skipped, clients, servers);
+                }
                 self.counts.ready(self.status, self.batches_owed() == 0);
             }
             backend::ERROR_RESPONSE => match self.owed.front() {
