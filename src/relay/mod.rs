@@ -296,6 +296,8 @@ pub async fn transaction(
     let mut waits = Waits::default();
     // Armed once a timeout applies (never with the defaults), then moved, not re-made.
     let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // Whether the last wait looked at the client's socket (see `Wants::client_seen`).
+    let mut client_seen = false;
     loop {
         match client.scan(txn, &mut server.statements) {
             Ok(false) => {}
@@ -389,19 +391,20 @@ pub async fn transaction(
                 None => timer = Some(Box::pin(tokio::time::sleep_until(d))),
             }
         }
-        let wants = Wants {
+        let mut wants = Wants {
             read_server,
             read_client,
             write_client: out > 0 || client.stream.wants_write(),
             write_server: client.ready > 0 || server.stream.wants_write(),
             drain: between,
+            client_seen,
         };
         let mut armed = deadline.and(timer.as_mut());
-        let woke = match std::future::poll_fn(|cx| {
-            wants.poll(cx, client, server, &watch, armed.as_deref_mut())
-        })
-        .await
-        {
+        let waited =
+            std::future::poll_fn(|cx| wants.poll(cx, client, server, &watch, armed.as_deref_mut()))
+                .await;
+        client_seen = wants.client_seen;
+        let woke = match waited {
             Ok(woke) => woke,
             Err(Stop::ClientGone) => return Outcome::ClientGone(txn.leftover(client, server)),
             Err(Stop::ServerGone(e)) => {
@@ -456,6 +459,13 @@ struct Wants {
     write_server: bool,
     /// A session between transactions ends when draining begins.
     drain: bool,
+    /// The client's socket was looked at last (in this wait's earlier polls, or the wait
+    /// before). Then a server found readable ends the wait at once: the client's socket is
+    /// looked at in the next one, after the server's bytes are read (or by the session when
+    /// they end the transaction, the usual case: one readiness poll fewer per transaction).
+    /// A streaming server is thus looked at alone one wait in two at most: it cannot starve
+    /// the client.
+    client_seen: bool,
 }
 
 /// The sockets with bytes to read after a wait.
@@ -477,7 +487,7 @@ impl Wants {
     /// Ready when anything the relay waits for happened: readable sockets are returned,
     /// anything else (room to write, draining) only ends the wait.
     fn poll(
-        &self,
+        &mut self,
         cx: &mut std::task::Context<'_>,
         client: &ClientConn,
         server: &ServerConn,
@@ -491,12 +501,20 @@ impl Wants {
         }
         if self.read_server {
             match server.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) if self.client_seen => {
+                    self.client_seen = false;
+                    return Poll::Ready(Ok(Woke {
+                        server: true,
+                        client: false,
+                    }));
+                }
                 Poll::Ready(Ok(())) => woke.server = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(Stop::ServerGone(e))),
                 Poll::Pending => {}
             }
         }
         if self.read_client {
+            self.client_seen = true;
             match client.stream.poll_read_ready(cx) {
                 Poll::Ready(Ok(())) => woke.client = true,
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(Stop::ClientGone)),
