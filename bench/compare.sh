@@ -19,6 +19,8 @@
 #   BENCH_REPEATS=3          rounds; figures are medians, ratios are paired per round
 #   BENCH_CLIENTS="16 100 500 1000"
 #   BENCH_WORKLOADS="select-simple select-extended select-prepared tpcb"
+#                            Also: select-orm (bench/orm.sql: one 630-byte SELECT as an ORM
+#                            writes it, with quoted names, function calls and an IN list)
 #   BENCH_TARGETS="pgsluice pgsluice-1t pgbouncer direct"
 #                            pgsluice = worker_threads 0 (one per core), pgsluice-1t = 1
 #                            Also (not in the default list): pgsluice-unix, pgsluice-unix-1t
@@ -390,6 +392,7 @@ workload_args() {
     select-extended) echo "-S -M extended" ;;
     select-prepared) echo "-S -M prepared" ;;
     tpcb) echo "-M simple" ;;
+    select-orm) echo "-M simple -f $ROOT/bench/orm.sql" ;;
     *) die "unknown workload $1" ;;
   esac
 }

@@ -589,7 +589,7 @@ def cmd_report(args):
     groups = {}
     for r in runs:
         groups.setdefault((r["workload"], r["clients"]), []).append(r)
-    workloads_order = ["select-simple", "select-extended", "select-prepared", "tpcb"]
+    workloads_order = ["select-simple", "select-extended", "select-prepared", "select-orm", "tpcb"]
     keys = sorted(groups, key=lambda k: (workloads_order.index(k[0]) if k[0] in workloads_order else 9, k[1]))
     targets_order = PGSLUICE_TARGETS + ["pgbouncer", "pgbouncer-unix", "direct"]
     proxies = [t for t in PGSLUICE_TARGETS if any(r["target"] == t for r in runs)]
