@@ -88,6 +88,10 @@ impl ClientConn {
     pub fn read_some(&mut self) -> std::io::Result<usize> {
         let big = self.buf.capacity() >= READ_CHUNK;
         let room = if big { READ_CHUNK } else { CLIENT_BUFFER };
+        if self.buf.is_empty() && self.buf.capacity() < CLIENT_BUFFER {
+            // What a queued request was kept in (all relayed by now): read into a buffer.
+            self.buf = take_buffer();
+        }
         self.buf.reserve(room);
         let n = self.stream.read_some(&mut self.buf, room)?;
         if n == room && !big {
@@ -174,6 +178,10 @@ thread_local! {
     static SPARE_BUFFERS: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The longest request a queued client keeps in an allocation of its own size
+/// ([`ClientConn::shrink_while_queued`]); a longer one keeps its read buffer.
+const QUEUED_COPY_MAX: usize = 1024;
+
 /// Spare buffers kept per thread.
 const MAX_SPARE_BUFFERS: usize = 64;
 
@@ -190,11 +198,12 @@ fn take_buffer() -> BytesMut {
 }
 
 fn give_buffer(mut b: BytesMut) {
-    // A buffer a big message or a bulk upload grew is freed, not kept.
-    if b.capacity() > CLIENT_BUFFER {
+    b.clear();
+    // Only a buffer of the usual size is kept (its room before the read position taken back):
+    // one a big message or a bulk upload grew, or a queued request's own copy, is freed.
+    if !b.try_reclaim(CLIENT_BUFFER) || b.capacity() > CLIENT_BUFFER {
         return;
     }
-    b.clear();
     SPARE_BUFFERS.with(|s| {
         let mut s = s.borrow_mut();
         if s.len() < MAX_SPARE_BUFFERS {
@@ -204,6 +213,24 @@ fn give_buffer(mut b: BytesMut) {
 }
 
 impl<S> ClientConn<S> {
+    /// Keeps a short request in an allocation of its own size while its client waits for a
+    /// server, and gives the read buffer back to this thread's spares. A crowd queued for a
+    /// pool (a login storm, hundreds of clients behind twenty servers) would otherwise hold a
+    /// read buffer each, more than the spares cover, and every one of them would be taken
+    /// from and given back to the allocator's slow path.
+    pub fn shrink_while_queued(&mut self) {
+        let len = self.buf.len();
+        if len > QUEUED_COPY_MAX || self.buf.capacity() < CLIENT_BUFFER {
+            return;
+        }
+        let own = if len == 0 {
+            BytesMut::new()
+        } else {
+            BytesMut::from(&self.buf[..])
+        };
+        give_buffer(std::mem::replace(&mut self.buf, own));
+    }
+
     pub fn new(
         stream: S,
         max_query_size: usize,
@@ -716,6 +743,45 @@ mod tests {
 
     fn client(max_prepared: usize) -> ClientConn<()> {
         ClientConn::new((), 1 << 20, max_prepared, Arc::default())
+    }
+
+    fn spares() -> usize {
+        SPARE_BUFFERS.with(|s| s.borrow().len())
+    }
+
+    #[test]
+    fn a_queued_request_keeps_its_bytes_and_gives_the_read_buffer_back() {
+        let query = b"Q\0\0\0\x0dselect 1\0";
+        let mut c = client(0);
+        c.buf = take_buffer();
+        c.buf.extend_from_slice(query);
+        let before = spares();
+        c.shrink_while_queued();
+        assert_eq!(&c.buf[..], query);
+        assert!(c.buf.capacity() < CLIENT_BUFFER);
+        assert_eq!(
+            spares(),
+            before + 1,
+            "the read buffer goes back to the spares"
+        );
+        // Relayed: the request's own copy is freed, not kept as a spare.
+        c.buf.advance(c.buf.len());
+        give_buffer(std::mem::take(&mut c.buf));
+        assert_eq!(spares(), before + 1);
+        // A spare that was read from and emptied is kept whole.
+        let mut b = take_buffer();
+        b.extend_from_slice(query);
+        b.advance(5);
+        give_buffer(b);
+        assert_eq!(spares(), before + 1);
+        assert_eq!(take_buffer().capacity(), CLIENT_BUFFER);
+        // A long request keeps its buffer (no copy of kilobytes per wait).
+        let mut c = client(0);
+        c.buf = take_buffer();
+        c.buf.extend_from_slice(&vec![b'x'; QUEUED_COPY_MAX + 1]);
+        c.shrink_while_queued();
+        assert_eq!(c.buf.len(), QUEUED_COPY_MAX + 1);
+        assert!(c.buf.capacity() >= CLIENT_BUFFER);
     }
 
     /// Found by the relay fuzz target: a Describe or Close with an empty body (no kind
