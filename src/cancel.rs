@@ -11,7 +11,6 @@
 //! misconfigured `[peers]` cannot make a loop), bits 15–0 random. The secret stays 32
 //! random bits.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -59,7 +58,7 @@ pub struct ClientCancel {
 /// All clients' keys.
 #[derive(Debug, Default)]
 pub struct Cancels {
-    map: Mutex<HashMap<i32, Arc<ClientCancel>>>,
+    map: Mutex<crate::Map<i32, Arc<ClientCancel>>>,
     /// This process's `peer_id` (0: not peered), fixed for its life.
     peer_id: u32,
 }

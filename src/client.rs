@@ -874,15 +874,7 @@ async fn welcome(
     let mut buf = BytesMut::with_capacity(login.hello.len() + 512);
     buf.extend_from_slice(&login.hello);
     messages::auth_ok(&mut buf);
-    for (name, value) in params.iter() {
-        // The client's own value for a parameter it set (tracked names are lower case).
-        let own = login
-            .params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v);
-        messages::parameter_status(&mut buf, name, own.unwrap_or(value));
-    }
+    params.write(&login.params, &mut buf);
     messages::backend_key_data(&mut buf, pid, secret);
     messages::ready_for_query(&mut buf, TransactionStatus::Idle);
     stream

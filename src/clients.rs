@@ -267,7 +267,7 @@ pub struct Clients {
     /// Database and user names, each kept once for all the clients that use it. Only
     /// names that logged in get here, so the set stays as small as the configuration (or
     /// the `auth_query` users that connect).
-    names: Mutex<std::collections::HashSet<Arc<str>>>,
+    names: Mutex<crate::Set<Arc<str>>>,
     map: Mutex<BTreeMap<u64, Arc<Client>>>,
     /// Connections that have not finished logging in.
     logging_in: AtomicU32,

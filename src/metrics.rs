@@ -13,7 +13,7 @@
 //!   own label; the rest share `other`.
 //! - One [`prometheus::Registry`] per proxy: two proxies can run in one process.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -323,10 +323,10 @@ impl TxnCounts {
 /// The table of application labels: bounded, first come first served.
 #[derive(Debug, Default)]
 struct Apps {
-    names: HashSet<String>,
+    names: crate::Set<String>,
     /// Handles by label; each label's few (database, user) pairs are scanned, so that a
     /// login looks its handles up without building an owned key.
-    handles: HashMap<String, Vec<Arc<AppMetrics>>>,
+    handles: crate::Map<String, Vec<Arc<AppMetrics>>>,
 }
 
 /// All metrics of one proxy.
@@ -374,7 +374,7 @@ pub struct Metrics {
     auth_lookups: Vec<IntCounter>,
     cancel_requests: Vec<IntCounter>,
     scram_derivations: IntCounter,
-    pools: Mutex<HashMap<PoolId, Arc<PoolMetrics>>>,
+    pools: Mutex<crate::Map<PoolId, Arc<PoolMetrics>>>,
     apps: Mutex<Apps>,
     /// One scrape at a time: a scrape sets gauges, then gathers.
     scrape: Mutex<()>,
@@ -712,7 +712,7 @@ impl Metrics {
             auth_lookups,
             cancel_requests,
             scram_derivations,
-            pools: Mutex::new(HashMap::new()),
+            pools: Mutex::default(),
             apps: Mutex::new(Apps::default()),
             scrape: Mutex::new(()),
         }

@@ -13,7 +13,6 @@ pub mod rate_limit;
 pub mod scram;
 pub mod upstream;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -126,14 +125,14 @@ impl Secret {
 /// The users listed in the configuration (`[users]` and `auth_file`) and their secrets.
 #[derive(Debug, Clone)]
 pub struct Credentials {
-    users: HashMap<String, Arc<Secret>>,
+    users: crate::Map<String, Arc<Secret>>,
     default_method: AuthType,
 }
 
 impl Default for Credentials {
     fn default() -> Self {
         Credentials {
-            users: HashMap::new(),
+            users: crate::Map::default(),
             default_method: AuthType::ScramSha256,
         }
     }
@@ -143,7 +142,7 @@ impl Credentials {
     /// Prepares each listed user's secret. A user whose password and method did not change
     /// since `previous` keeps its secret, so a reload derives no verifier again.
     pub fn from_config(config: &Config, previous: Option<&Credentials>) -> Credentials {
-        let mut users = HashMap::new();
+        let mut users = crate::Map::default();
         let names = config.users.keys().chain(config.auth_file_users.keys());
         for name in names {
             let method = config

@@ -21,7 +21,7 @@ pub mod health;
 pub mod janitor;
 pub mod queue;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -36,6 +36,7 @@ use crate::auth::upstream::UpstreamKeys;
 use crate::config::{BudgetMode, Config, PoolSettings};
 use crate::prepared::KnownStatements;
 use crate::server::{ServerConn, ServerError};
+use crate::session_params::Reported;
 pub use health::Retire;
 use queue::{WaitCell, WaitGuard, Waiter};
 
@@ -92,7 +93,7 @@ struct Pool {
     connecting: u32,
     waiters: VecDeque<Waiter>,
     /// ParameterStatus set of the first server, shown to clients at login.
-    params: Option<Arc<Vec<(String, String)>>>,
+    params: Option<Arc<Reported>>,
     /// After a failed connect, the janitor leaves the pool alone until then.
     retry_after: Option<Instant>,
     /// Named statements a server of this pool prepared successfully.
@@ -134,7 +135,7 @@ impl Budget {
 #[derive(Debug, Default)]
 struct State {
     /// Pools by database, then user: looked up without building an owned key.
-    by_key: HashMap<String, HashMap<String, PoolId>>,
+    by_key: crate::Map<String, crate::Map<String, PoolId>>,
     pools: Vec<Pool>,
     budgets: Vec<Budget>,
     sweep: queue::Sweep,
@@ -517,7 +518,7 @@ impl Pools {
     }
 
     /// The ParameterStatus set clients of this pool are shown at login, once known.
-    pub fn server_params(&self, pool: PoolId) -> Option<Arc<Vec<(String, String)>>> {
+    pub fn server_params(&self, pool: PoolId) -> Option<Arc<Reported>> {
         self.lock().pools[pool].params.clone()
     }
 
@@ -795,7 +796,7 @@ impl Pools {
                 let p = &mut st.pools[pool];
                 p.connecting -= 1;
                 if p.params.is_none() {
-                    p.params = Some(Arc::new(server.reported.clone()));
+                    p.params = Some(Arc::new(Reported::new(&server.reported)));
                 }
                 tracing::debug!(server = id, database = %settings.database, "opened server connection");
                 Ok(Box::new(server))
