@@ -397,18 +397,34 @@ fn plain_statement(sql: &[u8]) -> bool {
         Some(i) if memchr::memchr(b';', &body[i..]).is_some() => return false,
         Some(_) => true,
     };
-    let first_word_plain = match (Lexer { s: sql, i: 0 }).next_token() {
-        Some(Token::Word(w)) => !SESSION_WORDS
+    let is_session_word = |w: &[u8]| {
+        SESSION_WORDS
             .iter()
-            .any(|k| w.eq_ignore_ascii_case(k.as_bytes())),
-        None => true,
-        _ => false,
+            .any(|k| w.eq_ignore_ascii_case(k.as_bytes()))
+    };
+    let first_word_plain = match first_letters(sql) {
+        Some(w) => !is_session_word(w),
+        None => match (Lexer { s: sql, i: 0 }).next_token() {
+            Some(Token::Word(w)) => !is_session_word(w),
+            None => true,
+            _ => false,
+        },
     };
     first_word_plain
         && (!calls
             || !SESSION_FUNCTION_WORDS
                 .iter()
                 .any(|&(word, key)| mentions(body, word, key)))
+}
+
+/// The first word of `sql` when it is plain letters followed by white space (`SELECT abalance
+/// …`): the word the lexer would return, found without it. `None` for anything else (a
+/// comment, a quote, a parenthesis, a word with digits, `_` or `$`): the lexer decides.
+fn first_letters(sql: &[u8]) -> Option<&[u8]> {
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    let rest = &sql[start..];
+    let len = rest.iter().position(|b| !b.is_ascii_alphabetic())?;
+    (len > 0 && rest[len].is_ascii_whitespace()).then(|| &rest[..len])
 }
 
 /// A query text that drops prepared statements, when it is a single statement.
@@ -670,6 +686,42 @@ mod tests {
             let fast = classify(t.as_bytes(), true, &mut a);
             let full = classify_all(t.as_bytes(), true, &mut b);
             proptest::prop_assert_eq!((fast, a), (full, b), "{:?}", t);
+        }
+    }
+
+    #[test]
+    fn first_letters_is_a_plain_first_word_or_nothing() {
+        for (text, want) in [
+            ("SELECT 1", Some("SELECT")),
+            (" \n\tset x = 1", Some("set")),
+            ("select\n1", Some("select")),
+            ("set", None),
+            ("set;", None),
+            ("set(", None),
+            ("select1 ", None),
+            ("set_config ", None),
+            ("/* c */ set x", None),
+            ("-- c\nset x", None),
+            ("\"set\" x", None),
+            ("", None),
+            ("   ", None),
+        ] {
+            assert_eq!(
+                first_letters(text.as_bytes()),
+                want.map(str::as_bytes),
+                "{text:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Where the shortcut finds a first word, it is the lexer's first token.
+        #[test]
+        fn first_letters_agrees_with_the_lexer(t in "[a-zA-Z_ \t\n;()'\"$0-9/*-]{0,20}") {
+            if let Some(w) = first_letters(t.as_bytes()) {
+                let tok = (Lexer { s: t.as_bytes(), i: 0 }).next_token();
+                proptest::prop_assert!(matches!(tok, Some(Token::Word(x)) if x == w), "{:?}", t);
+            }
         }
     }
 
