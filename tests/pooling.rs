@@ -658,3 +658,119 @@ async fn copy_in_over_the_extended_protocol() {
     assert_eq!(scalar(&other, "SELECT 1").await, "1");
     c.batch_execute("DROP TABLE rows_in").await.unwrap();
 }
+
+/// The ParameterStatus messages of a raw login with `extra` startup parameters, by name.
+async fn welcome(port: u16, name: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    use common::wire::*;
+    use tokio::io::AsyncWriteExt;
+    let mut s = raw_connect(port).await;
+    let mut params = vec![("user", name), ("database", name)];
+    params.extend_from_slice(extra);
+    s.write_all(&startup_packet(&params)).await.unwrap();
+    read_until_ready(&mut s)
+        .await
+        .into_iter()
+        .filter(|m| m.tag == b'S')
+        .map(|m| {
+            let mut parts = m.body.split(|&b| b == 0);
+            let mut next = || String::from_utf8(parts.next().unwrap().to_vec()).unwrap();
+            (next(), next())
+        })
+        .collect()
+}
+
+/// A login is shown what the pool's server reported (encoded once per pool), with the
+/// client's own value in place for a parameter it set, under the server's spelling.
+#[tokio::test]
+async fn the_welcome_shows_the_servers_parameters_with_the_clients_own() {
+    let proxy = app("welcome", "auth_type = \"trust\"").await;
+    let port = proxy.addr.port();
+    let plain = welcome(port, "welcome", &[]).await;
+    let own = welcome(
+        port,
+        "welcome",
+        &[("application_name", "web"), ("DateStyle", "German")],
+    )
+    .await;
+    let names = |w: &[(String, String)]| w.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    let value = |w: &[(String, String)], n: &str| {
+        w.iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{n} not shown: {w:?}"))
+    };
+    // The same names in the same order, each once, for both.
+    assert_eq!(names(&plain), names(&own));
+    for n in [
+        "server_version",
+        "DateStyle",
+        "TimeZone",
+        "application_name",
+        "client_encoding",
+    ] {
+        assert_eq!(
+            names(&plain).iter().filter(|k| *k == n).count(),
+            1,
+            "{n}: {plain:?}"
+        );
+    }
+    assert_eq!(value(&own, "application_name"), "web");
+    assert_eq!(value(&own, "DateStyle"), "German");
+    assert_ne!(value(&plain, "application_name"), "web");
+    assert_ne!(value(&plain, "DateStyle"), "German");
+    // Everything else is the server's, for both.
+    for (n, v) in &plain {
+        if n != "application_name" && n != "DateStyle" {
+            assert_eq!(&value(&own, n), v, "{n}");
+        }
+    }
+    let c = proxy.client("welcome").await;
+    assert_eq!(
+        value(&plain, "server_version"),
+        scalar(&c, "SHOW server_version").await
+    );
+    // A login after them is shown the server's values again, not the last client's.
+    assert_eq!(welcome(port, "welcome", &[]).await, plain);
+}
+
+/// Clients queued behind a busy pool get their own answers once a server frees. A queued
+/// request of up to 1 KiB moves out of its read buffer into a copy of its own size while it
+/// waits; a client that sends more while queued reads into a buffer again.
+#[tokio::test]
+async fn queued_requests_are_answered_whole() {
+    let proxy = app("queued_req", "pool_size = 1").await;
+    let holder = proxy.client("queued_req").await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let mut waiting = Vec::new();
+    for i in 1..=6usize {
+        let c = proxy.client("queued_req").await;
+        waiting.push(tokio::spawn(async move {
+            // Requests on both sides of the copy's limit; two pipelined while queued.
+            let pad = "x".repeat(i * 250);
+            let first = format!("SELECT '{pad}' || {i}");
+            let second = format!("SELECT {i} * 2");
+            let (a, b) = tokio::join!(scalar(&c, &first), scalar(&c, &second));
+            (a == format!("{pad}{i}"), b == (i * 2).to_string())
+        }));
+    }
+    let queued = eventually(Duration::from_secs(10), || async {
+        proxy
+            .shared
+            .pools
+            .stats()
+            .iter()
+            .map(|p| p.waiting)
+            .sum::<u32>()
+            >= 6
+    })
+    .await;
+    assert!(queued, "six clients queued behind the held server");
+    holder.batch_execute("COMMIT").await.unwrap();
+    for w in waiting {
+        let answers = tokio::time::timeout(Duration::from_secs(20), w)
+            .await
+            .expect("a queued client was not answered")
+            .unwrap();
+        assert_eq!(answers, (true, true));
+    }
+}

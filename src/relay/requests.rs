@@ -220,7 +220,8 @@ impl<S> ClientConn<S> {
     /// from and given back to the allocator's slow path.
     pub fn shrink_while_queued(&mut self) {
         let len = self.buf.len();
-        if len > QUEUED_COPY_MAX || self.buf.capacity() < CLIENT_BUFFER {
+        // A buffer this small is a request's own copy already (or a login's leftover).
+        if len > QUEUED_COPY_MAX || self.buf.capacity() <= QUEUED_COPY_MAX {
             return;
         }
         let own = if len == 0 {
@@ -774,6 +775,22 @@ mod tests {
         b.advance(5);
         give_buffer(b);
         assert_eq!(spares(), before + 1);
+        assert_eq!(take_buffer().capacity(), CLIENT_BUFFER);
+        // A buffer read from before (its capacity now short of the whole) is given back too,
+        // whole; a copy is not copied again.
+        let mut c = client(0);
+        c.buf = take_buffer();
+        c.buf.extend_from_slice(query);
+        c.buf.extend_from_slice(query);
+        c.buf.advance(query.len());
+        assert!(c.buf.capacity() < CLIENT_BUFFER);
+        let before = spares();
+        c.shrink_while_queued();
+        assert_eq!(&c.buf[..], query);
+        assert_eq!(spares(), before + 1);
+        let copy = c.buf.as_ptr();
+        c.shrink_while_queued();
+        assert_eq!((c.buf.as_ptr(), spares()), (copy, before + 1));
         assert_eq!(take_buffer().capacity(), CLIENT_BUFFER);
         // A long request keeps its buffer (no copy of kilobytes per wait).
         let mut c = client(0);
