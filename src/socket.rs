@@ -129,6 +129,19 @@ impl Socket {
         std::future::poll_fn(|cx| self.poll_write_ready(cx)).await
     }
 
+    /// Whether the runtime has seen the socket readable since a read last found it empty:
+    /// one atomic load, no system call, and no waker left behind (unlike
+    /// [`Socket::poll_read_ready`]). For a task that was woken and wants to know by what.
+    #[inline]
+    pub fn read_ready_now(&self) -> bool {
+        match self {
+            Socket::Tcp(s) => s.try_io(Interest::READABLE, || Ok(())).is_ok(),
+            Socket::Unix(s) => s.try_io(Interest::READABLE, || Ok(())).is_ok(),
+            #[cfg(feature = "io-uring")]
+            Socket::Uring(s) => s.read_ready_now(),
+        }
+    }
+
     #[inline]
     pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         on_socket!(self, s => s.poll_read_ready(cx))

@@ -266,8 +266,21 @@ impl Stream {
     }
 
     /// Waits until [`Stream::read_some`] may have something (or an error or end of stream).
+    ///
+    /// Polled again after a wake-up, it first looks at the readiness the runtime saw
+    /// ([`Stream::read_ready_now`]): usually what woke the task, found without taking the
+    /// registration's lock to store the waker once more. The first poll registers as usual
+    /// (and counts against the task's cooperative budget), so a task never sleeps without
+    /// its waker stored, nor spins on a socket that stays readable.
     pub async fn readable(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
+        let mut again = false;
+        std::future::poll_fn(|cx| {
+            if std::mem::replace(&mut again, true) && self.read_ready_now() {
+                return Poll::Ready(Ok(()));
+            }
+            self.poll_read_ready(cx)
+        })
+        .await
     }
 
     /// [`Stream::readable`] as a poll: ready at once when rustls holds plaintext.
@@ -278,6 +291,18 @@ impl Stream {
             }
         }
         self.sock.poll_read_ready(cx)
+    }
+
+    /// Whether [`Stream::read_some`] may find something now, going by what is already known
+    /// (plaintext rustls holds, the readiness the runtime saw): no system call, no waker.
+    #[inline]
+    pub fn read_ready_now(&self) -> bool {
+        if let Some(tls) = &self.tls {
+            if tls.plain > 0 || tls.eof {
+                return true;
+            }
+        }
+        self.sock.read_ready_now()
     }
 
     /// [`Stream::writable`] as a poll.
@@ -459,5 +484,61 @@ impl AsyncWrite for Stream {
             ready!(this.poll_flush_tls(cx))?;
         }
         Pin::new(&mut this.sock).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// `read_ready_now` answers from what the runtime saw, and a wait polled again after a
+    /// wake-up still ends when bytes come, then waits (and is woken) again once they are read.
+    #[tokio::test(flavor = "current_thread")]
+    async fn readiness_is_seen_without_registering_again() {
+        let (a, mut peer) = tokio::net::UnixStream::pair().unwrap();
+        let mut s = Stream::from(Socket::from(a));
+        let mut buf = BytesMut::with_capacity(64);
+        // Nothing seen yet: a read would block, and the check says so without a syscall.
+        assert!(!s.read_ready_now());
+        assert_eq!(
+            s.read_some(&mut buf, 64).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(!s.read_ready_now());
+        // A wait that sleeps first, then is woken by the peer's bytes.
+        let writer = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            peer.write_all(b"hello").await.unwrap();
+            peer
+        });
+        tokio::time::timeout(Duration::from_secs(5), s.readable())
+            .await
+            .expect("the wait ends when bytes come")
+            .unwrap();
+        let mut peer = writer.await.unwrap();
+        assert!(s.read_ready_now());
+        assert_eq!(s.read_some(&mut buf, 64).unwrap(), 5);
+        assert_eq!(&buf[..], b"hello");
+        // Read short: the readiness is cleared, the next wait sleeps until more comes.
+        assert!(!s.read_ready_now());
+        let wait = tokio::time::timeout(Duration::from_millis(50), s.readable()).await;
+        assert!(wait.is_err(), "nothing to read: the wait must not end");
+        peer.write_all(b"!").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.readable())
+            .await
+            .expect("woken again")
+            .unwrap();
+        // The end of the stream counts as readable too.
+        drop(peer);
+        buf.clear();
+        assert_eq!(s.read_some(&mut buf, 64).unwrap(), 1);
+        tokio::time::timeout(Duration::from_secs(5), s.readable())
+            .await
+            .expect("the end is seen")
+            .unwrap();
+        assert!(s.read_ready_now());
+        assert_eq!(s.read_some(&mut buf, 64).unwrap(), 0);
     }
 }

@@ -753,6 +753,18 @@ impl Sock {
         .unwrap_or_else(|| Poll::Ready(Err(elsewhere())))
     }
 
+    /// Whether a read would find something now (bytes, the end, or an error), going by the
+    /// slot's state: no system call, no waker.
+    pub fn read_ready_now(&self) -> bool {
+        self.on(|r| {
+            matches!(
+                r.slot(self.slot).input,
+                Input::Ready { .. } | Input::Eof | Input::Failed(_)
+            )
+        })
+        .unwrap_or(true)
+    }
+
     /// Copies what was received into `dst` (by `copy(bytes) -> taken`): `WouldBlock` when
     /// nothing is there yet, `Ok(0)` at the end of the stream.
     fn read_with(&self, copy: impl FnOnce(&[u8]) -> usize) -> io::Result<usize> {

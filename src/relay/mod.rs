@@ -398,6 +398,7 @@ pub async fn transaction(
             write_server: client.ready > 0 || server.stream.wants_write(),
             drain: between,
             client_seen,
+            again: false,
         };
         let mut armed = deadline.and(timer.as_mut());
         let waited =
@@ -466,6 +467,8 @@ struct Wants {
     /// A streaming server is thus looked at alone one wait in two at most: it cannot starve
     /// the client.
     client_seen: bool,
+    /// The wait was polled before (and so has slept): see [`Wants::poll`].
+    again: bool,
 }
 
 /// The sockets with bytes to read after a wait.
@@ -498,6 +501,31 @@ impl Wants {
         let mut any = false;
         if watch.poll_aborting(cx).is_ready() {
             return Poll::Ready(Err(Stop::Aborting));
+        }
+        // Woken: what woke the task is usually a socket now readable, seen in the readiness
+        // the runtime keeps, without storing the waker again under each registration's lock
+        // (one poll of that kind fewer per wait, two when the client woke it). The first
+        // poll of a wait registers everything it waits for, as below; a wait that finds
+        // nothing here registers again too, so it never sleeps without a waker.
+        if std::mem::replace(&mut self.again, true) {
+            let server_now = self.read_server && server.stream.read_ready_now();
+            if server_now && self.client_seen {
+                self.client_seen = false;
+                return Poll::Ready(Ok(Woke {
+                    server: true,
+                    client: false,
+                }));
+            }
+            let client_now = self.read_client && client.stream.read_ready_now();
+            if self.read_client {
+                self.client_seen = true;
+            }
+            if server_now || client_now {
+                return Poll::Ready(Ok(Woke {
+                    server: server_now,
+                    client: client_now,
+                }));
+            }
         }
         if self.read_server {
             match server.stream.poll_read_ready(cx) {
