@@ -13,7 +13,7 @@ use tracing::Instrument;
 use crate::app::Shared;
 use crate::auth;
 use crate::clients::{AppSlot, NewClient, Registration, ServerLink};
-use crate::config::PoolMode;
+use crate::config::{Config, PoolMode};
 use crate::metrics::{ErrorKind, Meter, TxnCounts};
 use crate::pool::queue::WaitCell;
 use crate::pool::{Checkout, PoolError, PoolId};
@@ -325,7 +325,7 @@ async fn log_in(
     let mut input = LoginInput::new();
     let login = tokio::time::timeout(
         config.client_login_timeout,
-        handshake(&mut stream, &mut input, shared, peer, over_limit),
+        handshake(&mut stream, &mut input, shared, &config, peer, over_limit),
     )
     .await;
     let login = match login {
@@ -385,6 +385,7 @@ async fn log_in(
     if let Err(e) = welcome(
         &mut stream,
         shared,
+        &config,
         pool,
         &login,
         cancel.client.pid,
@@ -516,10 +517,11 @@ async fn handshake(
     stream: &mut Stream,
     input: &mut LoginInput,
     shared: &Arc<Shared>,
+    config: &Config,
     peer: Option<IpAddr>,
     over_limit: Option<usize>,
 ) -> Result<Option<Login>, End> {
-    let mut tls = shared.pools.config().tls.client.clone();
+    let mut tls = config.tls.client.clone();
     // No TLS over a Unix socket, as PostgreSQL: an SSLRequest gets 'N', and the client is
     // local, so `client_tls.mode = require` does not apply to it.
     if stream.socket().is_unix() {
@@ -599,7 +601,7 @@ async fn handshake(
                         .with_hint("connect with sslmode=require (or verify-ca, verify-full)"),
                     ));
                 }
-                let login = check_startup(&s, shared)?;
+                let login = check_startup(&s, config)?;
                 if let Some(max) = over_limit {
                     if !crate::admin::is_console(&login.database) {
                         return Err(too_many_clients(max));
@@ -613,7 +615,7 @@ async fn handshake(
                     stream.send(&buf).await?;
                 }
                 let mut login = login;
-                authenticate(stream, input, shared, &mut login, peer).await?;
+                authenticate(stream, input, shared, config, &mut login, peer).await?;
                 // Whatever authentication wrote must reach the client before we wait.
                 stream.flush().await?;
                 return Ok(Some(login));
@@ -657,10 +659,10 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     input: &mut LoginInput,
     shared: &Arc<Shared>,
+    config: &Config,
     login: &mut Login,
     peer: Option<IpAddr>,
 ) -> Result<(), End> {
-    let config = shared.pools.config();
     let limit = config.login_rate_limit;
     if let Some(ip) = peer {
         if let Some(wait) = shared.login_limiter.blocked(ip, limit, Instant::now()) {
@@ -707,7 +709,6 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             )
         })?;
     }
-    drop(config);
     match auth::authenticate(
         stream,
         input,
@@ -762,8 +763,7 @@ fn unsupported(msg: String) -> End {
 }
 
 /// Checks the startup packet: protocol version, user, database and parameters.
-fn check_startup(s: &Startup, shared: &Shared) -> Result<Login, End> {
-    let config = shared.pools.config();
+fn check_startup(s: &Startup, config: &Config) -> Result<Login, End> {
     if s.major != 3 {
         return Err(End::Tell(ErrorFields::new(
             Severity::Fatal,
@@ -842,12 +842,12 @@ fn check_startup(s: &Startup, shared: &Shared) -> Result<Login, End> {
 async fn welcome(
     stream: &mut Stream,
     shared: &Arc<Shared>,
+    config: &Config,
     pool: PoolId,
     login: &Login,
     pid: i32,
     secret: i32,
 ) -> Result<(), ErrorFields> {
-    let config = shared.pools.config();
     let params = match shared.pools.server_params(pool) {
         Some(p) => p,
         None => {
