@@ -87,10 +87,16 @@ impl ClientConn {
     /// [`READ_CHUNK`] from then on, until it next waits with nothing buffered.
     pub fn read_some(&mut self) -> std::io::Result<usize> {
         let big = self.buf.capacity() >= READ_CHUNK;
-        let room = if big { READ_CHUNK } else { CLIENT_BUFFER };
+        let mut room = if big { READ_CHUNK } else { CLIENT_BUFFER };
         if self.buf.is_empty() && self.buf.capacity() < CLIENT_BUFFER {
             // What a queued request was kept in (all relayed by now): read into a buffer.
             self.buf = take_buffer();
+        }
+        // The rest of a long Query or Parse, which is held whole, gets its room at once: one
+        // allocation of the message's size and reads as large as the socket has, not a
+        // doubling of the buffer (and a copy of all of it) every few reads.
+        if let Some(rest) = self.held_rest() {
+            room = room.max(rest);
         }
         self.buf.reserve(room);
         let n = self.stream.read_some(&mut self.buf, room)?;
@@ -213,6 +219,23 @@ fn give_buffer(mut b: BytesMut) {
 }
 
 impl<S> ClientConn<S> {
+    /// Bytes still to come of a Query or Parse at the front of the unscanned input, when one
+    /// is there in part (and within `max_query_size`: a longer one is refused from its header).
+    fn held_rest(&self) -> Option<usize> {
+        if self.pass != 0 {
+            return None;
+        }
+        let unscanned = &self.buf[self.ready..];
+        match frame::header(unscanned, MAX_MESSAGE) {
+            Ok(Some((frontend::QUERY | frontend::PARSE, total)))
+                if total > unscanned.len() && total - 1 <= self.max_query_size as usize =>
+            {
+                Some(total - unscanned.len())
+            }
+            _ => None,
+        }
+    }
+
     /// Keeps a short request in an allocation of its own size while its client waits for a
     /// server, and gives the read buffer back to this thread's spares. A crowd queued for a
     /// pool (a login storm, hundreds of clients behind twenty servers) would otherwise hold a
@@ -748,6 +771,41 @@ mod tests {
 
     fn spares() -> usize {
         SPARE_BUFFERS.with(|s| s.borrow().len())
+    }
+
+    #[test]
+    fn the_rest_of_a_long_query_is_known_from_its_header() {
+        let mut c = client(0);
+        assert_eq!(c.held_rest(), None, "nothing buffered");
+        // A Query of 100,000 bytes of which 1,000 are here; then a Parse; then one whole.
+        c.buf.extend_from_slice(b"Q");
+        c.buf.extend_from_slice(&100_000u32.to_be_bytes());
+        c.buf.extend_from_slice(&[b'x'; 995]);
+        assert_eq!(c.held_rest(), Some(100_001 - 1_000));
+        c.buf[0] = frontend::PARSE;
+        assert_eq!(c.held_rest(), Some(99_001));
+        // Other messages are passed on in pieces or held only up to 1 MiB: no room ahead.
+        c.buf[0] = frontend::BIND;
+        assert_eq!(c.held_rest(), None);
+        c.buf[0] = frontend::COPY_DATA;
+        assert_eq!(c.held_rest(), None);
+        // Over max_query_size: refused from the header, so no room is made for it.
+        c.buf[0] = frontend::QUERY;
+        c.max_query_size = 50_000;
+        assert_eq!(c.held_rest(), None);
+        c.max_query_size = 1 << 20;
+        // Behind a message already scanned, or while passing a message on: none either.
+        c.ready = 5;
+        assert_eq!(c.held_rest(), None);
+        c.ready = 0;
+        c.pass = 10;
+        assert_eq!(c.held_rest(), None);
+        c.pass = 0;
+        // Whole: nothing more to come.
+        let whole = b"Q\0\0\0\x0dselect 1\0";
+        c.buf.clear();
+        c.buf.extend_from_slice(whole);
+        assert_eq!(c.held_rest(), None);
     }
 
     #[test]
