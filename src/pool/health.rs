@@ -144,6 +144,12 @@ impl Pools {
         checkout: &mut Checkout,
         now: Instant,
     ) -> bool {
+        // A delay of the janitor's period or more: the janitor flags the servers due (as
+        // `try_idle` reads them), so a server not flagged needs no configuration load and
+        // no clock arithmetic here, the common case of every queued checkout.
+        if !checkout.server().check_due && !self.check_often.load(Ordering::Relaxed) {
+            return true;
+        }
         let (query, timeout) = {
             let c = self.config.load();
             if c.server_check_query.is_empty()
