@@ -88,8 +88,14 @@ impl ClientConn {
     pub fn read_some(&mut self) -> std::io::Result<usize> {
         let big = self.buf.capacity() >= READ_CHUNK;
         let mut room = if big { READ_CHUNK } else { CLIENT_BUFFER };
-        if self.buf.is_empty() && self.buf.capacity() < CLIENT_BUFFER {
-            // What a queued request was kept in (all relayed by now): read into a buffer.
+        // Emptied by relaying, the buffer's room before the read position is taken back
+        // (no allocation: within a transaction a client reads every statement into the same
+        // buffer). What a queued request was kept in (all relayed by now) is too small for
+        // that, and one a long message grew is freed: a buffer is taken instead.
+        if self.buf.is_empty()
+            && self.buf.capacity() < CLIENT_BUFFER
+            && !(self.buf.try_reclaim(CLIENT_BUFFER) && self.buf.capacity() <= 2 * READ_CHUNK)
+        {
             self.buf = take_buffer();
         }
         // The rest of a long Query or Parse, which is held whole, gets its room at once: one
@@ -771,6 +777,43 @@ mod tests {
 
     fn spares() -> usize {
         SPARE_BUFFERS.with(|s| s.borrow().len())
+    }
+
+    /// Statement after statement (a transaction, the client never waiting without a
+    /// server), the client's reads go into the one buffer it has: no allocation per read.
+    /// A buffer a long message grew is let go once emptied.
+    #[tokio::test(flavor = "current_thread")]
+    async fn reads_within_a_transaction_reuse_the_buffer() {
+        use std::io::Write;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut peer = b;
+        let sock = crate::socket::Socket::from(tokio::net::UnixStream::from_std(a).unwrap());
+        let mut c = ClientConn::new(Stream::from(sock), 1 << 20, 0, Arc::default());
+        let query = b"Q\0\0\0\x0dselect 1\0";
+        let mut start = None;
+        for _ in 0..200 {
+            peer.write_all(query).unwrap();
+            c.stream.readable().await.unwrap();
+            assert_eq!(c.read_some().unwrap(), query.len());
+            let at = c.buf.as_ptr() as usize;
+            assert_eq!(
+                *start.get_or_insert(at),
+                at,
+                "read into the same allocation"
+            );
+            // Relayed: the bytes leave the front of the buffer.
+            c.buf.advance(query.len());
+        }
+        // A long message grew the buffer; relayed whole, the buffer is freed at the next
+        // read and an ordinary one is taken.
+        c.buf.reserve(1 << 20);
+        c.buf.extend_from_slice(&vec![0; (1 << 20) - 100]);
+        c.buf.advance(c.buf.len());
+        peer.write_all(query).unwrap();
+        c.stream.readable().await.unwrap();
+        assert_eq!(c.read_some().unwrap(), query.len());
+        assert!(c.buf.capacity() <= 2 * READ_CHUNK, "{}", c.buf.capacity());
     }
 
     #[test]
