@@ -880,7 +880,7 @@ fn show_stats(shared: &Shared) -> Table {
         d.wait_us += p.client_wait.get_sample_sum() * 1e6;
     }
     let uptime = shared.started.elapsed().as_secs().max(1);
-    let per = |total: u64, n: u64| if n == 0 { 0 } else { total / n };
+    let per = |total: u64, n: u64| total.checked_div(n).unwrap_or(0);
     for (name, d) in dbs {
         let query_us = (d.xact_us - d.idle_us).max(0.0) as u64;
         let xact_us = d.xact_us as u64;

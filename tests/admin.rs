@@ -269,7 +269,7 @@ async fn show_clients_and_servers_link_up() {
     );
     let i = clients
         .iter()
-        .find(|r| field(r, "application_name") == "")
+        .find(|r| field(r, "application_name").is_empty())
         .unwrap();
     assert_eq!(field(i, "state"), "idle");
     assert_eq!(field(i, "link"), "");

@@ -396,8 +396,7 @@ async fn upstream_down_at_start_then_up() {
     .await;
     let e = try_connect(&proxy.conn("late", "x", "late"))
         .await
-        .err()
-        .expect("no server yet");
+        .expect_err("no server yet");
     assert_eq!(code(&e), "08006", "{e}");
     assert!(budget(&proxy).last_error.is_some());
     pg.ctl_start();

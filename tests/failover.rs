@@ -80,8 +80,7 @@ async fn login_errors_are_not_retried() {
     let started = Instant::now();
     let e = try_connect(&proxy.conn("fo3", "fo3-pw", "fo3"))
         .await
-        .err()
-        .expect("the upstream login fails");
+        .expect_err("the upstream login fails");
     assert_eq!(code(&e), "28P01", "{e}");
     assert!(
         started.elapsed() < Duration::from_secs(3),

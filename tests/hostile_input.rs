@@ -460,8 +460,7 @@ async fn auth_message_abuse() {
     ] {
         let e = try_connect(&proxy.conn(user, password, db))
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         answers.push((code(&e), message(&e).replace(user, "USER")));
     }
     assert_eq!(answers[0].0, "28P01");

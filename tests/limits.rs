@@ -119,8 +119,7 @@ async fn max_client_conn_keeps_the_admin_console_reachable() {
     let started = Instant::now();
     let e = try_connect(&proxy.conn(name, &format!("{name}-pw"), name))
         .await
-        .err()
-        .expect("the sixth client is refused");
+        .expect_err("the sixth client is refused");
     assert_eq!(code(&e), "53300", "{e}");
     assert!(started.elapsed() < Duration::from_secs(2));
     for c in &clients {
@@ -272,7 +271,6 @@ async fn file_descriptors_run_out() {
     // More clients: they connect (the kernel queues them) but are not served yet.
     let mut waiting = Vec::new();
     for _ in 0..5 {
-        let port = port;
         waiting.push(tokio::spawn(async move {
             tokio::time::timeout(Duration::from_secs(30), login_and_select(port, name)).await
         }));

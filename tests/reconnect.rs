@@ -138,7 +138,7 @@ async fn reconnect_moves_every_server_to_the_new_address() {
         t.await.unwrap();
     }
 
-    let seen = seen.lock().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert!(
         seen.errors.is_empty(),
         "no client saw an error: {:?}",

@@ -233,7 +233,10 @@ async fn pgbench_over_unix_sockets_end_to_end() {
         );
     }
     let (unix, tcp) = backends_by_transport(&pg.admin().await, "ux_bench").await;
-    assert!(unix >= 1 && unix <= 4 && tcp == 0, "{unix} unix, {tcp} tcp");
+    assert!(
+        (1..=4).contains(&unix) && tcp == 0,
+        "{unix} unix, {tcp} tcp"
+    );
 }
 
 /// A query sleeping on a server reached over its Unix socket is cancelled, whether the

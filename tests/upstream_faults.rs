@@ -522,7 +522,7 @@ async fn hung_logins_time_out_and_leave_nothing_behind() {
     let results = futures_join(runs).await;
     let took = started.elapsed();
     for r in &results {
-        let e = r.as_ref().err().expect("no server can be had");
+        let e = r.as_ref().expect_err("no server can be had");
         assert!(
             ["08006", "53300"].contains(&code(e).as_str()),
             "{e}: {} {}",

@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn impossible_verifier_rejects() {
         let mut client = ScramSha256::new(b"anything", ChannelBinding::unsupported());
-        let ex = client_first(&client.message().to_vec(), &Verifier::impossible()).unwrap();
+        let ex = client_first(client.message(), &Verifier::impossible()).unwrap();
         client.update(ex.server_first().as_bytes()).unwrap();
         assert_eq!(
             ex.client_final(client.message()).unwrap_err(),

@@ -680,7 +680,7 @@ pub async fn clean_up(server: &mut ServerConn, leftover: Leftover) -> bool {
                     return false;
                 }
             }
-            matches!(server.simple_query("ROLLBACK").await, Ok(_))
+            server.simple_query("ROLLBACK").await.is_ok()
         }
     }
 }

@@ -515,7 +515,7 @@ impl<S> ClientConn<S> {
                             msg.extend_from_slice(
                                 &((4 + 1 + stmt.server_name.len() + 1) as i32).to_be_bytes(),
                             );
-                            msg.extend_from_slice(&[b'S']);
+                            msg.extend_from_slice(b"S");
                             msg.extend_from_slice(stmt.server_name.as_bytes());
                             msg.extend_from_slice(&[0]);
                             splice(&mut self.buf, at, total, &msg);
