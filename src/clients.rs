@@ -123,11 +123,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A stamp for the clients' atomics: µs since `BASE`, plus 1 (so that 0 means none). The
+/// relay keeps its idle-in-transaction times in stamps too: one clock difference per stamp,
+/// then integer arithmetic.
+#[inline]
+pub fn stamp(at: Instant) -> u64 {
+    at.saturating_duration_since(*BASE).as_micros() as u64 + 1
+}
+
 impl Client {
-    /// A stamp for the atomics above: µs since `BASE`, plus 1 (so that 0 means none).
     #[inline]
     fn stamp(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(*BASE).as_micros() as u64 + 1
+        stamp(at)
     }
 
     fn since(&self, stamp: u64, now: Instant) -> Duration {
@@ -214,22 +221,21 @@ impl Client {
         *lock(&self.app) = slot;
     }
 
-    /// The server became idle inside an open transaction at `at` (from the relay).
+    /// The server became idle inside an open transaction at stamp `s` (from the relay).
     #[inline]
-    pub fn idle_in_transaction_began(&self, at: Instant) {
-        let s = self.stamp(at);
+    pub fn idle_in_transaction_began(&self, s: u64) {
         self.idle_counted.store(s, Ordering::Relaxed);
         self.idle_began.store(s, Ordering::Relaxed);
     }
 
-    /// The idle stretch ended at `at`; returns the part of it not yet added to the
+    /// The idle stretch ended at stamp `end`; returns the part of it not yet added to the
     /// application's counter by a scrape.
     #[inline]
-    pub fn idle_in_transaction_ended(&self, at: Instant) -> Duration {
+    pub fn idle_in_transaction_ended(&self, end: u64) -> Duration {
         self.idle_began.store(0, Ordering::Relaxed);
         match self.idle_counted.swap(0, Ordering::AcqRel) {
             0 => Duration::ZERO,
-            s => self.since(s, at),
+            s => Duration::from_micros(end.saturating_sub(s)),
         }
     }
 

@@ -205,8 +205,9 @@ pub struct TxnCounts {
     started: Option<Instant>,
     /// When the last transaction ended (the server's `last_used` when it goes back).
     pub ended: Option<Instant>,
-    /// When the server last became idle inside the open transaction.
-    idle_since: Option<Instant>,
+    /// When the server last became idle inside the open transaction
+    /// ([`crate::clients::stamp`]).
+    idle_since: Option<u64>,
     /// Idle-in-transaction time since the last publish (for the pool's counter).
     idle: Duration,
     /// The same, less what scrapes already added to the application's counter.
@@ -249,7 +250,7 @@ impl TxnCounts {
         match status {
             TransactionStatus::Idle => self.transaction_ended(),
             _ if quiet && self.idle_since.is_none() => {
-                let now = Instant::now();
+                let now = crate::clients::stamp(Instant::now());
                 self.idle_since = Some(now);
                 if let Some(m) = &self.meter {
                     m.client.idle_in_transaction_began(now);
@@ -261,7 +262,8 @@ impl TxnCounts {
 
     fn end_idle(&mut self, now: Instant) {
         if let Some(since) = self.idle_since.take() {
-            self.idle += now.saturating_duration_since(since);
+            let now = crate::clients::stamp(now);
+            self.idle += Duration::from_micros(now.saturating_sub(since));
             if let Some(m) = &self.meter {
                 self.app_idle += m.client.idle_in_transaction_ended(now);
             }
