@@ -98,11 +98,12 @@ impl ClientConn {
         {
             self.buf = take_buffer();
         }
-        // The rest of a long Query or Parse, which is held whole, gets its room at once: one
-        // allocation of the message's size and reads as large as the socket has, not a
-        // doubling of the buffer (and a copy of all of it) every few reads.
+        // The rest of a long Query or Parse, which is held whole, is read in reads as large as
+        // what has arrived of it (and the last one exactly to its end), not 32 KiB at a time
+        // with the buffer doubling (and copied) every few reads. Bounded by the bytes that
+        // came: a header alone, claiming max_query_size, makes no allocation of that size.
         if let Some(rest) = self.held_rest() {
-            room = room.max(rest);
+            room = room.max(rest.min(self.buf.len().max(READ_CHUNK)));
         }
         self.buf.reserve(room);
         let n = self.stream.read_some(&mut self.buf, room)?;
@@ -814,6 +815,43 @@ mod tests {
         c.stream.readable().await.unwrap();
         assert_eq!(c.read_some().unwrap(), query.len());
         assert!(c.buf.capacity() <= 2 * READ_CHUNK, "{}", c.buf.capacity());
+    }
+
+    /// A header claiming a query of 30 MB, with a few bytes of it: the room made for the
+    /// rest grows with what arrives, not to the claimed size at once.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_claimed_length_alone_makes_no_large_buffer() {
+        use std::io::Write;
+        let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let sock = crate::socket::Socket::from(tokio::net::UnixStream::from_std(a).unwrap());
+        let mut c = ClientConn::new(Stream::from(sock), 32 << 20, 0, Arc::default());
+        let mut head = vec![frontend::QUERY];
+        head.extend_from_slice(&(30_000_000u32).to_be_bytes());
+        head.extend_from_slice(b"select ");
+        peer.write_all(&head).unwrap();
+        c.stream.readable().await.unwrap();
+        assert_eq!(c.read_some().unwrap(), head.len());
+        peer.write_all(&[b'x'; 100]).unwrap();
+        c.stream.readable().await.unwrap();
+        assert_eq!(c.read_some().unwrap(), 100);
+        assert!(
+            c.buf.capacity() <= 4 * READ_CHUNK,
+            "{} bytes of room for 112 bytes received",
+            c.buf.capacity()
+        );
+        // As more arrives, reads take as much as has come so far.
+        // (100 KB at a time, each read before the next is written: the peer blocks.)
+        let chunk = vec![b'x'; 100_000];
+        for _ in 0..8 {
+            peer.write_all(&chunk).unwrap();
+            let mut got = 0;
+            while got < chunk.len() {
+                c.stream.readable().await.unwrap();
+                got += c.read_some().unwrap_or(0);
+            }
+        }
+        assert!(c.buf.capacity() < 4 << 20, "{}", c.buf.capacity());
     }
 
     #[test]
