@@ -259,8 +259,10 @@ impl Stream {
                 Ok(got)
             }
         });
+        // Bytes read mean the error is the WouldBlock above (a failed read assigns nothing):
+        // no need to look at its kind.
         match r {
-            Err(e) if would_block(&e) && got > 0 => Ok(got),
+            Err(_) if got > 0 => Ok(got),
             r => r,
         }
     }
