@@ -9,8 +9,11 @@ use std::task::{Context, Poll, Waker};
 
 use crate::protocol::{frame, startup};
 
-/// The fuzz targets, by the name of their corpus directory and cargo-fuzz binary.
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+/// A fuzz target: the name of its corpus directory and cargo-fuzz binary, and the function.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// The fuzz targets.
+pub const TARGETS: [Target; 6] = [
     ("frame", frame),
     ("startup", startup),
     ("relay", relay),

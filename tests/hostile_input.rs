@@ -631,27 +631,8 @@ fn client_nonce(body: &[u8]) -> String {
 async fn hostile_upstream() {
     let _turn = FLOODS.lock().await;
     let name = "hi_hostile";
-    type Case = (
-        &'static str,
-        &'static str,
-        Arc<
-            dyn Fn(
-                    common::fake_pg::FakeConn,
-                )
-                    -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-                + Send
-                + Sync,
-        >,
-    );
-    fn case<F, Fut>(
-        f: F,
-    ) -> Arc<
-        dyn Fn(
-                common::fake_pg::FakeConn,
-            ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-            + Send
-            + Sync,
-    >
+    type Case = (&'static str, &'static str, fake_pg::Script);
+    fn case<F, Fut>(f: F) -> fake_pg::Script
     where
         F: Fn(common::fake_pg::FakeConn) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -19,7 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-type Script = Arc<dyn Fn(FakeConn) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+/// How a fake server answers one connection.
+pub type Script = Arc<dyn Fn(FakeConn) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 pub struct FakePg {
     pub port: u16,

@@ -103,8 +103,11 @@ impl Target<'_> {
     }
 }
 
+/// One sample: the metric's name, its labels and its value.
+type Sample = (String, Vec<(String, String)>, f64);
+
 /// Samples of one scrape, by name.
-pub struct Metrics(Vec<(String, Vec<(String, String)>, f64)>);
+pub struct Metrics(Vec<Sample>);
 
 impl Metrics {
     pub fn parse(text: &str) -> Metrics {
