@@ -203,12 +203,23 @@ impl Stream {
     /// `WouldBlock` when there is nothing yet; `Ok(0)` at end of stream.
     fn tls_read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
         debug_assert!(!dst.is_empty());
+        if self.tls_held()? == 0 {
+            return Ok(0);
+        }
+        let tls = self.tls.as_mut().expect("TLS stream");
+        let n = tls.conn.reader().read(dst)?;
+        tls.plain -= n.min(tls.plain);
+        Ok(n)
+    }
+
+    /// How many decrypted bytes rustls holds, reading and decrypting what the socket has
+    /// when it holds none (a record or a few: about 16 KiB at most). `WouldBlock` when there
+    /// is nothing yet; `Ok(0)` at end of stream.
+    fn tls_held(&mut self) -> io::Result<usize> {
         loop {
             let tls = self.tls.as_mut().expect("TLS stream");
             if tls.plain > 0 {
-                let n = tls.conn.reader().read(dst)?;
-                tls.plain -= n.min(tls.plain);
-                return Ok(n);
+                return Ok(tls.plain);
             }
             if tls.eof {
                 return Ok(0);
@@ -238,6 +249,12 @@ impl Stream {
         let room = spare.min(max);
         debug_assert!(room > 0, "read_some without room");
         if self.tls.is_some() {
+            // rustls copies out into initialized bytes: zero only what it holds, not all the
+            // room (which can be a long query's, or a big result's 256 KiB) for every record.
+            let room = room.min(self.tls_held()?);
+            if room == 0 {
+                return Ok(0);
+            }
             let start = buf.len();
             buf.resize(start + room, 0);
             let r = self.tls_read(&mut buf[start..start + room]);

@@ -290,6 +290,53 @@ async fn allow_mode_serves_both() {
     }
 }
 
+/// A long Query and a long Parse from a TLS client arrive whole: rustls hands them out a
+/// record or a few at a time, into a read buffer with room for the rest of the message.
+#[tokio::test]
+async fn long_queries_over_tls_arrive_whole() {
+    let ca = Ca::new("long CA");
+    let (proxy, _dir) = client_tls_proxy("tlslong", &ca, "require").await;
+    let port = proxy.addr.port();
+    let tls = tls_connect(
+        &ca,
+        &format!("host=localhost hostaddr=127.0.0.1 port={port} user=tlslong password=tlslong-pw dbname=tlslong sslmode=require"),
+    )
+    .await
+    .unwrap();
+    let text: String = (0..(3 << 20))
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let answer = tls
+        .simple_query(&format!("SELECT md5('{text}'), length('{text}')"))
+        .await
+        .unwrap();
+    let row = answer
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .expect("a row");
+    let md5: String = <md5::Md5 as md5::Digest>::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        row.get(0),
+        Some(md5.as_str()),
+        "the query text arrived intact"
+    );
+    assert_eq!(row.get(1), Some("3145728"));
+    let n: i32 = tls
+        .query_one(&format!("SELECT length('{text}') + $1::int"), &[&1])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, (3 << 20) + 1);
+    let n: i32 = tls.query_one("SELECT 7", &[]).await.unwrap().get(0);
+    assert_eq!(n, 7, "the session goes on");
+}
+
 /// A TLS client parks like any other (its next bytes are read through rustls by its parked
 /// task) and comes back, with a statement prepared before.
 #[tokio::test]
