@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 
 use super::{Txn, MAX_MESSAGE};
 use crate::prepared::{ClientStatements, ServerStatements, Statement};
@@ -395,16 +395,19 @@ fn splice_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn) {
     }
 }
 
-/// Replaces `remove` bytes at `at` with `insert`.
+/// Replaces `remove` bytes at `at` with `insert`, in place: the buffer stays one unshared
+/// allocation (a `split_off` would make it shared, and a shared buffer's `capacity` and
+/// `try_reclaim` no longer tell how large its allocation is: one a long message grew could
+/// then pass for a small one and be kept).
 pub(super) fn splice(buf: &mut BytesMut, at: usize, remove: usize, insert: &[u8]) {
-    if at == buf.len() && remove == 0 {
-        buf.extend_from_slice(insert);
-        return;
+    let (len, end) = (buf.len(), at + remove);
+    let new_len = len - remove + insert.len();
+    if new_len > len {
+        buf.resize(new_len, 0);
     }
-    let mut tail = buf.split_off(at);
-    tail.advance(remove);
-    buf.extend_from_slice(insert);
-    buf.extend_from_slice(&tail);
+    buf.copy_within(end..len, at + insert.len());
+    buf[at..at + insert.len()].copy_from_slice(insert);
+    buf.truncate(new_len);
 }
 
 /// Reads the server bytes after `buf[..ready]` (what is ready for the client): completes
@@ -493,7 +496,32 @@ pub(super) fn process(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Buf;
     use proptest::prelude::*;
+
+    proptest! {
+        /// `splice` is `Vec::splice`, and the buffer stays one unshared allocation: emptied,
+        /// it gives all its room back (a shared one would hide it, see `splice`).
+        #[test]
+        fn splice_replaces_in_place(
+            text in proptest::collection::vec(any::<u8>(), 0..64),
+            at in 0usize..64,
+            remove in 0usize..64,
+            insert in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let at = at.min(text.len());
+            let remove = remove.min(text.len() - at);
+            let mut buf = BytesMut::with_capacity(1 << 16);
+            buf.extend_from_slice(&text);
+            splice(&mut buf, at, remove, &insert);
+            let mut want = text.clone();
+            want.splice(at..at + remove, insert.iter().copied());
+            prop_assert_eq!(&buf[..], &want[..]);
+            buf.clear();
+            prop_assert!(buf.try_reclaim(1));
+            prop_assert!(buf.capacity() >= 1 << 16, "{}", buf.capacity());
+        }
+    }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];
