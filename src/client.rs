@@ -1464,7 +1464,7 @@ impl Session {
                 Peek::Ready(_) => return Ok(Next::Request),
                 Peek::Terminate => return Ok(Next::Left),
                 Peek::Local(tag, total) => {
-                    self.client.consume(total);
+                    self.client.discard(total);
                     if tag == frontend::SYNC {
                         let mut buf = BytesMut::new();
                         messages::ready_for_query(&mut buf, TransactionStatus::Idle);

@@ -225,10 +225,16 @@ impl Stream {
                 return Ok(0);
             }
             self.pull_records()?;
-            // A key update or an alert may need an answer.
+            // A key update or an alert may need an answer. If it cannot be sent, what was
+            // decrypted is still handed out first (a server's last error before it closed).
             if self.wants_write() {
                 match self.flush_tls() {
-                    Err(e) if !would_block(&e) => return Err(e),
+                    Err(e) if !would_block(&e) => {
+                        let tls = self.tls.as_ref().expect("TLS stream");
+                        if tls.plain == 0 && !tls.eof {
+                            return Err(e);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -442,22 +448,29 @@ impl AsyncRead for Stream {
             return Pin::new(&mut this.sock).poll_read(cx, buf);
         }
         // Output rustls still holds (the last message of a write_all) must leave before we
-        // wait for the answer to it.
-        if this.wants_write() {
+        // wait for the answer to it: flushed until it is gone or the socket's writability
+        // is awaited (a socket found writable again is flushed again, not taken as waited
+        // for: no waker would be stored for it).
+        while this.wants_write() {
             match this.flush_tls() {
-                Err(e) if would_block(&e) => {
-                    if let Poll::Ready(Err(e)) = this.sock.poll_write_ready(cx) {
-                        return Poll::Ready(Err(e));
-                    }
-                }
+                Err(e) if would_block(&e) => match this.sock.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                },
                 Err(e) => return Poll::Ready(Err(e)),
-                Ok(()) => {}
+                Ok(()) => break,
             }
         }
         loop {
-            match this.tls_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
+            // Only the room for what rustls holds is zeroed, not all of the caller's.
+            match this.tls_held() {
+                Ok(held) => {
+                    let n = held.min(buf.remaining());
+                    if n > 0 {
+                        let got = this.tls_read(buf.initialize_unfilled_to(n))?;
+                        buf.advance(got);
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Err(e) if would_block(&e) => ready!(this.sock.poll_read_ready(cx))?,

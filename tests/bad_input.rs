@@ -462,3 +462,108 @@ async fn all_hostile_clients_at_once_leave_no_stuck_server() {
     let admin = pg().admin().await;
     assert!(server_conns(&admin, "bi_mix").await <= 2, "pool_size = 2");
 }
+
+/// Sync, Flush and CopyDone are a header alone: with a body each is 08P01, whether the
+/// client holds a server or not, and a server it held is cleaned, not kept busy. A Parse
+/// that the proxy would answer itself (a statement some server has) followed by a Sync
+/// announcing a body is refused the same way (it once made the proxy read past its buffer).
+#[tokio::test]
+async fn sync_flush_and_copy_done_with_a_body_are_08p01() {
+    let proxy = trust_app("bi_nobody", "").await;
+    let port = proxy.addr.port();
+    for (tag, name) in [(b'S', "Sync"), (b'H', "Flush"), (b'c', "CopyDone")] {
+        let bad = tagged(tag, &[0u8; 95]);
+        // No server held.
+        let mut s = raw_login(port, "bi_nobody").await;
+        s.write_all(&bad).await.unwrap();
+        let f = expect_fatal(&mut s, "08P01").await;
+        assert!(
+            f[&'M'].contains(&format!("malformed {name} message")),
+            "{f:?}"
+        );
+        // In a transaction.
+        let mut s = raw_login(port, "bi_nobody").await;
+        s.write_all(&query("BEGIN")).await.unwrap();
+        read_until_ready(&mut s).await;
+        s.write_all(&bad).await.unwrap();
+        expect_fatal(&mut s, "08P01").await;
+    }
+    // A statement prepared once, then another client's Parse of it with a Sync that
+    // announces 95 bytes of body and sends none.
+    let mut s = raw_login(port, "bi_nobody").await;
+    let mut m = parse("s1", "SELECT 1");
+    m.extend(sync());
+    s.write_all(&m).await.unwrap();
+    read_until_ready(&mut s).await;
+    let mut s = raw_login(port, "bi_nobody").await;
+    let mut m = parse("s1", "SELECT 1");
+    m.extend_from_slice(&[b'S', 0, 0, 0, 99]);
+    s.write_all(&m).await.unwrap();
+    let f = expect_fatal(&mut s, "08P01").await;
+    assert!(f[&'M'].contains("malformed Sync message"), "{f:?}");
+    assert_serves(&proxy, "bi_nobody").await;
+    assert_no_stuck_server("bi_nobody").await;
+}
+
+/// COPY data with no COPY running is dropped, as PostgreSQL drops it; a long one is dropped
+/// as it arrives (never buffered), and the query behind it runs.
+#[tokio::test]
+async fn stray_copy_data_is_dropped_and_the_next_query_runs() {
+    let proxy = trust_app("bi_straycopy", "").await;
+    let mut s = raw_login(proxy.addr.port(), "bi_straycopy").await;
+    let body = vec![b'x'; 4 << 20];
+    let mut m = tagged(b'd', &body);
+    m.extend(tagged(b'f', b"never mind\0"));
+    m.extend(query("SELECT 'after the stray data'"));
+    s.write_all(&m).await.unwrap();
+    let msgs = read_until_ready(&mut s).await;
+    let row = msgs.iter().find(|m| m.tag == b'D').expect("a row");
+    assert!(row.body.ends_with(b"after the stray data"), "{row:?}");
+    assert_serves(&proxy, "bi_straycopy").await;
+    assert_no_stuck_server("bi_straycopy").await;
+}
+
+/// A client that pipelines Closes of named statements (answered by the proxy, never sent to
+/// the server) faster than it reads the CloseCompletes: past the high-water mark the proxy
+/// stops reading it until it reads, and every reply arrives, in order.
+#[tokio::test]
+async fn unread_close_completes_pause_the_client() {
+    let proxy = trust_app("bi_closes", "").await;
+    let s = raw_login(proxy.addr.port(), "bi_closes").await;
+    let (mut r, mut w) = s.into_split();
+    const CLOSES: usize = 100_000; // 800 KB in, 500 KB of CloseComplete out
+    let writer = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        for i in 0..CLOSES {
+            batch.extend(close_statement(&format!("s{}", i % 10)));
+            if batch.len() > 64 * 1024 || i == CLOSES - 1 {
+                w.write_all(&batch).await.unwrap();
+                batch.clear();
+            }
+        }
+        w.write_all(&sync()).await.unwrap();
+        w
+    });
+    // Replies are read only once the writer is well ahead.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, &mut r);
+    let mut head = [0u8; 5];
+    for i in 0..CLOSES {
+        tokio::time::timeout(STEP, reader.read_exact(&mut head))
+            .await
+            .unwrap_or_else(|_| panic!("CloseComplete {i} did not come"))
+            .unwrap();
+        assert_eq!(head, [b'3', 0, 0, 0, 4], "CloseComplete {i}");
+    }
+    tokio::time::timeout(STEP, reader.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head[0], b'Z');
+    let mut status = [0u8; 1];
+    reader.read_exact(&mut status).await.unwrap();
+    assert_eq!(&status, b"I");
+    writer.await.unwrap();
+    assert_serves(&proxy, "bi_closes").await;
+    assert_no_stuck_server("bi_closes").await;
+}

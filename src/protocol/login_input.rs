@@ -61,9 +61,11 @@ impl LoginInput {
         self.buf.advance(n);
     }
 
-    /// Takes everything buffered (the first bytes of a TLS handshake).
+    /// Takes everything buffered (the first bytes of a TLS handshake). The buffer itself,
+    /// not a `split` of it: a split buffer is shared, and a shared `BytesMut` hides the size
+    /// of its allocation from the checks that free a buffer a long message grew.
     pub fn take_all(&mut self) -> BytesMut {
-        self.buf.split()
+        std::mem::take(&mut self.buf)
     }
 
     /// What the client sent after its login, for the session to read first.

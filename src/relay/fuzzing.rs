@@ -103,7 +103,7 @@ impl Session {
             match self.client.peek() {
                 Err(_) | Ok(Peek::Terminate) => self.over = true,
                 Ok(Peek::NeedMore) => return,
-                Ok(Peek::Local(_, total)) => self.client.consume(total),
+                Ok(Peek::Local(_, total)) => self.client.discard(total),
                 Ok(Peek::Ready(tag)) => {
                     if tag == frontend::PARSE && self.transaction_mode {
                         if let Some(reply) = self.client.answer_parse() {
@@ -177,6 +177,7 @@ impl Session {
 
     fn client_bytes(&mut self, bytes: &[u8]) {
         self.client.buf.extend_from_slice(bytes);
+        self.client.drop_skipped();
         self.step();
     }
 

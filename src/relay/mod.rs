@@ -369,9 +369,12 @@ pub async fn transaction(
         // Bounded both ways: bytes ready for a server that does not take them (a COPY
         // faster than the server) stop the reading, and so do unscanned bytes, except for
         // the rest of a message the proxy must hold whole (a Query or Parse up to
-        // max_query_size), which would otherwise never complete.
+        // max_query_size), which would otherwise never complete; and so do replies the
+        // client does not read, the proxy's own included (a CloseComplete for each Close of
+        // a named statement, which never reaches the server).
         let read_client = !client_closed
             && client.ready < HIGH_WATER
+            && server.buf.len() < HIGH_WATER
             && (client.buf.len() - client.ready < HIGH_WATER || client.holding());
         let read_server = server.buf.len() < HIGH_WATER;
         let deadline = if txn.timeouts.off() {

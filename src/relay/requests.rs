@@ -39,6 +39,9 @@ pub struct ClientConn<S = Stream> {
     pub ready: usize,
     /// Bytes of a message being streamed through that have not arrived yet.
     pub(super) pass: usize,
+    /// Bytes of a message the proxy drops (stray COPY data, a refused request) that have not
+    /// arrived yet: dropped as they come, never buffered.
+    skip: usize,
     pub max_query_size: u32,
     /// Named statements a server may hold per connection in transaction mode (0: named
     /// statements are refused there).
@@ -55,7 +58,8 @@ pub enum Peek {
     /// A message that needs a server (tag; whole message buffered unless it is huge).
     Ready(u8),
     /// Sync, Flush or COPY messages with no server: answered or dropped by the proxy
-    /// (`total` bytes long).
+    /// (`total` bytes long, of which stray COPY data may not all be here yet: see
+    /// [`ClientConn::discard`]).
     Local(u8, usize),
     Terminate,
 }
@@ -93,8 +97,10 @@ impl ClientConn {
         // buffer). What a queued request was kept in (all relayed by now) is too small for
         // that, and one a long message grew is freed: a buffer is taken instead.
         if self.buf.is_empty()
-            && self.buf.capacity() < CLIENT_BUFFER
-            && !(self.buf.try_reclaim(CLIENT_BUFFER) && self.buf.capacity() <= 2 * READ_CHUNK)
+            && (self.buf.capacity() > 2 * READ_CHUNK
+                || self.buf.capacity() < CLIENT_BUFFER
+                    && !(self.buf.try_reclaim(CLIENT_BUFFER)
+                        && self.buf.capacity() <= 2 * READ_CHUNK))
         {
             self.buf = take_buffer();
         }
@@ -110,14 +116,10 @@ impl ClientConn {
         if n == room && !big {
             self.buf.reserve(READ_CHUNK);
         }
+        if self.skip > 0 {
+            self.drop_skipped();
+        }
         Ok(n)
-    }
-
-    /// Whether the scan waits for the rest of a message it holds whole.
-    pub(super) fn holding(&self) -> bool {
-        let unscanned = &self.buf[self.ready..];
-        self.pass == 0
-            && matches!(frame::header(unscanned, MAX_MESSAGE), Ok(Some((_, total))) if unscanned.len() < total)
     }
 
     /// Gives the read buffer back for another client of this thread (at the client's end).
@@ -181,6 +183,22 @@ impl ClientConn {
     }
 }
 
+/// Sync, Flush and CopyDone are a header alone (PostgreSQL refuses them with a body too).
+fn check_no_body(tag: u8, total: usize) -> Result<(), ErrorFields> {
+    if total == HEADER_LEN {
+        return Ok(());
+    }
+    let name = match tag {
+        frontend::SYNC => "Sync",
+        frontend::FLUSH => "Flush",
+        _ => "CopyDone",
+    };
+    Err(violation(format!(
+        "malformed {name} message: length {} (a {name} has no body)",
+        total - 1
+    )))
+}
+
 /// The C string at the start of `s`, if its terminator is within `limit` bytes.
 fn cstr(s: &[u8], limit: usize) -> Option<&[u8]> {
     memchr::memchr(0, &s[..s.len().min(limit + 1)]).map(|end| &s[..end])
@@ -226,6 +244,14 @@ fn give_buffer(mut b: BytesMut) {
 }
 
 impl<S> ClientConn<S> {
+    /// Whether the scan waits for the rest of a message it must hold whole and that may
+    /// be long: a Query or Parse, up to `max_query_size`. (Other messages it looks into are
+    /// short, and one that waits behind an earlier batch is not read further than
+    /// [`super::HIGH_WATER`].)
+    pub(super) fn holding(&self) -> bool {
+        self.held_rest().is_some()
+    }
+
     /// Bytes still to come of a Query or Parse at the front of the unscanned input, when one
     /// is there in part (and within `max_query_size`: a longer one is refused from its header).
     fn held_rest(&self) -> Option<usize> {
@@ -273,6 +299,7 @@ impl<S> ClientConn<S> {
             buf: BytesMut::new(),
             ready: 0,
             pass: 0,
+            skip: 0,
             // Both fit: a message's length is an i32, and so is a count of statements.
             max_query_size: max_query_size.min(i32::MAX as usize) as u32,
             max_prepared: max_prepared.min(i32::MAX as usize) as u32,
@@ -290,15 +317,16 @@ impl<S> ClientConn<S> {
         let whole = self.buf.len() - self.ready >= total;
         match tag {
             frontend::TERMINATE => Ok(Peek::Terminate),
-            frontend::SYNC
-            | frontend::FLUSH
-            | frontend::COPY_DATA
-            | frontend::COPY_DONE
-            | frontend::COPY_FAIL => Ok(if whole {
-                Peek::Local(tag, total)
-            } else {
-                Peek::NeedMore
-            }),
+            frontend::SYNC | frontend::FLUSH | frontend::COPY_DONE => {
+                check_no_body(tag, total)?;
+                Ok(if whole {
+                    Peek::Local(tag, total)
+                } else {
+                    Peek::NeedMore
+                })
+            }
+            // Dropped (as PostgreSQL does out of a COPY) as they arrive, however long.
+            frontend::COPY_DATA | frontend::COPY_FAIL => Ok(Peek::Local(tag, total)),
             frontend::QUERY | frontend::PARSE => {
                 if total - 1 > self.max_query_size as usize {
                     return Err(query_too_long(total - 1, self.max_query_size as usize));
@@ -339,7 +367,11 @@ impl<S> ClientConn<S> {
             return None;
         }
         let (next, next_total) = frame::header(&self.buf[total..], MAX_MESSAGE).ok()??;
-        if !(next == frontend::SYNC || next == frontend::FLUSH) {
+        // A Sync or Flush with a body is left to the scan, which refuses it.
+        if !(next == frontend::SYNC || next == frontend::FLUSH)
+            || next_total != HEADER_LEN
+            || self.buf.len() < total + next_total
+        {
             return None;
         }
         let body = &self.buf[HEADER_LEN..total];
@@ -360,29 +392,41 @@ impl<S> ClientConn<S> {
         Some(reply)
     }
 
-    /// Drops `n` unscanned bytes at the front (a message the proxy handled itself).
-    pub fn consume(&mut self, n: usize) {
-        debug_assert_eq!(self.ready, 0);
-        self.buf.advance(n);
+    /// Drops a message of `total` bytes at the front, a message the proxy handled itself;
+    /// what has not arrived of it yet is dropped as it comes (see `skip`).
+    pub fn discard(&mut self, total: usize) {
+        debug_assert_eq!((self.ready, self.pass, self.skip), (0, 0, 0));
+        let here = total.min(self.buf.len());
+        self.buf.advance(here);
+        self.skip = total - here;
     }
 
-    /// Drops everything up to and including the next Sync, or a whole simple Query:
-    /// what a client sent for a request the proxy answers with an error. Returns false
+    /// Drops what arrived of a message being dropped (then the only bytes buffered).
+    pub(super) fn drop_skipped(&mut self) {
+        let drop = self.skip.min(self.buf.len());
+        self.buf.advance(drop);
+        self.skip -= drop;
+    }
+
+    /// Drops everything up to and including the next Sync, or a simple Query: what a client
+    /// sent for a request the proxy answers with an error. Each message is dropped as it is
+    /// seen (and the rest of one as it arrives), so a long one is never held. Returns false
     /// when more bytes are needed.
     pub fn skip_request(&mut self) -> Result<bool, ErrorFields> {
-        let mut pos = 0;
         loop {
+            if self.skip > 0 {
+                return Ok(false);
+            }
             let Some((tag, total)) =
-                frame::header(&self.buf[pos..], MAX_MESSAGE).map_err(frame_violation)?
+                frame::header(&self.buf, MAX_MESSAGE).map_err(frame_violation)?
             else {
                 return Ok(false);
             };
-            if self.buf.len() - pos < total {
-                return Ok(false);
+            if tag == frontend::SYNC {
+                check_no_body(tag, total)?;
             }
-            pos += total;
+            self.discard(total);
             if tag == frontend::QUERY || tag == frontend::SYNC {
-                self.buf.advance(pos);
                 return Ok(true);
             }
         }
@@ -533,6 +577,7 @@ impl<S> ClientConn<S> {
                     txn.unsynced = true;
                 }
                 frontend::SYNC => {
+                    check_no_body(tag, total)?;
                     self.owe(txn, server, Reply::Sync, false, Undo::None);
                     txn.unsynced = false;
                     self.pass = total;
@@ -553,11 +598,15 @@ impl<S> ClientConn<S> {
                     self.pass = total;
                 }
                 frontend::FLUSH => {
+                    check_no_body(tag, total)?;
                     txn.unsynced = true;
                     self.pass = total;
                 }
                 frontend::COPY_DATA => self.pass = total,
                 frontend::COPY_DONE | frontend::COPY_FAIL => {
+                    if tag == frontend::COPY_DONE {
+                        check_no_body(tag, total)?;
+                    }
                     txn.copy_end_sent();
                     self.pass = total
                 }
@@ -852,6 +901,142 @@ mod tests {
             }
         }
         assert!(c.buf.capacity() < 4 << 20, "{}", c.buf.capacity());
+    }
+
+    /// Stray COPY data with no server (PostgreSQL drops it out of a COPY), claiming 10 MB:
+    /// dropped as it arrives, never buffered; the message after it is read intact.
+    #[tokio::test(flavor = "current_thread")]
+    async fn stray_copy_data_is_dropped_as_it_arrives() {
+        use std::io::Write;
+        let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let sock = crate::socket::Socket::from(tokio::net::UnixStream::from_std(a).unwrap());
+        let mut c = ClientConn::new(Stream::from(sock), 1 << 20, 0, Arc::default());
+        let total = 10_000_000usize;
+        let mut head = vec![frontend::COPY_DATA];
+        head.extend_from_slice(&((total - 1) as u32).to_be_bytes());
+        peer.write_all(&head).unwrap();
+        c.stream.readable().await.unwrap();
+        c.read_some().unwrap();
+        assert_eq!(c.peek().unwrap(), Peek::Local(frontend::COPY_DATA, total));
+        c.discard(total);
+        // The rest, 100 KB at a time (each read before the next write: the peer blocks),
+        // and a Query right behind its last byte.
+        let query = b"Q\0\0\0\x0dselect 1\0";
+        let mut left = total - head.len();
+        while left > 0 {
+            let n = left.min(100_000);
+            let mut chunk = vec![b'x'; n];
+            if n == left {
+                chunk.extend_from_slice(query);
+            }
+            peer.write_all(&chunk).unwrap();
+            left -= n;
+            let mut got = 0;
+            while got < chunk.len() {
+                c.stream.readable().await.unwrap();
+                got += c.read_some().unwrap_or(0);
+                assert!(c.buf.capacity() <= 2 * READ_CHUNK, "{}", c.buf.capacity());
+            }
+            if left > 0 {
+                assert!(c.buf.is_empty(), "nothing of it is kept");
+                assert_eq!(c.peek().unwrap(), Peek::NeedMore);
+            }
+        }
+        assert_eq!(&c.buf[..], &query[..]);
+        assert_eq!(c.peek().unwrap(), Peek::Ready(frontend::QUERY));
+    }
+
+    /// A refused request is dropped message by message, and a long message in it as it
+    /// arrives, up to its Sync; what follows the Sync stays.
+    #[test]
+    fn a_refused_request_is_dropped_as_it_arrives() {
+        let mut c = client(0);
+        c.buf.extend_from_slice(b"P\0\0\0\x10\0select 1\0\0\0");
+        c.buf.extend_from_slice(b"B");
+        c.buf.extend_from_slice(&5_000_000u32.to_be_bytes());
+        c.buf.extend_from_slice(&[0; 1000]);
+        assert_eq!(c.skip_request(), Ok(false));
+        assert!(c.buf.is_empty());
+        let mut left = 5_000_001 - 1005;
+        while left > 0 {
+            let n = left.min(64 * 1024);
+            c.buf.extend_from_slice(&vec![7; n]);
+            c.drop_skipped();
+            assert!(c.buf.is_empty());
+            assert_eq!(c.skip_request(), Ok(false));
+            left -= n;
+        }
+        c.buf
+            .extend_from_slice(b"E\0\0\0\x09\0\0\0\0\0S\0\0\0\x04Q\0\0");
+        c.drop_skipped();
+        assert_eq!(c.skip_request(), Ok(true));
+        assert_eq!(&c.buf[..], b"Q\0\0", "the next request stays");
+        // A simple Query ends it too, its rest dropped as it comes.
+        let mut c = client(0);
+        c.buf.extend_from_slice(b"Q\0\0\x10\0select");
+        assert_eq!(c.skip_request(), Ok(true));
+        assert!(c.buf.is_empty());
+        c.buf.extend_from_slice(&vec![b' '; 4096 - 10]);
+        c.buf.extend_from_slice(b"S\0\0\0\x04");
+        c.drop_skipped();
+        assert_eq!(&c.buf[..], b"S\0\0\0\x04");
+    }
+
+    /// Sync, Flush and CopyDone are a header alone; with a body they are refused (with a
+    /// server or without), and a Sync that is only announced does not let a Parse be
+    /// answered early.
+    #[test]
+    fn sync_flush_and_copy_done_have_no_body() {
+        for tag in [frontend::SYNC, frontend::FLUSH, frontend::COPY_DONE] {
+            let mut c = client(0);
+            c.buf.extend_from_slice(&[tag, 0, 0, 0, 100, 1, 2, 3]);
+            let e = c.peek().unwrap_err();
+            assert_eq!(e.code, "08P01");
+            assert!(e.message.contains("has no body"), "{}", e.message);
+            let mut txn = Txn::new(true);
+            let mut server = ServerStatements::default();
+            let e = c.scan(&mut txn, &mut server).unwrap_err();
+            assert_eq!(e.code, "08P01");
+            c.buf.clear();
+            c.buf.extend_from_slice(&[tag, 0, 0, 0, 4]);
+            assert_eq!(c.peek().unwrap(), Peek::Local(tag, 5));
+        }
+        // A Parse of a statement a server has, with a Sync claiming 100 bytes, 5 of them
+        // here: not answered here (the scan refuses it). A Sync of its own is.
+        let mut c = client(10);
+        let parse = b"P\0\0\0\x12s1\0select 1\0\0\0";
+        let stmt = crate::prepared::Statement::from_parse(&parse[8..]);
+        c.statements.known.insert(&stmt.server_name);
+        c.buf.extend_from_slice(parse);
+        c.buf.extend_from_slice(&[frontend::SYNC, 0, 0, 0, 100]);
+        assert_eq!(c.answer_parse(), None);
+        assert_eq!(c.buf.len(), 19 + 5, "nothing consumed");
+        c.buf.truncate(19);
+        c.buf.extend_from_slice(&[frontend::SYNC, 0, 0, 0, 4]);
+        let reply = c.answer_parse().expect("answered");
+        assert_eq!(reply[0], b'1', "ParseComplete");
+        assert!(c.buf.is_empty());
+    }
+
+    /// Past the high-water mark, only the rest of a Query or Parse is read on (up to
+    /// max_query_size), not of a message waiting behind an earlier batch.
+    #[test]
+    fn only_a_query_or_parse_is_held_whole() {
+        let mut c = client(0);
+        for (tag, held) in [
+            (frontend::QUERY, true),
+            (frontend::PARSE, true),
+            (frontend::BIND, false),
+            (frontend::EXECUTE, false),
+            (frontend::COPY_DATA, false),
+        ] {
+            c.buf.clear();
+            c.buf.extend_from_slice(&[tag]);
+            c.buf.extend_from_slice(&500_000u32.to_be_bytes());
+            c.buf.extend_from_slice(&[0; 300_000]);
+            assert_eq!(c.holding(), held, "{}", tag as char);
+        }
     }
 
     #[test]
