@@ -253,7 +253,13 @@ impl Stream {
         // Callers reserve room first.
         let spare = buf.capacity() - buf.len();
         let room = spare.min(max);
-        debug_assert!(room > 0, "read_some without room");
+        if room == 0 {
+            // Ok(0) would read as the end of the stream.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read_some without room",
+            ));
+        }
         if self.tls.is_some() {
             // rustls copies out into initialized bytes: zero only what it holds, not all the
             // room (which can be a long query's, or a big result's 256 KiB) for every record.
@@ -411,6 +417,9 @@ impl Stream {
         #[cfg(feature = "io-uring")]
         if let Socket::Uring(s) = &self.sock {
             return s.has_input() || self.tls.as_ref().is_some_and(|t| t.plain > 0);
+        }
+        if self.tls.as_ref().is_some_and(|t| t.plain > 0) {
+            return true;
         }
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
         matches!(self.sock.sock_ref().peek(&mut probe), Ok(n) if n > 0)
