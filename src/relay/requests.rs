@@ -825,6 +825,15 @@ mod tests {
         ClientConn::new((), 1 << 20, max_prepared, Arc::default())
     }
 
+    /// A client on one end of a socket pair (the caller's runtime), and the other end.
+    fn on_a_socket(max_query_size: usize) -> (ClientConn, std::os::unix::net::UnixStream) {
+        let (a, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let sock = crate::socket::Socket::from(tokio::net::UnixStream::from_std(a).unwrap());
+        let c = ClientConn::new(Stream::from(sock), max_query_size, 0, Arc::default());
+        (c, peer)
+    }
+
     fn spares() -> usize {
         SPARE_BUFFERS.with(|s| s.borrow().len())
     }
@@ -835,11 +844,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn reads_within_a_transaction_reuse_the_buffer() {
         use std::io::Write;
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
-        let mut peer = b;
-        let sock = crate::socket::Socket::from(tokio::net::UnixStream::from_std(a).unwrap());
-        let mut c = ClientConn::new(Stream::from(sock), 1 << 20, 0, Arc::default());
+        let (mut c, mut peer) = on_a_socket(1 << 20);
         let query = b"Q\0\0\0\x0dselect 1\0";
         let mut start = None;
         for _ in 0..200 {
@@ -871,10 +876,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_claimed_length_alone_makes_no_large_buffer() {
         use std::io::Write;
-        let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
-        let sock = crate::socket::Socket::from(tokio::net::UnixStream::from_std(a).unwrap());
-        let mut c = ClientConn::new(Stream::from(sock), 32 << 20, 0, Arc::default());
+        let (mut c, mut peer) = on_a_socket(32 << 20);
         let mut head = vec![frontend::QUERY];
         head.extend_from_slice(&(30_000_000u32).to_be_bytes());
         head.extend_from_slice(b"select ");
@@ -908,10 +910,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn stray_copy_data_is_dropped_as_it_arrives() {
         use std::io::Write;
-        let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
-        let sock = crate::socket::Socket::from(tokio::net::UnixStream::from_std(a).unwrap());
-        let mut c = ClientConn::new(Stream::from(sock), 1 << 20, 0, Arc::default());
+        let (mut c, mut peer) = on_a_socket(1 << 20);
         let total = 10_000_000usize;
         let mut head = vec![frontend::COPY_DATA];
         head.extend_from_slice(&((total - 1) as u32).to_be_bytes());
