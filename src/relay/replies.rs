@@ -201,7 +201,39 @@ impl Txn {
         }
         false
     }
+}
 
+/// [`Txn::speculating`] asked message after message by one scan, which only appends to the
+/// owed queue: each entry is looked at once, not the whole queue for every message (a run
+/// of thousands of Closes of named statements in one read made that quadratic).
+#[derive(Debug, Default)]
+pub(super) struct Speculation {
+    seen: usize,
+    changed: bool,
+    speculating: bool,
+}
+
+impl Speculation {
+    pub(super) fn check(&mut self, txn: &Txn) -> bool {
+        debug_assert!(
+            self.seen <= txn.owed.len(),
+            "the queue only grows during a scan"
+        );
+        for entry in txn.owed.range(self.seen..) {
+            match entry {
+                Owed::Reply { kind, .. } if kind.ends_batch() => self.speculating |= self.changed,
+                Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. } => {
+                    self.changed |= !matches!(undo, Undo::None)
+                }
+            }
+        }
+        self.seen = txn.owed.len();
+        debug_assert_eq!(self.speculating, txn.speculating());
+        self.speculating
+    }
+}
+
+impl Txn {
     /// True when the server will skip a message passed on now: it reported an error and
     /// the Sync that ends its skipping has not been passed on yet.
     fn skipping(&self) -> bool {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::stream::Stream;
 use bytes::{Buf, BytesMut};
 
-use super::replies::{splice, Reply, Synthetic, Undo};
+use super::replies::{splice, Reply, Speculation, Synthetic, Undo};
 use super::{
     frame_violation, raise_sql, violation, Txn, MAX_HELD_MESSAGE, MAX_MESSAGE, READ_CHUNK,
 };
@@ -440,6 +440,7 @@ impl<S> ClientConn<S> {
         txn: &mut Txn,
         server: &mut ServerStatements,
     ) -> Result<bool, ErrorFields> {
+        let mut speculation = Speculation::default();
         loop {
             if self.pass > 0 {
                 let n = self.pass.min(self.buf.len() - self.ready);
@@ -468,7 +469,7 @@ impl<S> ClientConn<S> {
                     if have < total {
                         return Ok(false);
                     }
-                    if rewrite && txn.speculating() && self.reads_statements(tag, at, total) {
+                    if rewrite && speculation.check(txn) && self.reads_statements(tag, at, total) {
                         return Ok(false); // wait for the earlier batch's answer
                     }
                     if tag == frontend::QUERY {
@@ -489,7 +490,7 @@ impl<S> ClientConn<S> {
                     let Some(name) = cstr(&body[portal.len() + 1..], MAX_NAME) else {
                         return self.need_more(have, total, "Bind");
                     };
-                    if !name.is_empty() && txn.speculating() {
+                    if !name.is_empty() && speculation.check(txn) {
                         return Ok(false); // wait for the earlier batch's answer
                     }
                     let (portal_len, name_len) = (portal.len(), name.len());
@@ -535,7 +536,7 @@ impl<S> ClientConn<S> {
                         .ok_or_else(|| violation("malformed Describe or Close message"))?
                         .to_vec();
                     let named_statement = kind == Some(b'S') && !name.is_empty();
-                    if named_statement && txn.speculating() {
+                    if named_statement && speculation.check(txn) {
                         return Ok(false); // wait for the earlier batch's answer
                     }
                     if tag == frontend::CLOSE && named_statement {
