@@ -237,15 +237,15 @@ impl Txn {
     /// True when the server will skip a message passed on now: it reported an error and
     /// the Sync that ends its skipping has not been passed on yet.
     fn skipping(&self) -> bool {
-        self.errored && self.batches_owed() == 0
+        self.errored && !self.batch_owed()
     }
 
-    /// Replies still owed that end with ReadyForQuery.
-    pub(super) fn batches_owed(&self) -> usize {
+    /// Whether a reply that ends with ReadyForQuery is still owed (the first one found
+    /// answers: the queue is not counted through).
+    pub(super) fn batch_owed(&self) -> bool {
         self.owed
             .iter()
-            .filter(|o| matches!(o, Owed::Reply { kind, .. } if kind.ends_batch()))
-            .count()
+            .any(|o| matches!(o, Owed::Reply { kind, .. } if kind.ends_batch()))
     }
 
     /// Entries that will not be answered, in stream order: their changes are taken back
@@ -292,7 +292,7 @@ impl Txn {
                 if !skipped.is_empty() {
                     Self::all_unanswered(skipped, clients, servers);
                 }
-                self.counts.ready(self.status, self.batches_owed() == 0);
+                self.counts.ready(self.status, !self.batch_owed());
             }
             backend::ERROR_RESPONSE => match self.owed.front() {
                 Some(Owed::Reply { kind, .. }) if kind.ends_batch() => {}
@@ -418,7 +418,7 @@ fn splice_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn) {
                 m.extend_from_slice(&[b'C', 0, 0, 0, 15]);
                 m.extend_from_slice(b"DEALLOCATE\0");
                 m.extend_from_slice(&[backend::READY_FOR_QUERY, 0, 0, 0, 5, txn.status.as_byte()]);
-                txn.counts.ready(txn.status, txn.batches_owed() == 0);
+                txn.counts.ready(txn.status, !txn.batch_owed());
                 m.into()
             }
         };
