@@ -344,3 +344,83 @@ async fn a_reloaded_query_timeout_reaches_connected_clients() {
     assert!(message(&e).contains("query_timeout"), "{}", message(&e));
     assert!(started.elapsed() < Duration::from_secs(4));
 }
+
+/// A removed database with `min_pool_size` is not topped up any more: its servers close and
+/// no new session reaches PostgreSQL for it (the janitor once opened and closed
+/// `min_pool_size` servers for it every tick).
+#[tokio::test]
+async fn a_removed_database_is_not_topped_up() {
+    let pg = pg();
+    let (_dir, path, proxy) =
+        from_file(&["rl_min_keep", "rl_min_gone"], 2, "min_pool_size = 2").await;
+    // Pools are made at their first login.
+    let keep = proxy.client("rl_min_keep").await;
+    let gone = proxy.client("rl_min_gone").await;
+    assert_eq!(scalar(&gone, "SELECT 1").await, "1");
+    let admin = pg.admin().await;
+    let backends = |db: &'static str| {
+        let admin = &admin;
+        async move {
+            let n: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                    &[&db],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            backends("rl_min_gone").await >= 2
+        })
+        .await,
+        "min_pool_size opens two servers: {} open",
+        backends("rl_min_gone").await
+    );
+    std::fs::write(&path, config(pg, &["rl_min_keep"], 2, "min_pool_size = 2")).unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            backends("rl_min_gone").await == 0
+        })
+        .await,
+        "the removed pool's servers close"
+    );
+    // Sessions PostgreSQL counts for the database (at their end) stay put over several
+    // janitor ticks.
+    let sessions = || {
+        let admin = &admin;
+        async move {
+            admin
+                .batch_execute("SELECT pg_stat_clear_snapshot()")
+                .await
+                .unwrap();
+            let n: i64 = admin
+                .query_one(
+                    "SELECT sessions FROM pg_stat_database WHERE datname = 'rl_min_gone'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = sessions().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        sessions().await,
+        before,
+        "no server opened for the removed database"
+    );
+    assert_eq!(backends("rl_min_gone").await, 0);
+    assert!(
+        backends("rl_min_keep").await >= 2,
+        "the kept pool keeps its minimum"
+    );
+    assert_eq!(scalar(&keep, "SELECT 1").await, "1");
+}

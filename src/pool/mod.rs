@@ -990,7 +990,9 @@ impl Pools {
         let now = Instant::now();
         for id in 0..st.pools.len() {
             let p = &st.pools[id];
-            if p.retry_after.is_some_and(|t| now < t) || !p.waiters.is_empty() {
+            // A removed pool (its database or user gone from the configuration) drains: a
+            // server opened for it would be closed at its checkin, every janitor tick.
+            if p.removed || p.retry_after.is_some_and(|t| now < t) || !p.waiters.is_empty() {
                 continue;
             }
             while st.pools[id].open < st.pools[id].settings.min_pool_size
