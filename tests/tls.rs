@@ -83,6 +83,11 @@ fn client_config(ca: &Ca, alpn: bool) -> Arc<rustls::ClientConfig> {
 }
 
 /// tokio-postgres over rustls, trusting `ca`, to `localhost`.
+/// The connection string of app `name`'s user through the proxy on `port`, over TLS.
+fn tls_conn(name: &str, port: u16) -> String {
+    format!("host=localhost hostaddr=127.0.0.1 port={port} user={name} password={name}-pw dbname={name} sslmode=require")
+}
+
 async fn tls_connect(ca: &Ca, conn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let config = (*client_config(ca, false)).clone();
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
@@ -202,12 +207,9 @@ async fn clients_connect_with_tls_and_plaintext_is_refused_when_required() {
     let (proxy, dir) = client_tls_proxy("tlsreq", &ca, "require").await;
     let port = proxy.addr.port();
     // tokio-postgres with a rustls connector that trusts only our CA and checks the name.
-    let client = tls_connect(
-        &ca,
-        &format!("host=localhost hostaddr=127.0.0.1 port={port} user=tlsreq password=tlsreq-pw dbname=tlsreq sslmode=require"),
-    )
-    .await
-    .expect("TLS login through pgsluice");
+    let client = tls_connect(&ca, &tls_conn("tlsreq", port))
+        .await
+        .expect("TLS login through pgsluice");
     let n: i32 = client.query_one("SELECT 41 + 1", &[]).await.unwrap().get(0);
     assert_eq!(n, 42);
     // A big result crosses many TLS records both ways.
@@ -262,12 +264,9 @@ async fn clients_connect_with_tls_and_plaintext_is_refused_when_required() {
 
     // A client that does not trust the certificate fails; the proxy keeps serving.
     let other = Ca::new("someone else");
-    assert!(tls_connect(
-        &other,
-        &format!("host=localhost hostaddr=127.0.0.1 port={port} user=tlsreq password=tlsreq-pw dbname=tlsreq sslmode=require"),
-    )
-    .await
-    .is_err());
+    assert!(tls_connect(&other, &tls_conn("tlsreq", port),)
+        .await
+        .is_err());
     let n: i32 = client.query_one("SELECT 7", &[]).await.unwrap().get(0);
     assert_eq!(n, 7);
 }
@@ -278,12 +277,7 @@ async fn allow_mode_serves_both() {
     let (proxy, _dir) = client_tls_proxy("tlsallow", &ca, "allow").await;
     let port = proxy.addr.port();
     let plain = proxy.client("tlsallow").await;
-    let tls = tls_connect(
-        &ca,
-        &format!("host=localhost hostaddr=127.0.0.1 port={port} user=tlsallow password=tlsallow-pw dbname=tlsallow sslmode=require"),
-    )
-    .await
-    .unwrap();
+    let tls = tls_connect(&ca, &tls_conn("tlsallow", port)).await.unwrap();
     for c in [&plain, &tls] {
         let n: i32 = c.query_one("SELECT 3", &[]).await.unwrap().get(0);
         assert_eq!(n, 3);
@@ -297,12 +291,7 @@ async fn long_queries_over_tls_arrive_whole() {
     let ca = Ca::new("long CA");
     let (proxy, _dir) = client_tls_proxy("tlslong", &ca, "require").await;
     let port = proxy.addr.port();
-    let tls = tls_connect(
-        &ca,
-        &format!("host=localhost hostaddr=127.0.0.1 port={port} user=tlslong password=tlslong-pw dbname=tlslong sslmode=require"),
-    )
-    .await
-    .unwrap();
+    let tls = tls_connect(&ca, &tls_conn("tlslong", port)).await.unwrap();
     let text: String = (0..(3 << 20))
         .map(|i| (b'a' + (i % 26) as u8) as char)
         .collect();
@@ -344,12 +333,7 @@ async fn a_tls_client_parks_and_comes_back() {
     let ca = Ca::new("park CA");
     let (proxy, _dir) = client_tls_proxy("tlspark", &ca, "require").await;
     let port = proxy.addr.port();
-    let tls = tls_connect(
-        &ca,
-        &format!("host=localhost hostaddr=127.0.0.1 port={port} user=tlspark password=tlspark-pw dbname=tlspark sslmode=require"),
-    )
-    .await
-    .unwrap();
+    let tls = tls_connect(&ca, &tls_conn("tlspark", port)).await.unwrap();
     let stmt = tls.prepare("SELECT $1::int * 2").await.unwrap();
     let mut last = 0;
     for round in 1..=3 {
