@@ -256,6 +256,37 @@ async fn idle_servers_failing_the_health_check_are_replaced() {
     );
 }
 
+/// A queued client handed a server that fails its check keeps its turn: it opens a new
+/// server in that slot instead of going back behind the clients queued after it.
+#[tokio::test]
+async fn a_client_handed_a_failing_server_keeps_its_turn() {
+    use pgsluice::pool::Retire;
+    let pg = pg();
+    pg.create_app("hc4").await;
+    // The check fails on a server whose session set hc.fail (a session setting survives
+    // the transaction that set it).
+    let top = "pool_size = 1\nserver_check_delay = \"0s\"\n\
+               server_check_query = \"select 1 / (current_setting('hc.fail', true) is distinct from 'yes')::int\"";
+    let proxy = Proxy::start(&app_config(pg, "hc4", top)).await;
+    let a = proxy.client("hc4").await;
+    a.batch_execute("BEGIN; SELECT set_config('hc.fail', 'yes', false)")
+        .await
+        .unwrap();
+    let at = "SELECT extract(epoch FROM clock_timestamp())";
+    let b = proxy.client("hc4").await;
+    let b_task = tokio::spawn(async move { scalar(&b, at).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = proxy.client("hc4").await;
+    let c_task = tokio::spawn(async move { scalar(&c, at).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b_task.is_finished() && !c_task.is_finished(), "both queue");
+    a.batch_execute("COMMIT").await.unwrap(); // the server goes to B, fails its check
+    let b_at: f64 = b_task.await.unwrap().parse().unwrap();
+    let c_at: f64 = c_task.await.unwrap().parse().unwrap();
+    assert!(b_at < c_at, "B (queued first) ran at {b_at}, C at {c_at}");
+    assert_eq!(retired(&proxy, "hc4", Retire::CheckFailed), 1);
+}
+
 /// With a delay of half a second or more the janitor marks idle servers due for their
 /// check, and a checkout that finds one takes the checking path.
 #[tokio::test]

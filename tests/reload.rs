@@ -424,3 +424,54 @@ async fn a_removed_database_is_not_topped_up() {
     );
     assert_eq!(scalar(&keep, "SELECT 1").await, "1");
 }
+
+/// Lowering a limit by reload closes the idle servers above it at once (busy ones close at
+/// their checkin): first `max_db_connections`, then the fixed budget.
+#[tokio::test]
+async fn lowered_limits_close_idle_servers() {
+    let pg = pg();
+    let (_dir, path, proxy) = from_file(&["rl_lower"], 5, "").await;
+    let clients = futures_util::future::join_all((0..4).map(|_| proxy.client("rl_lower"))).await;
+    for c in &clients {
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    }
+    for c in &clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    let admin = pg.admin().await;
+    assert_eq!(
+        server_conns(&admin, "rl_lower").await,
+        4,
+        "four idle servers"
+    );
+    let lowered = |text: String| async {
+        std::fs::write(&path, text).unwrap();
+        pgsluice::reload::reload(&proxy.shared).unwrap();
+    };
+    lowered(config(pg, &["rl_lower"], 5, "max_db_connections = 3")).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "rl_lower").await == 3
+        })
+        .await,
+        "max_db_connections = 3: {} servers",
+        server_conns(&admin, "rl_lower").await
+    );
+    lowered(
+        config(pg, &["rl_lower"], 5, "max_db_connections = 3")
+            .replace("max_server_connections = 40", "max_server_connections = 2"),
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "rl_lower").await == 2
+        })
+        .await,
+        "a fixed budget of 2: {} servers",
+        server_conns(&admin, "rl_lower").await
+    );
+    for c in &clients {
+        assert_eq!(scalar(c, "SELECT 1").await, "1");
+    }
+    assert!(server_conns(&admin, "rl_lower").await <= 2);
+}

@@ -116,9 +116,7 @@ impl Pools {
                     closing.push(server);
                 }
             }
-            for b in 0..st.budgets.len() {
-                st.grant_slots(b);
-            }
+            st.grant_slots();
             closing
         };
         let n = closing.len();

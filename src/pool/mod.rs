@@ -9,11 +9,17 @@
 //! Rules:
 //! - Checkout takes the most recently used idle server (a hot set; the janitor shrinks the
 //!   rest), else opens one if every limit allows, else queues the client (FIFO).
-//! - When only the budget is full and no one older waits for it, an idle server of another
-//!   pool is closed to make room (least recently used first).
-//! - Checkin hands the server straight to the oldest waiter of its pool; else, when another
-//!   pool's clients wait for budget, closes it so they can open one; else makes it idle.
-//! - A freed slot goes to the oldest waiter, across pools, whose limits allow it.
+//! - When the budget, `max_db_connections` or `max_user_connections` holds a pool back and
+//!   an idle server of another pool counts against the same limit, that server is closed to
+//!   make room (least recently used first); the room goes to whoever waited longest for it.
+//! - Checkin hands the server straight to the oldest waiter of its pool; else, when a client
+//!   of another pool has waited longer for room this server holds (the budget or a cap),
+//!   closes it so that client can open one; else makes it idle. A server above a lowered
+//!   limit (pool size, cap, budget) closes instead.
+//! - A freed slot goes to the oldest waiter, across pools and upstream servers, whose
+//!   limits allow it.
+//! - A waiter handed a server it cannot use (found dead, or failing `server_check_query`)
+//!   keeps its turn: it opens a new server in that slot when its limits allow.
 //! - A [`Checkout`] dropped without [`Checkout::release`] closes its server: a server in
 //!   doubt is never reused.
 
@@ -171,17 +177,14 @@ impl State {
         if p.open >= s.pool_size {
             return Some(Blocked::PoolSize);
         }
-        let sum = |same: &dyn Fn(&PoolSettings) -> bool| -> u32 {
-            self.pools
-                .iter()
-                .filter(|q| same(&q.settings))
-                .map(|q| q.open)
-                .sum()
-        };
-        if s.max_db_connections > 0 && sum(&|q| q.database == s.database) >= s.max_db_connections {
+        if s.max_db_connections > 0
+            && self.sum_open(|q| q.database == s.database) >= s.max_db_connections
+        {
             return Some(Blocked::Cap);
         }
-        if s.max_user_connections > 0 && sum(&|q| q.user == s.user) >= s.max_user_connections {
+        if s.max_user_connections > 0
+            && self.sum_open(|q| q.user == s.user) >= s.max_user_connections
+        {
             return Some(Blocked::Cap);
         }
         let b = &self.budgets[p.budget];
@@ -207,20 +210,55 @@ impl State {
         self.budgets[p.budget].open -= 1;
     }
 
-    /// Arrival number of the oldest client of budget `b` (outside pool `except`) that
-    /// waits only for the budget.
-    fn oldest_budget_waiter(&self, b: BudgetId, except: Option<PoolId>) -> Option<u64> {
+    /// Counts again a server [`State::release`] uncounted for a look ahead.
+    fn unrelease(&mut self, id: PoolId) {
+        let p = &mut self.pools[id];
+        p.open += 1;
+        self.budgets[p.budget].open += 1;
+    }
+
+    /// True when `id` holds more servers than a limit now allows (a reload or a new
+    /// budget lowered it): such a server closes instead of staying idle.
+    fn over_limit(&self, id: PoolId) -> bool {
+        let p = &self.pools[id];
+        let s = &p.settings;
+        let b = &self.budgets[p.budget];
+        p.removed
+            || p.open > s.pool_size
+            || b.limit.is_some_and(|l| b.used() > l)
+            || (s.max_db_connections > 0
+                && self.sum_open(|q| q.database == s.database) > s.max_db_connections)
+            || (s.max_user_connections > 0
+                && self.sum_open(|q| q.user == s.user) > s.max_user_connections)
+    }
+
+    /// Servers of the pools whose settings match.
+    fn sum_open(&self, same: impl Fn(&PoolSettings) -> bool) -> u32 {
         self.pools
             .iter()
+            .filter(|q| same(&q.settings))
+            .map(|q| q.open)
+            .sum()
+    }
+
+    /// Arrival number of the oldest client outside pool `id` that waits for room that
+    /// closing one of `id`'s servers would give it (the budget, `max_db_connections` or
+    /// `max_user_connections`).
+    fn oldest_waiter_for_room_of(&mut self, id: PoolId) -> Option<u64> {
+        let others_wait = |(i, p): &(usize, &Pool)| *i != id && !p.waiters.is_empty();
+        if !self.pools.iter().enumerate().any(|e| others_wait(&e)) {
+            return None; // the common case: one pass, no look ahead
+        }
+        self.release(id);
+        let oldest = self
+            .pools
+            .iter()
             .enumerate()
-            .filter(|(i, p)| {
-                p.budget == b
-                    && Some(*i) != except
-                    && !p.waiters.is_empty()
-                    && self.blocked(*i) == Some(Blocked::Budget)
-            })
+            .filter(|e| others_wait(e) && self.blocked(e.0).is_none())
             .map(|(_, p)| p.waiters[0].seq)
-            .min()
+            .min();
+        self.unrelease(id);
+        oldest
     }
 
     /// Takes the least recently used idle server of budget `b` outside pool `except`.
@@ -236,16 +274,35 @@ impl State {
         Some(server)
     }
 
-    /// Gives freed room in budget `b` to the oldest waiters whose limits allow it.
-    fn grant_slots(&mut self, b: BudgetId) {
+    /// Takes the least recently used idle server, of another pool, whose closing would let
+    /// `id` open one (it is held back by the budget or a cap that the two pools share).
+    fn steal_room_for(&mut self, id: PoolId) -> Option<Server> {
+        let mut candidates: Vec<(Instant, PoolId)> = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| *i != id && !p.idle.is_empty())
+            .map(|(i, p)| (p.idle[0].last_used, i))
+            .collect();
+        candidates.sort_unstable();
+        for (_, victim) in candidates {
+            self.release(victim);
+            if self.blocked(id).is_none() {
+                return Some(self.pools[victim].idle.remove(0));
+            }
+            self.unrelease(victim);
+        }
+        None
+    }
+
+    /// Gives freed room to the oldest waiters, across pools, whose limits allow it.
+    fn grant_slots(&mut self) {
         loop {
             let oldest = self
                 .pools
                 .iter()
                 .enumerate()
-                .filter(|(i, p)| {
-                    p.budget == b && !p.waiters.is_empty() && self.blocked(*i).is_none()
-                })
+                .filter(|(i, p)| !p.waiters.is_empty() && self.blocked(*i).is_none())
                 .min_by_key(|(_, p)| p.waiters[0].seq)
                 .map(|(i, _)| i);
             let Some(id) = oldest else { return };
@@ -489,22 +546,18 @@ impl Pools {
                     self.any_removed.store(true, Ordering::Release);
                 }
             }
-            // Idle servers above the new size (all of them for a removed pool) close now;
-            // busy ones close when returned.
-            loop {
-                let p = &st.pools[id];
-                let surplus = p.removed || p.open > p.settings.pool_size;
-                if !surplus || p.idle.is_empty() {
-                    break;
-                }
+        }
+        // Idle servers above a new limit (the pool size, a cap, a smaller fixed budget; all
+        // of them for a removed pool) close now, least recently used first; busy ones close
+        // when returned.
+        for id in 0..st.pools.len() {
+            while st.over_limit(id) && !st.pools[id].idle.is_empty() {
                 let server = st.pools[id].idle.remove(0);
                 closing.push(server);
                 st.release(id);
             }
         }
-        for b in 0..st.budgets.len() {
-            st.grant_slots(b);
-        }
+        st.grant_slots();
         drop(st);
         for server in closing {
             server.close();
@@ -577,7 +630,7 @@ impl Pools {
                     }
                 }
             }
-            st.grant_slots(b);
+            st.grant_slots();
             if limit.is_none() {
                 // The reading failed: clients waiting for it get the reason now.
                 let reason = st.budgets[b]
@@ -659,9 +712,13 @@ impl Pools {
     ) -> Result<Checkout, PoolError> {
         let deadline = now.checked_add(wait);
         let mut backoff = FIRST_RETRY_BACKOFF;
+        // A server this client was handed could not be used and its slot was kept for it.
+        let mut reopen = false;
         loop {
             let mut victim = None;
-            let step = {
+            let step = if std::mem::take(&mut reopen) {
+                Step::Open
+            } else {
                 let mut st = self.lock();
                 if let Some(server) = st.pools[pool].idle.pop() {
                     Step::Idle(server)
@@ -682,18 +739,22 @@ impl Pools {
                                 })
                             }
                         },
-                        Some(Blocked::Budget) if st.oldest_budget_waiter(b, None).is_none() => {
-                            match st.steal_idle(b, Some(pool)) {
-                                Some(server) => {
-                                    victim = Some(server);
+                        // Held back by room another pool holds idle: close its least
+                        // recently used server. Clients queued longer for that room get it
+                        // first; this one opens only if room is left.
+                        Some(Blocked::Budget | Blocked::Cap) => match st.steal_room_for(pool) {
+                            Some(server) => {
+                                victim = Some(server);
+                                st.grant_slots();
+                                if st.blocked(pool).is_none() {
                                     st.reserve(pool);
                                     Step::Open
-                                }
-                                None => {
+                                } else {
                                     Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now))
                                 }
                             }
-                        }
+                            None => Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now)),
+                        },
                         Some(_) => Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now)),
                     }
                 }
@@ -725,7 +786,7 @@ impl Pools {
                             server = server.id,
                             "closing a server found dead or dirty while idle"
                         );
-                        self.discard(server);
+                        reopen = self.replace(server, None);
                         continue;
                     }
                     let mut checkout = Checkout {
@@ -735,7 +796,9 @@ impl Pools {
                     };
                     // server_check_query on a server idle longer than server_check_delay.
                     if !self.check_if_due(&mut checkout, now).await {
-                        continue; // dropping the checkout closed it; try the next one
+                        let server = checkout.server.take().expect("checked out");
+                        reopen = self.replace(server, checkout.retire);
+                        continue;
                     }
                     return Ok(checkout);
                 }
@@ -824,23 +887,19 @@ impl Pools {
             return self.discard(server);
         }
         let pool = server.pool;
-        let b = st.pools[pool].budget;
-        let over = st.budgets[b]
-            .limit
-            .is_some_and(|l| st.budgets[b].used() > l);
         // Arrival order across pools: a client of another pool that has waited longer for
-        // the budget gets the room (this server closes, it opens one).
+        // room this server holds (the budget or a cap) gets it: this server closes and that
+        // client opens one.
         let own = st.pools[pool].waiters.front().map(|w| w.seq);
-        let other = st.oldest_budget_waiter(b, Some(pool));
-        let p = &st.pools[pool];
-        let shrunk = p.removed || p.open > p.settings.pool_size;
-        let reconnect = server.id < p.reconnect_below;
+        let other = st.oldest_waiter_for_room_of(pool);
+        let reconnect = server.id < st.pools[pool].reconnect_below;
         if reconnect {
             st.pools[pool].retired[Retire::Reconnect as usize] += 1;
         }
-        if over || shrunk || reconnect || other.is_some_and(|o| own.is_none_or(|own| o < own)) {
+        if reconnect || st.over_limit(pool) || other.is_some_and(|o| own.is_none_or(|own| o < own))
+        {
             st.release(pool);
-            st.grant_slots(b);
+            st.grant_slots();
             drop(st);
             server.close();
             return;
@@ -849,6 +908,26 @@ impl Pools {
             Some(w) => w.give(Grant::Server(server)),
             None => st.pools[pool].idle.push(server),
         }
+    }
+
+    /// Closes a server handed to a client that cannot use it (found dead, or failing
+    /// `server_check_query`, counted under `why`). True when the client keeps its slot to
+    /// open a new one (its pool may still open one): it does not go back to the end of the
+    /// queue. Otherwise the slot goes to the next waiter.
+    fn replace(&self, server: Server, why: Option<Retire>) -> bool {
+        let pool = server.pool;
+        server.close();
+        let mut st = self.lock();
+        if let Some(why) = why {
+            st.pools[pool].retired[why as usize] += 1;
+        }
+        st.release(pool);
+        if st.blocked(pool).is_none() {
+            st.reserve(pool);
+            return true;
+        }
+        st.grant_slots();
+        false
     }
 
     /// Closes a server and gives its slot to the next waiter.
@@ -865,8 +944,7 @@ impl Pools {
             st.pools[pool].retired[why as usize] += 1;
         }
         st.release(pool);
-        let b = st.pools[pool].budget;
-        st.grant_slots(b);
+        st.grant_slots();
     }
 
     /// Counts one of the proxy's own connections to upstream `host:port` against its budget
@@ -970,10 +1048,9 @@ impl Pools {
                 if too_old || too_idle || !s.looks_alive() {
                     out.push(st.pools[id].idle.remove(i));
                     st.release(id);
-                    // The room freed in the budget goes to any client of another pool
-                    // waiting for it.
-                    let b = st.pools[id].budget;
-                    st.grant_slots(b);
+                    // The room freed (in the budget, a cap) goes to any client of another
+                    // pool waiting for it.
+                    st.grant_slots();
                 } else {
                     i += 1;
                 }
@@ -1033,8 +1110,7 @@ impl Drop for SlotGuard<'_> {
             let mut st = self.pools.lock();
             st.pools[self.pool].connecting -= 1;
             st.release(self.pool);
-            let b = st.pools[self.pool].budget;
-            st.grant_slots(b);
+            st.grant_slots();
         }
     }
 }
@@ -1051,7 +1127,7 @@ impl Drop for Auxiliary {
     fn drop(&mut self) {
         let mut st = self.pools.lock();
         st.budgets[self.budget].auxiliary -= 1;
-        st.grant_slots(self.budget);
+        st.grant_slots();
     }
 }
 

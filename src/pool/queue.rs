@@ -223,8 +223,7 @@ impl Drop for WaitGuard {
             Some(Grant::Slot) => {
                 st.pools[self.pool].connecting -= 1;
                 st.release(self.pool);
-                let b = st.pools[self.pool].budget;
-                st.grant_slots(b);
+                st.grant_slots();
             }
             Some(Grant::BudgetUnknown(_)) | Some(Grant::TimedOut) | None => {}
         }

@@ -1,0 +1,163 @@
+//! `max_db_connections` and `max_user_connections` span pools (one per database and user)
+//! and upstream servers. A client held back by a cap gets room that another pool holds
+//! idle, and the server another pool returns, without waiting for `query_wait_timeout`;
+//! PostgreSQL never sees more sessions than the cap allows.
+
+mod common;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio_postgres::Client;
+
+/// Sessions of `role` on `datname`, as PostgreSQL counts them.
+async fn sessions(admin: &Client, role: &str, datname: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND datname = $2",
+            &[&role, &datname],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A client's `SELECT 1` must not wait for the cap's timeout: run it and report how long
+/// it took.
+async fn select_within(c: &Client, what: &str) -> Duration {
+    let began = Instant::now();
+    assert_eq!(scalar(c, "SELECT 1").await, "1", "{what}");
+    began.elapsed()
+}
+
+/// Two users of one database under `max_db_connections = 2`, on one upstream server.
+#[tokio::test]
+async fn a_database_cap_is_shared_by_its_users() {
+    let pg = pg();
+    pg.create_app("capd").await;
+    let admin = pg.admin().await;
+    admin
+        .batch_execute("CREATE ROLE capd2 LOGIN PASSWORD 'capd2-pw'")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&format!(
+        "pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"10s\"\n\
+         [budget]\nmax_server_connections = 50\n\
+         [databases.capd]\nhost = \"127.0.0.1\"\nport = {}\n\
+         [users.capd]\npassword = \"capd-pw\"\n[users.capd2]\npassword = \"capd2-pw\"\n",
+        pg.port
+    ))
+    .await;
+    let user_a = || connect_as(&proxy, "capd", "capd");
+    let user_b = || connect_as(&proxy, "capd2", "capd");
+    cap_scenario(&admin, ("capd", "capd"), ("capd2", "capd"), user_a, user_b).await;
+}
+
+/// One user, one database reached over two upstream servers (TCP and the Unix socket: two
+/// budgets), under `max_user_connections = 2`.
+#[tokio::test]
+async fn a_user_cap_spans_upstream_servers() {
+    let pg = pg();
+    pg.create_app("capu").await;
+    let admin = pg.admin().await;
+    let proxy = Proxy::start(&format!(
+        "pool_size = 5\nmax_user_connections = 2\nquery_wait_timeout = \"10s\"\n\
+         [budget]\nmax_server_connections = 50\n\
+         [databases.capu_tcp]\nhost = \"127.0.0.1\"\nport = {port}\ndbname = \"capu\"\n\
+         [databases.capu_unix]\nhost = \"{dir}\"\nport = {port}\ndbname = \"capu\"\n\
+         [users.capu]\npassword = \"capu-pw\"\n",
+        port = pg.port,
+        dir = pg.dir.display()
+    ))
+    .await;
+    assert_eq!(
+        proxy.shared.pools.upstreams().len(),
+        2,
+        "two upstream servers, two budgets"
+    );
+    let tcp = || connect_as(&proxy, "capu", "capu_tcp");
+    let unix = || connect_as(&proxy, "capu", "capu_unix");
+    // Both pools log in as capu to database capu: PostgreSQL tells them apart by address.
+    cap_scenario(&admin, ("capu", "capu"), ("capu", "capu"), tcp, unix).await;
+}
+
+async fn connect_as(proxy: &Proxy, user: &str, db: &str) -> Client {
+    connect(&proxy.conn(user, &format!("{user}-pw"), db)).await
+}
+
+/// Pools A and B share a cap of 2 (`a` and `b` are their `(role, datname)` upstream).
+/// 1. A holds both servers idle; B's client closes one of them and runs at once.
+/// 2. A holds the cap in two transactions; B's client queues; the first server A returns
+///    goes to B (closed, and B opens one), not into A's idle list.
+///
+/// Through both, PostgreSQL sees at most 2 sessions of the two pools together.
+async fn cap_scenario<FA, FB, FutA, FutB>(
+    admin: &Client,
+    a: (&str, &str),
+    b: (&str, &str),
+    pool_a: FA,
+    pool_b: FB,
+) where
+    FA: Fn() -> FutA,
+    FB: Fn() -> FutB,
+    FutA: std::future::Future<Output = Client>,
+    FutB: std::future::Future<Output = Client>,
+{
+    let total = || async {
+        let n = sessions(admin, a.0, a.1).await;
+        if a == b {
+            n
+        } else {
+            n + sessions(admin, b.0, b.1).await
+        }
+    };
+    let (a1, a2) = (pool_a().await, pool_a().await);
+    a1.batch_execute("BEGIN").await.unwrap();
+    a2.batch_execute("BEGIN").await.unwrap();
+    a1.batch_execute("COMMIT").await.unwrap();
+    a2.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(total().await, 2, "pool A holds the cap, idle");
+
+    // 1. Room held idle by another pool is taken at once (the login too needs a server
+    //    when the pool has not seen one yet).
+    let began = Instant::now();
+    let b1 = pool_b().await;
+    select_within(&b1, "B takes an idle server's room").await;
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "B waited {took:?} although A's servers were idle"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async { total().await == 2 }).await,
+        "A's idle server closed for B: {} sessions",
+        total().await
+    );
+
+    // 2. A holds both servers in transactions (its second takes the room of B's idle
+    //    server, which closes in turn).
+    a1.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    a2.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async { total().await == 2 }).await,
+        "A holds the cap: {} sessions",
+        total().await
+    );
+    let b2 = pool_b().await;
+    let queued = tokio::spawn(async move { select_within(&b2, "B served after A's commit").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!queued.is_finished(), "B waits while A holds the cap");
+    let committed = Instant::now();
+    a1.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), queued)
+        .await
+        .expect("B is served once A returns a server, not at query_wait_timeout")
+        .unwrap();
+    assert!(committed.elapsed() < Duration::from_secs(3));
+    a2.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async { total().await <= 2 }).await,
+        "the cap holds: {} sessions",
+        total().await
+    );
+    drop(b1);
+}
