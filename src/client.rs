@@ -300,9 +300,7 @@ fn fatal_after<'a>(stream: &'a mut Stream, first: &'a [u8], e: &'a ErrorFields) 
 async fn send_fatal(stream: &mut Stream, first: &[u8], e: &ErrorFields) {
     let mut buf = BytesMut::from(first);
     e.encode(&mut buf);
-    // Bounded: a client that does not read (its socket buffer full) must not hold the
-    // connection's task, and what it holds, forever.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(CLOSING_WRITE, async {
         let _ = stream.send(&buf).await;
         let _ = stream.shutdown().await;
     })
@@ -745,6 +743,11 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
 }
+
+/// How long a write to a client that may not read (its socket buffer full) may take when the
+/// proxy must finish it: a FATAL, the rest of a notice. It must not hold the connection's
+/// task, and what it holds, forever.
+const CLOSING_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a connection over `max_client_conn` has to send its first packet.
 const OVER_LIMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -1238,11 +1241,8 @@ impl Session {
                     fatal(&mut self.client.stream, &error).await;
                 } else {
                     // Cut inside a message: an ErrorResponse would be read as its rest.
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(1),
-                        self.client.stream.shutdown(),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(CLOSING_WRITE, self.client.stream.shutdown()).await;
                 }
                 self.leave(checkout, left).await;
                 Some(Err(error.message))
@@ -1394,13 +1394,16 @@ impl Session {
         let cancelled = self.cancel.cancelled_while_queued();
         tokio::pin!(cancelled);
         // PgBouncer's query_wait_notify: tell a client queued this long why it waits (the
-        // pools' sweeper flags the cell; nothing is armed per wait).
+        // pools' sweeper flags the cell; nothing is armed per wait). Written as the socket
+        // takes it, never awaited: a client that does not read still gets its grant, its
+        // timeout, a cancel or the drain.
         let mut notified = false;
+        let mut notice: Option<Box<Notice>> = None;
         let watch = Watch {
             stop: &self.shared.stop,
             waker: &self.registration.client.stop_waker,
         };
-        loop {
+        let result = loop {
             let room = self.client.buf.len() < relay::HIGH_WATER;
             // Biased, in this order: no random start per poll, and a grant that comes with
             // a cancel or a drain is taken (the request runs; a cancel is best-effort).
@@ -1409,22 +1412,28 @@ impl Session {
                 r = checkout.as_mut() => {
                     let now = Instant::now();
                     let waited = now.saturating_duration_since(began);
-                    return Some(match r {
+                    break match r {
                         Ok(c) => Ok((self.got(c, waited), now)),
                         Err(e) => {
                             self.observe_wait(waited);
                             Err(NotServed::Failed(e))
                         }
-                    });
+                    };
                 }
-                _ = &mut cancelled => return Some(Err(NotServed::Cancelled)),
-                _ = watch.draining() => return Some(Err(NotServed::Drained)),
+                _ = &mut cancelled => break Err(NotServed::Cancelled),
+                _ = watch.draining() => break Err(NotServed::Drained),
                 _ = cell.notice_due(), if !notified => {
                     notified = true;
                     let pool = &self.meter.pool;
-                    let told = tell_queued(&mut self.client.stream, &pool.database, &pool.user, wait);
-                    if Box::pin(told).await.is_err() {
-                        return None;
+                    let n = notice.insert(Box::new(Notice::queued(&pool.database, &pool.user, wait)));
+                    if n.write(&mut self.client.stream).ok()? {
+                        notice = None;
+                    }
+                }
+                r = self.client.stream.writable(), if notice.is_some() => {
+                    r.ok()?;
+                    if notice.as_mut().expect("pending").write(&mut self.client.stream).ok()? {
+                        notice = None;
                     }
                 }
                 r = self.client.stream.readable(), if room => {
@@ -1437,7 +1446,20 @@ impl Session {
                     }
                 }
             }
+        };
+        // A notice the socket took part of is finished before anything else reaches the
+        // client (one not begun is dropped). Bounded: a client that takes not even that
+        // within a second is closed, as for a FATAL, and a server it was granted goes back.
+        if let Some(n) = notice.filter(|n| n.begun) {
+            let rest = tokio::time::timeout(CLOSING_WRITE, self.client.stream.send(&n.buf));
+            if !matches!(Box::pin(rest).await, Ok(Ok(()))) {
+                if let Ok((c, _)) = result {
+                    c.release();
+                }
+                return None;
+            }
         }
+        Some(result)
     }
 
     /// Waits for the first message of the next request; answers a lone Sync, drops Flush
@@ -1626,26 +1648,47 @@ impl Session {
     }
 }
 
-/// PgBouncer's query_wait_notify: a NOTICE telling a client queued long why it waits.
-async fn tell_queued(
-    stream: &mut Stream,
-    database: &str,
-    user: &str,
-    wait: std::time::Duration,
-) -> std::io::Result<()> {
-    let mut buf = BytesMut::new();
-    ErrorFields {
-        severity: "NOTICE".into(),
-        code: "00000".into(),
-        message: "No server connection available in postgres backend, client being queued".into(),
-        detail: Some(format!(
-            "pgsluice: every server connection of pool {database}/{user} is busy; waiting up to query_wait_timeout ({}s)",
-            wait.as_secs_f64()
-        )),
-        hint: None,
+/// PgBouncer's query_wait_notify: a NOTICE telling a client queued long why it waits, and
+/// how much of it the client's socket has taken.
+struct Notice {
+    /// What is left to write.
+    buf: BytesMut,
+    /// Some of it was written: the rest must follow before any other message.
+    begun: bool,
+}
+
+impl Notice {
+    fn queued(database: &str, user: &str, wait: std::time::Duration) -> Notice {
+        let mut buf = BytesMut::new();
+        ErrorFields {
+            severity: "NOTICE".into(),
+            code: "00000".into(),
+            message: "No server connection available in postgres backend, client being queued"
+                .into(),
+            detail: Some(format!(
+                "pgsluice: every server connection of pool {database}/{user} is busy; waiting up to query_wait_timeout ({}s)",
+                wait.as_secs_f64()
+            )),
+            hint: None,
+        }
+        .encode_notice(&mut buf);
+        Notice { buf, begun: false }
     }
-    .encode_notice(&mut buf);
-    stream.send(&buf).await
+
+    /// Writes what the socket takes now; true once all of it is written.
+    fn write(&mut self, stream: &mut Stream) -> std::io::Result<bool> {
+        while !self.buf.is_empty() {
+            match stream.try_write(&self.buf) {
+                Ok(n) => {
+                    bytes::Buf::advance(&mut self.buf, n);
+                    self.begun = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Makes the server's session parameters the client's: one round trip, only when they differ.
@@ -1680,6 +1723,42 @@ async fn sync_params(params: &SessionParams, server: &mut ServerConn) -> Result<
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The queued notice is written only as the socket takes it: on a full socket nothing
+    /// is written (and it may be dropped), and once the peer reads, all of it follows.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_notice_waits_for_room_without_blocking() {
+        use std::io::Read;
+        let (a, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let sock = crate::socket::Socket::from(tokio::net::UnixStream::from_std(a).unwrap());
+        let mut stream = Stream::from(sock);
+        let mut filled = 0;
+        loop {
+            match stream.try_write(&[b'x'; 4096]) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let mut n = Notice::queued("db", "app", std::time::Duration::from_secs(120));
+        let whole = n.buf.clone();
+        assert!(
+            !n.write(&mut stream).unwrap(),
+            "a full socket takes none of it"
+        );
+        assert!(!n.begun && n.buf == whole, "nothing written, nothing lost");
+        let mut junk = vec![0; filled];
+        peer.read_exact(&mut junk).unwrap();
+        stream.writable().await.unwrap();
+        assert!(n.write(&mut stream).unwrap(), "written once there is room");
+        let mut got = vec![0; whole.len()];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(got, whole);
+        assert_eq!(got[0], b'N', "a NoticeResponse");
+    }
+
     /// Every client holds its connection's task for its whole life, parked or not: the
     /// task's future stays two words (the phase is told by the running future's pointer).
     #[test]
