@@ -3,11 +3,12 @@
 //! PgBouncer's column names and order (1.25), so that exporters and dashboards written for
 //! PgBouncer work unchanged; see `docs/admin-console.md`.
 //!
-//! [`Console`] also holds the state the commands change: paused databases and shutdown.
+//! [`Console`] also holds the shutdown state the commands change; paused databases are kept
+//! by the pools (`pool/pause.rs`), which hand out no server for them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{BufMut, BytesMut};
@@ -18,6 +19,7 @@ use crate::app::Shared;
 use crate::clients::ClientState;
 use crate::config::{Config, PoolMode};
 use crate::metrics::{clients_by_pool, ClientCounts, ServerCounts};
+use crate::pool::pause::PauseError;
 use crate::protocol::messages::{self, ErrorFields, Severity};
 use crate::protocol::{frame, frontend, TransactionStatus};
 
@@ -37,47 +39,12 @@ pub fn is_console(database: &str) -> bool {
 /// State changed by admin commands.
 #[derive(Debug, Default)]
 pub struct Console {
-    paused: Mutex<Paused>,
-    /// Something is paused: lets [`Console::is_paused`] skip the lock on every request.
-    any_paused: AtomicBool,
-    resumed: Notify,
     draining: AtomicBool,
     shutdown: AtomicBool,
     shutdown_now: Notify,
 }
 
-#[derive(Debug, Default)]
-struct Paused {
-    all: bool,
-    databases: HashSet<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Console {
-    pub fn is_paused(&self, database: &str) -> bool {
-        if !self.any_paused.load(Ordering::Acquire) {
-            return false;
-        }
-        let p = lock(&self.paused);
-        p.all || p.databases.contains(database)
-    }
-
-    /// Waits until `database` is not paused. Cancel-safe.
-    pub async fn wait_resumed(&self, database: &str) {
-        loop {
-            let resumed = self.resumed.notified();
-            tokio::pin!(resumed);
-            resumed.as_mut().enable();
-            if !self.is_paused(database) {
-                return;
-            }
-            resumed.await;
-        }
-    }
-
     /// No new clients; `/readyz` says not ready. Set by `SHUTDOWN WAIT_FOR_CLIENTS`.
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
@@ -556,42 +523,21 @@ fn set(key: &str) -> Result<BytesMut, ErrorFields> {
 }
 
 async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFields> {
-    let config = shared.pools.config();
-    {
-        let mut p = lock(&shared.console.paused);
-        if p.all {
-            return Err(error("55000", "already suspended/paused"));
+    if let Some(d) = db {
+        if is_console(d) {
+            return Err(error("55000", format!("cannot pause admin db: {d}")));
         }
-        match db {
-            None => {
-                tracing::info!("PAUSE command issued");
-                p.all = true;
-                shared.console.any_paused.store(true, Ordering::Release);
-            }
-            Some(d) if is_console(d) => {
-                return Err(error("55000", format!("cannot pause admin db: {d}")))
-            }
-            Some(d) if !config.databases.contains_key(d) => {
-                return Err(error("3D000", format!("no such database: {d}")))
-            }
-            Some(d) => {
-                tracing::info!(database = d, "PAUSE command issued");
-                p.databases.insert(d.to_owned());
-                shared.console.any_paused.store(true, Ordering::Release);
-            }
+        if !shared.pools.config().databases.contains_key(d) {
+            return Err(error("3D000", format!("no such database: {d}")));
         }
     }
-    // Like PgBouncer, answer once every server of the paused databases is released.
-    loop {
-        let busy = shared
-            .clients
-            .all()
-            .iter()
-            .filter(|c| db.is_none_or(|d| &*c.database == d))
-            .any(|c| c.state() == ClientState::Active);
-        if !busy {
-            break;
-        }
+    if shared.pools.pause(db) == Err(PauseError::AlreadyPaused) {
+        return Err(error("55000", "already suspended/paused"));
+    }
+    tracing::info!(database = db.unwrap_or("(all)"), "PAUSE command issued");
+    // Like PgBouncer, answer once every server of the paused databases is released. The
+    // pools hand out none from now on, so none is lent after this answer.
+    while shared.pools.busy(db) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut out = BytesMut::new();
@@ -646,32 +592,23 @@ async fn wait_close(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, 
 }
 
 fn resume(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFields> {
-    {
-        let mut p = lock(&shared.console.paused);
-        match db {
-            None if shared.console.is_draining() => {
-                return Err(error("55000", "pooler is shutting down"))
-            }
-            None if !p.all && p.databases.is_empty() => {
-                return Err(error("55000", "pooler is not paused/suspended"))
-            }
-            None => {
-                tracing::info!("RESUME command issued");
-                p.all = false;
-                p.databases.clear();
-            }
-            Some(d) if !shared.pools.config().databases.contains_key(d) => {
-                return Err(error("3D000", format!("no such database: {d}")))
-            }
-            Some(d) if !p.databases.remove(d) => {
-                return Err(error("55000", format!("database {d} is not paused")))
-            }
-            Some(d) => tracing::info!(database = d, "RESUME command issued"),
+    match db {
+        None if shared.console.is_draining() => {
+            return Err(error("55000", "pooler is shutting down"))
         }
-        let still = p.all || !p.databases.is_empty();
-        shared.console.any_paused.store(still, Ordering::Release);
+        Some(d) if !shared.pools.config().databases.contains_key(d) => {
+            return Err(error("3D000", format!("no such database: {d}")))
+        }
+        _ => {}
     }
-    shared.console.resumed.notify_waiters();
+    match shared.pools.resume(db) {
+        Ok(()) => tracing::info!(database = db.unwrap_or("(all)"), "RESUME command issued"),
+        Err(PauseError::DatabaseNotPaused) => {
+            let d = db.unwrap_or_default();
+            return Err(error("55000", format!("database {d} is not paused")));
+        }
+        Err(_) => return Err(error("55000", "pooler is not paused/suspended")),
+    }
     let mut out = BytesMut::new();
     command_complete(&mut out, "RESUME");
     Ok(out)
@@ -694,7 +631,7 @@ fn show(shared: &Arc<Shared>, what: &str) -> Result<BytesMut, ErrorFields> {
             t
         }
         "state" => {
-            let paused = lock(&shared.console.paused).all;
+            let paused = shared.pools.is_paused(None);
             let mut t = Table::new(&[("key", Ty::Text), ("value", Ty::Text)]);
             for (k, v) in [
                 ("active", !paused),
@@ -1097,7 +1034,7 @@ fn show_databases(shared: &Shared) -> Table {
             open.into(),
             0i64.into(),
             n_clients.into(),
-            i64::from(shared.console.is_paused(name)).into(),
+            i64::from(shared.pools.is_paused(Some(name))).into(),
             0i64.into(),
             0i64.into(),
         ]);

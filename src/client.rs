@@ -1318,13 +1318,11 @@ impl Session {
         &mut self,
         wait: std::time::Duration,
     ) -> Option<Result<(Checkout, Instant), NotServed>> {
-        if !self.shared.console.is_paused(&self.meter.pool.database) {
-            if let Some(c) = self.shared.pools.try_idle(self.pool()) {
-                // No wait: the wait observed is zero.
-                let now = Instant::now();
-                self.registration.client.set_request_time(now);
-                return Some(Ok((self.got(c, std::time::Duration::ZERO), now)));
-            }
+        if let Some(c) = self.shared.pools.try_idle(self.pool()) {
+            // No wait: the wait observed is zero.
+            let now = Instant::now();
+            self.registration.client.set_request_time(now);
+            return Some(Ok((self.got(c, std::time::Duration::ZERO), now)));
         }
         let began = Instant::now();
         // Not boxed, though it is the largest state of a session (792 bytes, carried by
@@ -1347,25 +1345,6 @@ impl Session {
         let pool = self.pool();
         // Cancel safety: dropping the checkout future leaves the queue and returns any grant.
         // Its error is boxed: a rare outcome, which would otherwise size every queued wait.
-        if shared.console.is_paused(&self.meter.pool.database) {
-            // A paused database holds its clients here; that wait counts toward
-            // query_wait_timeout, as in PgBouncer. Boxed: a rare wait, kept out of every
-            // queued client's room.
-            let database = self.meter.pool.database.clone();
-            let waiting = cell.clone();
-            let mut checkout = Box::pin(async move {
-                tokio::time::timeout(wait, shared.console.wait_resumed(&database))
-                    .await
-                    .map_err(|_| Box::new(PoolError::WaitTimeout(wait)))?;
-                let left = wait.saturating_sub(began.elapsed());
-                shared
-                    .pools
-                    .checkout(pool, left, &waiting, Instant::now())
-                    .await
-                    .map_err(Box::new)
-            });
-            return self.queued(checkout.as_mut(), &cell, wait, began).await;
-        }
         let checkout = async {
             shared
                 .pools
@@ -1425,7 +1404,8 @@ impl Session {
                 _ = cell.notice_due(), if !notified => {
                     notified = true;
                     let pool = &self.meter.pool;
-                    let n = notice.insert(Box::new(Notice::queued(&pool.database, &pool.user, wait)));
+                    let paused = self.shared.pools.is_paused(Some(&pool.database));
+                    let n = notice.insert(Box::new(Notice::queued(&pool.database, &pool.user, wait, paused)));
                     if n.write(&mut self.client.stream).ok()? {
                         notice = None;
                     }
@@ -1658,7 +1638,12 @@ struct Notice {
 }
 
 impl Notice {
-    fn queued(database: &str, user: &str, wait: std::time::Duration) -> Notice {
+    fn queued(database: &str, user: &str, wait: std::time::Duration, paused: bool) -> Notice {
+        let why = if paused {
+            format!("database {database} is paused (PAUSE on the admin console)")
+        } else {
+            format!("every server connection of pool {database}/{user} is busy")
+        };
         let mut buf = BytesMut::new();
         ErrorFields {
             severity: "NOTICE".into(),
@@ -1666,7 +1651,7 @@ impl Notice {
             message: "No server connection available in postgres backend, client being queued"
                 .into(),
             detail: Some(format!(
-                "pgsluice: every server connection of pool {database}/{user} is busy; waiting up to query_wait_timeout ({}s)",
+                "pgsluice: {why}; waiting up to query_wait_timeout ({}s)",
                 wait.as_secs_f64()
             )),
             hint: None,
@@ -1742,7 +1727,7 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        let mut n = Notice::queued("db", "app", std::time::Duration::from_secs(120));
+        let mut n = Notice::queued("db", "app", std::time::Duration::from_secs(120), false);
         let whole = n.buf.clone();
         assert!(
             !n.write(&mut stream).unwrap(),

@@ -473,6 +473,57 @@ async fn pause_waits_for_transactions_and_holds_clients_until_resume() {
     holder.simple_query("SELECT 1").await.unwrap();
 }
 
+/// A client queued before PAUSE is not handed the server a finishing transaction returns:
+/// once PAUSE answers, nothing runs on the paused database until RESUME. (It used to get
+/// that server, and could run after PAUSE had answered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_back_clients_queued_before_it() {
+    let proxy = admin_app("a_pause_q", "pool_size = 1").await;
+    let admin = std::sync::Arc::new(console(&proxy, "a_pause_q").await);
+    let holder = proxy.client("a_pause_q").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let c = proxy.client("a_pause_q").await;
+    let q =
+        tokio::spawn(
+            async move { scalar(&c, "SELECT extract(epoch FROM clock_timestamp())").await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!q.is_finished(), "queued behind the holder");
+    let a = admin.clone();
+    let pause = tokio::spawn(async move { a.simple_query("PAUSE a_pause_q").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pause.is_finished(), "PAUSE waits for the open transaction");
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), pause)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let paused_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!q.is_finished(), "the queued client waits for RESUME");
+    let (_, rows) = show(&admin, "SHOW POOLS").await;
+    let pool = row_of(&rows, "database", "a_pause_q");
+    assert_eq!(
+        (field(pool, "cl_waiting"), field(pool, "sv_active")),
+        ("1", "0")
+    );
+    admin.simple_query("RESUME a_pause_q").await.unwrap();
+    let ran_at: f64 = tokio::time::timeout(Duration::from_secs(5), q)
+        .await
+        .unwrap()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        ran_at > paused_at + 0.4,
+        "ran at {ran_at}, PAUSE answered at {paused_at}"
+    );
+}
+
 #[tokio::test]
 async fn errors_keep_the_console_usable() {
     let proxy = admin_app("a_errors", "").await;

@@ -25,6 +25,7 @@
 
 pub mod health;
 pub mod janitor;
+pub mod pause;
 pub mod queue;
 
 use std::collections::VecDeque;
@@ -113,6 +114,8 @@ struct Pool {
     testing: u32,
     /// Servers closed by the health rules, by [`Retire`] reason.
     retired: [u64; Retire::ALL.len()],
+    /// PAUSE: no server is handed out; clients wait in the queue.
+    paused: bool,
 }
 
 /// The budget of one upstream server, shared by its pools.
@@ -146,6 +149,7 @@ struct State {
     budgets: Vec<Budget>,
     sweep: queue::Sweep,
     timing: Timing,
+    paused: pause::Paused,
 }
 
 /// Settings the hot paths read under the lock (copied from the configuration).
@@ -158,6 +162,8 @@ struct Timing {
 /// Why a pool may not open a server now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Blocked {
+    /// PAUSE.
+    Paused,
     PoolSize,
     /// `max_db_connections` or `max_user_connections`.
     Cap,
@@ -174,6 +180,9 @@ impl State {
     fn blocked(&self, id: PoolId) -> Option<Blocked> {
         let p = &self.pools[id];
         let s = &p.settings;
+        if p.paused {
+            return Some(Blocked::Paused);
+        }
         if p.open >= s.pool_size {
             return Some(Blocked::PoolSize);
         }
@@ -465,6 +474,7 @@ impl Pools {
             return Some(id);
         }
         let id = st.pools.len();
+        let paused = st.paused.covers(database);
         st.pools.push(Pool {
             settings: Arc::new(settings),
             budget,
@@ -479,6 +489,7 @@ impl Pools {
             reconnect_below: 0,
             testing: 0,
             retired: [0; Retire::ALL.len()],
+            paused,
         });
         st.by_key
             .entry(database.to_owned())
@@ -679,11 +690,11 @@ impl Pools {
         loop {
             let server = {
                 let mut st = self.lock();
-                let idle = &mut st.pools[pool].idle;
-                if idle.last().is_none_or(|s| s.check_due) {
+                let p = &mut st.pools[pool];
+                if p.paused || p.idle.last().is_none_or(|s| s.check_due) {
                     return None;
                 }
-                idle.pop()?
+                p.idle.pop()?
             };
             if server.looks_alive() {
                 return Some(Checkout {
@@ -720,7 +731,9 @@ impl Pools {
                 Step::Open
             } else {
                 let mut st = self.lock();
-                if let Some(server) = st.pools[pool].idle.pop() {
+                if st.pools[pool].paused {
+                    Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now))
+                } else if let Some(server) = st.pools[pool].idle.pop() {
                     Step::Idle(server)
                 } else {
                     let b = st.pools[pool].budget;
@@ -890,7 +903,8 @@ impl Pools {
         // Arrival order across pools: a client of another pool that has waited longer for
         // room this server holds (the budget or a cap) gets it: this server closes and that
         // client opens one.
-        let own = st.pools[pool].waiters.front().map(|w| w.seq);
+        let p = &st.pools[pool];
+        let own = p.waiters.front().filter(|_| !p.paused).map(|w| w.seq);
         let other = st.oldest_waiter_for_room_of(pool);
         let reconnect = server.id < st.pools[pool].reconnect_below;
         if reconnect {
@@ -904,9 +918,15 @@ impl Pools {
             server.close();
             return;
         }
-        match st.pools[pool].waiters.pop_front() {
+        let p = &mut st.pools[pool];
+        let next = if p.paused {
+            None
+        } else {
+            p.waiters.pop_front()
+        };
+        match next {
             Some(w) => w.give(Grant::Server(server)),
-            None => st.pools[pool].idle.push(server),
+            None => p.idle.push(server),
         }
     }
 

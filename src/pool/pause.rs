@@ -1,0 +1,103 @@
+//! PAUSE and RESUME (admin console), kept in the pools' state so that they are exact: a
+//! paused pool hands out no server (not an idle one, not a slot, not the server another
+//! client returns) under the same lock that hands them out, so no request slips through
+//! between PAUSE and its answer. Its clients wait in its queue, which counts toward
+//! `query_wait_timeout` as in PgBouncer; RESUME hands them what is idle and free room.
+
+use std::collections::HashSet;
+
+use super::{Grant, Pools, State};
+
+/// Which databases are paused.
+#[derive(Debug, Default)]
+pub(super) struct Paused {
+    /// `PAUSE` of everything.
+    all: bool,
+    databases: HashSet<String>,
+}
+
+impl Paused {
+    pub(super) fn covers(&self, database: &str) -> bool {
+        self.all || self.databases.contains(database)
+    }
+}
+
+/// Why PAUSE or RESUME was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PauseError {
+    /// PAUSE while everything is paused.
+    AlreadyPaused,
+    /// RESUME with nothing paused.
+    NotPaused,
+    /// RESUME of a database that is not paused.
+    DatabaseNotPaused,
+}
+
+impl State {
+    /// Sets each pool's flag from the paused set.
+    fn apply_paused(&mut self) {
+        for p in self.pools.iter_mut() {
+            p.paused = self.paused.covers(&p.settings.database);
+        }
+    }
+}
+
+impl Pools {
+    /// Pauses `database` (every database when `None`): its pools hand out no server from
+    /// now on. See [`Pools::busy`] for when its running transactions are over.
+    pub fn pause(&self, database: Option<&str>) -> Result<(), PauseError> {
+        let mut st = self.lock();
+        if st.paused.all {
+            return Err(PauseError::AlreadyPaused);
+        }
+        match database {
+            None => st.paused.all = true,
+            Some(d) => {
+                st.paused.databases.insert(d.to_owned());
+            }
+        }
+        st.apply_paused();
+        Ok(())
+    }
+
+    /// Resumes `database` (everything when `None`): its waiting clients get the idle servers
+    /// and free room, oldest first.
+    pub fn resume(&self, database: Option<&str>) -> Result<(), PauseError> {
+        let mut st = self.lock();
+        match database {
+            None if !st.paused.all && st.paused.databases.is_empty() => {
+                return Err(PauseError::NotPaused)
+            }
+            None => st.paused = Paused::default(),
+            Some(d) if !st.paused.databases.remove(d) => return Err(PauseError::DatabaseNotPaused),
+            Some(_) => {}
+        }
+        st.apply_paused();
+        for p in st.pools.iter_mut().filter(|p| !p.paused) {
+            while !p.waiters.is_empty() && !p.idle.is_empty() {
+                let server = p.idle.pop().expect("not empty");
+                let w = p.waiters.pop_front().expect("not empty");
+                w.give(Grant::Server(server));
+            }
+        }
+        st.grant_slots();
+        Ok(())
+    }
+
+    /// True when `database` (or, for `None`, any database) is paused.
+    pub fn is_paused(&self, database: Option<&str>) -> bool {
+        let st = self.lock();
+        match database {
+            Some(d) => st.paused.covers(d),
+            None => st.paused.all,
+        }
+    }
+
+    /// True while a pool of `database` (any pool for `None`) has a server lent to a
+    /// client or being opened: PAUSE answers once there is none.
+    pub fn busy(&self, database: Option<&str>) -> bool {
+        self.lock().pools.iter().any(|p| {
+            database.is_none_or(|d| p.settings.database == d) && p.open as usize > p.idle.len()
+        })
+    }
+}
