@@ -538,6 +538,9 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
     // Like PgBouncer, answer once every server of the paused databases is released. The
     // pools hand out none from now on, so none is lent after this answer.
     while shared.pools.busy(db) {
+        if !shared.pools.is_paused(db) {
+            return Err(error("55000", "resumed before every server was released"));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut out = BytesMut::new();
@@ -603,6 +606,12 @@ fn resume(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorField
     }
     match shared.pools.resume(db) {
         Ok(()) => tracing::info!(database = db.unwrap_or("(all)"), "RESUME command issued"),
+        Err(PauseError::AllPaused) => {
+            return Err(error(
+                "55000",
+                "every database is paused: RESUME (without a name) resumes them",
+            ))
+        }
         Err(PauseError::DatabaseNotPaused) => {
             let d = db.unwrap_or_default();
             return Err(error("55000", format!("database {d} is not paused")));

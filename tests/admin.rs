@@ -524,6 +524,40 @@ async fn pause_holds_back_clients_queued_before_it() {
     );
 }
 
+/// RESUME gives a paused database's queued clients the room another database took with
+/// idle servers while it was paused (one budget of 2 for both).
+#[tokio::test]
+async fn resume_takes_back_room_held_idle_by_another_database() {
+    let pg = pg();
+    pg.create_app("a_rs1").await;
+    pg.create_app("a_rs2").await;
+    let toml = format!(
+        "admin_users = \"a_rs1\"\npool_size = 2\nquery_wait_timeout = \"10s\"\n\
+         [budget]\nmax_server_connections = 2\n{}{}",
+        app_config(pg, "a_rs1", "[budget]").replace("[budget]\n", ""),
+        app_config(pg, "a_rs2", "[budget]").replace("[budget]\n", "")
+    );
+    let proxy = Proxy::start(&toml).await;
+    let admin = console(&proxy, "a_rs1").await;
+    let c = proxy.client("a_rs1").await; // its login opens a server of a_rs1
+    admin.simple_query("PAUSE a_rs1").await.unwrap();
+    let q = tokio::spawn(async move { scalar(&c, "SELECT 1").await });
+    // a_rs2 takes the whole budget, then leaves both servers idle.
+    let (d1, d2) = (proxy.client("a_rs2").await, proxy.client("a_rs2").await);
+    d1.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    d2.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    d1.batch_execute("COMMIT").await.unwrap();
+    d2.batch_execute("COMMIT").await.unwrap();
+    assert!(!q.is_finished(), "paused");
+    let resumed = std::time::Instant::now();
+    admin.simple_query("RESUME a_rs1").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), q)
+        .await
+        .expect("served after RESUME")
+        .unwrap();
+    assert!(resumed.elapsed() < Duration::from_secs(2));
+}
+
 #[tokio::test]
 async fn errors_keep_the_console_usable() {
     let proxy = admin_app("a_errors", "").await;

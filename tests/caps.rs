@@ -161,3 +161,98 @@ async fn cap_scenario<FA, FB, FutA, FutB>(
     );
     drop(b1);
 }
+
+/// Two busy pools under one cap share it without closing and opening servers at every turn
+/// (a returned server goes to the other pool only when that pool's client has waited
+/// noticeably longer), and neither pool starves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_pools_under_a_cap_keep_their_servers() {
+    let pg = pg();
+    pg.create_app("capc").await;
+    let admin = pg.admin().await;
+    admin
+        .batch_execute("CREATE ROLE capc2 LOGIN PASSWORD 'capc2-pw'")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&format!(
+        "pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"10s\"\n\
+         [budget]\nmax_server_connections = 50\n\
+         [databases.capc]\nhost = \"127.0.0.1\"\nport = {}\n\
+         [users.capc]\npassword = \"capc-pw\"\n[users.capc2]\npassword = \"capc2-pw\"\n",
+        pg.port
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for user in ["capc", "capc2"] {
+        for _ in 0..4 {
+            let c = connect_as(&proxy, user, "capc").await;
+            tasks.push(tokio::spawn(async move {
+                let mut pids = std::collections::HashSet::new();
+                let (began, mut n) = (Instant::now(), 0);
+                while began.elapsed() < Duration::from_millis(1500) && n < 5000 {
+                    pids.insert(scalar(&c, "SELECT pg_backend_pid()").await);
+                    n += 1;
+                }
+                (user, n, pids)
+            }));
+        }
+    }
+    let mut done = std::collections::HashMap::new();
+    let mut pids = std::collections::HashSet::new();
+    for t in tasks {
+        let (user, n, seen) = t.await.unwrap();
+        *done.entry(user).or_insert(0) += n;
+        pids.extend(seen);
+    }
+    let total: i32 = done.values().sum();
+    for user in ["capc", "capc2"] {
+        assert!(done[user] >= 20, "{user} starved: {done:?}");
+    }
+    assert!(
+        pids.len() <= 8,
+        "{} servers opened for {total} statements: a server closed and reopened at most turns",
+        pids.len()
+    );
+}
+
+/// A server another pool used a moment ago is left to it at first (it is likely to be used
+/// again at once), but not for long: a client held back by the cap while its own pool's
+/// server is in a long transaction gets that room within a janitor round or so.
+#[tokio::test]
+async fn room_held_idle_is_not_kept_from_a_waiting_client() {
+    let pg = pg();
+    pg.create_app("capj").await;
+    let admin = pg.admin().await;
+    admin
+        .batch_execute("CREATE ROLE capj2 LOGIN PASSWORD 'capj2-pw'")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&format!(
+        "pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"10s\"\n\
+         [budget]\nmax_server_connections = 50\n\
+         [databases.capj]\nhost = \"127.0.0.1\"\nport = {}\n\
+         [users.capj]\npassword = \"capj-pw\"\n[users.capj2]\npassword = \"capj2-pw\"\n",
+        pg.port
+    ))
+    .await;
+    let a1 = connect_as(&proxy, "capj", "capj").await;
+    let a2 = connect_as(&proxy, "capj", "capj").await;
+    let b = connect_as(&proxy, "capj2", "capj").await;
+    a1.batch_execute("BEGIN; SELECT 1").await.unwrap(); // A's server stays lent
+    assert_eq!(scalar(&b, "SELECT 1").await, "1"); // B's server is idle now, just used
+    let began = Instant::now();
+    assert_eq!(scalar(&a2, "SELECT 1").await, "1");
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "A's second client waited {:?} while B's server sat idle",
+        began.elapsed()
+    );
+    a1.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sessions(&admin, "capj2", "capj").await == 0
+        })
+        .await,
+        "B's idle server was closed for A"
+    );
+}

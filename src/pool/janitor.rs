@@ -1,6 +1,6 @@
 //! Periodic upkeep of the pools (PgBouncer's janitor): closes servers idle longer than
-//! `server_idle_timeout` or older than `server_lifetime`, and opens servers up to
-//! `min_pool_size`.
+//! `server_idle_timeout` or older than `server_lifetime`, closes idle servers whose room
+//! clients of other pools wait for, and opens servers up to `min_pool_size`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +18,13 @@ pub async fn run(pools: Arc<Pools>) {
         tick.tick().await;
         for server in pools.take_expired(Instant::now()) {
             tracing::debug!(server = server.id, "closing idle or old server connection");
+            server.close();
+        }
+        for server in pools.make_room() {
+            tracing::debug!(
+                server = server.id,
+                "closing an idle server of another pool to make room"
+            );
             server.close();
         }
         for pool in pools.reserve_minimum() {

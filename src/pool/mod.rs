@@ -64,6 +64,13 @@ pub enum PoolError {
 /// How long the janitor waits before topping a pool up again after a failed connect.
 const CONNECT_RETRY_DELAY: Duration = Duration::from_secs(5);
 
+/// A returned server closes to give its room (the budget, a cap) to a client of another
+/// pool that began before the oldest client of its own pool, only when that client's pool
+/// has no server coming back to it or when it began this much earlier: arrival order
+/// across pools, within this slack, without closing and opening a server at every other
+/// checkin while both pools are busy.
+const CROSS_POOL_SLACK: Duration = Duration::from_millis(100);
+
 /// First pause before a client retries a failed server connection; it doubles up to the max.
 const FIRST_RETRY_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest pause between retries: a database back up is used within this.
@@ -227,7 +234,8 @@ impl State {
     }
 
     /// True when `id` holds more servers than a limit now allows (a reload or a new
-    /// budget lowered it): such a server closes instead of staying idle.
+    /// budget lowered it): such a server closes instead of staying idle. The caps' sums
+    /// over pools are only taken when a cap is set.
     fn over_limit(&self, id: PoolId) -> bool {
         let p = &self.pools[id];
         let s = &p.settings;
@@ -250,24 +258,40 @@ impl State {
             .sum()
     }
 
-    /// Arrival number of the oldest client outside pool `id` that waits for room that
-    /// closing one of `id`'s servers would give it (the budget, `max_db_connections` or
-    /// `max_user_connections`).
-    fn oldest_waiter_for_room_of(&mut self, id: PoolId) -> Option<u64> {
-        let others_wait = |(i, p): &(usize, &Pool)| *i != id && !p.waiters.is_empty();
-        if !self.pools.iter().enumerate().any(|e| others_wait(&e)) {
-            return None; // the common case: one pass, no look ahead
+    /// True when pools `a` and `b` count against a limit in common: the budget, or a
+    /// `max_db_connections` or `max_user_connections` that applies to both.
+    fn share_room(&self, a: PoolId, b: PoolId) -> bool {
+        let (p, q) = (&self.pools[a], &self.pools[b]);
+        let (s, t) = (&p.settings, &q.settings);
+        p.budget == q.budget
+            || (s.database == t.database && (s.max_db_connections > 0 || t.max_db_connections > 0))
+            || (s.user == t.user && (s.max_user_connections > 0 || t.max_user_connections > 0))
+    }
+
+    /// True when a server of pool `id`, returned at `now`, should close to give its room to
+    /// a client of another pool (see [`CROSS_POOL_SLACK`]): one that waits for room that
+    /// closing it would give (the budget, `max_db_connections` or `max_user_connections`),
+    /// began before `own` (the oldest waiter of `id`, if any) and either has no server of
+    /// its own coming back or began `CROSS_POOL_SLACK` before `own` (or `now`).
+    fn room_wanted_elsewhere(&mut self, id: PoolId, own: Option<Instant>, now: Instant) -> bool {
+        let waits_for_room = |st: &State, i: PoolId| {
+            i != id && !st.pools[i].waiters.is_empty() && st.share_room(i, id)
+        };
+        if !(0..self.pools.len()).any(|i| waits_for_room(self, i)) {
+            return false; // the common case: one pass, no look ahead
         }
+        let own = own.unwrap_or(now);
         self.release(id);
-        let oldest = self
-            .pools
-            .iter()
-            .enumerate()
-            .filter(|e| others_wait(e) && self.blocked(e.0).is_none())
-            .map(|(_, p)| p.waiters[0].seq)
-            .min();
+        let wanted = (0..self.pools.len()).any(|i| {
+            let q = &self.pools[i];
+            let since = q.waiters.front().map_or(own, |w| w.since);
+            waits_for_room(self, i)
+                && since < own
+                && (!self.coming_back(i) || since + CROSS_POOL_SLACK < own)
+                && self.blocked(i).is_none()
+        });
         self.unrelease(id);
-        oldest
+        wanted
     }
 
     /// Takes the least recently used idle server of budget `b` outside pool `except`.
@@ -283,15 +307,24 @@ impl State {
         Some(server)
     }
 
+    /// True when pool `id` has servers lent or being opened: they come back to its waiters.
+    fn coming_back(&self, id: PoolId) -> bool {
+        let p = &self.pools[id];
+        p.open as usize > p.idle.len()
+    }
+
     /// Takes the least recently used idle server, of another pool, whose closing would let
     /// `id` open one (it is held back by the budget or a cap that the two pools share).
-    fn steal_room_for(&mut self, id: PoolId) -> Option<Server> {
+    /// Unless `any`, only a server idle `CROSS_POOL_SLACK` or more at `now` is taken: one
+    /// used just now is likely to be used again at once by its own pool.
+    fn steal_room_for(&mut self, id: PoolId, now: Instant, any: bool) -> Option<Server> {
         let mut candidates: Vec<(Instant, PoolId)> = self
             .pools
             .iter()
             .enumerate()
             .filter(|(i, p)| *i != id && !p.idle.is_empty())
             .map(|(i, p)| (p.idle[0].last_used, i))
+            .filter(|(used, _)| any || now.saturating_duration_since(*used) >= CROSS_POOL_SLACK)
             .collect();
         candidates.sort_unstable();
         for (_, victim) in candidates {
@@ -302,6 +335,26 @@ impl State {
             self.unrelease(victim);
         }
         None
+    }
+
+    /// [`State::grant_slots`], and room for the oldest waiters held back by the budget or a
+    /// cap that other pools hold with idle servers: those close (returned, for closing
+    /// outside the lock). For waiters that queued while they could not be served (PAUSE).
+    fn make_room_for_waiters(&mut self) -> Vec<Server> {
+        let mut closing = Vec::new();
+        loop {
+            self.grant_slots();
+            let oldest = (0..self.pools.len())
+                .filter(|&i| {
+                    !self.pools[i].waiters.is_empty()
+                        && matches!(self.blocked(i), Some(Blocked::Budget | Blocked::Cap))
+                })
+                .min_by_key(|&i| self.pools[i].waiters[0].seq);
+            match oldest.and_then(|id| self.steal_room_for(id, Instant::now(), true)) {
+                Some(server) => closing.push(server),
+                None => return closing,
+            }
+        }
     }
 
     /// Gives freed room to the oldest waiters, across pools, whose limits allow it.
@@ -559,8 +612,8 @@ impl Pools {
             }
         }
         // Idle servers above a new limit (the pool size, a cap, a smaller fixed budget; all
-        // of them for a removed pool) close now, least recently used first; busy ones close
-        // when returned.
+        // of them for a removed pool) close now, pool by pool, each pool's least recently
+        // used first; busy ones close when returned.
         for id in 0..st.pools.len() {
             while st.over_limit(id) && !st.pools[id].idle.is_empty() {
                 let server = st.pools[id].idle.remove(0);
@@ -649,7 +702,7 @@ impl Pools {
                     .last_error
                     .clone()
                     .unwrap_or_default();
-                for p in st.pools.iter_mut().filter(|p| p.budget == b) {
+                for p in st.pools.iter_mut().filter(|p| p.budget == b && !p.paused) {
                     for w in p.waiters.drain(..) {
                         w.give(Grant::BudgetUnknown(reason.clone()));
                     }
@@ -753,21 +806,27 @@ impl Pools {
                             }
                         },
                         // Held back by room another pool holds idle: close its least
-                        // recently used server. Clients queued longer for that room get it
-                        // first; this one opens only if room is left.
-                        Some(Blocked::Budget | Blocked::Cap) => match st.steal_room_for(pool) {
-                            Some(server) => {
-                                victim = Some(server);
-                                st.grant_slots();
-                                if st.blocked(pool).is_none() {
-                                    st.reserve(pool);
-                                    Step::Open
-                                } else {
+                        // recently used server (one used just now only when no server of
+                        // this pool comes back to it). Clients queued longer for that room
+                        // get it first; this one opens only if room is left.
+                        Some(Blocked::Budget | Blocked::Cap) => {
+                            let any = !st.coming_back(pool);
+                            match st.steal_room_for(pool, now, any) {
+                                Some(server) => {
+                                    victim = Some(server);
+                                    st.grant_slots();
+                                    if st.blocked(pool).is_none() {
+                                        st.reserve(pool);
+                                        Step::Open
+                                    } else {
+                                        Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now))
+                                    }
+                                }
+                                None => {
                                     Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now))
                                 }
                             }
-                            None => Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now)),
-                        },
+                        }
                         Some(_) => Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now)),
                     }
                 }
@@ -779,6 +838,9 @@ impl Pools {
                 );
                 server.close();
             }
+            // A server handed over in the queue that cannot be used keeps its slot for this
+            // client (see `replace`); one it took from the idle list itself does not.
+            let queued = matches!(step, Step::Wait(_));
             let grant = match step {
                 Step::Idle(server) => Grant::Server(server),
                 Step::Open => Grant::Slot,
@@ -799,7 +861,11 @@ impl Pools {
                             server = server.id,
                             "closing a server found dead or dirty while idle"
                         );
-                        reopen = self.replace(server, None);
+                        if queued {
+                            reopen = self.replace(server, None);
+                        } else {
+                            self.discard(server);
+                        }
                         continue;
                     }
                     let mut checkout = Checkout {
@@ -809,9 +875,11 @@ impl Pools {
                     };
                     // server_check_query on a server idle longer than server_check_delay.
                     if !self.check_if_due(&mut checkout, now).await {
-                        let server = checkout.server.take().expect("checked out");
-                        reopen = self.replace(server, checkout.retire);
-                        continue;
+                        if queued {
+                            let server = checkout.server.take().expect("checked out");
+                            reopen = self.replace(server, checkout.retire);
+                        }
+                        continue; // dropping the checkout closed it; try the next one
                     }
                     return Ok(checkout);
                 }
@@ -900,18 +968,16 @@ impl Pools {
             return self.discard(server);
         }
         let pool = server.pool;
-        // Arrival order across pools: a client of another pool that has waited longer for
-        // room this server holds (the budget or a cap) gets it: this server closes and that
-        // client opens one.
+        // Arrival order across pools, within CROSS_POOL_SLACK: a client of another pool
+        // that waits for room this server holds (the budget or a cap) may get it: this
+        // server closes and that client opens one.
         let p = &st.pools[pool];
-        let own = p.waiters.front().filter(|_| !p.paused).map(|w| w.seq);
-        let other = st.oldest_waiter_for_room_of(pool);
+        let own = p.waiters.front().filter(|_| !p.paused).map(|w| w.since);
         let reconnect = server.id < st.pools[pool].reconnect_below;
         if reconnect {
             st.pools[pool].retired[Retire::Reconnect as usize] += 1;
         }
-        if reconnect || st.over_limit(pool) || other.is_some_and(|o| own.is_none_or(|own| o < own))
-        {
+        if reconnect || st.over_limit(pool) || st.room_wanted_elsewhere(pool, own, now) {
             st.release(pool);
             st.grant_slots();
             drop(st);
@@ -1077,6 +1143,13 @@ impl Pools {
             }
         }
         out
+    }
+
+    /// Closes idle servers whose room clients of other pools have been waiting for (the
+    /// checkout leaves a server used within `CROSS_POOL_SLACK` to its own pool); returns
+    /// them for closing outside the lock. Used by the janitor.
+    fn make_room(&self) -> Vec<Server> {
+        self.lock().make_room_for_waiters()
     }
 
     /// Reserves slots to bring pools up to `min_pool_size` within their limits; returns

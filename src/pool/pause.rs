@@ -31,6 +31,8 @@ pub enum PauseError {
     NotPaused,
     /// RESUME of a database that is not paused.
     DatabaseNotPaused,
+    /// RESUME of one database while everything is paused.
+    AllPaused,
 }
 
 impl State {
@@ -61,26 +63,34 @@ impl Pools {
     }
 
     /// Resumes `database` (everything when `None`): its waiting clients get the idle servers
-    /// and free room, oldest first.
+    /// and free room, oldest first, and the room other pools hold idle.
     pub fn resume(&self, database: Option<&str>) -> Result<(), PauseError> {
-        let mut st = self.lock();
-        match database {
-            None if !st.paused.all && st.paused.databases.is_empty() => {
-                return Err(PauseError::NotPaused)
+        let closing = {
+            let mut st = self.lock();
+            match database {
+                None if !st.paused.all && st.paused.databases.is_empty() => {
+                    return Err(PauseError::NotPaused)
+                }
+                None => st.paused = Paused::default(),
+                Some(_) if st.paused.all => return Err(PauseError::AllPaused),
+                Some(d) if !st.paused.databases.remove(d) => {
+                    return Err(PauseError::DatabaseNotPaused)
+                }
+                Some(_) => {}
             }
-            None => st.paused = Paused::default(),
-            Some(d) if !st.paused.databases.remove(d) => return Err(PauseError::DatabaseNotPaused),
-            Some(_) => {}
-        }
-        st.apply_paused();
-        for p in st.pools.iter_mut().filter(|p| !p.paused) {
-            while !p.waiters.is_empty() && !p.idle.is_empty() {
-                let server = p.idle.pop().expect("not empty");
-                let w = p.waiters.pop_front().expect("not empty");
-                w.give(Grant::Server(server));
+            st.apply_paused();
+            for p in st.pools.iter_mut().filter(|p| !p.paused) {
+                while !p.waiters.is_empty() && !p.idle.is_empty() {
+                    let server = p.idle.pop().expect("not empty");
+                    let w = p.waiters.pop_front().expect("not empty");
+                    w.give(Grant::Server(server));
+                }
             }
+            st.make_room_for_waiters()
+        };
+        for server in closing {
+            server.close();
         }
-        st.grant_slots();
         Ok(())
     }
 

@@ -57,6 +57,8 @@ impl WaitCell {
 pub(super) struct Waiter {
     /// Arrival order across all pools.
     pub seq: u64,
+    /// When its request began.
+    pub since: Instant,
     cell: Arc<WaitCell>,
     /// `query_wait_timeout` ends the wait then (`None`: never).
     deadline: Option<Instant>,
@@ -113,6 +115,7 @@ impl Pools {
         let notify_at = (!notify.is_zero()).then(|| began + notify);
         let waiter = Waiter {
             seq,
+            since: began,
             cell: cell.clone(),
             deadline,
             notify_at,
