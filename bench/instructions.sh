@@ -17,6 +17,8 @@
 #   INSTR_WORKLOADS="select-16 select-500 tpcb-16 storm-trust storm-scram"
 #   INSTR_SECONDS=5          length of each measured pgbench run (callgrind runs ~50x slower)
 #   INSTR_PORT=6690          first port used
+#   INSTR_KEEP=DIR           keep each measured callgrind dump there, as BIN-WORKLOAD.callgrind
+#                            (for callgrind_annotate: where the instructions go)
 #
 # Prints a markdown table; with OTHER_BIN, a column for it and the change.
 set -euo pipefail
@@ -104,6 +106,7 @@ EOF
   local dump
   dump=$(ls "$WORK"/cg.out.* 2>/dev/null | head -1)
   [ -n "$dump" ] || die "callgrind wrote no dump"
+  [ -z "${INSTR_KEEP:-}" ] || cp "$dump" "$INSTR_KEEP/$(basename "$bin")-$workload.callgrind"
   awk -v n="$n" '/^(summary|totals):/ {printf "%d\n", $2 / n; exit}' "$dump"
 }
 
