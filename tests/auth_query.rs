@@ -326,3 +326,44 @@ async fn a_listed_user_without_password_is_looked_up() {
     assert_eq!(scalar(&c, "SELECT 1").await, "1");
     assert_eq!(proxy.shared.pools.stats()[0].pool_size, 1);
 }
+
+/// A lookup cut off mid-query (its client's login timed out) must not leave its reply for
+/// the next lookup: user aq_cut_y's login with aq_cut_x's password fails. (The slow lookup
+/// for aq_cut_slow answers with aq_cut_x's row after 1.5 s; the login gives up at 1 s and
+/// aq_cut_y's lookup starts at once, on the same connection before the fix.)
+#[tokio::test]
+async fn a_lookup_cut_off_leaves_nothing_for_the_next() {
+    let pg = pg();
+    pg.create_app("aq_cut").await;
+    let admin = pg.admin().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE aq_cut_x LOGIN PASSWORD 'x-secret'; CREATE ROLE aq_cut_y LOGIN PASSWORD 'y-secret'",
+        )
+        .await
+        .unwrap();
+    let query = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1 OR \
+                 ($1 = 'aq_cut_slow' AND usename = 'aq_cut_x' AND pg_sleep(1.5) IS NOT NULL)";
+    let proxy = proxy(
+        "aq_cut",
+        &format!("client_login_timeout = \"1s\"\nauth_query = \"{query}\""),
+    )
+    .await;
+    // Opens the lookup connection.
+    login(&proxy, "aq_cut_x", "x-secret", "aq_cut")
+        .await
+        .expect("x logs in");
+    let e = login(&proxy, "aq_cut_slow", "x-secret", "aq_cut")
+        .await
+        .err()
+        .expect("the slow lookup's login times out");
+    assert_eq!(code(&e), "08P01", "{e}");
+    let e = login(&proxy, "aq_cut_y", "x-secret", "aq_cut")
+        .await
+        .err()
+        .expect("y's login with x's password must fail");
+    assert_eq!(code(&e), "28P01", "{e}");
+    login(&proxy, "aq_cut_y", "y-secret", "aq_cut")
+        .await
+        .expect("y logs in with its own password");
+}

@@ -149,44 +149,56 @@ impl AuthQuery {
             return (Ok(c.secret), Outcome::Cached);
         }
         let timeout = config.server_connect_timeout;
+        // The connection is taken out of its slot while a lookup runs and put back only
+        // after a whole, idle answer: a lookup cut off mid-query (its login timed out)
+        // drops it with its unread reply, which the next lookup would otherwise read as
+        // its own (another user's password).
         let result = async {
-            if guard.as_ref().is_none_or(|c| !c.conn.looks_alive()) {
-                if let Some(old) = guard.take() {
-                    old.conn.close();
+            let mut c = match guard.take() {
+                Some(c) if c.conn.looks_alive() && c.conn.buf.is_empty() => c,
+                stale => {
+                    if let Some(old) = stale {
+                        old.conn.close();
+                    }
+                    let held = pools.hold_auxiliary(&settings.host, settings.port);
+                    let conn = ServerConn::connect_as(
+                        &settings,
+                        &pools.keys,
+                        APPLICATION_NAME,
+                        usize::MAX,
+                        0,
+                        timeout,
+                    )
+                    .await?;
+                    tokio::spawn(close_when_idle(Arc::downgrade(&slot)));
+                    LookupConn {
+                        conn,
+                        last_used: Instant::now(),
+                        _held: held,
+                    }
                 }
-                let held = pools.hold_auxiliary(&settings.host, settings.port);
-                let conn = ServerConn::connect_as(
-                    &settings,
-                    &pools.keys,
-                    APPLICATION_NAME,
-                    usize::MAX,
-                    0,
-                    timeout,
-                )
-                .await?;
-                *guard = Some(LookupConn {
-                    conn,
-                    last_used: Instant::now(),
-                    _held: held,
-                });
-                tokio::spawn(close_when_idle(Arc::downgrade(&slot)));
-            }
-            let c = guard.as_mut().expect("connected above");
+            };
             c.last_used = Instant::now();
-            tokio::time::timeout(timeout, run(&mut c.conn, &config.auth_query, user))
+            let found = tokio::time::timeout(timeout, run(&mut c.conn, &config.auth_query, user))
                 .await
-                .map_err(|_| LookupError::Timeout(timeout))?
+                .map_err(|_| LookupError::Timeout(timeout))
+                .and_then(|r| r);
+            match found {
+                Ok(p) => {
+                    *guard = Some(c);
+                    Ok(p)
+                }
+                Err(e) => {
+                    // The connection may be mid-message: never reuse it.
+                    c.conn.close();
+                    Err(e)
+                }
+            }
         }
         .await;
         let password = match result {
             Ok(p) => p,
-            Err(e) => {
-                // The connection may be mid-message: never reuse it.
-                if let Some(old) = guard.take() {
-                    old.conn.close();
-                }
-                return (Err(e), Outcome::Failed);
-            }
+            Err(e) => return (Err(e), Outcome::Failed),
         };
         drop(guard);
         let secret = password.map(|p| {
