@@ -969,6 +969,14 @@ impl Config {
         Ok(())
     }
 
+    /// How a client user logs in: `users.NAME.auth_type`, else the top-level `auth_type`.
+    pub fn auth_type_of(&self, user: &str) -> AuthType {
+        self.users
+            .get(user)
+            .and_then(|u| u.auth_type)
+            .unwrap_or(self.auth_type)
+    }
+
     /// The password a client user is checked against: `[users.NAME]`, else `auth_file`.
     pub fn user_password(&self, user: &str) -> Option<&Password> {
         self.users
@@ -1106,11 +1114,7 @@ impl Config {
                     "the user's password is also in auth_file: keep one of them",
                 ));
             }
-            let method = self
-                .users
-                .get(name)
-                .and_then(|u| u.auth_type)
-                .unwrap_or(self.auth_type);
+            let method = self.auth_type_of(name);
             if method == AuthType::ScramSha256 && is_md5_hash(pw) {
                 return Err(invalid(
                     "auth_file",

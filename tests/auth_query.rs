@@ -367,3 +367,25 @@ async fn a_lookup_cut_off_leaves_nothing_for_the_next() {
         .await
         .expect("y logs in with its own password");
 }
+
+/// A listed user's own `auth_type` applies to the password auth_query finds for it: under
+/// a top-level `auth_type = "trust"`, a user listed with SCRAM still needs its password.
+#[tokio::test]
+async fn a_listed_users_auth_type_applies_to_its_looked_up_password() {
+    let pg = pg();
+    pg.create_app("aq_strict").await;
+    let proxy = proxy(
+        "aq_strict",
+        "auth_type = \"trust\"\n[users.aq_strict]\nauth_type = \"scram-sha-256\"",
+    )
+    .await;
+    let e = login(&proxy, "aq_strict", "not-the-password", "aq_strict")
+        .await
+        .err()
+        .expect("a wrong password is refused");
+    assert_eq!(code(&e), "28P01", "{e}");
+    let c = login(&proxy, "aq_strict", "aq_strict-pw", "aq_strict")
+        .await
+        .expect("its password is checked with SCRAM");
+    assert_eq!(scalar(&c, "SELECT current_user").await, "aq_strict");
+}

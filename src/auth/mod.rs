@@ -145,11 +145,7 @@ impl Credentials {
         let mut users = crate::Map::default();
         let names = config.users.keys().chain(config.auth_file_users.keys());
         for name in names {
-            let method = config
-                .users
-                .get(name)
-                .and_then(|u| u.auth_type)
-                .unwrap_or(config.auth_type);
+            let method = config.auth_type_of(name);
             let stored = config.user_password(name);
             if stored.is_none() && method != AuthType::Trust {
                 // Listed for its settings only: its password comes from auth_query.

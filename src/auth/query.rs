@@ -202,7 +202,9 @@ impl AuthQuery {
         };
         drop(guard);
         let secret = password.map(|p| {
-            let s = Secret::new(user, Some(&Password::new(p)), config.auth_type);
+            // The user's own method: a listed user's auth_type applies to the password
+            // looked up for it too.
+            let s = Secret::new(user, Some(&Password::new(p)), config.auth_type_of(user));
             if !s.usable() {
                 tracing::warn!(
                     user,
