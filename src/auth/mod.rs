@@ -289,7 +289,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let verifier = match verifier {
         Some(v) => v,
         None => {
-            impossible = Verifier::impossible();
+            impossible = Verifier::impossible(user);
             &impossible
         }
     };

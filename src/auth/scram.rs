@@ -60,13 +60,18 @@ impl Verifier {
         Verifier::parse(&s).expect("postgres-protocol produces well-formed verifiers")
     }
 
-    /// A verifier nothing matches, for users that do not exist: the exchange then looks the
-    /// same from outside whether the user exists or not (as PostgreSQL's mock authentication).
-    pub fn impossible() -> Verifier {
+    /// A verifier nothing matches, for a user that does not exist: the exchange then looks
+    /// the same from outside whether the user exists or not (PostgreSQL's mock
+    /// authentication). Its salt is the same at every attempt for one name (an HMAC of the
+    /// name under a key drawn at start), as a real user's is: a salt that changed from one
+    /// attempt to the next would tell that the user does not exist.
+    pub fn impossible(user: &str) -> Verifier {
+        static MOCK_KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let key = MOCK_KEY.get_or_init(|| rand::rng().random());
         let mut rng = rand::rng();
         Verifier {
             iterations: 4096,
-            salt: rng.random::<[u8; 16]>().to_vec(),
+            salt: hmac(key, &[user.as_bytes()])[..16].to_vec(),
             stored_key: rng.random(),
             server_key: rng.random(),
         }
@@ -270,12 +275,22 @@ mod tests {
     #[test]
     fn impossible_verifier_rejects() {
         let mut client = ScramSha256::new(b"anything", ChannelBinding::unsupported());
-        let ex = client_first(client.message(), &Verifier::impossible()).unwrap();
+        let ex = client_first(client.message(), &Verifier::impossible("nobody")).unwrap();
         client.update(ex.server_first().as_bytes()).unwrap();
         assert_eq!(
             ex.client_final(client.message()).unwrap_err(),
             ScramError::WrongPassword
         );
+    }
+
+    /// An unknown user's salt does not change from one attempt to the next (a real user's
+    /// does not either), and differs between names.
+    #[test]
+    fn an_unknown_users_salt_is_stable() {
+        let a = Verifier::impossible("ghost");
+        assert_eq!(a.salt, Verifier::impossible("ghost").salt);
+        assert_eq!(a.salt.len(), 16);
+        assert_ne!(a.salt, Verifier::impossible("phantom").salt);
     }
 
     /// RFC 7677 §3's verifier parsed from the pg_authid form.
@@ -290,7 +305,7 @@ mod tests {
 
     #[test]
     fn malformed_messages() {
-        let v = &Verifier::impossible();
+        let v = &Verifier::impossible("nobody");
         assert!(client_first(b"", v).is_err());
         assert!(client_first(b"n,,n=,", v).is_err());
         assert_eq!(
@@ -306,7 +321,7 @@ mod tests {
     /// The proof must be 32 bytes of base64; the nonce the combined one.
     #[test]
     fn proofs_of_the_wrong_form() {
-        let v = &Verifier::impossible();
+        let v = &Verifier::impossible("nobody");
         let fin = |proof: &str| {
             let ex = client_first(b"n,,n=,r=abc", v).unwrap();
             let nonce = ex.server_first()[2..].split(',').next().unwrap().to_owned();
