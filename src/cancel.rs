@@ -28,7 +28,8 @@ const PEER_SHIFT: u32 = 17;
 const SENT_ON: i32 = 1 << 16;
 /// The random part of a peered process's ids.
 const PEERED_RANDOM: i32 = SENT_ON - 1;
-/// How long sending a request on to a peer may take (connect, send, its answer).
+/// How long forwarding a cancel request may take, to a peer or to a server (connect, send,
+/// its answer).
 const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,11 +231,30 @@ impl Cancels {
                 }
             }
         };
-        if let Err(e) = send_cancel(key).await {
-            tracing::warn!(error = %e, "could not forward a cancel request to the server");
+        // Uncounted however this ends: a cancel cut off (its connection's task dropped) left
+        // the count up, and its client took every server it used for one in doubt.
+        let _in_flight = InFlight(&client.in_flight);
+        let sent = tokio::time::timeout(PEER_TIMEOUT, send_cancel(key)).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not forward a cancel request to the server")
+            }
+            Err(_) => tracing::warn!(
+                "could not forward a cancel request to the server: no answer in {PEER_TIMEOUT:?}"
+            ),
         }
-        client.in_flight.fetch_sub(1, Ordering::SeqCst);
         Handled::Server
+    }
+}
+
+/// A cancel on its way to a client's server, counted in the client's `in_flight` until
+/// dropped.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

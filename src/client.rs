@@ -321,19 +321,33 @@ async fn log_in(
     // Unix-socket clients have no IP address: login_rate_limit counts TCP clients only.
     let peer = addr.and_then(|a| a.ip());
     let mut input = LoginInput::new();
+    // A connection over max_client_conn (let in for the admin reserve) has a few seconds for
+    // its whole login, so that slow or stalled logins cannot hold the reserve.
+    let login_timeout = match over_limit {
+        Some(_) => config.client_login_timeout.min(RESERVE_LOGIN_WAIT),
+        None => config.client_login_timeout,
+    };
     let login = tokio::time::timeout(
-        config.client_login_timeout,
+        login_timeout,
         handshake(&mut stream, &mut input, shared, &config, peer, over_limit),
     )
     .await;
     let login = match login {
         Err(_) => {
-            shared.metrics.error(ErrorKind::LoginTimeout);
-            let e = ErrorFields::new(
-                Severity::Fatal,
-                "08P01",
-                "client_login_timeout: login took too long",
-            );
+            let e = match over_limit {
+                Some(max) => {
+                    shared.metrics.error(ErrorKind::TooManyClients);
+                    too_many_clients_error(max)
+                }
+                None => {
+                    shared.metrics.error(ErrorKind::LoginTimeout);
+                    ErrorFields::new(
+                        Severity::Fatal,
+                        "08P01",
+                        "client_login_timeout: login took too long",
+                    )
+                }
+            };
             fatal(&mut stream, &e).await;
             return Err(e.message);
         }
@@ -752,13 +766,22 @@ const CLOSING_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a connection over `max_client_conn` has to send its first packet.
 const OVER_LIMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a connection over `max_client_conn` has for its whole login (TLS, startup,
+/// password): the admin reserve is for an operator's console, whose login takes well under
+/// a second, not for logins that stall.
+const RESERVE_LOGIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn too_many_clients(max: usize) -> End {
+    End::Tell(too_many_clients_error(max))
+}
+
+fn too_many_clients_error(max: usize) -> ErrorFields {
     tracing::warn!(max_client_conn = max, "client refused: too many clients");
-    End::Tell(ErrorFields::new(
+    ErrorFields::new(
         Severity::Fatal,
         "53300",
         format!("no more connections allowed (max_client_conn = {max})"),
-    ))
+    )
 }
 
 fn unsupported(msg: String) -> End {

@@ -135,6 +135,46 @@ async fn max_client_conn_keeps_the_admin_console_reachable() {
     leaks.check().await;
 }
 
+/// The admin reserve cannot be held by logins that stall: a connection let in over
+/// max_client_conn that starts a console login and never answers the password challenge is
+/// refused with 53300 within a few seconds (not client_login_timeout's minute), and the
+/// console is reachable again.
+#[tokio::test]
+async fn a_stalled_login_does_not_hold_the_admin_reserve() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = "li_reserve";
+    let proxy = app(
+        name,
+        &format!("max_client_conn = 2\nadmin_users = [\"{name}\"]"),
+    )
+    .await;
+    let clients = vec![proxy.client(name).await, proxy.client(name).await];
+    let started = Instant::now();
+    let mut stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stalled
+        .write_all(&common::wire::startup_packet(&[
+            ("user", name),
+            ("database", "pgsluice"),
+        ]))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    // The password request, then, after the reserve's deadline, FATAL 53300 and the close.
+    tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut got))
+        .await
+        .expect("closed within the reserve's deadline")
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(10), "held {waited:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("53300"), "{text}");
+    let console = try_connect(&proxy.conn(name, &format!("{name}-pw"), "pgsluice"))
+        .await
+        .expect("the console is reachable again");
+    assert!(console.simple_query("SHOW POOLS").await.unwrap().len() > 1);
+    drop(clients);
+}
+
 /// Scenario 39: 10,000 clients connect and log in at once, each runs `SELECT 1` and stays;
 /// every one succeeds within bounded time, the server connections stay within the pool,
 /// memory per idle client is bounded; after all leave, the leak check holds.
