@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
+use crate::sql::SessionEffects;
+
 /// SipHash with keys drawn once per process, as `RandomState` draws them per map: the
 /// same protection against names chosen to collide, without 16 bytes of keys in every
 /// client's session.
@@ -39,6 +41,10 @@ pub struct Statement {
     pub server_name: Arc<str>,
     /// The Parse message that prepares it on a server, under `server_name`.
     pub parse: Bytes,
+    /// Session parameters running it may change (a `SET` or `set_config` in its text):
+    /// tracked at each Bind, as for a statement sent as text, so that a changed setting is
+    /// recorded whichever transaction runs it. `None` for almost every statement.
+    pub effects: Option<Box<SessionEffects>>,
 }
 
 impl Statement {
@@ -60,7 +66,14 @@ impl Statement {
         Statement {
             server_name: name.into(),
             parse: parse.freeze(),
+            effects: None,
         }
+    }
+
+    /// The statement, noting what running it changes in the session.
+    pub fn with_effects(mut self, effects: SessionEffects) -> Statement {
+        self.effects = (!effects.is_empty()).then(|| Box::new(effects));
+        self
     }
 }
 

@@ -19,6 +19,14 @@ impl SessionEffects {
         self.touched.is_empty() && !self.reset_all
     }
 
+    /// Adds what `other` changed.
+    pub fn merge(&mut self, other: &SessionEffects) {
+        self.reset_all |= other.reset_all;
+        for name in &other.touched {
+            self.touch(name.clone());
+        }
+    }
+
     fn touch(&mut self, name: String) {
         if !self.touched.contains(&name) {
             self.touched.push(name);

@@ -405,3 +405,25 @@ async fn pgbench_prepared() {
         "{text}"
     );
 }
+
+/// A named statement that changes a setting (`set_config(…, false)`, as an app setting a
+/// row-level-security tenant per request) records the change each time it runs, not only
+/// when it is prepared: the client keeps its value on whichever server it runs next, and
+/// the other client sharing the server does not inherit it.
+#[tokio::test]
+async fn a_prepared_set_config_is_tracked_each_time_it_runs() {
+    let proxy = app("ps_tenant", "pool_size = 1").await;
+    let a = proxy.client("ps_tenant").await;
+    let b = proxy.client("ps_tenant").await;
+    let set = a
+        .prepare("SELECT set_config('app.tenant', $1, false)")
+        .await
+        .unwrap();
+    let tenant = "SELECT coalesce(current_setting('app.tenant', true), '')";
+    for t in ["A", "B"] {
+        a.query(&set, &[&t]).await.unwrap();
+        // Another client runs on the one server in between.
+        assert_eq!(scalar(&b, tenant).await, "", "b never set it");
+        assert_eq!(scalar(&a, tenant).await, t, "a keeps the tenant it set");
+    }
+}

@@ -23,7 +23,7 @@ use crate::protocol::frame::{self, HEADER_LEN};
 use crate::protocol::frontend;
 use crate::protocol::messages::{self, CStrings, ErrorFields, Severity};
 use crate::protocol::TransactionStatus;
-use crate::sql::{self, Deallocate, Refusal};
+use crate::sql::{self, Deallocate, Refusal, SessionEffects};
 
 /// Longest statement or portal name the proxy reads before a Bind's parameters.
 const MAX_NAME: usize = 1024;
@@ -378,7 +378,14 @@ impl<S> ClientConn<S> {
         // A name in use must fail on the server (42P05), as in PostgreSQL.
         let name =
             cstr(body, MAX_NAME).filter(|n| !n.is_empty() && self.statements.get(n).is_none())?;
-        let stmt = Statement::from_parse(&body[name.len() + 1..]);
+        let after_name = &body[name.len() + 1..];
+        // A statement transaction pooling refuses is left to the scan, which says why.
+        let mut effects = SessionEffects::default();
+        let text = CStrings(after_name).next_str()?;
+        if sql::classify(text, true, &mut effects).is_some() {
+            return None;
+        }
+        let stmt = Statement::from_parse(after_name).with_effects(effects);
         if !self.statements.known.contains(&stmt.server_name) {
             return None;
         }
@@ -502,6 +509,9 @@ impl<S> ClientConn<S> {
                     };
                     match known {
                         Some(stmt) => {
+                            if let Some(effects) = &stmt.effects {
+                                txn.effects.merge(effects);
+                            }
                             let mut head = self.prepare_first(&stmt, txn, server);
                             let new_total = total - name_len + stmt.server_name.len();
                             head.extend_from_slice(&[frontend::BIND]);
@@ -766,9 +776,12 @@ impl<S> ClientConn<S> {
             .next_str()
             .zip(strs.next_str())
             .ok_or_else(|| violation("malformed Parse message"))?;
-        if let Some(r) = sql::classify(text, txn.transaction_mode, &mut txn.effects) {
+        // What running it changes: now, and at each Bind of a named statement.
+        let mut effects = SessionEffects::default();
+        if let Some(r) = sql::classify(text, txn.transaction_mode, &mut effects) {
             return Err(refuse(r));
         }
+        txn.effects.merge(&effects);
         let name = name.to_vec();
         txn.unsynced = true;
         if name.is_empty() || !txn.transaction_mode {
@@ -797,7 +810,7 @@ impl<S> ClientConn<S> {
             self.owe(txn, server, Reply::Parse, false, Undo::None);
             return Ok(());
         }
-        let stmt = Arc::new(Statement::from_parse(&after_name));
+        let stmt = Arc::new(Statement::from_parse(&after_name).with_effects(effects));
         self.statements.insert(&name, stmt.clone());
         if server.touch(&stmt.server_name) {
             // The server has it: answer the client's Parse ourselves.
