@@ -427,3 +427,85 @@ async fn a_prepared_set_config_is_tracked_each_time_it_runs() {
         assert_eq!(scalar(&a, tenant).await, t, "a keeps the tenant it set");
     }
 }
+
+/// DEALLOCATE ALL and a new named Parse in one pipeline (psycopg sends DEALLOCATE ALL that
+/// way after a rollback): the new statement exists afterwards, as in PostgreSQL, on this
+/// server and on the next, and another client of the server is not disturbed.
+#[tokio::test]
+async fn deallocate_all_then_parse_in_one_pipeline() {
+    let proxy = trust_app("ps_dealloc_pipe", "pool_size = 1").await;
+    let port = proxy.addr.port();
+    let mut c = Wire::connect(port, "ps_dealloc_pipe", "ps_dealloc_pipe").await;
+    let mut d = Wire::connect(port, "ps_dealloc_pipe", "ps_dealloc_pipe").await;
+    let run = |name: &str| vec![wire::bind("", name, &[]), wire::execute(""), wire::sync()];
+    let pipeline = |clear: &str, text: &str| {
+        vec![
+            wire::parse("", clear),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::parse("s1", text),
+            wire::bind("", "s1", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ]
+    };
+    c.round(&[wire::parse("old", "SELECT 0"), wire::sync()])
+        .await;
+    for (clear, text) in [("DEALLOCATE ALL", "SELECT 1"), ("DISCARD ALL", "SELECT 2")] {
+        let (tags, _) = c.round(&pipeline(clear, text)).await;
+        assert_eq!(tags, "12C12DCZ", "{clear}");
+        assert_eq!(
+            c.round(&run("s1")).await.0,
+            "2DCZ",
+            "s1 exists after {clear}"
+        );
+        assert_eq!(
+            c.round(&run("old")).await.0,
+            "EZ",
+            "old is gone after {clear}"
+        );
+        d.round(&[wire::parse("t", "SELECT 4"), wire::sync()]).await;
+        assert_eq!(d.round(&run("t")).await.0, "2DCZ");
+        assert_eq!(c.round(&run("s1")).await.0, "2DCZ", "s1 on its next server");
+        c.round(&[wire::query("DEALLOCATE s1")]).await;
+    }
+    // The text is one the server holds already (d's "SELECT 4"): the proxy answers the
+    // Parse itself, and DEALLOCATE ALL takes the server's statement away before the Bind
+    // runs there. That Bind fails; the server is closed after the transaction (the proxy
+    // no longer knows what it holds), and everything works again afterwards.
+    c.round(&pipeline("DEALLOCATE ALL", "SELECT 4")).await;
+    assert_eq!(c.round(&run("s1")).await.0, "2DCZ", "s1 exists");
+    assert_eq!(
+        d.round(&run("t")).await.0,
+        "2DCZ",
+        "d's statement is prepared again"
+    );
+}
+
+/// A client that deallocates a statement by its server-side name (another client's) makes
+/// the proxy stop trusting that server: the other client's statement is prepared again.
+#[tokio::test]
+async fn deallocating_a_server_side_name_does_not_break_other_clients() {
+    let proxy = trust_app("ps_dealloc_other", "pool_size = 1").await;
+    let port = proxy.addr.port();
+    let mut c = Wire::connect(port, "ps_dealloc_other", "ps_dealloc_other").await;
+    let mut d = Wire::connect(port, "ps_dealloc_other", "ps_dealloc_other").await;
+    let run = |name: &str| vec![wire::bind("", name, &[]), wire::execute(""), wire::sync()];
+    d.round(&[wire::parse("t", "SELECT 4"), wire::sync()]).await;
+    let (_, msgs) = c
+        .round(&[wire::query(
+            "SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgsluice%'",
+        )])
+        .await;
+    let server_name = msgs
+        .iter()
+        .find(|m| m.tag == b'D')
+        .map(|m| m.row()[0].clone().unwrap())
+        .expect("d's statement is on the server");
+    let (tags, _) = c
+        .round(&[wire::query(&format!("DEALLOCATE \"{server_name}\""))])
+        .await;
+    assert_eq!(tags, "CZ");
+    let (tags, msgs) = d.round(&run("t")).await;
+    assert_eq!(tags, "2DCZ", "{msgs:?}");
+}

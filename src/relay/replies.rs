@@ -234,6 +234,34 @@ impl Speculation {
 }
 
 impl Txn {
+    /// After DEALLOCATE ALL or DISCARD ALL cleared both records: the statement changes the
+    /// scan made for messages behind it in the pipeline happen after it on the server, so
+    /// they are made again (a client that sends DEALLOCATE ALL and a new Parse at once keeps
+    /// the new statement). A statement the proxy answered for, because the server had it,
+    /// is gone from the server now: the server is closed at the end of the transaction
+    /// rather than trusted with what the proxy believes it holds.
+    fn redo_after_clear(&mut self, clients: &mut ClientStatements, servers: &mut ServerStatements) {
+        for entry in &self.owed {
+            let (Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. }) = entry;
+            match undo {
+                Undo::None | Undo::Evict(_) => {}
+                Undo::Prepare { stmt, client_name } => {
+                    servers.restore(stmt.server_name.clone());
+                    if let Some(name) = client_name {
+                        clients.insert(name, stmt.clone());
+                    }
+                }
+                Undo::Register { name, stmt } => {
+                    clients.insert(name, stmt.clone());
+                    self.server_in_doubt = true;
+                }
+                Undo::Unregister { name, .. } => {
+                    clients.remove(name);
+                }
+            }
+        }
+    }
+
     /// True when the server will skip a message passed on now: it reported an error and
     /// the Sync that ends its skipping has not been passed on yet.
     fn skipping(&self) -> bool {
@@ -502,6 +530,12 @@ pub(super) fn process(
                 if tag == b"DEALLOCATE ALL\0" || tag == b"DISCARD ALL\0" {
                     clients.clear();
                     servers.clear();
+                    txn.redo_after_clear(clients, servers);
+                } else if tag == b"DEALLOCATE\0" && txn.transaction_mode {
+                    // The proxy answers DEALLOCATE of the client's own names; one the server
+                    // ran dropped a statement the client never named (another client's,
+                    // by its server name): the proxy's record of this server is wrong now.
+                    txn.server_in_doubt = true;
                 }
             }
             _ => {}
