@@ -676,24 +676,27 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     peer: Option<IpAddr>,
 ) -> Result<(), End> {
     let limit = config.login_rate_limit;
-    if let Some(ip) = peer {
-        if let Some(wait) = shared.login_limiter.blocked(ip, limit, Instant::now()) {
-            shared.metrics.error(ErrorKind::LoginRateLimited);
-            tracing::debug!(address = %ip, "login refused: too many failed logins from this address (login_rate_limit)");
-            return Err(End::Tell(
-                ErrorFields::new(
-                    Severity::Fatal,
-                    "53300",
-                    format!(
-                        "too many failed logins from {ip}: try again in {} s",
-                        wait.as_secs().max(1)
-                    ),
-                )
-                .with_hint(format!(
-                    "pgsluice allows {limit} failed logins per client address per minute (login_rate_limit)"
-                )),
-            ));
-        }
+    let blocked =
+        || peer.and_then(|ip| Some((ip, shared.login_limiter.blocked(ip, limit, Instant::now())?)));
+    let refused = |(ip, wait): (IpAddr, std::time::Duration)| {
+        shared.metrics.error(ErrorKind::LoginRateLimited);
+        tracing::debug!(address = %ip, "login refused: too many failed logins from this address (login_rate_limit)");
+        End::Tell(
+            ErrorFields::new(
+                Severity::Fatal,
+                "53300",
+                format!(
+                    "too many failed logins from {ip}: try again in {} s",
+                    wait.as_secs().max(1)
+                ),
+            )
+            .with_hint(format!(
+                "pgsluice allows {limit} failed logins per client address per minute (login_rate_limit)"
+            )),
+        )
+    };
+    if let Some(b) = blocked() {
+        return Err(refused(b));
     }
     let creds = shared.credentials.load_full();
     let mut secret = creds.get(&login.user);
@@ -728,6 +731,9 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         secret.as_deref(),
         creds.default_method(),
         &login.user,
+        // Asked again just before the password is checked: logins started together from
+        // one address passed the check above before any of them failed.
+        &|| blocked().is_none(),
     )
     .await
     {
@@ -738,6 +744,14 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(())
         }
         Err(auth::AuthError::Io(_)) => Err(End::Quiet),
+        Err(auth::AuthError::Limited) => match blocked() {
+            Some(b) => Err(refused(b)),
+            // The window ended in between: a refusal all the same, with the shortest wait.
+            None => Err(refused((
+                peer.expect("limited only with an address"),
+                std::time::Duration::ZERO,
+            ))),
+        },
         Err(e) => {
             if matches!(
                 e,

@@ -958,6 +958,24 @@ async fn login_rate_limit_refuses_an_address_after_its_failures() {
     );
 }
 
+/// Guesses sent in parallel are limited too: 12 logins with a wrong password started at
+/// once from one address all pass the first check (no failure is counted yet), but only
+/// `login_rate_limit` of them get their password checked; the others get 53300.
+#[tokio::test]
+async fn parallel_guesses_are_limited_too() {
+    let proxy = app("au_rl_parallel", "login_rate_limit = 3").await;
+    let bad = proxy.conn("au_rl_parallel", "guess", "au_rl_parallel");
+    let tries = (0..12).map(|_| {
+        let bad = bad.clone();
+        async move { code(&login_err(&bad).await) }
+    });
+    let codes = futures_util::future::join_all(tries).await;
+    let checked = codes.iter().filter(|c| *c == "28P01").count();
+    let refused = codes.iter().filter(|c| *c == "53300").count();
+    assert_eq!(checked + refused, 12, "{codes:?}");
+    assert!(checked <= 3, "{checked} passwords checked: {codes:?}");
+}
+
 #[tokio::test]
 async fn no_login_rate_limit_by_default() {
     let proxy = app("au_nolimit", "").await;

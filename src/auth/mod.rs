@@ -43,6 +43,9 @@ pub enum AuthError {
     Protocol(String),
     #[error("connection closed during authentication")]
     Io(#[from] std::io::Error),
+    /// The gate refused to check the password (`login_rate_limit` reached meanwhile).
+    #[error("too many failed logins")]
+    Limited,
 }
 
 impl AuthError {
@@ -51,6 +54,7 @@ impl AuthError {
             AuthError::Failed(_) => "28P01",
             AuthError::UnknownUser(_) => "28000",
             AuthError::Protocol(_) | AuthError::Io(_) => "08P01",
+            AuthError::Limited => "53300",
         }
     }
 }
@@ -185,7 +189,10 @@ impl Credentials {
 /// who gets the same exchange as a known one with `default_method` and fails). The client's
 /// messages are read through `input`. On success the exchange's last message (SASLFinal),
 /// if any, is left in `last` unsent: the caller sends it with AuthenticationOk, in one
-/// write. The result is what passthrough learned, if anything.
+/// write. The result is what passthrough learned, if anything. `may_check` is asked just
+/// before the client's password or proof is checked (`login_rate_limit`: many logins
+/// started at once from one address must not all get their guess checked); when it says
+/// no, the exchange ends with [`AuthError::Limited`] and nothing is checked.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     input: &mut LoginInput,
@@ -193,6 +200,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     secret: Option<&Secret>,
     default_method: AuthType,
     user: &str,
+    may_check: &(dyn Fn() -> bool + Sync),
 ) -> Result<Option<Learned>, AuthError> {
     let method = secret.map(|s| s.method).unwrap_or(default_method);
     let verifier = secret.and_then(|s| s.scram.as_ref());
@@ -204,16 +212,16 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             .ok_or_else(|| AuthError::UnknownUser(user.to_owned())),
         // As PostgreSQL: md5 with a SCRAM verifier stored runs SCRAM.
         AuthType::Md5 if md5.is_none() && verifier.is_some() => {
-            scram_exchange(stream, input, last, verifier, user, passthrough).await
+            scram_exchange(stream, input, last, verifier, user, passthrough, may_check).await
         }
         AuthType::Md5 => {
-            md5_exchange(stream, input, md5, user).await?;
+            md5_exchange(stream, input, md5, user, may_check).await?;
             Ok(md5
                 .filter(|_| passthrough)
                 .map(|h| Learned::Md5(h.to_owned())))
         }
         AuthType::ScramSha256 => {
-            scram_exchange(stream, input, last, verifier, user, passthrough).await
+            scram_exchange(stream, input, last, verifier, user, passthrough, may_check).await
         }
     }
 }
@@ -255,6 +263,7 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     input: &mut LoginInput,
     stored: Option<&str>,
     user: &str,
+    may_check: &(dyn Fn() -> bool + Sync),
 ) -> Result<(), AuthError> {
     let salt: [u8; 4] = rand::rng().random();
     let mut buf = BytesMut::new();
@@ -262,6 +271,9 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     send(stream, buf).await?;
     let body = read_password_message(stream, input).await?;
     let n = 5 + body.len();
+    if !may_check() {
+        return Err(AuthError::Limited);
+    }
     let given = body.strip_suffix(&[0]).unwrap_or(body);
     // An unknown user is checked against a hash nothing matches, at the same cost.
     let known = stored.is_some();
@@ -283,6 +295,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     verifier: Option<&Verifier>,
     user: &str,
     passthrough: bool,
+    may_check: &(dyn Fn() -> bool + Sync),
 ) -> Result<Option<Learned>, AuthError> {
     let known = verifier.is_some();
     let impossible;
@@ -327,6 +340,9 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
 
     let body = read_password_message(stream, input).await?;
     let n = 5 + body.len();
+    if !may_check() {
+        return Err(AuthError::Limited);
+    }
     let (server_final, client_key) = exchange.client_final(body).map_err(|e| match e {
         scram::ScramError::WrongPassword => AuthError::Failed(user.to_owned()),
         e => AuthError::Protocol(e.to_string()),
