@@ -739,7 +739,11 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     {
         Ok(learned) => {
             if let Some(learned) = learned {
-                shared.pools.keys.learn(&login.user, learned);
+                // Taught for the upstream server of the database logged in to.
+                if let Some(db) = config.databases.get(&login.database) {
+                    let upstream = format!("{}:{}", db.host, db.port);
+                    shared.pools.keys.learn(&login.user, &upstream, learned);
+                }
             }
             Ok(())
         }

@@ -249,7 +249,9 @@ impl ServerConn {
         // Without a password, what a client's own login taught (passthrough), for a pool
         // that logs in as its client user.
         let learned = match s.upstream_password {
-            None if s.upstream_user == s.user => keys.learned(&s.user),
+            None if s.upstream_user == s.user => {
+                keys.learned(&s.user, &format!("{}:{}", s.host, s.port))
+            }
             _ => None,
         };
         let mut auth = UpstreamLogin::new(

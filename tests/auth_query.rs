@@ -389,3 +389,50 @@ async fn a_listed_users_auth_type_applies_to_its_looked_up_password() {
         .expect("its password is checked with SCRAM");
     assert_eq!(scalar(&c, "SELECT current_user").await, "aq_strict");
 }
+
+/// One user name on two PostgreSQL servers with different passwords (auth_query on each):
+/// what a login to one teaches about logging in upstream is kept for that server only, so
+/// logins to the other do not break its new server connections.
+#[tokio::test]
+async fn passthrough_keys_are_kept_per_upstream_server() {
+    setup_lookup_role().await;
+    let one = pg();
+    let two = TestPostgres::start(&[]);
+    for (pg, pw) in [(one, "first-pw"), (&two, "second-pw")] {
+        let admin = pg.admin().await;
+        for sql in [
+            format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{LOOKUP}') THEN \
+                 CREATE ROLE {LOOKUP} LOGIN SUPERUSER PASSWORD '{LOOKUP}-pw'; END IF; END $$"
+            ),
+            format!("CREATE ROLE aq_twice LOGIN PASSWORD '{pw}'"),
+            "CREATE DATABASE aq_twice OWNER aq_twice".to_owned(),
+        ] {
+            admin.batch_execute(&sql).await.unwrap();
+        }
+    }
+    let proxy = Proxy::start(&format!(
+        "auth_user = \"{LOOKUP}\"\nauth_password = \"{LOOKUP}-pw\"\npool_size = 3\n\
+         [budget]\nmax_server_connections = 20\n\
+         [databases.aq_twice_one]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"aq_twice\"\n\
+         [databases.aq_twice_two]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"aq_twice\"\n",
+        one.port, two.port
+    ))
+    .await;
+    let a = login(&proxy, "aq_twice", "first-pw", "aq_twice_one")
+        .await
+        .expect("logs in to the first server");
+    let a2 = login(&proxy, "aq_twice", "first-pw", "aq_twice_one")
+        .await
+        .unwrap();
+    let b = login(&proxy, "aq_twice", "second-pw", "aq_twice_two")
+        .await
+        .expect("logs in to the second server");
+    assert_eq!(scalar(&b, "SELECT 2").await, "2");
+    // A second server of the first database, opened after the login to the second,
+    // logs in with what the logins to the first taught.
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    a2.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    a2.batch_execute("COMMIT").await.unwrap();
+}

@@ -140,7 +140,8 @@ type SaltedKey = (String, Vec<u8>, u32);
 #[derive(Default)]
 pub struct UpstreamKeys {
     salted: Mutex<HashMap<SaltedKey, ScramKeys>>,
-    learned: Mutex<HashMap<String, Learned>>,
+    /// By (user, upstream `host:port`).
+    learned: Mutex<HashMap<(String, String), Learned>>,
     derivations: AtomicU64,
 }
 
@@ -176,27 +177,31 @@ impl UpstreamKeys {
         self.derivations.load(Ordering::Relaxed)
     }
 
-    /// Keeps what a client's login taught about logging in as `user`.
-    pub fn learn(&self, user: &str, learned: Learned) {
+    /// Keeps what a client's login taught about logging in as `user` to the upstream server
+    /// `upstream` (`host:port`): the same name may have another password, salt or
+    /// iteration count on another server.
+    pub fn learn(&self, user: &str, upstream: &str, learned: Learned) {
+        let key = (user.to_owned(), upstream.to_owned());
         let mut map = self.learned.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(user) == Some(&learned) {
+        if map.get(&key) == Some(&learned) {
             return;
         }
-        if map.len() >= MAX_LEARNED && !map.contains_key(user) {
+        if map.len() >= MAX_LEARNED && !map.contains_key(&key) {
             // Bounded memory: forget half (those users' next logins teach it again).
-            let drop: Vec<String> = map.keys().take(MAX_LEARNED / 2).cloned().collect();
+            let drop: Vec<_> = map.keys().take(MAX_LEARNED / 2).cloned().collect();
             for k in drop {
                 map.remove(&k);
             }
         }
-        map.insert(user.to_owned(), learned);
+        map.insert(key, learned);
     }
 
-    pub fn learned(&self, user: &str) -> Option<Learned> {
+    /// What a login taught about logging in as `user` to `upstream` (`host:port`).
+    pub fn learned(&self, user: &str, upstream: &str) -> Option<Learned> {
         self.learned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(user)
+            .get(&(user.to_owned(), upstream.to_owned()))
             .cloned()
     }
 
