@@ -509,3 +509,33 @@ async fn deallocating_a_server_side_name_does_not_break_other_clients() {
     let (tags, msgs) = d.round(&run("t")).await;
     assert_eq!(tags, "2DCZ", "{msgs:?}");
 }
+
+/// After an error in an extended-protocol batch, PostgreSQL ignores everything up to the
+/// Sync, a simple Query sent in between included: that Query gets no answer, and the
+/// transaction ends at the Sync's ReadyForQuery (the server goes back to the pool).
+#[tokio::test]
+async fn a_query_sent_while_the_server_skips_to_sync_is_not_owed() {
+    let proxy = trust_app(
+        "ps_skip_query",
+        "pool_size = 1\nquery_wait_timeout = \"3s\"",
+    )
+    .await;
+    let port = proxy.addr.port();
+    let mut c = Wire::connect(port, "ps_skip_query", "ps_skip_query").await;
+    let mut d = Wire::connect(port, "ps_skip_query", "ps_skip_query").await;
+    let (tags, msgs) = c
+        .round(&[
+            wire::parse("", "SELECT 1/0"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+            wire::query("SELECT 2"),
+            wire::sync(),
+        ])
+        .await;
+    // 1/0 fails at Bind (constants are folded when planning).
+    assert_eq!(tags, "1EZ", "{msgs:?}");
+    assert_eq!(msgs[1].code().as_deref(), Some("22012"));
+    // The server is free: another client gets it, and this one carries on.
+    assert_eq!(d.round(&[wire::query("SELECT 3")]).await.0, "TDCZ");
+    assert_eq!(c.round(&[wire::query("SELECT 4")]).await.0, "TDCZ");
+}

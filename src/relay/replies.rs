@@ -160,7 +160,8 @@ impl Txn {
     /// when the server will skip the message (an earlier error in the batch): the caller
     /// then takes back what it changed.
     pub(super) fn owe(&mut self, kind: Reply, internal: bool, undo: Undo) -> Option<Undo> {
-        if self.skipping() && !kind.ends_batch() {
+        // Skipping to Sync, PostgreSQL ignores everything but a Sync, a Query included.
+        if self.skipping() && kind != Reply::Sync {
             return Some(undo);
         }
         self.owed.push_back(Owed::Reply {
@@ -326,11 +327,17 @@ impl Txn {
                 Some(Owed::Reply { kind, .. }) if kind.ends_batch() => {}
                 Some(_) => {
                     // An extended-protocol message failed: the server skips to the next
-                    // Sync, and answers nothing before it.
+                    // Sync, and answers nothing before it (not a Query sent in between).
                     self.errored = true;
                     let mut skipped = Vec::new();
                     while let Some(entry) = self.owed.front() {
-                        if matches!(entry, Owed::Reply { kind, .. } if kind.ends_batch()) {
+                        if matches!(
+                            entry,
+                            Owed::Reply {
+                                kind: Reply::Sync,
+                                ..
+                            }
+                        ) {
                             break;
                         }
                         skipped.push(self.owed.pop_front().expect("front exists"));
