@@ -523,6 +523,58 @@ async fn stray_copy_data_is_dropped_and_the_next_query_runs() {
     assert_no_stuck_server("bi_straycopy").await;
 }
 
+/// Closes answered by the proxy pile up behind a slow query (their replies must wait for
+/// the query's): past MAX_OWED the proxy stops reading the client instead of keeping a
+/// record per Close without bound, and once the query is answered every reply follows,
+/// in order, with all of them spliced in behind it.
+#[tokio::test]
+async fn closes_behind_a_slow_query_wait_for_it() {
+    let proxy = trust_app("bi_slowcloses", "").await;
+    let s = raw_login(proxy.addr.port(), "bi_slowcloses").await;
+    let (mut r, mut w) = s.into_split();
+    const CLOSES: usize = 300_000; // 2.4 MB in
+    let writer = tokio::spawn(async move {
+        w.write_all(&query("SELECT pg_sleep(1)")).await.unwrap();
+        let mut batch = Vec::new();
+        for i in 0..CLOSES {
+            batch.extend(close_statement(&format!("s{}", i % 10)));
+            if batch.len() > 64 * 1024 || i == CLOSES - 1 {
+                w.write_all(&batch).await.unwrap();
+                batch.clear();
+            }
+        }
+        w.write_all(&sync()).await.unwrap();
+        w
+    });
+    let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, &mut r);
+    let mut head = [0u8; 5];
+    let mut body = vec![0u8; 1024];
+    for want in [b'T', b'D', b'C', b'Z'] {
+        tokio::time::timeout(STEP, reader.read_exact(&mut head))
+            .await
+            .expect("the slow query's reply")
+            .unwrap();
+        assert_eq!(head[0], want);
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+        reader.read_exact(&mut body[..len]).await.unwrap();
+    }
+    for i in 0..CLOSES {
+        tokio::time::timeout(STEP, reader.read_exact(&mut head))
+            .await
+            .unwrap_or_else(|_| panic!("CloseComplete {i} did not come"))
+            .unwrap();
+        assert_eq!(head, [b'3', 0, 0, 0, 4], "CloseComplete {i}");
+    }
+    tokio::time::timeout(STEP, reader.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head, [b'Z', 0, 0, 0, 5]);
+    writer.await.unwrap();
+    assert_serves(&proxy, "bi_slowcloses").await;
+    assert_no_stuck_server("bi_slowcloses").await;
+}
+
 /// A client that pipelines Closes of named statements (answered by the proxy, never sent to
 /// the server) faster than it reads the CloseCompletes: past the high-water mark the proxy
 /// stops reading it until it reads, and every reply arrives, in order.

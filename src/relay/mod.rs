@@ -37,6 +37,12 @@ pub use requests::{ClientConn, Peek};
 
 /// Most unsent bytes held per direction before reading that side pauses.
 pub const HIGH_WATER: usize = 256 * 1024;
+
+/// Most replies owed to a client (messages sent on, or answered by the proxy, whose replies
+/// have not all been relayed) before reading it pauses: about 1 MiB of bookkeeping. The
+/// server's replies flush as its output buffer fills, so a pipeline longer than this waits
+/// for them rather than for a Sync.
+pub const MAX_OWED: usize = 16 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 32 * 1024;
 /// Largest non-Query message the proxy holds whole before checking a server out.
@@ -371,10 +377,13 @@ pub async fn transaction(
         // the rest of a message the proxy must hold whole (a Query or Parse up to
         // max_query_size), which would otherwise never complete; and so do replies the
         // client does not read, the proxy's own included (a CloseComplete for each Close of
-        // a named statement, which never reaches the server).
+        // a named statement, which never reaches the server); and so do replies owed past
+        // MAX_OWED (Closes answered by the proxy pile up behind a slow query without
+        // growing any buffer).
         let read_client = !client_closed
             && client.ready < HIGH_WATER
             && server.buf.len() < HIGH_WATER
+            && txn.owed.len() < MAX_OWED
             && (client.buf.len() - client.ready < HIGH_WATER || client.holding());
         let read_server = server.buf.len() < HIGH_WATER;
         let deadline = if txn.timeouts.off() {

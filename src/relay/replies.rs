@@ -443,23 +443,31 @@ pub(super) fn emit_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn) {
 
 #[inline(never)]
 fn splice_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn) {
+    // All the replies due go in with one move of the bytes behind them (thousands of
+    // CloseCompletes may be due at once, each moving up to HIGH_WATER bytes otherwise).
+    let mut due = Vec::new();
     while let Some(Owed::Synthetic { reply, .. }) = txn.owed.front() {
         let reply = *reply;
         txn.owed.pop_front();
-        let bytes: std::borrow::Cow<[u8]> = match reply {
-            Synthetic::Message(m) => m.into(),
+        match reply {
+            Synthetic::Message(m) => due.extend_from_slice(m),
             Synthetic::Deallocate => {
-                let mut m = Vec::with_capacity(22);
-                m.extend_from_slice(&[b'C', 0, 0, 0, 15]);
-                m.extend_from_slice(b"DEALLOCATE\0");
-                m.extend_from_slice(&[backend::READY_FOR_QUERY, 0, 0, 0, 5, txn.status.as_byte()]);
+                due.extend_from_slice(&[b'C', 0, 0, 0, 15]);
+                due.extend_from_slice(b"DEALLOCATE\0");
+                due.extend_from_slice(&[
+                    backend::READY_FOR_QUERY,
+                    0,
+                    0,
+                    0,
+                    5,
+                    txn.status.as_byte(),
+                ]);
                 txn.counts.ready(txn.status, !txn.batch_owed());
-                m.into()
             }
-        };
-        splice(buf, *at, 0, &bytes);
-        *at += bytes.len();
+        }
     }
+    splice(buf, *at, 0, &due);
+    *at += due.len();
 }
 
 /// Replaces `remove` bytes at `at` with `insert`, in place: the buffer stays one unshared
