@@ -377,7 +377,7 @@ async fn log_in(
             .map(|()| None);
     }
     if shared.console.is_draining() {
-        let e = ErrorFields::new(Severity::Fatal, "08P01", "pooler is shutting down")
+        let e = ErrorFields::new(Severity::Fatal, "57P03", "pooler is shutting down")
             .with_hint("pgsluice is draining: connect to another instance");
         fatal_after(&mut stream, &login.hello, &e).await;
         return Err(e.message);

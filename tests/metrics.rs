@@ -553,6 +553,7 @@ async fn readyz_is_false_while_draining() {
         .await
         .unwrap_err();
     assert_eq!(message(&e), "pooler is shutting down");
+    assert_eq!(code(&e), "57P03", "cannot connect now: retryable");
     c.simple_query("SELECT 1")
         .await
         .expect("existing clients keep working");
