@@ -29,24 +29,32 @@ async fn select_within(c: &Client, what: &str) -> Duration {
     began.elapsed()
 }
 
-/// Two users of one database under `max_db_connections = 2`, on one upstream server.
-#[tokio::test]
-async fn a_database_cap_is_shared_by_its_users() {
+/// A proxy for database `name` with two users, `name` and `{name}2`, under
+/// `max_db_connections = 2` (pool size 5 each, one upstream server), and a superuser
+/// connection to PostgreSQL.
+async fn two_users_under_a_db_cap(name: &str) -> (Proxy, Client) {
     let pg = pg();
-    pg.create_app("capd").await;
+    pg.create_app(name).await;
     let admin = pg.admin().await;
     admin
-        .batch_execute("CREATE ROLE capd2 LOGIN PASSWORD 'capd2-pw'")
+        .batch_execute(&format!("CREATE ROLE {name}2 LOGIN PASSWORD '{name}2-pw'"))
         .await
         .unwrap();
     let proxy = Proxy::start(&format!(
         "pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"10s\"\n\
          [budget]\nmax_server_connections = 50\n\
-         [databases.capd]\nhost = \"127.0.0.1\"\nport = {}\n\
-         [users.capd]\npassword = \"capd-pw\"\n[users.capd2]\npassword = \"capd2-pw\"\n",
+         [databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\n\
+         [users.{name}]\npassword = \"{name}-pw\"\n[users.{name}2]\npassword = \"{name}2-pw\"\n",
         pg.port
     ))
     .await;
+    (proxy, admin)
+}
+
+/// Two users of one database under `max_db_connections = 2`, on one upstream server.
+#[tokio::test]
+async fn a_database_cap_is_shared_by_its_users() {
+    let (proxy, admin) = two_users_under_a_db_cap("capd").await;
     let user_a = || connect_as(&proxy, "capd", "capd");
     let user_b = || connect_as(&proxy, "capd2", "capd");
     cap_scenario(&admin, ("capd", "capd"), ("capd2", "capd"), user_a, user_b).await;
@@ -167,21 +175,7 @@ async fn cap_scenario<FA, FB, FutA, FutB>(
 /// noticeably longer), and neither pool starves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_pools_under_a_cap_keep_their_servers() {
-    let pg = pg();
-    pg.create_app("capc").await;
-    let admin = pg.admin().await;
-    admin
-        .batch_execute("CREATE ROLE capc2 LOGIN PASSWORD 'capc2-pw'")
-        .await
-        .unwrap();
-    let proxy = Proxy::start(&format!(
-        "pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"10s\"\n\
-         [budget]\nmax_server_connections = 50\n\
-         [databases.capc]\nhost = \"127.0.0.1\"\nport = {}\n\
-         [users.capc]\npassword = \"capc-pw\"\n[users.capc2]\npassword = \"capc2-pw\"\n",
-        pg.port
-    ))
-    .await;
+    let (proxy, _admin) = two_users_under_a_db_cap("capc").await;
     let mut tasks = Vec::new();
     for user in ["capc", "capc2"] {
         for _ in 0..4 {
@@ -220,21 +214,7 @@ async fn busy_pools_under_a_cap_keep_their_servers() {
 /// server is in a long transaction gets that room within a janitor round or so.
 #[tokio::test]
 async fn room_held_idle_is_not_kept_from_a_waiting_client() {
-    let pg = pg();
-    pg.create_app("capj").await;
-    let admin = pg.admin().await;
-    admin
-        .batch_execute("CREATE ROLE capj2 LOGIN PASSWORD 'capj2-pw'")
-        .await
-        .unwrap();
-    let proxy = Proxy::start(&format!(
-        "pool_size = 5\nmax_db_connections = 2\nquery_wait_timeout = \"10s\"\n\
-         [budget]\nmax_server_connections = 50\n\
-         [databases.capj]\nhost = \"127.0.0.1\"\nport = {}\n\
-         [users.capj]\npassword = \"capj-pw\"\n[users.capj2]\npassword = \"capj2-pw\"\n",
-        pg.port
-    ))
-    .await;
+    let (proxy, admin) = two_users_under_a_db_cap("capj").await;
     let a1 = connect_as(&proxy, "capj", "capj").await;
     let a2 = connect_as(&proxy, "capj", "capj").await;
     let b = connect_as(&proxy, "capj2", "capj").await;

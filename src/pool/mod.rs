@@ -1002,12 +1002,7 @@ impl Pools {
     /// queue. Otherwise the slot goes to the next waiter.
     fn replace(&self, server: Server, why: Option<Retire>) -> bool {
         let pool = server.pool;
-        server.close();
-        let mut st = self.lock();
-        if let Some(why) = why {
-            st.pools[pool].retired[why as usize] += 1;
-        }
-        st.release(pool);
+        let mut st = self.closed(server, why);
         if st.blocked(pool).is_none() {
             st.reserve(pool);
             return true;
@@ -1023,6 +1018,12 @@ impl Pools {
 
     /// [`Pools::discard`], counting why when a health rule retires it.
     fn discard_for(&self, server: Server, why: Option<Retire>) {
+        self.closed(server, why).grant_slots();
+    }
+
+    /// Closes a server and uncounts it (counting why when a health rule retires it);
+    /// returns the pools' state, locked, for what its slot becomes.
+    fn closed(&self, server: Server, why: Option<Retire>) -> MutexGuard<'_, State> {
         let pool = server.pool;
         server.close();
         let mut st = self.lock();
@@ -1030,7 +1031,7 @@ impl Pools {
             st.pools[pool].retired[why as usize] += 1;
         }
         st.release(pool);
-        st.grant_slots();
+        st
     }
 
     /// Counts one of the proxy's own connections to upstream `host:port` against its budget
