@@ -179,10 +179,13 @@ impl AuthQuery {
                 }
             };
             c.last_used = Instant::now();
-            let found = tokio::time::timeout(timeout, run(&mut c.conn, &config.auth_query, user))
-                .await
-                .map_err(|_| LookupError::Timeout(timeout))
-                .and_then(|r| r);
+            let found =
+                match tokio::time::timeout(timeout, run(&mut c.conn, &config.auth_query, user))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(LookupError::Timeout(timeout)),
+                };
             match found {
                 Ok(p) => {
                     *guard = Some(c);
