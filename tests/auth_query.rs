@@ -355,13 +355,11 @@ async fn a_lookup_cut_off_leaves_nothing_for_the_next() {
         .expect("x logs in");
     let e = login(&proxy, "aq_cut_slow", "x-secret", "aq_cut")
         .await
-        .err()
-        .expect("the slow lookup's login times out");
+        .expect_err("the slow lookup's login times out");
     assert_eq!(code(&e), "08P01", "{e}");
     let e = login(&proxy, "aq_cut_y", "x-secret", "aq_cut")
         .await
-        .err()
-        .expect("y's login with x's password must fail");
+        .expect_err("y's login with x's password must fail");
     assert_eq!(code(&e), "28P01", "{e}");
     login(&proxy, "aq_cut_y", "y-secret", "aq_cut")
         .await
@@ -381,8 +379,7 @@ async fn a_listed_users_auth_type_applies_to_its_looked_up_password() {
     .await;
     let e = login(&proxy, "aq_strict", "not-the-password", "aq_strict")
         .await
-        .err()
-        .expect("a wrong password is refused");
+        .expect_err("a wrong password is refused");
     assert_eq!(code(&e), "28P01", "{e}");
     let c = login(&proxy, "aq_strict", "aq_strict-pw", "aq_strict")
         .await
