@@ -383,6 +383,58 @@ async fn budget_follows_max_connections() {
     assert_eq!(scalar(&proxy.client("mc").await, "SELECT 1").await, "1");
 }
 
+/// A control connection the server closes (here `pg_terminate_backend`; in production an
+/// `idle_session_timeout`, a failover) is back at once, not after `refresh_interval`: while
+/// it is gone this proxy is no member the others count, and they may grow into its share.
+#[tokio::test]
+async fn a_lost_control_connection_comes_back_at_once() {
+    let pg = TestPostgres::start(&["max_connections = 20"]);
+    pg.create_app("cc").await;
+    let proxy = Proxy::start(&format!(
+        "[budget]\nrefresh_interval = \"60s\"\n{}",
+        db_user(&pg, "cc")
+    ))
+    .await;
+    let admin = pg.admin().await;
+    let member = || {
+        let admin = &admin;
+        async move {
+            let pids: Vec<i32> = admin
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pgsluice:fleet=%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            pids
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            member().await.len() == 1
+        })
+        .await,
+        "registered"
+    );
+    let first = member().await[0];
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            matches!(member().await.as_slice(), [p] if *p != first)
+        })
+        .await,
+        "a new control connection within seconds (refresh_interval is 60 s): {:?}",
+        member().await
+    );
+    assert_eq!(scalar(&proxy.client("cc").await, "SELECT 1").await, "1");
+}
+
 /// Upstream down when the proxy starts: clients get a clear error, then service once it is up.
 #[tokio::test]
 async fn upstream_down_at_start_then_up() {

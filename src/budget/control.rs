@@ -51,13 +51,45 @@ pub async fn read_upstream(conn: &mut ServerConn, fleet: &str) -> Result<Upstrea
     })
 }
 
+/// Reads the figures, connecting first when there is no connection; a new connection is
+/// made with the configuration in force (a reload may have changed the password).
+async fn read(
+    pools: &Pools,
+    conn: &mut Option<ServerConn>,
+    settings: &PoolSettings,
+    application_name: &str,
+    fleet: &str,
+) -> Result<Upstream, ServerError> {
+    let connect_timeout = pools.config().server_connect_timeout;
+    if conn.is_none() {
+        let fresh = pools
+            .config()
+            .control_settings(&settings.host, settings.port);
+        let settings = fresh.as_ref().unwrap_or(settings);
+        *conn = Some(
+            ServerConn::connect_as(
+                settings,
+                &pools.keys,
+                application_name,
+                usize::MAX,
+                0,
+                connect_timeout,
+            )
+            .await?,
+        );
+    }
+    let c = conn.as_mut().expect("connected above");
+    tokio::time::timeout(connect_timeout, read_upstream(c, fleet))
+        .await
+        .map_err(|_| ServerError::ConnectTimeout("budget query".into()))?
+}
+
 /// Keeps the budget of upstream `budget` up to date, forever.
 pub async fn run(pools: Arc<Pools>, budget: BudgetId, settings: PoolSettings) {
     let config = pools.config().budget.clone();
     let fleet = pools.config().fleet.name.clone();
     let member = format!("{:016x}", rand::rng().random::<u64>());
     let application_name = member_application_name(&fleet, &member);
-    let connect_timeout = pools.config().server_connect_timeout;
     let mut conn: Option<ServerConn> = None;
     let mut snapshot = Snapshot {
         mode: "auto",
@@ -69,31 +101,27 @@ pub async fn run(pools: Arc<Pools>, budget: BudgetId, settings: PoolSettings) {
         // Read each time: a reload may change fraction, reserve, fallback or the interval.
         let config = pools.config().budget.clone();
         snapshot.refresh_interval = config.refresh_interval;
-        let result = async {
-            if conn.is_none() {
-                conn = Some(
-                    ServerConn::connect_as(
-                        &settings,
-                        &pools.keys,
-                        &application_name,
-                        usize::MAX,
-                        0,
-                        connect_timeout,
-                    )
-                    .await?,
-                );
-            }
-            let c = conn.as_mut().expect("connected above");
-            tokio::time::timeout(connect_timeout, read_upstream(c, &fleet))
-                .await
-                .map_err(|_| ServerError::ConnectTimeout("budget query".into()))?
+        // A connection the server closed meanwhile (idle_session_timeout, a restart, a
+        // terminated backend) is replaced before the query, not found dead by it.
+        if conn.as_ref().is_some_and(|c| !c.looks_alive()) {
+            conn = None;
         }
-        .await;
+        // What this proxy holds, read before the figures: a server opened while they are
+        // read would otherwise count both as its own and as free room.
+        let mine = pools.budget_open(budget) + 1;
+        let reused = conn.is_some();
+        let mut result = read(&pools, &mut conn, &settings, &application_name, &fleet).await;
+        if result.is_err() && reused {
+            // The connection broke in between: one new one at once (until it is back, this
+            // proxy is no member the others count).
+            conn = None;
+            result = read(&pools, &mut conn, &settings, &application_name, &fleet).await;
+        }
+        let failing = result.is_err();
         match result {
             Ok(up) => {
                 let fleet_total = fleet_budget(up.max_connections, config.fraction, config.reserve);
                 let my_share = share(fleet_total, up.members);
-                let mine = pools.budget_open(budget) + 1;
                 let allowed = limit(my_share, mine, &up);
                 if snapshot.limit != allowed || snapshot.upstream.members != up.members || !known {
                     tracing::info!(
@@ -142,11 +170,22 @@ pub async fn run(pools: Arc<Pools>, budget: BudgetId, settings: PoolSettings) {
                 }
             }
         }
-        tokio::time::sleep(if known {
+        // While the connection is down this proxy is not counted as a member, and the
+        // others may grow into its share at their next refresh: try again soon, and look
+        // again at once when the server closes the connection meanwhile.
+        let pause = tokio::time::sleep(if known && !failing {
             config.refresh_interval
         } else {
             RETRY.min(config.refresh_interval)
-        })
-        .await;
+        });
+        match conn.as_ref() {
+            Some(c) => {
+                tokio::select! {
+                    _ = pause => {}
+                    _ = c.stream.readable() => {}
+                }
+            }
+            None => pause.await,
+        }
     }
 }
