@@ -308,14 +308,14 @@ pub async fn session(
     loop {
         let Some((tag, total)) = frame::header(&buf, MAX_COMMAND).map_err(|e| e.to_string())?
         else {
-            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            if !read_more(&mut stream, &mut buf, shared).await? {
                 return Ok(());
             }
             continue;
         };
         if buf.len() < total {
             buf.reserve(total - buf.len());
-            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            if !read_more(&mut stream, &mut buf, shared).await? {
                 return Ok(());
             }
             continue;
@@ -371,6 +371,31 @@ pub async fn session(
         }
         if buf.capacity() > 64 * 1024 && buf.is_empty() {
             buf = BytesMut::with_capacity(1024);
+        }
+    }
+}
+
+/// Reads more of a console session's input; false when the client left, or when pgsluice
+/// began to shut down (SIGTERM, `SHUTDOWN`): as PgBouncer, the console closes then, after
+/// the command it was running, so an open console (an exporter's, an operator's psql) does
+/// not hold the shutdown until `shutdown_timeout`.
+async fn read_more(
+    stream: &mut crate::stream::Stream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Result<bool, String> {
+    tokio::select! {
+        r = stream.read_buf(buf) => Ok(r.map_err(|e| e.to_string())? > 0),
+        _ = shared.stop.drain.cancelled() => {
+            let mut out = BytesMut::new();
+            ErrorFields::new(
+                Severity::Fatal,
+                "57P01",
+                "terminating connection because pgsluice is shutting down",
+            )
+            .encode(&mut out);
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.send(&out)).await;
+            Ok(false)
         }
     }
 }
@@ -596,9 +621,6 @@ async fn wait_close(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, 
 
 fn resume(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFields> {
     match db {
-        None if shared.console.is_draining() => {
-            return Err(error("55000", "pooler is shutting down"))
-        }
         Some(d) if !shared.pools.config().databases.contains_key(d) => {
             return Err(error("3D000", format!("no such database: {d}")))
         }
@@ -1039,7 +1061,9 @@ fn show_databases(shared: &Shared) -> Table {
             config.server_lifetime.as_secs().into(),
             db.pool_mode.map(pool_mode_str).into(),
             V::Null,
-            0i64.into(),
+            db.max_db_connections
+                .unwrap_or(config.max_db_connections)
+                .into(),
             open.into(),
             0i64.into(),
             n_clients.into(),
@@ -1082,7 +1106,9 @@ fn show_users(shared: &Shared) -> Table {
                 .into(),
             "".into(),
             u.and_then(|u| u.pool_mode).map(pool_mode_str).into(),
-            0i64.into(),
+            u.and_then(|u| u.max_user_connections)
+                .unwrap_or(config.max_user_connections)
+                .into(),
             open.into(),
             0i64.into(),
             n_clients.into(),

@@ -300,7 +300,11 @@ async fn show_clients_and_servers_link_up() {
 
 #[tokio::test]
 async fn show_databases_users_lists_config_version_state() {
-    let proxy = admin_app("a_misc", "pool_size = 7\nquery_wait_timeout = \"45s\"").await;
+    let proxy = admin_app(
+        "a_misc",
+        "pool_size = 7\nquery_wait_timeout = \"45s\"\nmax_db_connections = 6\nmax_user_connections = 5",
+    )
+    .await;
     let admin = console(&proxy, "a_misc").await;
     let c = proxy.client("a_misc").await;
     c.simple_query("SELECT 1").await.unwrap();
@@ -335,6 +339,7 @@ async fn show_databases_users_lists_config_version_state() {
     assert_eq!(field(d, "database"), "a_misc");
     assert_eq!(field(d, "force_user"), "NULL");
     assert_eq!(field(d, "pool_size"), "7");
+    assert_eq!(field(d, "max_connections"), "6", "max_db_connections");
     assert_eq!(field(d, "current_connections"), "1");
     assert_eq!(field(d, "current_client_connections"), "1");
     assert_eq!(field(d, "paused"), "0");
@@ -342,6 +347,7 @@ async fn show_databases_users_lists_config_version_state() {
     let (columns, rows) = show(&admin, "SHOW USERS").await;
     assert_eq!(columns[0], "name");
     let u = row_of(&rows, "name", "a_misc");
+    assert_eq!(field(u, "max_user_connections"), "5");
     assert_eq!(field(u, "current_connections"), "1");
     assert_eq!(field(u, "current_client_connections"), "1");
 

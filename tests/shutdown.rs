@@ -178,3 +178,31 @@ async fn session_mode_clients_leave_between_transactions() {
     assert_eq!(code, Some(0));
     assert!(a.simple_query("SELECT 1").await.is_err());
 }
+
+/// An open admin console (an exporter's, an operator's psql) does not hold the shutdown
+/// until shutdown_timeout: it is closed, as PgBouncer closes it, and the process exits at
+/// once when nothing else runs.
+#[tokio::test]
+async fn an_open_admin_console_does_not_hold_the_shutdown() {
+    let mut proxy = Binary::start("sd_console", "20s", "transaction").await;
+    let console = connect(
+        &proxy
+            .conn("sd_console")
+            .replace("dbname=sd_console", "dbname=pgsluice"),
+    )
+    .await;
+    console.simple_query("SHOW POOLS").await.unwrap();
+    let began = Instant::now();
+    proxy.sigterm();
+    let (code, at) = proxy.exit(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        at.duration_since(began) < Duration::from_secs(5),
+        "exited after {:?}",
+        at.duration_since(began)
+    );
+    assert!(
+        console.simple_query("SHOW POOLS").await.is_err(),
+        "the console was closed"
+    );
+}
