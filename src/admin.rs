@@ -649,7 +649,9 @@ fn show(shared: &Arc<Shared>, what: &str) -> Result<BytesMut, ErrorFields> {
     let t = match what {
         "help" => return Ok(help()),
         "pools" => show_pools(shared),
-        "stats" => show_stats(shared),
+        "stats" => show_stats(shared, StatsView::All),
+        "stats_totals" => show_stats(shared, StatsView::Totals),
+        "stats_averages" => show_stats(shared, StatsView::Averages),
         "clients" => show_clients(shared),
         "servers" => show_servers(shared),
         "databases" => show_databases(shared),
@@ -708,7 +710,7 @@ fn help() -> BytesMut {
         message: "Console usage".into(),
         detail: Some(
             "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION\n\
-             \tSHOW LISTS|STATE|STATS\n\
+             \tSHOW LISTS|STATE|STATS|STATS_TOTALS|STATS_AVERAGES\n\
              \tSHOW APPLICATIONS|BUDGET\n\
              \tPAUSE [<db>]\n\
              \tRESUME [<db>]\n\
@@ -796,36 +798,59 @@ struct DbStats {
     wait_us: f64,
 }
 
-fn show_stats(shared: &Shared) -> Table {
+/// Which view of the statistics a SHOW command asks for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StatsView {
+    /// SHOW STATS: totals, then averages, then `total_requests`.
+    All,
+    /// SHOW STATS_TOTALS (what pgbouncer_exporter reads).
+    Totals,
+    /// SHOW STATS_AVERAGES.
+    Averages,
+}
+
+/// The statistics' columns, as SHOW STATS_TOTALS and SHOW STATS_AVERAGES name them; SHOW
+/// STATS names them `total_` and `avg_` these (`recv` for the received bytes' average).
+const STATS_COLUMNS: [(&str, &str, &str); 11] = [
+    (
+        "server_assignment_count",
+        "total_server_assignment_count",
+        "avg_server_assignment_count",
+    ),
+    ("xact_count", "total_xact_count", "avg_xact_count"),
+    ("query_count", "total_query_count", "avg_query_count"),
+    ("bytes_received", "total_received", "avg_recv"),
+    ("bytes_sent", "total_sent", "avg_sent"),
+    ("xact_time", "total_xact_time", "avg_xact_time"),
+    ("query_time", "total_query_time", "avg_query_time"),
+    ("wait_time", "total_wait_time", "avg_wait_time"),
+    (
+        "client_parse_count",
+        "total_client_parse_count",
+        "avg_client_parse_count",
+    ),
+    (
+        "server_parse_count",
+        "total_server_parse_count",
+        "avg_server_parse_count",
+    ),
+    ("bind_count", "total_bind_count", "avg_bind_count"),
+];
+
+fn show_stats(shared: &Shared, view: StatsView) -> Table {
     use Ty::*;
-    let mut t = Table::new(&[
-        ("database", Text),
-        ("total_server_assignment_count", Int),
-        ("total_xact_count", Int),
-        ("total_query_count", Int),
-        ("total_received", Int),
-        ("total_sent", Int),
-        ("total_xact_time", Int),
-        ("total_query_time", Int),
-        ("total_wait_time", Int),
-        ("total_client_parse_count", Int),
-        ("total_server_parse_count", Int),
-        ("total_bind_count", Int),
-        ("avg_server_assignment_count", Int),
-        ("avg_xact_count", Int),
-        ("avg_query_count", Int),
-        ("avg_recv", Int),
-        ("avg_sent", Int),
-        ("avg_xact_time", Int),
-        ("avg_query_time", Int),
-        ("avg_wait_time", Int),
-        ("avg_client_parse_count", Int),
-        ("avg_server_parse_count", Int),
-        ("avg_bind_count", Int),
+    let mut columns = vec![("database", Text)];
+    columns.extend(STATS_COLUMNS.iter().map(|(short, total, _)| {
+        let name = if view == StatsView::All { total } else { short };
+        (*name, Int)
+    }));
+    if view == StatsView::All {
+        columns.extend(STATS_COLUMNS.iter().map(|(_, _, avg)| (*avg, Int)));
         // PgBouncer before 1.8 (exporters written for it, such as Debian's
         // prometheus-pgbouncer-exporter, still read it): requests = queries.
-        ("total_requests", Int),
-    ]);
+        columns.push(("total_requests", Int));
+    }
+    let mut t = Table::new(&columns);
     let mut dbs: BTreeMap<String, DbStats> = shared
         .pools
         .config()
@@ -853,32 +878,44 @@ fn show_stats(shared: &Shared) -> Table {
         let query_us = (d.xact_us - d.idle_us).max(0.0) as u64;
         let xact_us = d.xact_us as u64;
         let wait_us = d.wait_us as u64;
-        t.row(vec![
-            name.into(),
-            d.assignments.into(),
-            d.xacts.into(),
-            d.queries.into(),
-            d.received.into(),
-            d.sent.into(),
-            xact_us.into(),
-            query_us.into(),
-            wait_us.into(),
-            d.client_parses.into(),
-            d.server_parses.into(),
-            d.binds.into(),
-            (d.assignments / uptime).into(),
-            (d.xacts / uptime).into(),
-            (d.queries / uptime).into(),
-            (d.received / uptime).into(),
-            (d.sent / uptime).into(),
-            per(xact_us, d.xacts).into(),
-            per(query_us, d.queries).into(),
-            per(wait_us, d.assignments).into(),
-            (d.client_parses / uptime).into(),
-            (d.server_parses / uptime).into(),
-            (d.binds / uptime).into(),
-            d.queries.into(),
-        ]);
+        let totals = [
+            d.assignments,
+            d.xacts,
+            d.queries,
+            d.received,
+            d.sent,
+            xact_us,
+            query_us,
+            wait_us,
+            d.client_parses,
+            d.server_parses,
+            d.binds,
+        ];
+        // Counts per second since start; times per transaction, query and assignment.
+        let averages = [
+            d.assignments / uptime,
+            d.xacts / uptime,
+            d.queries / uptime,
+            d.received / uptime,
+            d.sent / uptime,
+            per(xact_us, d.xacts),
+            per(query_us, d.queries),
+            per(wait_us, d.assignments),
+            d.client_parses / uptime,
+            d.server_parses / uptime,
+            d.binds / uptime,
+        ];
+        let mut row = vec![name.into()];
+        match view {
+            StatsView::Totals => row.extend(totals.map(V::from)),
+            StatsView::Averages => row.extend(averages.map(V::from)),
+            StatsView::All => {
+                row.extend(totals.map(V::from));
+                row.extend(averages.map(V::from));
+                row.push(d.queries.into());
+            }
+        }
+        t.row(row);
     }
     t
 }

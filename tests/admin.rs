@@ -214,6 +214,32 @@ async fn show_stats_counts_the_workload() {
     assert!(n("total_received") > 0 && n("total_sent") > 0);
     assert!(n("total_xact_time") >= n("total_query_time"));
     assert_eq!(n("avg_xact_time"), n("total_xact_time") / 5);
+    // What pgbouncer_exporter reads at every scrape: the same figures, PgBouncer's names.
+    let (columns, rows) = show(&admin, "SHOW STATS_TOTALS").await;
+    let names = [
+        "server_assignment_count",
+        "xact_count",
+        "query_count",
+        "bytes_received",
+        "bytes_sent",
+        "xact_time",
+        "query_time",
+        "wait_time",
+        "client_parse_count",
+        "server_parse_count",
+        "bind_count",
+    ];
+    let mut expected = vec!["database"];
+    expected.extend(names);
+    assert_eq!(columns, cols(&expected));
+    let t = row_of(&rows, "database", "a_stats");
+    assert_eq!(field(t, "xact_count"), "5");
+    assert_eq!(field(t, "query_count"), "7");
+    assert_eq!(field(t, "bytes_received"), field(r, "total_received"));
+    let (columns, rows) = show(&admin, "SHOW STATS_AVERAGES").await;
+    assert_eq!(columns, cols(&expected));
+    let a = row_of(&rows, "database", "a_stats");
+    assert_eq!(field(a, "xact_time"), field(r, "avg_xact_time"));
 }
 
 #[tokio::test]
