@@ -22,6 +22,8 @@ use crate::app::Shared;
 const MAX_CONNECTIONS: usize = 16;
 /// How long a request's headers may take to arrive.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one HTTP connection may last (keep-alive included): a scraper reconnects.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an upstream probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a probe result is reused, so that frequent `/readyz` calls cost little.
@@ -68,11 +70,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 let health = health.clone();
                 async move { Ok::<_, Infallible>(route(&shared, &health, req).await) }
             });
-            let _ = http1::Builder::new()
+            let served = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .serve_connection(TokioIo::new(stream), service);
+            // Bounded: a client that asks and never reads the answer (or keeps a connection
+            // open) must not hold one of the few slots, and /healthz behind them, for ever.
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, served).await;
             drop(permit);
         });
     }

@@ -45,6 +45,11 @@ fn restart_keys(c: &Config) -> Vec<(String, String)> {
             format!("{:?}", c.metrics.listen),
         ),
         ("max_client_conn".to_owned(), c.max_client_conn.to_string()),
+        // The metrics' label table is sized at start.
+        (
+            "metrics.max_applications".to_owned(),
+            c.metrics.max_applications.to_string(),
+        ),
         // The cancel keys handed out carry it.
         ("peer_id".to_owned(), c.peer_id.to_string()),
         ("budget.mode".to_owned(), format!("{:?}", c.budget.mode())),
@@ -62,8 +67,11 @@ fn restart_keys(c: &Config) -> Vec<(String, String)> {
     keys
 }
 
-/// Reads the configuration again and applies it. Errors say why nothing changed.
+/// Reads the configuration again and applies it. Errors say why nothing changed. One reload
+/// at a time (SIGHUP and RELOAD may come together): each applies one whole file.
 pub fn reload(shared: &Arc<Shared>) -> Result<(), String> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let result = apply(shared);
     match &result {
         Ok(()) => tracing::info!("configuration reloaded"),
