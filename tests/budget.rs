@@ -376,10 +376,8 @@ async fn budget_follows_max_connections() {
         "{:?}",
         budget(&proxy)
     );
-    assert!(
-        budget(&proxy).refresh_errors >= 1,
-        "the restart was seen as a failed refresh"
-    );
+    // The restart closed the control connection: it is replaced before the next refresh
+    // (a refresh error shows only if the database is still down then).
     assert_eq!(scalar(&proxy.client("mc").await, "SELECT 1").await, "1");
 }
 
