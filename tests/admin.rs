@@ -458,15 +458,12 @@ async fn show_applications_names_the_hoarder() {
     assert_eq!(field(u, "max_idle_in_transaction"), "0");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_waits_for_transactions_and_holds_clients_until_resume() {
-    let proxy = admin_app("a_pause", "").await;
-    let admin = console(&proxy, "a_pause").await;
-    let holder = proxy.client("a_pause").await;
-    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let admin = std::sync::Arc::new(admin);
+/// `PAUSE db` while `holder` is inside a transaction: it waits for it, and answers once the
+/// holder commits.
+async fn pause_behind(admin: &std::sync::Arc<Client>, holder: &Client, db: &str) {
     let a = admin.clone();
-    let pause = tokio::spawn(async move { a.simple_query("PAUSE a_pause").await.map(|_| ()) });
+    let sql = format!("PAUSE {db}");
+    let pause = tokio::spawn(async move { a.simple_query(&sql).await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!pause.is_finished(), "PAUSE waits for the open transaction");
     holder.batch_execute("COMMIT").await.unwrap();
@@ -475,6 +472,16 @@ async fn pause_waits_for_transactions_and_holds_clients_until_resume() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_waits_for_transactions_and_holds_clients_until_resume() {
+    let proxy = admin_app("a_pause", "").await;
+    let admin = console(&proxy, "a_pause").await;
+    let holder = proxy.client("a_pause").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let admin = std::sync::Arc::new(admin);
+    pause_behind(&admin, &holder, "a_pause").await;
     let (_, rows) = show(&admin, "SHOW DATABASES").await;
     assert_eq!(field(row_of(&rows, "name", "a_pause"), "paused"), "1");
     // A request now waits, and shows as waiting.
@@ -521,16 +528,7 @@ async fn pause_holds_back_clients_queued_before_it() {
         );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!q.is_finished(), "queued behind the holder");
-    let a = admin.clone();
-    let pause = tokio::spawn(async move { a.simple_query("PAUSE a_pause_q").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pause.is_finished(), "PAUSE waits for the open transaction");
-    holder.batch_execute("COMMIT").await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), pause)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    pause_behind(&admin, &holder, "a_pause_q").await;
     let paused_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

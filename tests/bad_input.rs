@@ -523,6 +523,24 @@ async fn stray_copy_data_is_dropped_and_the_next_query_runs() {
     assert_no_stuck_server("bi_straycopy").await;
 }
 
+/// Reads `n` CloseCompletes, then ReadyForQuery(idle), each within STEP.
+async fn close_completes_then_ready(reader: &mut (impl tokio::io::AsyncRead + Unpin), n: usize) {
+    let mut head = [0u8; 5];
+    for i in 0..n {
+        tokio::time::timeout(STEP, reader.read_exact(&mut head))
+            .await
+            .unwrap_or_else(|_| panic!("CloseComplete {i} did not come"))
+            .unwrap();
+        assert_eq!(head, [b'3', 0, 0, 0, 4], "CloseComplete {i}");
+    }
+    let mut ready = [0u8; 6];
+    tokio::time::timeout(STEP, reader.read_exact(&mut ready))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ready, [b'Z', 0, 0, 0, 5, b'I']);
+}
+
 /// Closes answered by the proxy pile up behind a slow query (their replies must wait for
 /// the query's): past MAX_OWED the proxy stops reading the client instead of keeping a
 /// record per Close without bound, and once the query is answered every reply follows,
@@ -558,18 +576,7 @@ async fn closes_behind_a_slow_query_wait_for_it() {
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
         reader.read_exact(&mut body[..len]).await.unwrap();
     }
-    for i in 0..CLOSES {
-        tokio::time::timeout(STEP, reader.read_exact(&mut head))
-            .await
-            .unwrap_or_else(|_| panic!("CloseComplete {i} did not come"))
-            .unwrap();
-        assert_eq!(head, [b'3', 0, 0, 0, 4], "CloseComplete {i}");
-    }
-    tokio::time::timeout(STEP, reader.read_exact(&mut head))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(head, [b'Z', 0, 0, 0, 5]);
+    close_completes_then_ready(&mut reader, CLOSES).await;
     writer.await.unwrap();
     assert_serves(&proxy, "bi_slowcloses").await;
     assert_no_stuck_server("bi_slowcloses").await;
@@ -599,22 +606,7 @@ async fn unread_close_completes_pause_the_client() {
     // Replies are read only once the writer is well ahead.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, &mut r);
-    let mut head = [0u8; 5];
-    for i in 0..CLOSES {
-        tokio::time::timeout(STEP, reader.read_exact(&mut head))
-            .await
-            .unwrap_or_else(|_| panic!("CloseComplete {i} did not come"))
-            .unwrap();
-        assert_eq!(head, [b'3', 0, 0, 0, 4], "CloseComplete {i}");
-    }
-    tokio::time::timeout(STEP, reader.read_exact(&mut head))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(head[0], b'Z');
-    let mut status = [0u8; 1];
-    reader.read_exact(&mut status).await.unwrap();
-    assert_eq!(&status, b"I");
+    close_completes_then_ready(&mut reader, CLOSES).await;
     writer.await.unwrap();
     assert_serves(&proxy, "bi_closes").await;
     assert_no_stuck_server("bi_closes").await;
