@@ -523,6 +523,24 @@ async fn stray_copy_data_is_dropped_and_the_next_query_runs() {
     assert_no_stuck_server("bi_straycopy").await;
 }
 
+/// Writes `before`, then `n` Closes of named statements (`s0`…`s9`), then a Sync, from a
+/// task of its own (the test reads meanwhile); the task gives the writer back.
+fn write_closes(
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    before: Vec<u8>,
+    n: usize,
+) -> tokio::task::JoinHandle<tokio::net::tcp::OwnedWriteHalf> {
+    tokio::spawn(async move {
+        let mut out = before;
+        for i in 0..n {
+            out.extend(close_statement(&format!("s{}", i % 10)));
+        }
+        out.extend(sync());
+        w.write_all(&out).await.unwrap();
+        w
+    })
+}
+
 /// Reads `n` CloseCompletes, then ReadyForQuery(idle), each within STEP.
 async fn close_completes_then_ready(reader: &mut (impl tokio::io::AsyncRead + Unpin), n: usize) {
     let mut head = [0u8; 5];
@@ -549,21 +567,9 @@ async fn close_completes_then_ready(reader: &mut (impl tokio::io::AsyncRead + Un
 async fn closes_behind_a_slow_query_wait_for_it() {
     let proxy = trust_app("bi_slowcloses", "").await;
     let s = raw_login(proxy.addr.port(), "bi_slowcloses").await;
-    let (mut r, mut w) = s.into_split();
     const CLOSES: usize = 300_000; // 2.4 MB in
-    let writer = tokio::spawn(async move {
-        w.write_all(&query("SELECT pg_sleep(1)")).await.unwrap();
-        let mut batch = Vec::new();
-        for i in 0..CLOSES {
-            batch.extend(close_statement(&format!("s{}", i % 10)));
-            if batch.len() > 64 * 1024 || i == CLOSES - 1 {
-                w.write_all(&batch).await.unwrap();
-                batch.clear();
-            }
-        }
-        w.write_all(&sync()).await.unwrap();
-        w
-    });
+    let (mut r, w) = s.into_split();
+    let writer = write_closes(w, query("SELECT pg_sleep(1)"), CLOSES);
     let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, &mut r);
     let mut head = [0u8; 5];
     let mut body = vec![0u8; 1024];
@@ -589,20 +595,9 @@ async fn closes_behind_a_slow_query_wait_for_it() {
 async fn unread_close_completes_pause_the_client() {
     let proxy = trust_app("bi_closes", "").await;
     let s = raw_login(proxy.addr.port(), "bi_closes").await;
-    let (mut r, mut w) = s.into_split();
+    let (mut r, w) = s.into_split();
     const CLOSES: usize = 100_000; // 800 KB in, 500 KB of CloseComplete out
-    let writer = tokio::spawn(async move {
-        let mut batch = Vec::new();
-        for i in 0..CLOSES {
-            batch.extend(close_statement(&format!("s{}", i % 10)));
-            if batch.len() > 64 * 1024 || i == CLOSES - 1 {
-                w.write_all(&batch).await.unwrap();
-                batch.clear();
-            }
-        }
-        w.write_all(&sync()).await.unwrap();
-        w
-    });
+    let writer = write_closes(w, Vec::new(), CLOSES);
     // Replies are read only once the writer is well ahead.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut reader = tokio::io::BufReader::with_capacity(64 * 1024, &mut r);
