@@ -588,6 +588,29 @@ async fn resume_takes_back_room_held_idle_by_another_database() {
     assert!(resumed.elapsed() < Duration::from_secs(2));
 }
 
+/// After PAUSE, SHUTDOWN WAIT_FOR_CLIENTS: RESUME still lets the queued clients go, so that
+/// they finish and leave (it used to be refused, and they waited for their timeout).
+#[tokio::test]
+async fn resume_works_while_draining() {
+    let proxy = admin_app("a_drain_resume", "").await;
+    let admin = console(&proxy, "a_drain_resume").await;
+    let c = proxy.client("a_drain_resume").await;
+    admin.simple_query("PAUSE").await.unwrap();
+    let q = tokio::spawn(async move { scalar(&c, "SELECT 7").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!q.is_finished(), "paused");
+    admin
+        .simple_query("SHUTDOWN WAIT_FOR_CLIENTS")
+        .await
+        .unwrap();
+    admin.simple_query("RESUME").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), q)
+        .await
+        .expect("served after RESUME")
+        .unwrap();
+    assert_eq!(got, "7");
+}
+
 #[tokio::test]
 async fn errors_keep_the_console_usable() {
     let proxy = admin_app("a_errors", "").await;

@@ -201,6 +201,17 @@ async fn a_bad_reload_keeps_the_old_configuration() {
     std::fs::write(&path, config(pg, &["rl_bad"], 4, "peer_id = 3")).unwrap();
     let e = pgsluice::reload::reload(&proxy.shared).unwrap_err();
     assert!(e.contains("peer_id: changing it needs a restart"), "{e}");
+    // The metrics' application labels are sized at start.
+    std::fs::write(
+        &path,
+        config(pg, &["rl_bad"], 4, "[metrics]\nmax_applications = 5"),
+    )
+    .unwrap();
+    let e = pgsluice::reload::reload(&proxy.shared).unwrap_err();
+    assert!(
+        e.contains("metrics.max_applications: changing it needs a restart"),
+        "{e}"
+    );
     assert_eq!(proxy.shared.pools.stats()[0].pool_size, 4);
     assert_eq!(scalar(&c, "SELECT 1").await, "1", "still serving");
     assert_eq!(
