@@ -100,6 +100,9 @@ pub struct Exchange {
     server_first: std::ops::Range<usize>,
     /// Where the combined nonce (client's, then the proxy's) is in `auth_message`.
     nonce: std::ops::Range<usize>,
+    /// The `c=` the client-final message must carry: its first message's GS2 header in
+    /// base64 (`biws` for `n,,`, `eSws` for `y,,`).
+    binding: &'static str,
 }
 
 /// Handles client-first-message; returns the exchange, whose
@@ -110,11 +113,12 @@ pub fn client_first(message: &[u8], verifier: &Verifier) -> Result<Exchange, Scr
     let (flag, rest) = msg
         .split_once(',')
         .ok_or(ScramError::Malformed("no GS2 header"))?;
-    match flag {
-        "n" | "y" => {}
+    let binding = match flag {
+        "n" => "biws",
+        "y" => "eSws",
         f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
         _ => return Err(ScramError::Malformed("bad channel binding flag")),
-    }
+    };
     let (authzid, bare) = rest
         .split_once(',')
         .ok_or(ScramError::Malformed("no GS2 header"))?;
@@ -165,6 +169,7 @@ pub fn client_first(message: &[u8], verifier: &Verifier) -> Result<Exchange, Scr
         server_first: first_start..auth.len(),
         auth_message: auth,
         nonce,
+        binding,
     })
 }
 
@@ -205,9 +210,16 @@ impl Exchange {
                 nonce = Some(r);
             }
         }
-        // "biws" = base64("n,,"), "eSws" = base64("y,,"): no channel binding data.
-        if !matches!(channel, Some("biws") | Some("eSws")) {
-            return Err(ScramError::ChannelBinding);
+        // The GS2 header of the first message again, in base64: no channel binding data,
+        // and the same flag (a changed flag is what a downgrade would look like).
+        match channel {
+            Some(c) if c == self.binding => {}
+            Some("biws" | "eSws") => {
+                return Err(ScramError::Malformed(
+                    "channel binding flag differs from the first message",
+                ))
+            }
+            _ => return Err(ScramError::ChannelBinding),
         }
         if nonce != Some(&self.auth_message[self.nonce.clone()]) {
             return Err(ScramError::Malformed("nonce mismatch"));
@@ -270,6 +282,30 @@ mod tests {
             round_trip("s3cret", "guess"),
             Err(ScramError::WrongPassword)
         );
+    }
+
+    /// A client that supports channel binding but was not offered it (`y,,`) logs in; a
+    /// final message whose `c=` does not repeat the first message's flag is refused.
+    #[test]
+    fn the_binding_flag_must_match_the_first_message() {
+        let v = Verifier::from_password("s3cret");
+        let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unrequested());
+        let ex = client_first(client.message(), &v).unwrap();
+        client.update(ex.server_first().as_bytes()).unwrap();
+        let fin = client.message().to_vec();
+        assert!(fin.starts_with(b"c=eSws,"));
+        ex.client_final(&fin).expect("y,, then c=eSws");
+
+        for (first, binding) in [(b"n,,n=,r=abc", "eSws"), (b"y,,n=,r=abc", "biws")] {
+            let ex = client_first(first, &v).unwrap();
+            let nonce = ex.server_first()[2..].split(',').next().unwrap().to_owned();
+            let proof = B64.encode([0u8; 32]);
+            assert_eq!(
+                ex.client_final(format!("c={binding},r={nonce},p={proof}").as_bytes())
+                    .unwrap_err(),
+                ScramError::Malformed("channel binding flag differs from the first message")
+            );
+        }
     }
 
     #[test]
