@@ -99,12 +99,17 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: impl Fu
     let listeners = listener::Listeners {
         tcp: listener,
         unix,
+        metrics: None,
     };
     serve_on(listeners, shared, shutdown).await
 }
 
 /// [`serve`] on listeners already bound.
-pub async fn serve_on(listeners: listener::Listeners, shared: Arc<Shared>, shutdown: impl Future) {
+pub async fn serve_on(
+    mut listeners: listener::Listeners,
+    shared: Arc<Shared>,
+    shutdown: impl Future,
+) {
     shared.spawn(janitor::run(shared.pools.clone()));
     shared.spawn(queue::sweeper(Arc::downgrade(&shared.pools)));
     shared.spawn(crate::clients::parker(Arc::downgrade(&shared.clients)));
@@ -116,7 +121,10 @@ pub async fn serve_on(listeners: listener::Listeners, shared: Arc<Shared>, shutd
         .collect();
     start_control(&shared, &budgets);
     // The HTTP endpoint keeps answering while draining (/readyz says not ready).
-    shared.spawn(crate::http::run(shared.clone()));
+    match listeners.metrics.take() {
+        Some(metrics) => shared.spawn(crate::http::serve(metrics, shared.clone())),
+        None => shared.spawn(crate::http::run(shared.clone())),
+    }
     tokio::select! {
         _ = listener::run(listeners, shared.clone()) => {}
         _ = shutdown => tracing::info!("shutting down"),

@@ -42,12 +42,14 @@ pub async fn run(shared: Arc<Shared>) {
             return;
         }
     };
-    tracing::info!(listen = %addr, "serving /metrics, /healthz and /readyz");
     serve(listener, shared).await
 }
 
 /// Serves HTTP on `listener` forever.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "serving /metrics, /healthz and /readyz");
+    }
     let health = Arc::new(Health::default());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {

@@ -154,11 +154,18 @@ fn inherited(client: &tokio::net::TcpStream, want: Keepalive) -> bool {
 pub struct Listeners {
     pub tcp: TcpListener,
     pub unix: Option<UnixSocket>,
+    /// `metrics.listen`, when the caller bound it (so that a failure stops the start);
+    /// otherwise the HTTP endpoint binds it itself.
+    pub metrics: Option<TcpListener>,
 }
 
 impl From<TcpListener> for Listeners {
     fn from(tcp: TcpListener) -> Self {
-        Listeners { tcp, unix: None }
+        Listeners {
+            tcp,
+            unix: None,
+            metrics: None,
+        }
     }
 }
 

@@ -282,14 +282,16 @@ async fn serve(config: Config, source: pgsluice::reload::ConfigSource) -> anyhow
     let listener = pgsluice::listener::bind(&config.listen, config.so_reuseport == 1)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    if let Some(addr) = &config.metrics.listen {
-        // Fail at start, not later in the background: the endpoint binds it again at once.
-        drop(
+    // Bound here, once: a failure stops the start (exit 1) instead of leaving a proxy
+    // without its endpoint.
+    let metrics = match &config.metrics.listen {
+        Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on metrics.listen {addr}"))?,
-        );
-    }
+        ),
+        None => None,
+    };
     let unix = pgsluice::listener::bind_unix_for(&config, &listener)
         .await
         .with_context(|| format!("cannot listen on listen_unix {}", config.listen_unix))?;
@@ -317,6 +319,7 @@ async fn serve(config: Config, source: pgsluice::reload::ConfigSource) -> anyhow
     let listeners = pgsluice::listener::Listeners {
         tcp: listener,
         unix,
+        metrics,
     };
     pgsluice::app::serve_on(listeners, shared, shutdown_signal()).await;
     Ok(())

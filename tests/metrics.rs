@@ -632,3 +632,34 @@ async fn prepared_statements_are_counted() {
     assert_eq!(delta(&after, "pgsluice_prepared_evictions_total"), 2.0);
     assert_eq!(delta(&after, "pgsluice_binds_total"), 4.0);
 }
+
+/// The binary binds `metrics.listen` once, at start, and serves that socket (the children
+/// of tests/lifecycle.rs scrape it): an address already taken stops the start with status 1
+/// and says why.
+#[tokio::test]
+async fn the_binary_exits_when_metrics_listen_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:0\"\nauth_type = \"trust\"\n[databases.m_bind]\nhost = \"127.0.0.1\"\nport = 1\n[users.m_bind]\npassword = \"x\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgsluice"))
+        .args([
+            "--config",
+            path.to_str().unwrap(),
+            "--metrics-listen",
+            &addr,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on metrics.listen {addr}")),
+        "{stderr}"
+    );
+}

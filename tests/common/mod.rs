@@ -133,6 +133,7 @@ impl Proxy {
         let listeners = pgsluice::listener::Listeners {
             tcp: listener,
             unix,
+            metrics: None,
         };
         (listeners, addr)
     }
