@@ -414,6 +414,7 @@ async fn log_in(
         .get("application_name")
         .cloned()
         .unwrap_or_default();
+    let mut new_labels = crate::metrics::NEW_LABELS_PER_CLIENT;
     let registration = shared.clients.register(NewClient {
         pool,
         database: &login.database,
@@ -423,7 +424,9 @@ async fn log_in(
         tls: stream.tls_description(),
         pid: cancel.client.pid,
         app: AppSlot {
-            metrics: shared.metrics.app(&login.database, &login.user, &app_name),
+            metrics: shared
+                .metrics
+                .app(&login.database, &login.user, &app_name, &mut new_labels),
             name: app_name,
         },
     });
@@ -457,6 +460,7 @@ async fn log_in(
         permit: None,
         park_early: true,
         servers_lost: 0,
+        new_labels,
     });
     // What the client sent right after its login (a pipelined first Query) is read first.
     let leftover = input.into_leftover();
@@ -990,6 +994,9 @@ struct Session {
     /// Servers in a row that were lost while the client's parameters were set on them,
     /// before anything of the client's ran (see [`Session::apply_params`]).
     servers_lost: u8,
+    /// Application labels this client may still add to the metrics' table (see
+    /// [`crate::metrics::NEW_LABELS_PER_CLIENT`]).
+    new_labels: u8,
 }
 
 /// How [`Session::run`] ended without an error.
@@ -1618,7 +1625,10 @@ impl Session {
         if entry.app().name == name {
             return;
         }
-        let metrics = self.shared.metrics.app(&entry.database, &entry.user, &name);
+        let metrics =
+            self.shared
+                .metrics
+                .app(&entry.database, &entry.user, &name, &mut self.new_labels);
         entry.set_app(AppSlot {
             name,
             metrics: metrics.clone(),

@@ -32,6 +32,10 @@ use crate::protocol::TransactionStatus;
 pub const OTHER_APPLICATION: &str = "other";
 /// The application label of clients that set no `application_name`.
 pub const UNNAMED_APPLICATION: &str = "unnamed";
+/// New application labels one client may add to the table: its startup packet's name and
+/// one `SET application_name`. A client that names itself anew again and again (a name per
+/// job) counts its further new names as `other` instead of taking every label.
+pub const NEW_LABELS_PER_CLIENT: u8 = 2;
 /// Longest application label, in bytes (PostgreSQL's own limit, NAMEDATALEN − 1).
 pub const MAX_APPLICATION_LABEL: usize = 63;
 
@@ -782,9 +786,15 @@ impl Metrics {
         p
     }
 
-    /// The label an `application_name` gets: itself (cut to 63 bytes) while fewer than
-    /// `max_applications` distinct names have been seen, else `other`.
-    fn application_label<'n>(&self, apps: &mut Apps, name: &'n str) -> &'n str {
+    /// The label an `application_name` gets: itself (cut to 63 bytes) when it is in the
+    /// table, or when fewer than `max_applications` distinct names have been seen and the
+    /// client may add one (`new_labels`, decremented when it does); else `other`.
+    fn application_label<'n>(
+        &self,
+        apps: &mut Apps,
+        name: &'n str,
+        new_labels: &mut u8,
+    ) -> &'n str {
         let mut end = name.len().min(MAX_APPLICATION_LABEL);
         while !name.is_char_boundary(end) {
             end -= 1;
@@ -796,7 +806,8 @@ impl Metrics {
         if apps.names.contains(name) {
             return name;
         }
-        if apps.names.len() < self.max_applications {
+        if apps.names.len() < self.max_applications && *new_labels > 0 {
+            *new_labels -= 1;
             apps.names.insert(name.to_owned());
             return name;
         }
@@ -804,10 +815,16 @@ impl Metrics {
     }
 
     /// The handles of a client's application (resolved once per client, and again when it
-    /// changes its application_name).
-    pub fn app(&self, database: &str, user: &str, application_name: &str) -> Arc<AppMetrics> {
+    /// changes its application_name); `new_labels` as in [`NEW_LABELS_PER_CLIENT`].
+    pub fn app(
+        &self,
+        database: &str,
+        user: &str,
+        application_name: &str,
+        new_labels: &mut u8,
+    ) -> Arc<AppMetrics> {
         let mut apps = lock(&self.apps);
-        let label = self.application_label(&mut apps, application_name);
+        let label = self.application_label(&mut apps, application_name, new_labels);
         if let Some(a) = apps
             .handles
             .get(label)
@@ -1045,25 +1062,49 @@ mod tests {
     #[test]
     fn application_labels_are_bounded() {
         let m = Metrics::new(2);
-        assert_eq!(m.app("d", "u", "a").label, "a");
-        assert_eq!(m.app("d", "u", "").label, UNNAMED_APPLICATION);
-        assert_eq!(m.app("d", "u", "c").label, OTHER_APPLICATION);
-        assert_eq!(
-            m.app("d2", "u", "a").label,
-            "a",
-            "a known name keeps its label"
-        );
+        let app = |d, name| m.app(d, "u", name, &mut 5).label.clone();
+        assert_eq!(app("d", "a"), "a");
+        assert_eq!(app("d", ""), UNNAMED_APPLICATION);
+        assert_eq!(app("d", "c"), OTHER_APPLICATION);
+        assert_eq!(app("d2", "a"), "a", "a known name keeps its label");
         let long = "é".repeat(40);
         let m = Metrics::new(5);
-        let label = m.app("d", "u", &long).label.clone();
+        let label = m.app("d", "u", &long, &mut 1).label.clone();
         assert!(label.len() <= MAX_APPLICATION_LABEL && long.starts_with(&label));
+    }
+
+    /// One client adds at most `NEW_LABELS_PER_CLIENT` names; names already in the table
+    /// cost it nothing, and other clients still get labels of their own.
+    #[test]
+    fn one_client_cannot_take_every_label() {
+        let m = Metrics::new(100);
+        let mut left = NEW_LABELS_PER_CLIENT;
+        let labels: Vec<String> = (0..50)
+            .map(|i| {
+                m.app("d", "u", &format!("job-{i}"), &mut left)
+                    .label
+                    .clone()
+            })
+            .collect();
+        assert_eq!(labels[..2], ["job-0", "job-1"]);
+        assert!(
+            labels[2..].iter().all(|l| l == OTHER_APPLICATION),
+            "{labels:?}"
+        );
+        assert_eq!(left, 0);
+        assert_eq!(m.app("d", "u", "job-0", &mut left).label, "job-0");
+        let mut other = NEW_LABELS_PER_CLIENT;
+        assert_eq!(m.app("d", "u", "web", &mut other).label, "web");
     }
 
     #[test]
     fn handles_are_cached() {
         let m = Metrics::new(10);
         assert!(Arc::ptr_eq(&m.pool(0, "d", "u"), &m.pool(0, "d", "u")));
-        assert!(Arc::ptr_eq(&m.app("d", "u", "x"), &m.app("d", "u", "x")));
+        assert!(Arc::ptr_eq(
+            &m.app("d", "u", "x", &mut 1),
+            &m.app("d", "u", "x", &mut 1)
+        ));
     }
 
     /// Every metric is in docs/metrics.md, and every metric there is registered.

@@ -463,6 +463,59 @@ async fn application_labels_are_bounded() {
     assert!(moved, "the client moved from 'one' to 'two'");
 }
 
+/// A client that names itself anew for every job cannot take every application label: its
+/// third new name onwards counts as `other`, and a client that comes later still gets a label
+/// of its own.
+#[tokio::test]
+async fn a_client_renaming_itself_cannot_take_every_label() {
+    let port = free_port();
+    let pg = pg();
+    pg.create_app("m_rename").await;
+    let proxy = Proxy::start(&app_config(
+        pg,
+        "m_rename",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\nmax_applications = 3\n"),
+    ))
+    .await;
+    let worker = client_as(&proxy, "m_rename", "worker").await;
+    for job in 1..=10 {
+        worker
+            .batch_execute(&format!("SET application_name = 'job-{job}'"))
+            .await
+            .unwrap();
+        worker.simple_query("SELECT 1").await.unwrap();
+    }
+    let web = client_as(&proxy, "m_rename", "web").await;
+    web.simple_query("SELECT 1").await.unwrap();
+    let labelled = eventually(Duration::from_secs(5), || async {
+        let s = Scrape::take(port).await;
+        let idle = |a: &str| {
+            s.value(
+                "pgsluice_application_clients",
+                &[
+                    ("database", "m_rename"),
+                    ("application", a),
+                    ("state", "idle"),
+                ],
+            )
+        };
+        (idle("web"), idle("other"), idle("job-1"), idle("job-2")) == (1.0, 1.0, 0.0, 0.0)
+    })
+    .await;
+    assert!(
+        labelled,
+        "web has its own label; the worker's later names count as other:\n{:#?}",
+        get(port, "/metrics")
+            .await
+            .unwrap()
+            .1
+            .lines()
+            .filter(|l| l.starts_with("pgsluice_application_clients"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    );
+}
+
 #[tokio::test]
 async fn health_endpoints_and_unknown_paths() {
     let (proxy, port) = proxy("m_health", "").await;
