@@ -469,17 +469,30 @@ async fn deallocate_all_then_parse_in_one_pipeline() {
         assert_eq!(c.round(&run("s1")).await.0, "2DCZ", "s1 on its next server");
         c.round(&[wire::query("DEALLOCATE s1")]).await;
     }
-    // The text is one the server holds already (d's "SELECT 4"): the proxy answers the
-    // Parse itself, and DEALLOCATE ALL takes the server's statement away before the Bind
-    // runs there. That Bind fails; the server is closed after the transaction (the proxy
-    // no longer knows what it holds), and everything works again afterwards.
-    c.round(&pipeline("DEALLOCATE ALL", "SELECT 4")).await;
+    // The text is one the server holds already (d's "SELECT 4"), which DEALLOCATE ALL
+    // takes away before the Parse runs there: the proxy does not answer that Parse itself
+    // but has the server close and prepare it again, so the Bind behind it works. The server
+    // is closed after the transaction (whether the clear ran is known only later), and d's
+    // statement is prepared again on the next.
+    let (tags, msgs) = c.round(&pipeline("DEALLOCATE ALL", "SELECT 4")).await;
+    assert_eq!(tags, "12C12DCZ", "{msgs:?}");
     assert_eq!(c.round(&run("s1")).await.0, "2DCZ", "s1 exists");
     assert_eq!(
         d.round(&run("t")).await.0,
         "2DCZ",
         "d's statement is prepared again"
     );
+    // psycopg names its statements anew after DEALLOCATE ALL (`_pg3_0` again, another
+    // text): the name the client had is free once the clear runs, as in PostgreSQL, and
+    // the client keeps the new statement.
+    let (tags, msgs) = c.round(&pipeline("DEALLOCATE ALL", "SELECT 5")).await;
+    assert_eq!(tags, "12C12DCZ", "{msgs:?}");
+    for round in 0..2 {
+        let (tags, msgs) = c.round(&run("s1")).await;
+        assert_eq!(tags, "2DCZ", "round {round}: {msgs:?}");
+        let row = msgs.iter().find(|m| m.tag == b'D').unwrap().row();
+        assert_eq!(row, [Some("5".to_owned())], "s1 is the new text");
+    }
 }
 
 /// A client that deallocates a statement by its server-side name (another client's) makes

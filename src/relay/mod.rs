@@ -84,6 +84,10 @@ pub struct Txn {
     transaction_mode: bool,
     /// Something the server said means it must not be reused.
     pub server_in_doubt: bool,
+    /// A DEALLOCATE ALL or DISCARD ALL was passed on in this transaction: a statement the
+    /// server has now may be gone before a Parse behind it runs, so such a Parse is not
+    /// answered by the proxy (see `ClientConn::parse`).
+    clear_ahead: bool,
     /// The server answered SQLSTATE 25006 (read_only_sql_transaction): a pool for writes
     /// retires it (`Checkout::read_only_error`).
     pub read_only_error: bool,
@@ -220,6 +224,7 @@ impl Txn {
             forwarded: false,
             transaction_mode,
             server_in_doubt: false,
+            clear_ahead: false,
             read_only_error: false,
             effects: SessionEffects::default(),
             counts: TxnCounts::default(),
@@ -240,6 +245,7 @@ impl Txn {
         self.forwarded = false;
         self.transaction_mode = transaction_mode;
         self.server_in_doubt = false;
+        self.clear_ahead = false;
         self.read_only_error = false;
         if !self.effects.is_empty() {
             self.effects = SessionEffects::default();

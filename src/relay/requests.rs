@@ -732,7 +732,9 @@ impl<S> ClientConn<S> {
         let refusal = sql::classify(text, txn.transaction_mode, &mut txn.effects);
         let statements = txn.transaction_mode && self.max_prepared > 0;
         if statements && refusal.is_none() && txn.status != TransactionStatus::Failed {
-            if let Some(Deallocate::Name(name)) = sql::deallocate(text) {
+            let dealloc = sql::deallocate(text);
+            txn.clear_ahead |= matches!(dealloc, Some(Deallocate::All | Deallocate::DiscardAll));
+            if let Some(Deallocate::Name(name)) = dealloc {
                 if let Some(stmt) = self.statements.remove(name.as_bytes()) {
                     // The client's name goes; the server's statement stays for others.
                     // PostgreSQL answers DEALLOCATE and ReadyForQuery; so does the proxy.
@@ -785,6 +787,13 @@ impl<S> ClientConn<S> {
         let name = name.to_vec();
         txn.unsynced = true;
         if name.is_empty() || !txn.transaction_mode {
+            // psycopg's pipeline sends its DEALLOCATE ALL this way (see `Txn::clear_ahead`).
+            txn.clear_ahead |= self.max_prepared > 0
+                && txn.transaction_mode
+                && matches!(
+                    sql::deallocate(text),
+                    Some(Deallocate::All | Deallocate::DiscardAll)
+                );
             self.owe(txn, server, Reply::Parse, false, Undo::None);
             self.ready += total;
             return Ok(());
@@ -794,7 +803,14 @@ impl<S> ClientConn<S> {
         }
         txn.stats.client_parses += 1;
         let after_name = self.buf[at + HEADER_LEN + name.len() + 1..at + total].to_vec();
-        if let Some(existing) = self.statements.get(&name).cloned() {
+        // A name the client has: the server refuses to redefine it (42P05), unless a clear
+        // ahead in the pipeline takes it away first (psycopg names its statements anew after
+        // DEALLOCATE ALL: `_pg3_0` again, for another text).
+        let existing = match txn.clear_ahead {
+            false => self.statements.get(&name).cloned(),
+            true => None,
+        };
+        if let Some(existing) = existing {
             // PostgreSQL refuses to redefine a name in use (42P05). Let the server say so:
             // the new text goes under the server name of the statement the client has.
             let mut msg = self.prepare_first(&existing, txn, server);
@@ -812,7 +828,27 @@ impl<S> ClientConn<S> {
         }
         let stmt = Arc::new(Statement::from_parse(&after_name).with_effects(effects));
         self.statements.insert(&name, stmt.clone());
-        if server.touch(&stmt.server_name) {
+        let server_has_it = server.touch(&stmt.server_name);
+        if server_has_it && txn.clear_ahead {
+            // The server has it now, but the clear ahead takes it first: close it (a Close
+            // of a statement the server lacks is no error) and prepare it again. Whether the
+            // clear ran is known only later: the server is not trusted with the proxy's
+            // record after this transaction.
+            txn.server_in_doubt = true;
+            let mut msg = close_message(&stmt.server_name).to_vec();
+            self.owe(txn, server, Reply::Close, true, Undo::None);
+            msg.extend_from_slice(&stmt.parse);
+            txn.stats.server_parses += 1;
+            let undo = Undo::Prepare {
+                stmt,
+                client_name: Some(name.into()),
+            };
+            self.owe(txn, server, Reply::Parse, false, undo);
+            splice(&mut self.buf, at, total, &msg);
+            self.ready = at + msg.len();
+            return Ok(());
+        }
+        if server_has_it {
             // The server has it: answer the client's Parse ourselves.
             splice(&mut self.buf, at, total, &[]);
             txn.stats.parse_hits += 1;
