@@ -482,9 +482,8 @@ async fn deallocate_all_then_parse_in_one_pipeline() {
         "2DCZ",
         "d's statement is prepared again"
     );
-    // psycopg names its statements anew after DEALLOCATE ALL (`_pg3_0` again, another
-    // text): the name the client had is free once the clear runs, as in PostgreSQL, and
-    // the client keeps the new statement.
+    // A name the client had, prepared again for another text behind the clear: the name
+    // is free once the clear runs, as in PostgreSQL, and the client keeps the new statement.
     let (tags, msgs) = c.round(&pipeline("DEALLOCATE ALL", "SELECT 5")).await;
     assert_eq!(tags, "12C12DCZ", "{msgs:?}");
     for round in 0..2 {

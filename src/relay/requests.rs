@@ -787,7 +787,7 @@ impl<S> ClientConn<S> {
         let name = name.to_vec();
         txn.unsynced = true;
         if name.is_empty() || !txn.transaction_mode {
-            // psycopg's pipeline sends its DEALLOCATE ALL this way (see `Txn::clear_ahead`).
+            // A DEALLOCATE ALL sent through the extended protocol (see `Txn::clear_ahead`).
             txn.clear_ahead |= self.max_prepared > 0
                 && txn.transaction_mode
                 && matches!(
@@ -804,8 +804,7 @@ impl<S> ClientConn<S> {
         txn.stats.client_parses += 1;
         let after_name = self.buf[at + HEADER_LEN + name.len() + 1..at + total].to_vec();
         // A name the client has: the server refuses to redefine it (42P05), unless a clear
-        // ahead in the pipeline takes it away first (psycopg names its statements anew after
-        // DEALLOCATE ALL: `_pg3_0` again, for another text).
+        // ahead in the pipeline takes it away first (then the name is free, as in PostgreSQL).
         let existing = match txn.clear_ahead {
             false => self.statements.get(&name).cloned(),
             true => None,
