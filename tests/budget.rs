@@ -433,6 +433,95 @@ async fn a_lost_control_connection_comes_back_at_once() {
     assert_eq!(scalar(&proxy.client("cc").await, "SELECT 1").await, "1");
 }
 
+/// While its control connection cannot come back (here its role may no longer log in; a
+/// database at max_connections refuses it the same way), the proxy is no member the others
+/// count: it keeps the servers it held but opens no more, and its clients queue. Once a
+/// refresh succeeds it grows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_without_its_control_connection_does_not_grow() {
+    let pg = TestPostgres::start(&["max_connections = 40"]);
+    pg.create_app("frozen").await;
+    let admin = pg.admin().await;
+    admin
+        .batch_execute("CREATE ROLE frozen_ctl LOGIN PASSWORD 'ctl-pw'")
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&format!(
+        "pool_size = 8\nquery_wait_timeout = \"30s\"\n[budget]\nrefresh_interval = \"60s\"\n\
+         user = \"frozen_ctl\"\npassword = \"ctl-pw\"\n{}",
+        db_user(&pg, "frozen")
+    ))
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(proxy.client("frozen").await);
+    }
+    // Two servers open, then go idle.
+    for c in &clients[..2] {
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    }
+    for c in &clients[..2] {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    assert_eq!(server_conns(&admin, "frozen").await, 2);
+
+    admin
+        .batch_execute(
+            "ALTER ROLE frozen_ctl NOLOGIN; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'frozen_ctl'",
+        )
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            budget(&proxy).last_error.is_some()
+        })
+        .await,
+        "the control connection could not come back"
+    );
+    // Six transactions at once: two run on the servers held, four wait.
+    let clients: Vec<Arc<Client>> = clients.into_iter().map(Arc::new).collect();
+    let done = Arc::new(AtomicU64::new(0));
+    for c in &clients {
+        let (c, done) = (c.clone(), done.clone());
+        tokio::spawn(async move {
+            c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+            done.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            done.load(Ordering::Relaxed) >= 2
+        })
+        .await,
+        "the two servers held serve two of them"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        (
+            done.load(Ordering::Relaxed),
+            server_conns(&admin, "frozen").await
+        ),
+        (2, 2),
+        "no server opened beyond those held (the last limit was {})",
+        budget(&proxy).limit
+    );
+
+    admin
+        .batch_execute("ALTER ROLE frozen_ctl LOGIN")
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            done.load(Ordering::Relaxed) == 6
+        })
+        .await,
+        "the queued transactions run once the budget is read again"
+    );
+    assert_eq!(server_conns(&admin, "frozen").await, 6);
+    assert!(budget(&proxy).last_error.is_none());
+}
+
 /// Upstream down when the proxy starts: clients get a clear error, then service once it is up.
 #[tokio::test]
 async fn upstream_down_at_start_then_up() {

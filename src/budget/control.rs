@@ -97,6 +97,9 @@ pub async fn run(pools: Arc<Pools>, budget: BudgetId, settings: PoolSettings) {
         ..Snapshot::default()
     };
     let mut known = false;
+    // What this proxy held (control connection included) when its refreshes began to fail:
+    // it opens no more than that until they succeed again (see below).
+    let mut held_at_loss: Option<u32> = None;
     loop {
         // Read each time: a reload may change fraction, reserve, fallback or the interval.
         let config = pools.config().budget.clone();
@@ -140,6 +143,7 @@ pub async fn run(pools: Arc<Pools>, budget: BudgetId, settings: PoolSettings) {
                 snapshot.last_refresh = Some(SystemTime::now());
                 snapshot.last_error = None;
                 known = true;
+                held_at_loss = None;
                 // The control connection counts against the budget; the pools keep at least one.
                 pools.set_budget(
                     budget,
@@ -160,10 +164,14 @@ pub async fn run(pools: Arc<Pools>, budget: BudgetId, settings: PoolSettings) {
                     }
                     pools.set_budget(budget, config.fallback, 0, snapshot.clone());
                 } else {
-                    // Keep the last known budget; just record the error.
+                    // Not counted as a member now, this proxy may not grow: the others may
+                    // take the room its share leaves (a database at max_connections refuses
+                    // the control connection first). It keeps what it held, within the last
+                    // known limit, and takes no more until a refresh succeeds.
+                    let held = *held_at_loss.get_or_insert(mine);
                     pools.set_budget(
                         budget,
-                        Some(snapshot.limit.saturating_sub(1).max(1)),
+                        Some(snapshot.limit.min(held).saturating_sub(1).max(1)),
                         0,
                         snapshot.clone(),
                     );
