@@ -276,9 +276,9 @@ pub async fn session(
     hello: BytesMut,
     leftover: BytesMut,
     shared: &Arc<Shared>,
-    pid: i32,
-    secret: i32,
+    cancel: crate::cancel::CancelHandle,
 ) -> Result<(), String> {
+    let (pid, secret) = (cancel.client.pid, cancel.client.secret);
     // `hello`: what login still owes the client (SASLFinal); `leftover`: what the client
     // sent after its login, read first.
     let mut out = hello;
@@ -327,9 +327,18 @@ pub async fn session(
             frontend::TERMINATE => return Ok(()),
             frontend::QUERY => {
                 let sql = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body));
-                match command(shared, sql.trim()).await {
-                    Ok(reply) => out.extend_from_slice(&reply),
-                    Err(e) => e.encode(&mut out),
+                let run = command(shared, sql.trim());
+                match interruptible(run, &mut stream, &mut buf, shared, &cancel).await {
+                    Interrupted::No(Ok(reply)) => out.extend_from_slice(&reply),
+                    Interrupted::No(Err(e)) => e.encode(&mut out),
+                    Interrupted::Cancelled => {
+                        error("57014", "canceling statement due to user request").encode(&mut out)
+                    }
+                    Interrupted::Left => return Ok(()),
+                    Interrupted::Draining => {
+                        shutting_down(&mut stream).await;
+                        return Ok(());
+                    }
                 }
                 messages::ready_for_query(&mut out, TransactionStatus::Idle);
             }
@@ -387,17 +396,82 @@ async fn read_more(
     tokio::select! {
         r = stream.read_buf(buf) => Ok(r.map_err(|e| e.to_string())? > 0),
         _ = shared.stop.drain.cancelled() => {
-            let mut out = BytesMut::new();
-            ErrorFields::new(
-                Severity::Fatal,
-                "57P01",
-                "terminating connection because pgsluice is shutting down",
-            )
-            .encode(&mut out);
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.send(&out)).await;
+            shutting_down(stream).await;
             Ok(false)
         }
     }
+}
+
+/// Tells a console client that pgsluice shuts down (57P01), if it takes it within a second.
+async fn shutting_down(stream: &mut crate::stream::Stream) {
+    let mut out = BytesMut::new();
+    ErrorFields::new(
+        Severity::Fatal,
+        "57P01",
+        "terminating connection because pgsluice is shutting down",
+    )
+    .encode(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.send(&out)).await;
+}
+
+/// Whether the whole messages in `buf` include a Terminate (a driver that gives up on a
+/// command sends one before it closes).
+fn terminates(buf: &[u8]) -> bool {
+    let mut at = 0;
+    while let Ok(Some((tag, total))) = frame::header(&buf[at..], MAX_COMMAND) {
+        if tag == frontend::TERMINATE {
+            return true;
+        }
+        at += total;
+        if at >= buf.len() {
+            break;
+        }
+    }
+    false
+}
+
+/// How a console command that may wait (PAUSE, WAIT_CLOSE) ended.
+enum Interrupted<T> {
+    /// It ran to its answer.
+    No(T),
+    /// A cancel request for this console session (psql's Ctrl-C, a driver's timeout).
+    Cancelled,
+    /// The client closed the connection.
+    Left,
+    /// pgsluice began to shut down.
+    Draining,
+}
+
+/// Runs `run` while watching what should stop it: a cancel request, the client leaving (what
+/// it sends meanwhile is kept in `buf`, up to `MAX_COMMAND`), and the drain. A stopped
+/// command is dropped: a PAUSE still waiting takes its pause back (see [`pause`]).
+async fn interruptible<T>(
+    run: impl std::future::Future<Output = T>,
+    stream: &mut crate::stream::Stream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    cancel: &crate::cancel::CancelHandle,
+) -> Interrupted<T> {
+    tokio::pin!(run);
+    let cancelled = cancel.cancelled_while_queued();
+    tokio::pin!(cancelled);
+    let outcome = loop {
+        let room = buf.len() < MAX_COMMAND;
+        tokio::select! {
+            biased;
+            r = &mut run => break Interrupted::No(r),
+            _ = &mut cancelled => break Interrupted::Cancelled,
+            _ = shared.stop.drain.cancelled() => break Interrupted::Draining,
+            r = stream.read_buf(buf), if room => {
+                if !matches!(r, Ok(n) if n > 0) || terminates(buf) {
+                    break Interrupted::Left;
+                }
+            }
+        }
+    };
+    // Later cancels find the session idle.
+    cancel.idle();
+    outcome
 }
 
 /// A console command as read from its text, before it runs.
@@ -556,10 +630,19 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
             return Err(error("3D000", format!("no such database: {d}")));
         }
     }
+    let was_paused = shared.pools.is_paused(db);
     if shared.pools.pause(db) == Err(PauseError::AlreadyPaused) {
         return Err(error("55000", "already suspended/paused"));
     }
     tracing::info!(database = db.unwrap_or("(all)"), "PAUSE command issued");
+    // A PAUSE cancelled, or whose client leaves, before it answers takes its pause back (a
+    // script's timeout around PAUSE must not leave the databases paused); once answered,
+    // the pause holds until RESUME.
+    let mut withdraw = PauseWithdrawal {
+        shared,
+        db,
+        armed: !was_paused,
+    };
     // Like PgBouncer, answer once every server of the paused databases is released. The
     // pools hand out none from now on, so none is lent after this answer.
     while shared.pools.busy(db) {
@@ -568,9 +651,28 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    withdraw.armed = false;
     let mut out = BytesMut::new();
     command_complete(&mut out, "PAUSE");
     Ok(out)
+}
+
+/// Takes back the pause of a PAUSE dropped before it answered (see [`interruptible`]).
+struct PauseWithdrawal<'a> {
+    shared: &'a Shared,
+    db: Option<&'a str>,
+    armed: bool,
+}
+
+impl Drop for PauseWithdrawal<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.shared.pools.resume(self.db).is_ok() {
+            tracing::info!(
+                database = self.db.unwrap_or("(all)"),
+                "PAUSE withdrawn before it answered: resumed"
+            );
+        }
+    }
 }
 
 /// `db` names a configured database (or is `None`: all of them).
@@ -604,15 +706,17 @@ fn reconnect(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFi
 async fn wait_close(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, ErrorFields> {
     known_database(shared, db, "wait for")?;
     loop {
-        let pending = shared.clients.all().iter().any(|c| {
+        // One look at the pools' marks, then one pass over the clients.
+        let marks = shared.pools.reconnect_marks();
+        let pending = shared.clients.any(|c| {
             db.is_none_or(|d| &*c.database == d)
                 && c.server()
-                    .is_some_and(|s| shared.pools.close_needed(c.pool, s.id))
+                    .is_some_and(|s| marks.get(c.pool).is_some_and(|&m| s.id < m))
         });
         if !pending {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut out = BytesMut::new();
     command_complete(&mut out, "WAIT_CLOSE");

@@ -492,15 +492,7 @@ async fn console(
         return Err(e.message);
     }
     let cancel = shared.cancels.register();
-    crate::admin::session(
-        stream,
-        login.hello,
-        leftover,
-        shared,
-        cancel.client.pid,
-        cancel.client.secret,
-    )
-    .await
+    crate::admin::session(stream, login.hello, leftover, shared, cancel).await
 }
 
 /// Counts a failed checkout in the pool's (and, once known, the application's) figures.

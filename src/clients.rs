@@ -447,6 +447,12 @@ impl Clients {
         lock(&self.map).values().cloned().collect()
     }
 
+    /// Whether any client matches `f` (looked at under the registry's lock: `f` must not
+    /// take it again).
+    pub fn any(&self, f: impl Fn(&Client) -> bool) -> bool {
+        lock(&self.map).values().any(|c| f(c))
+    }
+
     pub fn len(&self) -> usize {
         lock(&self.map).len()
     }

@@ -512,6 +512,85 @@ async fn pause_waits_for_transactions_and_holds_clients_until_resume() {
     holder.simple_query("SELECT 1").await.unwrap();
 }
 
+/// A PAUSE still waiting can be cancelled (psql's Ctrl-C, a script's timeout): it answers
+/// 57014 and takes its pause back, as does one whose client leaves; a waiting WAIT_CLOSE can
+/// be cancelled too. A PAUSE that answered holds until RESUME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_pause_can_be_cancelled_and_takes_its_pause_back() {
+    let proxy = admin_app("a_pcancel", "").await;
+    let admin = std::sync::Arc::new(console(&proxy, "a_pcancel").await);
+    let holder = proxy.client("a_pcancel").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let paused = |admin: std::sync::Arc<Client>| async move {
+        let (_, rows) = show(&admin, "SHOW DATABASES").await;
+        field(row_of(&rows, "name", "a_pcancel"), "paused").to_owned()
+    };
+    let other = proxy.client("a_pcancel").await;
+
+    for sql in [
+        "PAUSE a_pcancel",
+        "PAUSE",
+        "RECONNECT a_pcancel; WAIT_CLOSE a_pcancel",
+    ] {
+        let sql = sql.rsplit("; ").next().unwrap().to_owned();
+        if sql.starts_with("WAIT_CLOSE") {
+            admin.simple_query("RECONNECT a_pcancel").await.unwrap();
+        }
+        let waiting = console(&proxy, "a_pcancel").await;
+        let token = waiting.cancel_token();
+        let run = {
+            let sql = sql.clone();
+            tokio::spawn(async move { waiting.simple_query(&sql).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!run.is_finished(), "{sql} waits for the open transaction");
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the cancel ends the wait")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(code(&e), "57014", "{sql}: {e}");
+        assert_eq!(paused(admin.clone()).await, "0", "{sql}: no pause left");
+        // Nothing is held back.
+        tokio::time::timeout(Duration::from_secs(5), other.simple_query("SELECT 1"))
+            .await
+            .expect("not paused")
+            .unwrap();
+    }
+
+    // A client that leaves (its socket closes) while its PAUSE waits.
+    let (leaving, connection) = tokio_postgres::connect(
+        &proxy.conn("a_pcancel", "a_pcancel-pw", "pgbouncer"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let run =
+        tokio::spawn(async move { leaving.simple_query("PAUSE a_pcancel").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        paused(admin.clone()).await,
+        "1",
+        "paused while its PAUSE waits"
+    );
+    connection.abort();
+    let _ = run.await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            paused(admin.clone()).await == "0"
+        })
+        .await,
+        "the pause of a PAUSE whose client left is taken back"
+    );
+
+    // One that answers holds.
+    pause_behind(&admin, &holder, "a_pcancel").await;
+    assert_eq!(paused(admin.clone()).await, "1");
+    admin.simple_query("RESUME a_pcancel").await.unwrap();
+}
+
 /// A client queued before PAUSE is not handed the server a finishing transaction returns:
 /// once PAUSE answers, nothing runs on the paused database until RESUME. (It used to get
 /// that server, and could run after PAUSE had answered.)

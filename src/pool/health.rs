@@ -131,6 +131,16 @@ impl Pools {
         id < self.lock().pools[pool].reconnect_below
     }
 
+    /// Each pool's RECONNECT mark, by pool id: its servers with a lower id close when
+    /// released (see [`Pools::close_needed`]).
+    pub fn reconnect_marks(&self) -> Vec<u64> {
+        self.lock()
+            .pools
+            .iter()
+            .map(|p| p.reconnect_below)
+            .collect()
+    }
+
     /// Runs `server_check_query` on a server idle longer than `server_check_delay` at `now`
     /// (the checkout's start: no clock read of its own). False when the check failed: the
     /// checkout is marked retired (dropping it closes the server).
