@@ -206,3 +206,49 @@ async fn an_open_admin_console_does_not_hold_the_shutdown() {
         "the console was closed"
     );
 }
+
+/// A PAUSE still waiting when pgsluice begins to shut down is given up at once: its console
+/// is closed (57P01) without waiting for the transaction the PAUSE waited for, and the
+/// pause is taken back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_pause_does_not_hold_the_drain() {
+    let mut proxy = Binary::start("sd_pause", "20s", "transaction").await;
+    let holder = connect(&proxy.conn("sd_pause")).await;
+    let queued = connect(&proxy.conn("sd_pause")).await;
+    let console = connect(
+        &proxy
+            .conn("sd_pause")
+            .replace("dbname=sd_pause", "dbname=pgsluice"),
+    )
+    .await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let pause =
+        tokio::spawn(async move { console.simple_query("PAUSE sd_pause").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = tokio::spawn(async move { queued.simple_query("SELECT 1").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pause.is_finished() && !queued.is_finished(), "paused");
+    let began = Instant::now();
+    proxy.sigterm();
+    let e = tokio::time::timeout(Duration::from_secs(5), pause)
+        .await
+        .expect("the console is closed at once")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(code(&e), "57P01", "{e}");
+    // The request it held back is told to go elsewhere, as every queued one in a drain.
+    let e = tokio::time::timeout(Duration::from_secs(5), queued)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(code(&e), "57P01", "{e}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (status, at) = proxy.exit(Duration::from_secs(15)).await;
+    assert_eq!(status, Some(0));
+    assert!(
+        at.duration_since(began) < Duration::from_secs(5),
+        "exited after {:?}",
+        at.duration_since(began)
+    );
+}
