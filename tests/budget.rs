@@ -522,6 +522,65 @@ async fn a_proxy_without_its_control_connection_does_not_grow() {
     assert!(budget(&proxy).last_error.is_none());
 }
 
+/// The control connection has the server probe its socket after 10 s of silence (the
+/// kernel's default is two hours): a member whose host vanishes without closing it stops
+/// being counted within about 25 s. Read off the server's end of the socket with `ss`.
+#[tokio::test]
+async fn the_server_probes_the_control_connection_after_10_s() {
+    if std::process::Command::new("ss").arg("-V").output().is_err() {
+        panic!("ss (iproute2) is needed: apt-get install iproute2");
+    }
+    let pg = TestPostgres::start(&["max_connections = 20"]);
+    pg.create_app("ka").await;
+    let proxy = Proxy::start(&db_user(&pg, "ka")).await;
+    let admin = pg.admin().await;
+    let control_port = || async {
+        admin
+            .query_opt(
+                "SELECT client_port FROM pg_stat_activity WHERE application_name LIKE 'pgsluice:fleet=%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, i32>(0))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            control_port().await.is_some()
+        })
+        .await,
+        "registered"
+    );
+    let port = control_port().await.unwrap();
+    // The SET runs right after the login: wait for the first refresh to have used it.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            budget(&proxy).last_refresh.is_some()
+        })
+        .await
+    );
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .arg(format!("( sport = :{} and dport = :{port} )", pg.port))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // e.g. timer:(keepalive,9.812ms,0) / timer:(keepalive,8.5sec,0) / timer:(keepalive,119min,0)
+    let timer = text
+        .split("timer:(keepalive,")
+        .nth(1)
+        .and_then(|t| t.split(',').next())
+        .unwrap_or_else(|| panic!("no keepalive timer on the server's socket: {text:?}"));
+    let secs = if let Some(ms) = timer.strip_suffix("ms") {
+        ms.parse::<f64>().unwrap() / 1000.0
+    } else if let Some(s) = timer.strip_suffix("sec") {
+        s.parse::<f64>().unwrap_or(f64::MAX)
+    } else {
+        f64::MAX // minutes: the kernel's default
+    };
+    assert!(secs <= 10.0, "keepalive timer {timer} ({text:?})");
+}
+
 /// Upstream down when the proxy starts: clients get a clear error, then service once it is up.
 #[tokio::test]
 async fn upstream_down_at_start_then_up() {
