@@ -973,7 +973,9 @@ fn show_stats(shared: &Shared, view: StatsView) -> Table {
         d.received += p.received.get();
         d.sent += p.sent.get();
         d.xact_us += p.transaction_duration.get_sample_sum() * 1e6;
-        d.idle_us += p.idle_in_transaction.get() * 1e6;
+        // Idle time of the transactions counted in xact_us only: a transaction still open,
+        // or cut off by its client leaving, has no duration there.
+        d.idle_us += p.ended_idle_us.load(Ordering::Relaxed) as f64;
         d.wait_us += p.client_wait.get_sample_sum() * 1e6;
     }
     let uptime = shared.started.elapsed().as_secs().max(1);

@@ -166,6 +166,9 @@ pub struct PoolMetrics {
     pub received: IntCounter,
     pub sent: IntCounter,
     pub idle_in_transaction: prometheus::Counter,
+    /// The part of `idle_in_transaction` spent in transactions that ended, in µs: SHOW
+    /// STATS' query time is their duration less this (not exported).
+    pub ended_idle_us: std::sync::atomic::AtomicU64,
     pub client_parses: IntCounter,
     pub server_parses: IntCounter,
     pub parse_hits: IntCounter,
@@ -279,6 +282,12 @@ impl TxnCounts {
         self.ended = Some(now);
         self.end_idle(now);
         if let (Some(m), Some(started)) = (&self.meter, self.started.take()) {
+            if !self.idle.is_zero() {
+                m.pool.ended_idle_us.fetch_add(
+                    self.idle.as_micros() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
             m.pool.transactions.inc();
             m.pool
                 .transaction_duration
@@ -776,6 +785,7 @@ impl Metrics {
             received: self.received.with_label_values(&l),
             sent: self.sent.with_label_values(&l),
             idle_in_transaction: self.idle_in_transaction.with_label_values(&l),
+            ended_idle_us: Default::default(),
             client_parses: self.client_parses.with_label_values(&l),
             server_parses: self.server_parses.with_label_values(&l),
             parse_hits: self.parse_hits.with_label_values(&l),

@@ -240,6 +240,35 @@ async fn show_stats_counts_the_workload() {
     assert_eq!(columns, cols(&expected));
     let a = row_of(&rows, "database", "a_stats");
     assert_eq!(field(a, "xact_time"), field(r, "avg_xact_time"));
+
+    // A transaction left idle, then cut off by its client leaving, has no duration in
+    // xact_time: its idle time is not taken off query_time either (it used to be, which
+    // took query_time down, to 0 here).
+    let query_time = |rows: &[HashMap<String, Option<String>>]| {
+        field(row_of(rows, "database", "a_stats"), "total_query_time")
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = query_time(&show(&admin, "SHOW STATS").await.1);
+    assert!(before > 0);
+    let leaver = proxy.client("a_stats").await;
+    leaver.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    drop(leaver);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let (_, rows) = show(&admin, "SHOW POOLS").await;
+            // Only `c` is left.
+            field(row_of(&rows, "database", "a_stats"), "cl_active") == "1"
+        })
+        .await
+    );
+    let (_, rows) = show(&admin, "SHOW STATS").await;
+    assert!(
+        query_time(&rows) >= before,
+        "total_query_time {} after {before}",
+        query_time(&rows)
+    );
 }
 
 #[tokio::test]
