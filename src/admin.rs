@@ -630,10 +630,9 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
             return Err(error("3D000", format!("no such database: {d}")));
         }
     }
-    let was_paused = shared.pools.is_paused(db);
-    if shared.pools.pause(db) == Err(PauseError::AlreadyPaused) {
+    let Ok(paused_now) = shared.pools.pause(db) else {
         return Err(error("55000", "already suspended/paused"));
-    }
+    };
     tracing::info!(database = db.unwrap_or("(all)"), "PAUSE command issued");
     // A PAUSE cancelled, or whose client leaves, before it answers takes its pause back (a
     // script's timeout around PAUSE must not leave the databases paused); once answered,
@@ -641,12 +640,14 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
     let mut withdraw = PauseWithdrawal {
         shared,
         db,
-        armed: !was_paused,
+        armed: paused_now,
     };
     // Like PgBouncer, answer once every server of the paused databases is released. The
     // pools hand out none from now on, so none is lent after this answer.
     while shared.pools.busy(db) {
         if !shared.pools.is_paused(db) {
+            // A RESUME took it back; a later PAUSE's pause is not this one's to withdraw.
+            withdraw.armed = false;
             return Err(error("55000", "resumed before every server was released"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -666,10 +667,11 @@ struct PauseWithdrawal<'a> {
 
 impl Drop for PauseWithdrawal<'_> {
     fn drop(&mut self) {
-        if self.armed && self.shared.pools.resume(self.db).is_ok() {
+        if self.armed {
+            self.shared.pools.withdraw_pause(self.db);
             tracing::info!(
                 database = self.db.unwrap_or("(all)"),
-                "PAUSE withdrawn before it answered: resumed"
+                "PAUSE withdrawn before it answered"
             );
         }
     }

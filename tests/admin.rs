@@ -546,14 +546,19 @@ async fn pause_waits_for_transactions_and_holds_clients_until_resume() {
 /// be cancelled too. A PAUSE that answered holds until RESUME.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_pause_can_be_cancelled_and_takes_its_pause_back() {
-    let proxy = admin_app("a_pcancel", "").await;
+    let other_db = format!(
+        "[databases.a_pc_other]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"a_pcancel\"\n",
+        pg().port
+    );
+    let proxy = admin_app("a_pcancel", &other_db).await;
     let admin = std::sync::Arc::new(console(&proxy, "a_pcancel").await);
     let holder = proxy.client("a_pcancel").await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let paused = |admin: std::sync::Arc<Client>| async move {
+    let paused_db = |admin: std::sync::Arc<Client>, db: &'static str| async move {
         let (_, rows) = show(&admin, "SHOW DATABASES").await;
-        field(row_of(&rows, "name", "a_pcancel"), "paused").to_owned()
+        field(row_of(&rows, "name", db), "paused").to_owned()
     };
+    let paused = |admin: std::sync::Arc<Client>| paused_db(admin, "a_pcancel");
     let other = proxy.client("a_pcancel").await;
 
     for sql in [
@@ -614,9 +619,31 @@ async fn a_waiting_pause_can_be_cancelled_and_takes_its_pause_back() {
         "the pause of a PAUSE whose client left is taken back"
     );
 
-    // One that answers holds.
+    // One that answers holds, even when a later PAUSE of everything is given up.
     pause_behind(&admin, &holder, "a_pcancel").await;
     assert_eq!(paused(admin.clone()).await, "1");
+    let busy = connect(&proxy.conn("a_pcancel", "a_pcancel-pw", "a_pc_other")).await;
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiting = console(&proxy, "a_pcancel").await;
+    let token = waiting.cancel_token();
+    let run = tokio::spawn(async move { waiting.simple_query("PAUSE").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !run.is_finished(),
+        "PAUSE waits for a_pc_other's transaction"
+    );
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = run.await.unwrap().unwrap_err();
+    assert_eq!(code(&e), "57014", "{e}");
+    assert_eq!(
+        (
+            paused(admin.clone()).await,
+            paused_db(admin.clone(), "a_pc_other").await
+        ),
+        ("1".to_owned(), "0".to_owned()),
+        "a_pcancel's own PAUSE still holds"
+    );
+    busy.batch_execute("COMMIT").await.unwrap();
     admin.simple_query("RESUME a_pcancel").await.unwrap();
 }
 

@@ -35,6 +35,24 @@ pub enum PauseError {
     AllPaused,
 }
 
+/// After the paused set shrank: the pools no longer paused hand their idle servers and free
+/// room to their waiting clients, oldest first, and take back room other pools hold idle.
+fn let_go(mut st: std::sync::MutexGuard<'_, State>) {
+    st.apply_paused();
+    for p in st.pools.iter_mut().filter(|p| !p.paused) {
+        while !p.waiters.is_empty() && !p.idle.is_empty() {
+            let server = p.idle.pop().expect("not empty");
+            let w = p.waiters.pop_front().expect("not empty");
+            w.give(Grant::Server(server));
+        }
+    }
+    let closing = st.make_room_for_waiters();
+    drop(st);
+    for server in closing {
+        server.close();
+    }
+}
+
 impl State {
     /// Sets each pool's flag from the paused set.
     fn apply_paused(&mut self) {
@@ -46,52 +64,54 @@ impl State {
 
 impl Pools {
     /// Pauses `database` (every database when `None`): its pools hand out no server from
-    /// now on. See [`Pools::busy`] for when its running transactions are over.
-    pub fn pause(&self, database: Option<&str>) -> Result<(), PauseError> {
+    /// now on. See [`Pools::busy`] for when its running transactions are over. True when
+    /// this call paused something that was not paused already (what
+    /// [`Pools::withdraw_pause`] may take back).
+    pub fn pause(&self, database: Option<&str>) -> Result<bool, PauseError> {
         let mut st = self.lock();
         if st.paused.all {
             return Err(PauseError::AlreadyPaused);
         }
-        match database {
-            None => st.paused.all = true,
-            Some(d) => {
-                st.paused.databases.insert(d.to_owned());
+        let paused = match database {
+            None => {
+                st.paused.all = true;
+                true
             }
-        }
+            Some(d) => st.paused.databases.insert(d.to_owned()),
+        };
         st.apply_paused();
-        Ok(())
+        Ok(paused)
     }
 
     /// Resumes `database` (everything when `None`): its waiting clients get the idle servers
     /// and free room, oldest first, and the room other pools hold idle.
     pub fn resume(&self, database: Option<&str>) -> Result<(), PauseError> {
-        let closing = {
-            let mut st = self.lock();
-            match database {
-                None if !st.paused.all && st.paused.databases.is_empty() => {
-                    return Err(PauseError::NotPaused)
-                }
-                None => st.paused = Paused::default(),
-                Some(_) if st.paused.all => return Err(PauseError::AllPaused),
-                Some(d) if !st.paused.databases.remove(d) => {
-                    return Err(PauseError::DatabaseNotPaused)
-                }
-                Some(_) => {}
+        let mut st = self.lock();
+        match database {
+            None if !st.paused.all && st.paused.databases.is_empty() => {
+                return Err(PauseError::NotPaused)
             }
-            st.apply_paused();
-            for p in st.pools.iter_mut().filter(|p| !p.paused) {
-                while !p.waiters.is_empty() && !p.idle.is_empty() {
-                    let server = p.idle.pop().expect("not empty");
-                    let w = p.waiters.pop_front().expect("not empty");
-                    w.give(Grant::Server(server));
-                }
-            }
-            st.make_room_for_waiters()
-        };
-        for server in closing {
-            server.close();
+            None => st.paused = Paused::default(),
+            Some(_) if st.paused.all => return Err(PauseError::AllPaused),
+            Some(d) if !st.paused.databases.remove(d) => return Err(PauseError::DatabaseNotPaused),
+            Some(_) => {}
         }
+        let_go(st);
         Ok(())
+    }
+
+    /// Takes back what a PAUSE that never answered paused (see [`Pools::pause`]): only that
+    /// (`PAUSE` of everything leaves the databases paused by name), so a pause that
+    /// answered holds.
+    pub fn withdraw_pause(&self, database: Option<&str>) {
+        let mut st = self.lock();
+        match database {
+            None => st.paused.all = false,
+            Some(d) => {
+                st.paused.databases.remove(d);
+            }
+        }
+        let_go(st);
     }
 
     /// True when `database` (or, for `None`, any database) is paused.
