@@ -492,6 +492,25 @@ async fn deallocate_all_then_parse_in_one_pipeline() {
         let row = msgs.iter().find(|m| m.tag == b'D').unwrap().row();
         assert_eq!(row, [Some("5".to_owned())], "s1 is the new text");
     }
+    // A clear that fails (the transaction block failed before it) frees nothing: the
+    // client's s1 keeps its text when the new Parse of it fails too (25P02).
+    c.round(&[wire::query("BEGIN")]).await;
+    c.send(&[
+        wire::query("SELECT 1/0"),
+        wire::query("DEALLOCATE ALL"),
+        wire::parse("s1", "SELECT 6"),
+        wire::sync(),
+    ])
+    .await;
+    for step in ["22012", "25P02", "25P02"] {
+        let msgs = c.until_ready().await;
+        assert_eq!(msgs[0].code().as_deref(), Some(step), "{msgs:?}");
+    }
+    assert_eq!(c.round(&[wire::query("ROLLBACK")]).await.0, "CZ");
+    let (tags, msgs) = c.round(&run("s1")).await;
+    assert_eq!(tags, "2DCZ", "{msgs:?}");
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap().row();
+    assert_eq!(row, [Some("5".to_owned())], "s1 kept its text");
 }
 
 /// A client that deallocates a statement by its server-side name (another client's) makes

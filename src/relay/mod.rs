@@ -84,10 +84,11 @@ pub struct Txn {
     transaction_mode: bool,
     /// Something the server said means it must not be reused.
     pub server_in_doubt: bool,
-    /// A DEALLOCATE ALL or DISCARD ALL was passed on in this transaction: a statement the
+    /// DEALLOCATE ALL or DISCARD ALL passed on and not reported run yet: a statement the
     /// server has now may be gone before a Parse behind it runs, so such a Parse is not
-    /// answered by the proxy (see `ClientConn::parse`).
-    clear_ahead: bool,
+    /// answered by the proxy (see `ClientConn::parse`). One that fails is never reported:
+    /// the count then stays up to the end of the transaction (Parses are only forwarded).
+    clears_ahead: u8,
     /// The server answered SQLSTATE 25006 (read_only_sql_transaction): a pool for writes
     /// retires it (`Checkout::read_only_error`).
     pub read_only_error: bool,
@@ -207,6 +208,21 @@ pub fn raise_sql(r: Refusal) -> String {
 }
 
 impl Txn {
+    /// A statement passed on that may be DEALLOCATE ALL or DISCARD ALL (see
+    /// `clears_ahead`): not one the server skips, nor a DISCARD ALL inside a transaction
+    /// block (it fails there, 25001).
+    fn note_clear(&mut self, statement: Option<&crate::sql::Deallocate>) {
+        use crate::sql::Deallocate;
+        let clears = match statement {
+            Some(Deallocate::All) => true,
+            Some(Deallocate::DiscardAll) => self.status == TransactionStatus::Idle,
+            _ => false,
+        };
+        if clears && !self.skipping() {
+            self.clears_ahead = self.clears_ahead.saturating_add(1);
+        }
+    }
+
     pub fn new(transaction_mode: bool) -> Txn {
         Self::reusing(transaction_mode, VecDeque::new())
     }
@@ -224,7 +240,7 @@ impl Txn {
             forwarded: false,
             transaction_mode,
             server_in_doubt: false,
-            clear_ahead: false,
+            clears_ahead: 0,
             read_only_error: false,
             effects: SessionEffects::default(),
             counts: TxnCounts::default(),
@@ -245,7 +261,7 @@ impl Txn {
         self.forwarded = false;
         self.transaction_mode = transaction_mode;
         self.server_in_doubt = false;
-        self.clear_ahead = false;
+        self.clears_ahead = 0;
         self.read_only_error = false;
         if !self.effects.is_empty() {
             self.effects = SessionEffects::default();

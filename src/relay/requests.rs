@@ -687,18 +687,20 @@ impl<S> ClientConn<S> {
         if server.touch(&stmt.server_name) {
             return Vec::new();
         }
-        self.prepare_on_server(stmt, txn, server, None)
+        self.prepare_on_server(stmt, txn, server, None, None)
     }
 
     /// A Parse of `stmt` for a server that lacks it, after a Close of the statement it
     /// evicts. `client_name`: the client's own Parse, whose reply is the client's; `None`:
-    /// a Parse the proxy adds, whose reply the client does not see.
+    /// a Parse the proxy adds, whose reply the client does not see. `replaced`: what the
+    /// client's name meant before (it comes back if the Parse goes unanswered).
     fn prepare_on_server(
         &mut self,
         stmt: &Arc<Statement>,
         txn: &mut Txn,
         server: &mut ServerStatements,
         client_name: Option<Box<[u8]>>,
+        replaced: Option<Arc<Statement>>,
     ) -> Vec<u8> {
         let mut out = Vec::new();
         if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared as usize) {
@@ -712,6 +714,7 @@ impl<S> ClientConn<S> {
         let undo = Undo::Prepare {
             stmt: stmt.clone(),
             client_name,
+            replaced,
         };
         self.owe(txn, server, Reply::Parse, internal, undo);
         out
@@ -733,7 +736,7 @@ impl<S> ClientConn<S> {
         let statements = txn.transaction_mode && self.max_prepared > 0;
         if statements && refusal.is_none() && txn.status != TransactionStatus::Failed {
             let dealloc = sql::deallocate(text);
-            txn.clear_ahead |= matches!(dealloc, Some(Deallocate::All | Deallocate::DiscardAll));
+            txn.note_clear(dealloc.as_ref());
             if let Some(Deallocate::Name(name)) = dealloc {
                 if let Some(stmt) = self.statements.remove(name.as_bytes()) {
                     // The client's name goes; the server's statement stays for others.
@@ -787,13 +790,10 @@ impl<S> ClientConn<S> {
         let name = name.to_vec();
         txn.unsynced = true;
         if name.is_empty() || !txn.transaction_mode {
-            // A DEALLOCATE ALL sent through the extended protocol (see `Txn::clear_ahead`).
-            txn.clear_ahead |= self.max_prepared > 0
-                && txn.transaction_mode
-                && matches!(
-                    sql::deallocate(text),
-                    Some(Deallocate::All | Deallocate::DiscardAll)
-                );
+            // A DEALLOCATE ALL sent through the extended protocol (see `Txn::clears_ahead`).
+            if self.max_prepared > 0 && txn.transaction_mode {
+                txn.note_clear(sql::deallocate(text).as_ref());
+            }
             self.owe(txn, server, Reply::Parse, false, Undo::None);
             self.ready += total;
             return Ok(());
@@ -803,11 +803,16 @@ impl<S> ClientConn<S> {
         }
         txn.stats.client_parses += 1;
         let after_name = self.buf[at + HEADER_LEN + name.len() + 1..at + total].to_vec();
-        // A name the client has: the server refuses to redefine it (42P05), unless a clear
-        // ahead in the pipeline takes it away first (then the name is free, as in PostgreSQL).
-        let existing = match txn.clear_ahead {
-            false => self.statements.get(&name).cloned(),
-            true => None,
+        // A clear ahead in the pipeline (not one the server skips) takes the server's
+        // statements and the client's names away before this Parse runs.
+        let clear = txn.clears_ahead > 0 && !txn.skipping();
+        // A name the client has: the server refuses to redefine it (42P05), unless the
+        // clear frees it first, as in PostgreSQL (the old statement comes back if this Parse
+        // goes unanswered).
+        let current = self.statements.get(&name).cloned();
+        let (existing, replaced) = match clear {
+            false => (current, None),
+            true => (None, current),
         };
         if let Some(existing) = existing {
             // PostgreSQL refuses to redefine a name in use (42P05). Let the server say so:
@@ -828,19 +833,23 @@ impl<S> ClientConn<S> {
         let stmt = Arc::new(Statement::from_parse(&after_name).with_effects(effects));
         self.statements.insert(&name, stmt.clone());
         let server_has_it = server.touch(&stmt.server_name);
-        if server_has_it && txn.clear_ahead {
-            // The server has it now, but the clear ahead takes it first: close it (a Close
-            // of a statement the server lacks is no error) and prepare it again. Whether the
-            // clear ran is known only later: the server is not trusted with the proxy's
-            // record after this transaction.
+        if server_has_it && (clear || (txn.server_in_doubt && !txn.skipping())) {
+            // The record says the server has it, but the clear ahead takes it first, or the
+            // record is in doubt: close it (a Close of a statement the server lacks is no
+            // error) and prepare it again. Whether a clear ran is known only later: the server
+            // is not trusted with the proxy's record after this transaction. Unanswered, the
+            // Close's undo puts the statement back in the record after the Parse's takes it
+            // out (newest first).
             txn.server_in_doubt = true;
             let mut msg = close_message(&stmt.server_name).to_vec();
-            self.owe(txn, server, Reply::Close, true, Undo::None);
+            let undo = Undo::Evict(stmt.server_name.clone());
+            self.owe(txn, server, Reply::Close, true, undo);
             msg.extend_from_slice(&stmt.parse);
             txn.stats.server_parses += 1;
             let undo = Undo::Prepare {
                 stmt,
                 client_name: Some(name.into()),
+                replaced,
             };
             self.owe(txn, server, Reply::Parse, false, undo);
             splice(&mut self.buf, at, total, &msg);
@@ -858,7 +867,7 @@ impl<S> ClientConn<S> {
             self.owe_synthetic(txn, server, Synthetic::Message(PARSE_COMPLETE), undo);
             return Ok(());
         }
-        let msg = self.prepare_on_server(&stmt, txn, server, Some(name.into()));
+        let msg = self.prepare_on_server(&stmt, txn, server, Some(name.into()), replaced);
         splice(&mut self.buf, at, total, &msg);
         self.ready = at + msg.len();
         Ok(())
