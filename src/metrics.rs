@@ -255,7 +255,7 @@ impl TxnCounts {
     pub fn ready(&mut self, status: TransactionStatus, quiet: bool) {
         self.queries += 1;
         match status {
-            TransactionStatus::Idle => self.transaction_ended(),
+            TransactionStatus::Idle => self.transaction_ended(quiet),
             _ if quiet && self.idle_since.is_none() => {
                 let now = crate::clients::stamp(Instant::now());
                 self.idle_since = Some(now);
@@ -277,7 +277,9 @@ impl TxnCounts {
         }
     }
 
-    fn transaction_ended(&mut self) {
+    /// `quiet`: no other request is outstanding. Otherwise the next transaction's requests
+    /// were sent already (pipelined behind this one's end): it starts now.
+    fn transaction_ended(&mut self, quiet: bool) {
         let now = Instant::now();
         self.ended = Some(now);
         self.end_idle(now);
@@ -292,6 +294,9 @@ impl TxnCounts {
             m.pool
                 .transaction_duration
                 .observe(now.saturating_duration_since(started).as_secs_f64());
+        }
+        if !quiet {
+            self.started = Some(now);
         }
         self.publish();
     }
@@ -816,8 +821,12 @@ impl Metrics {
         if apps.names.contains(name) {
             return name;
         }
-        if apps.names.len() < self.max_applications && *new_labels > 0 {
-            *new_labels -= 1;
+        // `unnamed` is no name a client chose: it costs no client its allowance.
+        let unnamed = name == UNNAMED_APPLICATION;
+        if apps.names.len() < self.max_applications && (*new_labels > 0 || unnamed) {
+            if !unnamed {
+                *new_labels -= 1;
+            }
             apps.names.insert(name.to_owned());
             return name;
         }
@@ -1089,6 +1098,8 @@ mod tests {
     fn one_client_cannot_take_every_label() {
         let m = Metrics::new(100);
         let mut left = NEW_LABELS_PER_CLIENT;
+        assert_eq!(m.app("d", "u", "", &mut left).label, UNNAMED_APPLICATION);
+        assert_eq!(left, NEW_LABELS_PER_CLIENT, "unnamed costs nothing");
         let labels: Vec<String> = (0..50)
             .map(|i| {
                 m.app("d", "u", &format!("job-{i}"), &mut left)
@@ -1105,6 +1116,20 @@ mod tests {
         assert_eq!(m.app("d", "u", "job-0", &mut left).label, "job-0");
         let mut other = NEW_LABELS_PER_CLIENT;
         assert_eq!(m.app("d", "u", "web", &mut other).label, "web");
+    }
+
+    /// A transaction whose requests came behind the previous one's end (COMMIT and the next
+    /// BEGIN in one write) starts when that one ends, not at the client's next message.
+    #[test]
+    fn a_pipelined_transaction_starts_when_the_one_before_ends() {
+        let mut t = TxnCounts {
+            started: Some(Instant::now()),
+            ..TxnCounts::default()
+        };
+        t.ready(TransactionStatus::Idle, false);
+        assert!(t.started.is_some(), "the next one has begun");
+        t.ready(TransactionStatus::Idle, true);
+        assert!(t.started.is_none(), "nothing behind it");
     }
 
     #[test]
