@@ -379,6 +379,15 @@ async fn cancels_to_a_hanging_upstream_are_abandoned() {
         "{} connections still open to the upstream",
         fault.open()
     );
+    // Given up, they are no longer in flight: the client's servers are not taken for ones
+    // a late cancel could still hit (each would be closed after its transaction).
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let (tags, msgs) = a.round(&[wire::query("SELECT pg_backend_pid()")]).await;
+        assert_eq!(tags, "TDCZ", "{msgs:?}");
+        pids.insert(msgs.iter().find(|m| m.tag == b'D').unwrap().row());
+    }
+    assert_eq!(pids.len(), 1, "one server, reused: {pids:?}");
     drop(a);
     leaks.check().await;
 }
