@@ -45,6 +45,9 @@ pub struct Statement {
     /// tracked at each Bind, as for a statement sent as text, so that a changed setting is
     /// recorded whichever transaction runs it. `None` for almost every statement.
     pub effects: Option<Box<SessionEffects>>,
+    /// Running it clears every prepared statement: its text is `DEALLOCATE ALL` or `DISCARD
+    /// ALL` (see the relay's `Txn::clears_ahead`).
+    pub clears: bool,
 }
 
 impl Statement {
@@ -67,7 +70,14 @@ impl Statement {
             server_name: name.into(),
             parse: parse.freeze(),
             effects: None,
+            clears: false,
         }
+    }
+
+    /// The statement, noting that running it clears every prepared statement.
+    pub fn clearing(mut self, clears: bool) -> Statement {
+        self.clears = clears;
+        self
     }
 
     /// The statement, noting what running it changes in the session.

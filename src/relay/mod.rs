@@ -89,6 +89,10 @@ pub struct Txn {
     /// answered by the proxy (see `ClientConn::parse`). One that fails is never reported:
     /// the count then stays up to the end of the transaction (Parses are only forwarded).
     clears_ahead: u8,
+    /// The unnamed statement is DEALLOCATE ALL or DISCARD ALL (it clears when a portal bound
+    /// from it runs), and the portal last bound from it is.
+    clear_parsed: bool,
+    clear_bound: bool,
     /// The server answered SQLSTATE 25006 (read_only_sql_transaction): a pool for writes
     /// retires it (`Checkout::read_only_error`).
     pub read_only_error: bool,
@@ -241,6 +245,8 @@ impl Txn {
             transaction_mode,
             server_in_doubt: false,
             clears_ahead: 0,
+            clear_parsed: false,
+            clear_bound: false,
             read_only_error: false,
             effects: SessionEffects::default(),
             counts: TxnCounts::default(),
@@ -262,6 +268,8 @@ impl Txn {
         self.transaction_mode = transaction_mode;
         self.server_in_doubt = false;
         self.clears_ahead = 0;
+        self.clear_parsed = false;
+        self.clear_bound = false;
         self.read_only_error = false;
         if !self.effects.is_empty() {
             self.effects = SessionEffects::default();

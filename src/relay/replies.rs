@@ -92,8 +92,6 @@ pub enum Undo {
     Prepare {
         stmt: Arc<Statement>,
         client_name: Option<Box<[u8]>>,
-        /// What the client's name meant before, when a clear ahead freed it.
-        replaced: Option<Arc<Statement>>,
     },
     /// The client's name was registered for a Parse the proxy answered.
     Register {
@@ -113,17 +111,10 @@ impl Undo {
     pub(super) fn apply(self, clients: &mut ClientStatements, servers: &mut ServerStatements) {
         match self {
             Undo::None => {}
-            Undo::Prepare {
-                stmt,
-                client_name,
-                replaced,
-            } => {
+            Undo::Prepare { stmt, client_name } => {
                 servers.forget(&stmt.server_name);
                 if let Some(name) = client_name {
                     clients.remove_if(&name, &stmt);
-                    if let Some(old) = replaced.filter(|_| clients.get(&name).is_none()) {
-                        clients.restore(&name, old);
-                    }
                 }
             }
             Undo::Register { name, stmt } => clients.remove_if(&name, &stmt),
@@ -255,9 +246,7 @@ impl Txn {
             let (Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. }) = entry;
             match undo {
                 Undo::None | Undo::Evict(_) => {}
-                Undo::Prepare {
-                    stmt, client_name, ..
-                } => {
+                Undo::Prepare { stmt, client_name } => {
                     servers.restore(stmt.server_name.clone());
                     if let Some(name) = client_name {
                         clients.insert(name, stmt.clone());
@@ -679,7 +668,7 @@ mod tests {
             // Client: Execute (earlier portal), Parse(known: synthetic), internal Parse, Bind, Execute, Sync.
             txn.owe(Reply::Execute, false, Undo::None);
             txn.owe_synthetic(Synthetic::Message(crate::prepared::PARSE_COMPLETE), Undo::None);
-            txn.owe(Reply::Parse, true, Undo::Prepare { stmt: stmt(), client_name: None, replaced: None });
+            txn.owe(Reply::Parse, true, Undo::Prepare { stmt: stmt(), client_name: None });
             txn.owe(Reply::Bind, false, Undo::None);
             txn.owe(Reply::Execute, false, Undo::None);
             txn.owe(Reply::Sync, false, Undo::None);
@@ -761,7 +750,6 @@ mod tests {
             Undo::Prepare {
                 stmt: s.clone(),
                 client_name: Some(b"s1".to_vec().into()),
-                replaced: None,
             },
         );
         txn.owe(Reply::Bind, false, Undo::None);

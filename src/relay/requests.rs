@@ -507,6 +507,11 @@ impl<S> ClientConn<S> {
                     } else {
                         self.statements.get(name).cloned()
                     };
+                    // The portal clears when it runs if its statement does.
+                    txn.clear_bound = match &known {
+                        Some(stmt) => stmt.clears,
+                        None => name.is_empty() && txn.clear_parsed,
+                    };
                     match known {
                         Some(stmt) => {
                             if let Some(effects) = &stmt.effects {
@@ -598,6 +603,10 @@ impl<S> ClientConn<S> {
                     self.pass = total;
                 }
                 frontend::BIND | frontend::DESCRIBE | frontend::CLOSE | frontend::EXECUTE => {
+                    if tag == frontend::EXECUTE && std::mem::take(&mut txn.clear_bound) {
+                        // The clear runs now (a Parse alone runs nothing).
+                        txn.note_clear(Some(&Deallocate::All));
+                    }
                     let kind = match tag {
                         frontend::BIND => Reply::Bind,
                         frontend::DESCRIBE => Reply::Describe,
@@ -687,20 +696,18 @@ impl<S> ClientConn<S> {
         if server.touch(&stmt.server_name) {
             return Vec::new();
         }
-        self.prepare_on_server(stmt, txn, server, None, None)
+        self.prepare_on_server(stmt, txn, server, None)
     }
 
     /// A Parse of `stmt` for a server that lacks it, after a Close of the statement it
     /// evicts. `client_name`: the client's own Parse, whose reply is the client's; `None`:
-    /// a Parse the proxy adds, whose reply the client does not see. `replaced`: what the
-    /// client's name meant before (it comes back if the Parse goes unanswered).
+    /// a Parse the proxy adds, whose reply the client does not see.
     fn prepare_on_server(
         &mut self,
         stmt: &Arc<Statement>,
         txn: &mut Txn,
         server: &mut ServerStatements,
         client_name: Option<Box<[u8]>>,
-        replaced: Option<Arc<Statement>>,
     ) -> Vec<u8> {
         let mut out = Vec::new();
         if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared as usize) {
@@ -714,7 +721,6 @@ impl<S> ClientConn<S> {
         let undo = Undo::Prepare {
             stmt: stmt.clone(),
             client_name,
-            replaced,
         };
         self.owe(txn, server, Reply::Parse, internal, undo);
         out
@@ -790,9 +796,14 @@ impl<S> ClientConn<S> {
         let name = name.to_vec();
         txn.unsynced = true;
         if name.is_empty() || !txn.transaction_mode {
-            // A DEALLOCATE ALL sent through the extended protocol (see `Txn::clears_ahead`).
-            if self.max_prepared > 0 && txn.transaction_mode {
-                txn.note_clear(sql::deallocate(text).as_ref());
+            // A DEALLOCATE ALL sent through the extended protocol: it runs at the Execute of
+            // a portal bound from it (see `Txn::clears_ahead`).
+            if name.is_empty() && self.max_prepared > 0 && txn.transaction_mode {
+                txn.clear_parsed = match sql::deallocate(text) {
+                    Some(Deallocate::All) => true,
+                    Some(Deallocate::DiscardAll) => txn.status == TransactionStatus::Idle,
+                    _ => false,
+                };
             }
             self.owe(txn, server, Reply::Parse, false, Undo::None);
             self.ready += total;
@@ -806,17 +817,16 @@ impl<S> ClientConn<S> {
         // A clear ahead in the pipeline (not one the server skips) takes the server's
         // statements and the client's names away before this Parse runs.
         let clear = txn.clears_ahead > 0 && !txn.skipping();
-        // A name the client has: the server refuses to redefine it (42P05), unless the
-        // clear frees it first, as in PostgreSQL (the old statement comes back if this Parse
-        // goes unanswered).
-        let current = self.statements.get(&name).cloned();
-        let (existing, replaced) = match clear {
-            false => (current, None),
-            true => (None, current),
-        };
-        if let Some(existing) = existing {
+        if let Some(existing) = self.statements.get(&name).cloned() {
             // PostgreSQL refuses to redefine a name in use (42P05). Let the server say so:
             // the new text goes under the server name of the statement the client has.
+            // Behind a clear, which may run first and free the name, the server may take
+            // it: it then holds that text under that name, which the proxy's record cannot
+            // say, so it is not trusted after this transaction (and the client's name is
+            // gone with the clear; its next use fails with 26000).
+            if clear {
+                txn.server_in_doubt = true;
+            }
             let mut msg = self.prepare_first(&existing, txn, server);
             msg.push(frontend::PARSE);
             msg.extend_from_slice(
@@ -830,7 +840,15 @@ impl<S> ClientConn<S> {
             self.owe(txn, server, Reply::Parse, false, Undo::None);
             return Ok(());
         }
-        let stmt = Arc::new(Statement::from_parse(&after_name).with_effects(effects));
+        let clears = matches!(
+            sql::deallocate(text),
+            Some(Deallocate::All | Deallocate::DiscardAll)
+        );
+        let stmt = Arc::new(
+            Statement::from_parse(&after_name)
+                .with_effects(effects)
+                .clearing(clears),
+        );
         self.statements.insert(&name, stmt.clone());
         let server_has_it = server.touch(&stmt.server_name);
         if server_has_it && (clear || (txn.server_in_doubt && !txn.skipping())) {
@@ -849,7 +867,6 @@ impl<S> ClientConn<S> {
             let undo = Undo::Prepare {
                 stmt,
                 client_name: Some(name.into()),
-                replaced,
             };
             self.owe(txn, server, Reply::Parse, false, undo);
             splice(&mut self.buf, at, total, &msg);
@@ -867,7 +884,7 @@ impl<S> ClientConn<S> {
             self.owe_synthetic(txn, server, Synthetic::Message(PARSE_COMPLETE), undo);
             return Ok(());
         }
-        let msg = self.prepare_on_server(&stmt, txn, server, Some(name.into()), replaced);
+        let msg = self.prepare_on_server(&stmt, txn, server, Some(name.into()));
         splice(&mut self.buf, at, total, &msg);
         self.ready = at + msg.len();
         Ok(())
