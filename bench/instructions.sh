@@ -10,6 +10,7 @@
 # callgrind on a port of its own, warms it up, then counts only the measured part:
 #
 #   select-16, select-500   pgbench -S at 16 / 500 clients: instructions per transaction
+#   extended-16, prepared-16  pgbench -S -M extended / -M prepared at 16 clients
 #   tpcb-16                 pgbench's TPC-B-like script at 16 clients (7 statements each)
 #   storm-trust, storm-scram  1,000 clients that connect, run SELECT 1 and leave, after a
 #                           warm-up storm of 200: instructions per connection
@@ -49,6 +50,8 @@ count() {
   local bin=$1 workload=$2 auth=trust clients=16 mode=-S port=$((PORT++))
   case $workload in
     select-*) clients=${workload#select-} ;;
+    extended-*) clients=${workload#extended-} mode="-S -M extended" ;;
+    prepared-*) clients=${workload#prepared-} mode="-S -M prepared" ;;
     tpcb-*) clients=${workload#tpcb-} mode= ;;
     storm-trust) ;;
     storm-scram) auth=scram-sha-256 ;;

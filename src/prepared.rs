@@ -17,17 +17,18 @@ use sha2::{Digest, Sha256};
 
 use crate::sql::SessionEffects;
 
-/// SipHash with keys drawn once per process, as `RandomState` draws them per map: the
-/// same protection against names chosen to collide, without 16 bytes of keys in every
-/// client's session.
+/// foldhash (as [`crate::Map`]) with a seed drawn once per process, as its `RandomState`
+/// draws one per map: the same protection against names chosen to collide, without 8 bytes
+/// of seed in every client's session. SipHash cost ~190 instructions per lookup here, three
+/// lookups per Bind of a prepared statement.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessKeys;
 
-static KEYS: std::sync::LazyLock<std::hash::RandomState> =
-    std::sync::LazyLock::new(std::hash::RandomState::new);
+static KEYS: std::sync::LazyLock<foldhash::fast::RandomState> =
+    std::sync::LazyLock::new(foldhash::fast::RandomState::default);
 
 impl std::hash::BuildHasher for ProcessKeys {
-    type Hasher = std::hash::DefaultHasher;
+    type Hasher = foldhash::fast::FoldHasher<'static>;
 
     fn build_hasher(&self) -> Self::Hasher {
         KEYS.build_hasher()
@@ -171,7 +172,7 @@ impl ClientStatements {
 /// The statements one server connection has prepared, least recently used first out.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    used: HashMap<Arc<str>, u64>,
+    used: HashMap<Arc<str>, u64, ProcessKeys>,
     tick: u64,
 }
 

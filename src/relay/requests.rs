@@ -517,17 +517,19 @@ impl<S> ClientConn<S> {
                             if let Some(effects) = &stmt.effects {
                                 txn.effects.merge(effects);
                             }
-                            let mut head = self.prepare_first(&stmt, txn, server);
-                            let new_total = total - name_len + stmt.server_name.len();
-                            head.extend_from_slice(&[frontend::BIND]);
-                            head.extend_from_slice(&((new_total - 1) as i32).to_be_bytes());
-                            head.extend_from_slice(
-                                &self.buf[at + HEADER_LEN..at + HEADER_LEN + portal_len + 1],
-                            );
-                            head.extend_from_slice(stmt.server_name.as_bytes());
-                            head.extend_from_slice(&[0]);
-                            splice(&mut self.buf, at, prefix, &head);
-                            self.ready = at + head.len();
+                            // In place: the name, then the length. Nothing is allocated
+                            // unless the server must prepare the statement first.
+                            let first = self.prepare_first(&stmt, txn, server);
+                            let server_name = stmt.server_name.as_bytes();
+                            let name_at = at + HEADER_LEN + portal_len + 1;
+                            splice(&mut self.buf, name_at, name_len, server_name);
+                            let new_total = total - name_len + server_name.len();
+                            self.buf[at + 1..at + HEADER_LEN]
+                                .copy_from_slice(&((new_total - 1) as i32).to_be_bytes());
+                            if !first.is_empty() {
+                                splice(&mut self.buf, at, 0, &first);
+                            }
+                            self.ready = at + first.len() + prefix - name_len + server_name.len();
                             self.pass = total - prefix;
                         }
                         None => self.pass = total,
