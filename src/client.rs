@@ -847,6 +847,11 @@ fn check_startup(s: &Startup, config: &Config) -> Result<Login, End> {
                     unsupported(format!("unsupported options startup parameter {w:?}: only '-c name=value' and '--name=value' are allowed"))
                 })?;
                 for (k, v) in settings {
+                    if socket_setting(&k) {
+                        // About the socket to pgsluice, whose own keepalive settings rule it
+                        // (another pgsluice in front asks this of its servers).
+                        continue;
+                    }
                     if tracked(&k) {
                         params.insert(k, v);
                     } else if !ignored(&k) {
@@ -875,6 +880,13 @@ fn check_startup(s: &Startup, config: &Config) -> Result<Login, End> {
         negotiate,
         hello: BytesMut::new(),
     })
+}
+
+/// A setting in a client's `options` about its TCP connection (`tcp_keepalives_idle` and
+/// its kin, `tcp_user_timeout`): accepted and dropped.
+fn socket_setting(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.starts_with("tcp_keepalives_") || name == "tcp_user_timeout"
 }
 
 /// Finishes login: AuthenticationOk, the server's parameters (with the client's own values

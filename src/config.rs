@@ -201,6 +201,12 @@ pub struct Config {
     /// Unanswered probes after which the client's connection is closed.
     #[serde(default = "defaults::tcp_keepcnt", deserialize_with = "de::num")]
     pub tcp_keepcnt: u32,
+    /// Ask each server (1, the default) to probe its connection from pgsluice with the
+    /// keepalive times above (startup `options`: `tcp_keepalives_idle` and its kin), so that
+    /// the connections of a pgsluice whose host vanished leave `max_connections` within
+    /// minutes, not the kernel's two hours. 0: leave the server's settings alone.
+    #[serde(default = "defaults::tcp_keepalive", deserialize_with = "de::num")]
+    pub server_tcp_keepalive: u32,
     /// An idle server unused this long runs `server_check_query` before it is handed out
     /// (0: every time).
     #[serde(
@@ -502,6 +508,9 @@ pub struct PoolSettings {
     /// TLS towards the upstream.
     pub tls: crate::tls::UpstreamTls,
     pub target_session_attrs: TargetSessionAttrs,
+    /// The startup `options` that ask the server to probe the connection
+    /// (`server_tcp_keepalive`); `None` when off or over a Unix socket.
+    pub server_keepalive: Option<String>,
 }
 
 mod defaults {
@@ -1071,14 +1080,17 @@ impl Config {
         if self.tcp_keepalive > 1 {
             return Err(invalid("tcp_keepalive", "must be 0 (off) or 1 (on)"));
         }
-        if self.tcp_keepalive == 1
+        if self.server_tcp_keepalive > 1 {
+            return Err(invalid("server_tcp_keepalive", "must be 0 (off) or 1 (on)"));
+        }
+        if (self.tcp_keepalive == 1 || self.server_tcp_keepalive == 1)
             && (self.tcp_keepidle.as_secs() == 0
                 || self.tcp_keepintvl.as_secs() == 0
                 || self.tcp_keepcnt == 0)
         {
             return Err(invalid(
                 "tcp_keepidle",
-                "tcp_keepidle and tcp_keepintvl must be at least 1s and tcp_keepcnt at least 1 (or set tcp_keepalive = 0)",
+                "tcp_keepidle and tcp_keepintvl must be at least 1s and tcp_keepcnt at least 1 (or set tcp_keepalive = 0 and server_tcp_keepalive = 0)",
             ));
         }
         if self.min_pool_size > self.pool_size {
@@ -1276,6 +1288,19 @@ impl Config {
                 .unwrap_or(self.max_user_connections),
             tls: self.tls.server.clone(),
             target_session_attrs: db.target_session_attrs,
+            server_keepalive: self.server_keepalive(&db.host),
+        })
+    }
+
+    /// [`PoolSettings::server_keepalive`] for an upstream at `host`.
+    fn server_keepalive(&self, host: &str) -> Option<String> {
+        (self.server_tcp_keepalive == 1 && !crate::socket::is_unix_host(host)).then(|| {
+            format!(
+                "-c tcp_keepalives_idle={} -c tcp_keepalives_interval={} -c tcp_keepalives_count={}",
+                self.tcp_keepidle.as_secs(),
+                self.tcp_keepintvl.as_secs(),
+                self.tcp_keepcnt
+            )
         })
     }
 

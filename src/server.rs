@@ -169,12 +169,27 @@ impl ServerConn {
         } else {
             format!("{}:{}", settings.host, settings.port)
         };
-        tokio::time::timeout(
-            timeout,
-            Self::connect_inner(settings, keys, &addr, application_name, pool, id),
-        )
-        .await
-        .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
+        let connect = async {
+            let keepalive = settings.server_keepalive.is_some() && !keys.refuses_options(&addr);
+            match Self::connect_inner(settings, keys, &addr, application_name, pool, id).await {
+                // A pooler in between (PgBouncer says "unsupported startup parameter:
+                // options"): remembered, and the login tried again without.
+                Err(ServerError::Rejected(e)) if keepalive && e.message.contains("options") => {
+                    keys.note_refuses_options(&addr);
+                    tracing::warn!(
+                        upstream = %addr,
+                        error = %e.message,
+                        "the upstream refuses the startup parameter `options`: its servers are \
+                         opened without asking them to probe (server_tcp_keepalive)"
+                    );
+                    Self::connect_inner(settings, keys, &addr, application_name, pool, id).await
+                }
+                r => r,
+            }
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| ServerError::ConnectTimeout(addr.clone()))?
     }
 
     async fn connect_inner(
@@ -228,7 +243,10 @@ impl ServerConn {
             id,
             link: None,
         };
-        conn.login(settings, keys, application_name).await?;
+        let options =
+            (settings.server_keepalive.as_deref()).filter(|_| !keys.refuses_options(addr));
+        conn.login(settings, keys, application_name, options)
+            .await?;
         Ok(conn)
     }
 
@@ -237,6 +255,7 @@ impl ServerConn {
         s: &PoolSettings,
         keys: &UpstreamKeys,
         application_name: &str,
+        options: Option<&str>,
     ) -> Result<(), ServerError> {
         let mut out = BytesMut::new();
         let params = [
@@ -244,7 +263,9 @@ impl ServerConn {
             ("database", s.upstream_dbname.as_str()),
             ("application_name", application_name),
         ];
-        frontend::startup_message(params.iter().copied(), &mut out).map_err(io_other)?;
+        let options = options.map(|o| ("options", o));
+        frontend::startup_message(params.iter().copied().chain(options), &mut out)
+            .map_err(io_other)?;
         self.stream.write_all(&out).await?;
         // Without a password, what a client's own login taught (passthrough), for a pool
         // that logs in as its client user.

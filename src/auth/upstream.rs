@@ -143,6 +143,9 @@ pub struct UpstreamKeys {
     /// By (user, upstream `host:port`).
     learned: Mutex<HashMap<(String, String), Learned>>,
     derivations: AtomicU64,
+    /// Upstreams (`host:port`) that refused the startup parameter `options` (a pooler in
+    /// between): logins there go without it (see `server_tcp_keepalive`).
+    refuse_options: Mutex<std::collections::HashSet<String>>,
 }
 
 impl fmt::Debug for UpstreamKeys {
@@ -203,6 +206,23 @@ impl UpstreamKeys {
             .unwrap_or_else(|p| p.into_inner())
             .get(&(user.to_owned(), upstream.to_owned()))
             .cloned()
+    }
+
+    /// True when the upstream `host:port` refused the startup parameter `options`.
+    pub fn refuses_options(&self, upstream: &str) -> bool {
+        let set = self
+            .refuse_options
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        !set.is_empty() && set.contains(upstream)
+    }
+
+    pub fn note_refuses_options(&self, upstream: &str) {
+        let mut set = self
+            .refuse_options
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.insert(upstream.to_owned());
     }
 
     fn lock_salted(&self) -> std::sync::MutexGuard<'_, HashMap<SaltedKey, ScramKeys>> {

@@ -272,6 +272,8 @@ fn resolve(args: &BudgetArgs) -> Result<(Option<Target>, Settings), String> {
             tls: crate::tls::UpstreamTls::prefer(),
             // `pgsluice budget` only reads figures: a standby will do.
             target_session_attrs: crate::config::TargetSessionAttrs::Any,
+            // A short look: nothing to probe.
+            server_keepalive: None,
         };
         let target = Target {
             settings,
