@@ -125,20 +125,19 @@ impl Bouncer {
             .stderr(Stdio::null())
             .spawn()
             .expect("start PgBouncer");
+        // Owned at once: dropped (a failed start included), it is stopped.
+        let bouncer = Bouncer {
+            port,
+            child,
+            _dir: dir,
+        };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Bouncer {
-                    port,
-                    child,
-                    _dir: dir,
-                };
+                return bouncer;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "PgBouncer did not listen on {port}: {}",
-            std::fs::read_to_string(dir.path().join("pgbouncer.log")).unwrap_or_default()
-        );
+        panic!("PgBouncer did not listen on {port}: {}", bouncer.log());
     }
 }
 
