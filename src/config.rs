@@ -1372,6 +1372,42 @@ mod tests {
 
     const MIN: &str = "[databases.app]\nhost = \"db\"\n[users.app]\npassword = \"pw\"\n";
 
+    /// `server_tcp_keepalive`: the startup options a server login sends, from the keepalive
+    /// times; none when off or over a Unix socket.
+    #[test]
+    fn server_keepalive_options() {
+        let c =
+            Config::from_toml(&format!("tcp_keepidle = \"37s\"\ntcp_keepcnt = 2\n{MIN}")).unwrap();
+        assert_eq!(
+            c.pool_settings("app", "app")
+                .unwrap()
+                .server_keepalive
+                .as_deref(),
+            Some(
+                "-c tcp_keepalives_idle=37 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=2"
+            )
+        );
+        let off = Config::from_toml(&format!("server_tcp_keepalive = 0\n{MIN}")).unwrap();
+        assert_eq!(
+            off.pool_settings("app", "app").unwrap().server_keepalive,
+            None
+        );
+        let unix = Config::from_toml(
+            "[databases.app]\nhost = \"/run/postgresql\"\n[users.app]\npassword = \"pw\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            unix.pool_settings("app", "app").unwrap().server_keepalive,
+            None
+        );
+        let e = Config::from_toml(&format!("server_tcp_keepalive = 2\n{MIN}")).unwrap_err();
+        assert!(e.to_string().starts_with("server_tcp_keepalive:"), "{e}");
+        // The times are checked when only the servers use them.
+        let e =
+            Config::from_toml(&format!("tcp_keepalive = 0\ntcp_keepcnt = 0\n{MIN}")).unwrap_err();
+        assert!(e.to_string().starts_with("tcp_keepidle:"), "{e}");
+    }
+
     #[test]
     fn durations() {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
