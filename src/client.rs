@@ -885,7 +885,7 @@ fn check_startup(s: &Startup, config: &Config) -> Result<Login, End> {
 /// A setting in a client's `options` about its TCP connection (`tcp_keepalives_idle` and
 /// its kin, `tcp_user_timeout`): accepted and dropped.
 fn socket_setting(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
+    // parse_options gives names in lower case.
     name.starts_with("tcp_keepalives_") || name == "tcp_user_timeout"
 }
 

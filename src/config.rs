@@ -1083,14 +1083,14 @@ impl Config {
         if self.server_tcp_keepalive > 1 {
             return Err(invalid("server_tcp_keepalive", "must be 0 (off) or 1 (on)"));
         }
-        if (self.tcp_keepalive == 1 || self.server_tcp_keepalive == 1)
+        if self.tcp_keepalive == 1
             && (self.tcp_keepidle.as_secs() == 0
                 || self.tcp_keepintvl.as_secs() == 0
                 || self.tcp_keepcnt == 0)
         {
             return Err(invalid(
                 "tcp_keepidle",
-                "tcp_keepidle and tcp_keepintvl must be at least 1s and tcp_keepcnt at least 1 (or set tcp_keepalive = 0 and server_tcp_keepalive = 0)",
+                "tcp_keepidle and tcp_keepintvl must be at least 1s and tcp_keepcnt at least 1 (or set tcp_keepalive = 0)",
             ));
         }
         if self.min_pool_size > self.pool_size {
@@ -1402,10 +1402,18 @@ mod tests {
         );
         let e = Config::from_toml(&format!("server_tcp_keepalive = 2\n{MIN}")).unwrap_err();
         assert!(e.to_string().starts_with("server_tcp_keepalive:"), "{e}");
-        // The times are checked when only the servers use them.
-        let e =
-            Config::from_toml(&format!("tcp_keepalive = 0\ntcp_keepcnt = 0\n{MIN}")).unwrap_err();
-        assert!(e.to_string().starts_with("tcp_keepidle:"), "{e}");
+        // With client keepalive off, a 0 may stay (as in PgBouncer): the server's default.
+        let zero =
+            Config::from_toml(&format!("tcp_keepalive = 0\ntcp_keepidle = \"0s\"\n{MIN}")).unwrap();
+        assert_eq!(
+            zero.pool_settings("app", "app")
+                .unwrap()
+                .server_keepalive
+                .as_deref(),
+            Some(
+                "-c tcp_keepalives_idle=0 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=6"
+            )
+        );
     }
 
     #[test]

@@ -17,15 +17,21 @@ use sha2::{Digest, Sha256};
 
 use crate::sql::SessionEffects;
 
-/// foldhash (as [`crate::Map`]) with a seed drawn once per process, as its `RandomState`
-/// draws one per map: the same protection against names chosen to collide, without 8 bytes
-/// of seed in every client's session. SipHash cost ~190 instructions per lookup here, three
-/// lookups per Bind of a prepared statement.
+/// foldhash keyed once per process from the operating system's random source (through
+/// `rand`), without 8 bytes of seed in every client's session: statement names are the
+/// client's to choose, so their hashes must not be predictable (foldhash's own
+/// `RandomState` seeds from addresses and the clock). SipHash, keyed the same way, cost
+/// ~190 instructions per lookup here, three lookups per Bind of a prepared statement.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessKeys;
 
-static KEYS: std::sync::LazyLock<foldhash::fast::RandomState> =
-    std::sync::LazyLock::new(foldhash::fast::RandomState::default);
+static KEYS: std::sync::LazyLock<foldhash::fast::SeedableRandomState> =
+    std::sync::LazyLock::new(|| {
+        use rand::RngExt;
+        let mut rng = rand::rng();
+        let shared = Box::leak(Box::new(foldhash::SharedSeed::from_u64(rng.random())));
+        foldhash::fast::SeedableRandomState::with_seed(rng.random(), shared)
+    });
 
 impl std::hash::BuildHasher for ProcessKeys {
     type Hasher = foldhash::fast::FoldHasher<'static>;

@@ -136,6 +136,12 @@ async fn read_whole<S: AsyncRead + Unpin>(
     }
 }
 
+/// A login refused for its startup parameters (the `options` of `server_tcp_keepalive`), not
+/// for its credentials or database.
+fn refuses_options(e: &ErrorFields) -> bool {
+    e.code == "08P01" && e.message.contains("startup parameter")
+}
+
 fn io_other(e: impl std::fmt::Display) -> ServerError {
     ServerError::Protocol(e.to_string())
 }
@@ -170,19 +176,26 @@ impl ServerConn {
             format!("{}:{}", settings.host, settings.port)
         };
         let connect = async {
-            let keepalive = settings.server_keepalive.is_some() && !keys.refuses_options(&addr);
-            match Self::connect_inner(settings, keys, &addr, application_name, pool, id).await {
-                // A pooler in between (PgBouncer says "unsupported startup parameter:
-                // options"): remembered, and the login tried again without.
-                Err(ServerError::Rejected(e)) if keepalive && e.message.contains("options") => {
-                    keys.note_refuses_options(&addr);
-                    tracing::warn!(
-                        upstream = %addr,
-                        error = %e.message,
-                        "the upstream refuses the startup parameter `options`: its servers are \
-                         opened without asking them to probe (server_tcp_keepalive)"
-                    );
-                    Self::connect_inner(settings, keys, &addr, application_name, pool, id).await
+            let options =
+                (settings.server_keepalive.as_deref()).filter(|_| !keys.refuses_options(&addr));
+            let once = |options| {
+                Self::connect_inner(settings, keys, &addr, application_name, pool, id, options)
+            };
+            match once(options).await {
+                // A pooler in between (PgBouncer: 08P01 "unsupported startup parameter:
+                // options", or "... in options: tcp_keepalives_idle"): the login is tried
+                // again without, and that upstream remembered once it works.
+                Err(ServerError::Rejected(e)) if options.is_some() && refuses_options(&e) => {
+                    let conn = once(None).await?;
+                    if keys.note_refuses_options(&addr) {
+                        tracing::warn!(
+                            upstream = %addr,
+                            error = %e.message,
+                            "the upstream refuses the startup parameter `options`: its servers \
+                             are opened without asking them to probe (server_tcp_keepalive)"
+                        );
+                    }
+                    Ok(conn)
                 }
                 r => r,
             }
@@ -199,6 +212,7 @@ impl ServerConn {
         application_name: &str,
         pool: usize,
         id: u64,
+        options: Option<&str>,
     ) -> Result<ServerConn, ServerError> {
         let sock = socket::connect(&settings.host, settings.port)
             .await
@@ -243,8 +257,6 @@ impl ServerConn {
             id,
             link: None,
         };
-        let options =
-            (settings.server_keepalive.as_deref()).filter(|_| !keys.refuses_options(addr));
         conn.login(settings, keys, application_name, options)
             .await?;
         Ok(conn)
@@ -487,4 +499,38 @@ pub async fn cancel_over(mut stream: Socket, pid: i32, secret: i32) -> Result<()
     let mut sink = [0u8; 64];
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::messages::Severity;
+
+    /// Only a refusal of the startup parameters turns `options` off for an upstream, not a
+    /// login error that happens to name a role or database "options".
+    #[test]
+    fn a_refusal_of_options_is_told_from_other_login_errors() {
+        let e = |code: &str, msg: &str| ErrorFields::new(Severity::Fatal, code, msg);
+        // PgBouncer before 1.20, and after.
+        assert!(refuses_options(&e(
+            "08P01",
+            "unsupported startup parameter: options"
+        )));
+        assert!(refuses_options(&e(
+            "08P01",
+            "unsupported startup parameter in options: tcp_keepalives_idle"
+        )));
+        assert!(!refuses_options(&e(
+            "28P01",
+            "password authentication failed for user \"options_ro\""
+        )));
+        assert!(!refuses_options(&e(
+            "3D000",
+            "database \"options\" does not exist"
+        )));
+        assert!(!refuses_options(&e(
+            "08P01",
+            "invalid length of startup packet"
+        )));
+    }
 }

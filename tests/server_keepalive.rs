@@ -149,9 +149,11 @@ impl Bouncer {
 
 impl Drop for Bouncer {
     fn drop(&mut self) {
-        // Its process group: runuser and PgBouncer.
+        // Its process group, runuser and PgBouncer, at once: from 1.23 PgBouncer waits for
+        // its clients on SIGTERM. (`kill -s SIG -- -PGID`: procps reads `-TERM -PGID` as
+        // options.)
         let _ = Command::new("kill")
-            .args(["-s", "TERM", "--", &format!("-{}", self.child.id())])
+            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
             .status();
         let _ = self.child.wait();
     }

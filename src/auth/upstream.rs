@@ -217,12 +217,13 @@ impl UpstreamKeys {
         !set.is_empty() && set.contains(upstream)
     }
 
-    pub fn note_refuses_options(&self, upstream: &str) {
+    /// Records that `upstream` refused `options`; true the first time.
+    pub fn note_refuses_options(&self, upstream: &str) -> bool {
         let mut set = self
             .refuse_options
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        set.insert(upstream.to_owned());
+        set.insert(upstream.to_owned())
     }
 
     fn lock_salted(&self) -> std::sync::MutexGuard<'_, HashMap<SaltedKey, ScramKeys>> {
