@@ -118,6 +118,37 @@ pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Time origin of the clients' microsecond stamps, shared by all (not one copy each).
 static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+/// `BASE` in the monotonic clock's own microseconds (read right after it), for
+/// [`stamp_now`].
+#[cfg(target_os = "linux")]
+static BASE_US: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    std::sync::LazyLock::force(&BASE);
+    monotonic_us()
+});
+
+/// CLOCK_MONOTONIC, which `Instant` reads on Linux, in whole microseconds.
+#[cfg(target_os = "linux")]
+#[inline]
+fn monotonic_us() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// [`stamp`] of the present, read without an `Instant`: integer arithmetic on the clock's
+/// reading instead of a `Duration` difference and its conversion (~45 instructions fewer;
+/// two stamps per statement inside a transaction). Within a microsecond of
+/// `stamp(Instant::now())`.
+#[inline]
+pub fn stamp_now() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        monotonic_us().saturating_sub(*BASE_US) + 1
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        stamp(Instant::now())
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -486,5 +517,27 @@ pub async fn parker(clients: std::sync::Weak<Clients>) {
             return;
         };
         clients.park_idle(Instant::now(), PARK_AFTER);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stamp read from the raw clock falls between stamps of `Instant`s read around it
+    /// (the two origins are read a moment apart: allowed a millisecond).
+    #[test]
+    fn stamp_now_agrees_with_instant_stamps() {
+        for _ in 0..1000 {
+            let before = stamp(Instant::now());
+            let now = stamp_now();
+            let after = stamp(Instant::now());
+            assert!(now <= after + 1, "{now} after {after}");
+            assert!(before <= now + 1_000, "{before} after {now}");
+        }
+        let first = stamp_now();
+        std::thread::sleep(Duration::from_millis(20));
+        let later = stamp_now();
+        assert!(later - first >= 20_000, "{first} then {later}");
     }
 }

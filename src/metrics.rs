@@ -245,7 +245,7 @@ impl TxnCounts {
             self.started = Some(Instant::now());
         }
         if self.idle_since.is_some() {
-            self.end_idle(Instant::now());
+            self.end_idle(crate::clients::stamp_now());
         }
     }
 
@@ -257,7 +257,7 @@ impl TxnCounts {
         match status {
             TransactionStatus::Idle => self.transaction_ended(quiet),
             _ if quiet && self.idle_since.is_none() => {
-                let now = crate::clients::stamp(Instant::now());
+                let now = crate::clients::stamp_now();
                 self.idle_since = Some(now);
                 if let Some(m) = &self.meter {
                     m.client.idle_in_transaction_began(now);
@@ -267,9 +267,9 @@ impl TxnCounts {
         }
     }
 
-    fn end_idle(&mut self, now: Instant) {
+    /// The idle stretch (if any) ended at stamp `now`.
+    fn end_idle(&mut self, now: u64) {
         if let Some(since) = self.idle_since.take() {
-            let now = crate::clients::stamp(now);
             self.idle += Duration::from_micros(now.saturating_sub(since));
             if let Some(m) = &self.meter {
                 self.app_idle += m.client.idle_in_transaction_ended(now);
@@ -282,7 +282,9 @@ impl TxnCounts {
     fn transaction_ended(&mut self, quiet: bool) {
         let now = Instant::now();
         self.ended = Some(now);
-        self.end_idle(now);
+        if self.idle_since.is_some() {
+            self.end_idle(crate::clients::stamp(now));
+        }
         if let (Some(m), Some(started)) = (&self.meter, self.started.take()) {
             if !self.idle.is_zero() {
                 m.pool.ended_idle_us.fetch_add(
@@ -334,7 +336,7 @@ impl TxnCounts {
 
     pub fn finish(&mut self) {
         if self.idle_since.is_some() {
-            self.end_idle(Instant::now());
+            self.end_idle(crate::clients::stamp_now());
         }
         self.publish();
     }
