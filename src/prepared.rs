@@ -121,6 +121,12 @@ impl KnownStatements {
     }
 }
 
+/// Most named statements one client may hold: past it, its Parse of a new name gets
+/// `FATAL 54000` (all clients' statements live in the proxy's memory, which one client
+/// leaking names must not exhaust). Drivers cache far fewer (Rails 1,000, pgx 512, JDBC 256,
+/// psycopg 100).
+pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
+
 /// A client's named statements.
 #[derive(Debug, Default)]
 pub struct ClientStatements {

@@ -560,3 +560,59 @@ async fn a_query_sent_while_the_server_skips_to_sync_is_not_owed() {
     assert_eq!(d.round(&[wire::query("SELECT 3")]).await.0, "TDCZ");
     assert_eq!(c.round(&[wire::query("SELECT 4")]).await.0, "TDCZ");
 }
+
+/// A client may hold `MAX_CLIENT_STATEMENTS` named statements (all clients' live in the
+/// proxy's memory): a Close frees a place, and a Parse of one more name gets FATAL 54000 and
+/// the connection closes. The proxy goes on serving, and nothing is left behind.
+#[tokio::test]
+async fn a_client_cannot_hold_unbounded_statement_names() {
+    let name = "ps_cap";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    let max = pgsluice::prepared::MAX_CLIENT_STATEMENTS;
+    for batch in 0..max / 1000 {
+        let mut parts: Vec<Vec<u8>> = (0..1000)
+            .map(|i| wire::parse(&format!("s{}", batch * 1000 + i), "SELECT $1::int"))
+            .collect();
+        parts.push(wire::sync());
+        let (tags, _) = w.round(&parts).await;
+        assert_eq!(tags, format!("{}Z", "1".repeat(1000)), "batch {batch}");
+    }
+    // At the limit: a name in use may be parsed again (PostgreSQL's 42P05), a Close frees a
+    // place, and every name still runs.
+    let (tags, msgs) = w
+        .round(&[wire::parse("s5", "SELECT 5"), wire::sync()])
+        .await;
+    assert_eq!(tags, "EZ");
+    assert_eq!(msgs[0].code().as_deref(), Some("42P05"));
+    let (tags, _) = w
+        .round(&[
+            wire::close_statement("s0"),
+            wire::parse("again", "SELECT 2"),
+            wire::bind("", "s9999", &["7"]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
+    assert_eq!(tags, "312DCZ");
+    // One more name, in a transaction: refused, and the connection closes (its transaction
+    // rolls back on a server that goes back clean).
+    w.round(&[wire::query("BEGIN")]).await;
+    w.send(&[wire::parse("one_too_many", "SELECT 3"), wire::sync()])
+        .await;
+    let m = w.recv().await;
+    assert_eq!(m.tag, b'E');
+    assert_eq!(m.code().as_deref(), Some("54000"));
+    let fields = m.fields();
+    assert!(
+        fields[&'M'].contains("too many prepared statements"),
+        "{fields:?}"
+    );
+    wire::expect_closed(&mut w.stream).await;
+    let c = proxy.client(name).await;
+    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    drop(c);
+    leaks.check().await;
+}

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::prepared::{
     close_message, ClientStatements, KnownStatements, ServerStatements, Statement, CLOSE_COMPLETE,
-    PARSE_COMPLETE,
+    MAX_CLIENT_STATEMENTS, PARSE_COMPLETE,
 };
 use crate::protocol::frame::{self, HEADER_LEN};
 use crate::protocol::frontend;
@@ -77,6 +77,17 @@ fn query_too_long(len: usize, max: usize) -> ErrorFields {
         "54000",
         format!("message of {len} bytes is over pgsluice's max_query_size ({max} bytes)"),
     )
+}
+
+fn too_many_statements() -> ErrorFields {
+    ErrorFields::new(
+        Severity::Fatal,
+        "54000",
+        format!(
+            "too many prepared statements: a client may hold {MAX_CLIENT_STATEMENTS} named statements through pgsluice"
+        ),
+    )
+    .with_hint("close the statements the client no longer uses (Close, DEALLOCATE), or use unnamed statements")
 }
 
 fn refuse(r: Refusal) -> ErrorFields {
@@ -376,8 +387,11 @@ impl<S> ClientConn<S> {
         }
         let body = &self.buf[HEADER_LEN..total];
         // A name in use must fail on the server (42P05), as in PostgreSQL.
-        let name =
-            cstr(body, MAX_NAME).filter(|n| !n.is_empty() && self.statements.get(n).is_none())?;
+        let name = cstr(body, MAX_NAME).filter(|n| {
+            !n.is_empty()
+                && self.statements.get(n).is_none()
+                && self.statements.len() < MAX_CLIENT_STATEMENTS
+        })?;
         let after_name = &body[name.len() + 1..];
         // A statement transaction pooling refuses is left to the scan, which says why.
         let mut effects = SessionEffects::default();
@@ -841,6 +855,9 @@ impl<S> ClientConn<S> {
             self.ready = at + msg.len();
             self.owe(txn, server, Reply::Parse, false, Undo::None);
             return Ok(());
+        }
+        if self.statements.len() >= MAX_CLIENT_STATEMENTS {
+            return Err(too_many_statements());
         }
         let clears = matches!(
             sql::deallocate(text),
