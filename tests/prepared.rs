@@ -561,15 +561,8 @@ async fn a_query_sent_while_the_server_skips_to_sync_is_not_owed() {
     assert_eq!(c.round(&[wire::query("SELECT 4")]).await.0, "TDCZ");
 }
 
-/// A client may hold `MAX_CLIENT_STATEMENTS` named statements (all clients' live in the
-/// proxy's memory): a Close frees a place, and a Parse of one more name gets FATAL 54000 and
-/// the connection closes. The proxy goes on serving, and nothing is left behind.
-#[tokio::test]
-async fn a_client_cannot_hold_unbounded_statement_names() {
-    let name = "ps_cap";
-    let proxy = trust_app(name, "pool_size = 1").await;
-    let leaks = Leaks::new(&proxy, name).await;
-    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+/// Parses `MAX_CLIENT_STATEMENTS` names `s0`, `s1`, … of one text, in pipelined batches.
+async fn fill_statement_names(w: &mut Wire) {
     let max = pgsluice::prepared::MAX_CLIENT_STATEMENTS;
     for batch in 0..max / 1000 {
         let mut parts: Vec<Vec<u8>> = (0..1000)
@@ -579,6 +572,33 @@ async fn a_client_cannot_hold_unbounded_statement_names() {
         let (tags, _) = w.round(&parts).await;
         assert_eq!(tags, format!("{}Z", "1".repeat(1000)), "batch {batch}");
     }
+}
+
+/// The FATAL a Parse of one name too many gets, then the connection closes.
+async fn refused_for_too_many_names(w: &mut Wire) {
+    let m = w.recv().await;
+    assert_eq!(m.tag, b'E');
+    assert_eq!(m.code().as_deref(), Some("54000"));
+    let fields = m.fields();
+    assert!(
+        fields[&'M'].contains("too many prepared statements"),
+        "{fields:?}"
+    );
+    wire::expect_closed(&mut w.stream).await;
+}
+
+/// A client may hold `MAX_CLIENT_STATEMENTS` named statements (all clients' live in the
+/// proxy's memory): a Close frees a place, a clear ahead in the pipeline counts as run, and
+/// a Parse of one more name gets FATAL 54000 and the connection closes: inside a
+/// transaction, which rolls back; and outside one, where pgsluice answers a Parse of a text
+/// it knows without a server. The proxy goes on serving, and nothing is left behind.
+#[tokio::test]
+async fn a_client_cannot_hold_unbounded_statement_names() {
+    let name = "ps_cap";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    fill_statement_names(&mut w).await;
     // At the limit: a name in use may be parsed again (PostgreSQL's 42P05), a Close frees a
     // place, and every name still runs.
     let (tags, msgs) = w
@@ -601,15 +621,29 @@ async fn a_client_cannot_hold_unbounded_statement_names() {
     w.round(&[wire::query("BEGIN")]).await;
     w.send(&[wire::parse("one_too_many", "SELECT 3"), wire::sync()])
         .await;
-    let m = w.recv().await;
-    assert_eq!(m.tag, b'E');
-    assert_eq!(m.code().as_deref(), Some("54000"));
-    let fields = m.fields();
-    assert!(
-        fields[&'M'].contains("too many prepared statements"),
-        "{fields:?}"
-    );
-    wire::expect_closed(&mut w.stream).await;
+    refused_for_too_many_names(&mut w).await;
+
+    // Full again; a clear ahead in the pipeline empties the names before the Parse runs.
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    fill_statement_names(&mut w).await;
+    w.send(&[
+        wire::query("DEALLOCATE ALL"),
+        wire::parse("fresh", "SELECT $1::int"),
+        wire::bind("", "fresh", &["8"]),
+        wire::execute(""),
+        wire::close_statement("fresh"),
+        wire::sync(),
+    ])
+    .await;
+    let tags = |msgs: Vec<wire::Msg>| msgs.iter().map(|m| m.tag as char).collect::<String>();
+    assert_eq!(tags(w.until_ready().await), "CZ");
+    assert_eq!(tags(w.until_ready().await), "12DC3Z");
+    // Full once more, outside a transaction: a Parse and Sync of a known text.
+    fill_statement_names(&mut w).await;
+    w.send(&[wire::parse("one_more", "SELECT $1::int"), wire::sync()])
+        .await;
+    refused_for_too_many_names(&mut w).await;
+
     let c = proxy.client(name).await;
     let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);

@@ -856,7 +856,9 @@ impl<S> ClientConn<S> {
             self.owe(txn, server, Reply::Parse, false, Undo::None);
             return Ok(());
         }
-        if self.statements.len() >= MAX_CLIENT_STATEMENTS {
+        // Not for a Parse the server will skip (its registration is taken back at once), nor
+        // behind a clear that empties the client's names first (it runs in this pipeline).
+        if self.statements.len() >= MAX_CLIENT_STATEMENTS && !clear && !txn.skipping() {
             return Err(too_many_statements());
         }
         let clears = matches!(
