@@ -1376,43 +1376,28 @@ mod tests {
     /// times; none when off or over a Unix socket.
     #[test]
     fn server_keepalive_options() {
-        let c =
-            Config::from_toml(&format!("tcp_keepidle = \"37s\"\ntcp_keepcnt = 2\n{MIN}")).unwrap();
+        let options = |toml: &str| {
+            let c = Config::from_toml(toml).unwrap();
+            c.pool_settings("app", "app").unwrap().server_keepalive
+        };
+        let sent = |idle: u32, count: u32| {
+            Some(format!(
+                "-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval=10 -c tcp_keepalives_count={count}"
+            ))
+        };
         assert_eq!(
-            c.pool_settings("app", "app")
-                .unwrap()
-                .server_keepalive
-                .as_deref(),
-            Some(
-                "-c tcp_keepalives_idle=37 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=2"
-            )
+            options(&format!("tcp_keepidle = \"37s\"\ntcp_keepcnt = 2\n{MIN}")),
+            sent(37, 2)
         );
-        let off = Config::from_toml(&format!("server_tcp_keepalive = 0\n{MIN}")).unwrap();
-        assert_eq!(
-            off.pool_settings("app", "app").unwrap().server_keepalive,
-            None
-        );
-        let unix = Config::from_toml(
-            "[databases.app]\nhost = \"/run/postgresql\"\n[users.app]\npassword = \"pw\"\n",
-        )
-        .unwrap();
-        assert_eq!(
-            unix.pool_settings("app", "app").unwrap().server_keepalive,
-            None
-        );
+        assert_eq!(options(&format!("server_tcp_keepalive = 0\n{MIN}")), None);
+        let unix = "[databases.app]\nhost = \"/run/postgresql\"\n[users.app]\npassword = \"pw\"\n";
+        assert_eq!(options(unix), None);
         let e = Config::from_toml(&format!("server_tcp_keepalive = 2\n{MIN}")).unwrap_err();
         assert!(e.to_string().starts_with("server_tcp_keepalive:"), "{e}");
         // With client keepalive off, a 0 may stay (as in PgBouncer): the server's default.
-        let zero =
-            Config::from_toml(&format!("tcp_keepalive = 0\ntcp_keepidle = \"0s\"\n{MIN}")).unwrap();
         assert_eq!(
-            zero.pool_settings("app", "app")
-                .unwrap()
-                .server_keepalive
-                .as_deref(),
-            Some(
-                "-c tcp_keepalives_idle=0 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=6"
-            )
+            options(&format!("tcp_keepalive = 0\ntcp_keepidle = \"0s\"\n{MIN}")),
+            sent(0, 6)
         );
     }
 
