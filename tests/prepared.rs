@@ -503,6 +503,107 @@ async fn deallocate_all_then_parse_in_one_pipeline() {
     assert_eq!(row, [Some("4".to_owned())], "s1 kept its text");
 }
 
+/// A Parse of a name the client has, behind a DEALLOCATE ALL in the same pipeline: in
+/// PostgreSQL the clear frees the name and the Parse defines it again, and a second Parse
+/// of it behind the same clear fails with 42P05; a clear that an error skips frees nothing.
+/// The client's name keeps what PostgreSQL gave it, on this server and the next.
+#[tokio::test]
+async fn a_name_in_use_parsed_again_behind_a_clear() {
+    let proxy = trust_app("ps_reparse_clear", "pool_size = 1").await;
+    let port = proxy.addr.port();
+    let mut c = Wire::connect(port, "ps_reparse_clear", "ps_reparse_clear").await;
+    let mut d = Wire::connect(port, "ps_reparse_clear", "ps_reparse_clear").await;
+    let run = |name: &str| vec![wire::bind("", name, &[]), wire::execute(""), wire::sync()];
+    let value = |msgs: &[wire::Msg]| msgs.iter().find(|m| m.tag == b'D').map(|m| m.row());
+    let one = |v: &str| Some(vec![Some(v.to_owned())]);
+    let tags_of = |msgs: &[wire::Msg]| -> String { msgs.iter().map(|m| m.tag as char).collect() };
+    let unnamed_clear = || {
+        vec![
+            wire::parse("", "DEALLOCATE ALL"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+        ]
+    };
+    c.round(&[wire::parse("s1", "SELECT 1"), wire::sync()])
+        .await;
+    d.round(&[wire::parse("t", "SELECT 9"), wire::sync()]).await;
+
+    // A simple-query clear, then the Parse and its use, sent at once.
+    c.send(&[
+        wire::query("DEALLOCATE ALL"),
+        wire::parse("s1", "SELECT 2"),
+        wire::bind("", "s1", &[]),
+        wire::execute(""),
+        wire::sync(),
+    ])
+    .await;
+    assert_eq!(tags_of(&c.until_ready().await), "CZ");
+    let msgs = c.until_ready().await;
+    assert_eq!(tags_of(&msgs), "12DCZ", "{msgs:?}");
+    assert_eq!(value(&msgs), one("2"));
+    let (tags, msgs) = c.round(&run("s1")).await;
+    assert_eq!((tags.as_str(), value(&msgs)), ("2DCZ", one("2")), "s1 kept");
+
+    // A clear run from the unnamed statement, then two Parses of the name: the first
+    // defines it, the second finds it in use.
+    let mut pipeline = unnamed_clear();
+    pipeline.extend([
+        wire::parse("s1", "SELECT 3"),
+        wire::parse("s1", "SELECT 4"),
+        wire::sync(),
+    ]);
+    let (tags, msgs) = c.round(&pipeline).await;
+    assert_eq!(tags, "12C1EZ", "{msgs:?}");
+    assert_eq!(msgs[4].code().as_deref(), Some("42P05"));
+    let (tags, msgs) = c.round(&run("s1")).await;
+    assert_eq!(
+        (tags.as_str(), value(&msgs)),
+        ("2DCZ", one("3")),
+        "the first Parse holds"
+    );
+
+    // The clear's batch fails before it (a Bind of a statement nobody has): the server skips
+    // it, so a Parse of the name in the next batch finds it in use, as in PostgreSQL.
+    let mut pipeline = vec![wire::bind("", "nosuch", &[])];
+    pipeline.extend(unnamed_clear());
+    pipeline.extend([wire::sync(), wire::parse("s1", "SELECT 5"), wire::sync()]);
+    c.send(&pipeline).await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags_of(&msgs), "EZ", "{msgs:?}");
+    assert_eq!(msgs[0].code().as_deref(), Some("26000"));
+    let msgs = c.until_ready().await;
+    assert_eq!(tags_of(&msgs), "EZ", "{msgs:?}");
+    assert_eq!(msgs[0].code().as_deref(), Some("42P05"));
+    let (tags, msgs) = c.round(&run("s1")).await;
+    assert_eq!(
+        (tags.as_str(), value(&msgs)),
+        ("2DCZ", one("3")),
+        "s1 unchanged"
+    );
+
+    // The same in one batch: the error skips the clear and the Parse alike.
+    let mut pipeline = vec![wire::bind("", "nosuch", &[])];
+    pipeline.extend(unnamed_clear());
+    pipeline.extend([wire::parse("s1", "SELECT 6"), wire::sync()]);
+    let (tags, msgs) = c.round(&pipeline).await;
+    assert_eq!(tags, "EZ", "{msgs:?}");
+    let (tags, msgs) = c.round(&run("s1")).await;
+    assert_eq!(
+        (tags.as_str(), value(&msgs)),
+        ("2DCZ", one("3")),
+        "s1 unchanged"
+    );
+
+    // The other client's statement on the shared server, and s1 on a fresh server.
+    let (tags, msgs) = d.round(&run("t")).await;
+    assert_eq!((tags.as_str(), value(&msgs)), ("2DCZ", one("9")));
+    c.round(&[wire::query("DISCARD ALL")]).await;
+    c.round(&[wire::parse("s1", "SELECT 7"), wire::sync()])
+        .await;
+    let (tags, msgs) = c.round(&run("s1")).await;
+    assert_eq!((tags.as_str(), value(&msgs)), ("2DCZ", one("7")));
+}
+
 /// A client that deallocates a statement by its server-side name (another client's) makes
 /// the proxy stop trusting that server: the other client's statement is prepared again.
 #[tokio::test]

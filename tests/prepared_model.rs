@@ -717,12 +717,11 @@ fn a_parse_of_deallocate_all_alone_clears_nothing() {
 
 /// A named `DEALLOCATE ALL` run, then two Parses of a name the client had (another text)
 /// in the same batch: in PostgreSQL the first succeeds (the clear freed the name) and the
-/// second fails with 42P05; pgsluice sends both under the old statement's server name and
-/// fails the first. A known limit (docs/transaction-mode.md: a Parse of a name the client
-/// has, behind a clear in the same pipeline), found by `rewriting_matches_postgresql` with
-/// 2,000 cases; the same on the code before this session.
+/// second fails with 42P05. pgsluice sent both under the old statement's server name,
+/// after preparing the old text again (the server's record had evicted it), and so failed
+/// the first; found by `rewriting_matches_postgresql` with 2,000 cases. A clear in the
+/// Parse's own batch now frees the name.
 #[test]
-#[ignore = "known limit: a Parse of a name the client has, behind a clear that runs"]
 fn a_name_parsed_twice_behind_a_named_clear() {
     known(
         1,
@@ -740,6 +739,55 @@ fn a_name_parsed_twice_behind_a_named_clear() {
                 ]),
             ),
             (0, batch(&[parse(S1, ONE)])),
+        ],
+    );
+}
+
+/// A Close the proxy added to evict a statement, behind a clear that runs, then skipped
+/// after an error: taking the eviction back put the statement back in the server's
+/// record, though the clear had dropped it; another client's Describe then failed with
+/// 26000 on a `pgsluice_…` name.
+#[test]
+fn an_eviction_skipped_after_a_clear_ran() {
+    known(
+        1,
+        2,
+        vec![
+            (2, batch(&[parse(S1, ONE)])),
+            (0, batch(&[parse(S2, DEALLOCATE_ALL)])),
+            (
+                0,
+                batch(&[
+                    bind(S2, NO_PARAMS),
+                    Op::Execute,
+                    bind(S1, NO_PARAMS),
+                    parse(S1, XY),
+                ]),
+            ),
+            (2, batch(&[Op::DescribeStatement { name: S1 }])),
+        ],
+    );
+}
+
+/// A Close the proxy answers itself, behind a clear that runs, then skipped after an error:
+/// taking the Close back gave the client its name again, though the clear had dropped it.
+#[test]
+fn a_close_skipped_after_a_clear_ran() {
+    known(
+        1,
+        200,
+        vec![
+            (0, batch(&[parse(S1, ONE), parse(S2, DEALLOCATE_ALL)])),
+            (
+                0,
+                batch(&[
+                    bind(S2, NO_PARAMS),
+                    Op::Execute,
+                    bind(S3, NO_PARAMS),
+                    Op::Close { name: S1 },
+                ]),
+            ),
+            (0, batch(&[bind(S1, NO_PARAMS), Op::Execute])),
         ],
     );
 }

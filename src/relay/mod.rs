@@ -84,11 +84,15 @@ pub struct Txn {
     transaction_mode: bool,
     /// Something the server said means it must not be reused.
     pub server_in_doubt: bool,
-    /// DEALLOCATE ALL or DISCARD ALL passed on and not reported run yet: a statement the
-    /// server has now may be gone before a Parse behind it runs, so such a Parse is not
-    /// answered by the proxy (see `ClientConn::parse`). One that fails is never reported:
-    /// the count then stays up to the end of the transaction (Parses are only forwarded).
-    clears_ahead: u8,
+    /// DEALLOCATE ALL or DISCARD ALL passed on and not reported run yet (the owed entries
+    /// marked `clears`): a statement the server has now may be gone before a Parse behind
+    /// it runs, so such a Parse is not answered by the proxy, and a name the client has is
+    /// free for it (see `ClientConn::parse`). A clear that fails or is skipped stops
+    /// counting when its entry leaves the queue.
+    clears_ahead: u32,
+    /// Names the client's Parses (re)defined behind the last clear counted in
+    /// `clears_ahead`: that clear does not free them (`None` until there is one).
+    behind_clear: Option<Box<std::collections::HashSet<Box<[u8]>, crate::prepared::ProcessKeys>>>,
     /// The unnamed statement is DEALLOCATE ALL or DISCARD ALL (it clears when a portal bound
     /// from it runs), and the portal last bound from it is.
     clear_parsed: bool,
@@ -215,6 +219,8 @@ impl Txn {
     /// A statement passed on that may be DEALLOCATE ALL or DISCARD ALL (see
     /// `clears_ahead`): not one the server skips, nor a DISCARD ALL inside a transaction
     /// block (it fails there, 25001).
+    ///
+    /// Call right after the message was owed (not when the server skips it).
     fn note_clear(&mut self, statement: Option<&crate::sql::Deallocate>) {
         use crate::sql::Deallocate;
         let clears = match statement {
@@ -222,9 +228,21 @@ impl Txn {
             Some(Deallocate::DiscardAll) => self.status == TransactionStatus::Idle,
             _ => false,
         };
-        if clears && !self.skipping() {
-            self.clears_ahead = self.clears_ahead.saturating_add(1);
+        if clears {
+            self.mark_clear();
         }
+    }
+
+    /// A Parse behind a clear (re)defined `name`: a Parse of it after this one, behind the
+    /// same clear, finds it in use (42P05).
+    fn defined_behind_clear(&mut self, name: &[u8]) {
+        self.behind_clear
+            .get_or_insert_with(Default::default)
+            .insert(name.into());
+    }
+
+    fn is_defined_behind_clear(&self, name: &[u8]) -> bool {
+        self.behind_clear.as_ref().is_some_and(|n| n.contains(name))
     }
 
     pub fn new(transaction_mode: bool) -> Txn {
@@ -245,6 +263,7 @@ impl Txn {
             transaction_mode,
             server_in_doubt: false,
             clears_ahead: 0,
+            behind_clear: None,
             clear_parsed: false,
             clear_bound: false,
             read_only_error: false,
@@ -268,6 +287,9 @@ impl Txn {
         self.transaction_mode = transaction_mode;
         self.server_in_doubt = false;
         self.clears_ahead = 0;
+        if self.behind_clear.is_some() {
+            self.behind_clear = None;
+        }
         self.clear_parsed = false;
         self.clear_bound = false;
         self.read_only_error = false;

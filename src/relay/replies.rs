@@ -67,6 +67,9 @@ pub enum Owed {
         kind: Reply,
         /// A message the proxy added: its success reply is not the client's.
         internal: bool,
+        /// The message is DEALLOCATE ALL or DISCARD ALL, not reported run yet (see
+        /// [`Txn::clears_ahead`]).
+        clears: bool,
         /// What to take back if the server fails or skips the message.
         undo: Undo,
     },
@@ -92,6 +95,10 @@ pub enum Undo {
     Prepare {
         stmt: Arc<Statement>,
         client_name: Option<Box<[u8]>>,
+        /// What the client's name meant before this Parse, which a clear ahead of it in its
+        /// batch frees: put back if neither runs (an error ahead of both skips them).
+        /// Dropped once the clear is reported run.
+        replaced: Option<Arc<Statement>>,
     },
     /// The client's name was registered for a Parse the proxy answered.
     Register {
@@ -111,10 +118,17 @@ impl Undo {
     pub(super) fn apply(self, clients: &mut ClientStatements, servers: &mut ServerStatements) {
         match self {
             Undo::None => {}
-            Undo::Prepare { stmt, client_name } => {
+            Undo::Prepare {
+                stmt,
+                client_name,
+                replaced,
+            } => {
                 servers.forget(&stmt.server_name);
                 if let Some(name) = client_name {
                     clients.remove_if(&name, &stmt);
+                    if let Some(old) = replaced {
+                        clients.restore(&name, old);
+                    }
                 }
             }
             Undo::Register { name, stmt } => clients.remove_if(&name, &stmt),
@@ -167,9 +181,42 @@ impl Txn {
         self.owed.push_back(Owed::Reply {
             kind,
             internal,
+            clears: false,
             undo,
         });
         None
+    }
+
+    /// The message just owed (a Query or an Execute) is DEALLOCATE ALL or DISCARD ALL.
+    pub(super) fn mark_clear(&mut self) {
+        if let Some(Owed::Reply { clears, .. }) = self.owed.back_mut() {
+            if !*clears {
+                *clears = true;
+                self.clears_ahead += 1;
+                if let Some(names) = &mut self.behind_clear {
+                    names.clear();
+                }
+            }
+        }
+    }
+
+    /// Owed entries that are clears not reported run (what `clears_ahead` counts); for
+    /// debug assertions.
+    pub(super) fn clears_owed(&self) -> usize {
+        self.owed
+            .iter()
+            .filter(|e| matches!(e, Owed::Reply { clears: true, .. }))
+            .count()
+    }
+
+    /// Takes the entry at the front of the queue out; a clear in it that was never
+    /// reported run (it failed, or the server skipped it) is no longer ahead.
+    fn pop_owed(&mut self) -> Option<Owed> {
+        let entry = self.owed.pop_front();
+        if let Some(Owed::Reply { clears: true, .. }) = entry {
+            self.clears_ahead -= 1;
+        }
+        entry
     }
 
     /// Records a reply the proxy makes itself; false when PostgreSQL would not answer (an
@@ -242,15 +289,24 @@ impl Txn {
     /// is gone from the server now: the server is closed at the end of the transaction
     /// rather than trusted with what the proxy believes it holds.
     fn redo_after_clear(&mut self, clients: &mut ClientStatements, servers: &mut ServerStatements) {
-        for entry in &self.owed {
+        for entry in &mut self.owed {
             let (Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. }) = entry;
             match undo {
-                Undo::None | Undo::Evict(_) => {}
-                Undo::Prepare { stmt, client_name } => {
+                Undo::None => {}
+                // The clear dropped the evicted statement too: skipped later, the Close
+                // leaves nothing to put back in the record.
+                Undo::Evict(_) => *undo = Undo::None,
+                Undo::Prepare {
+                    stmt,
+                    client_name,
+                    replaced,
+                } => {
                     servers.restore(stmt.server_name.clone());
                     if let Some(name) = client_name {
                         clients.insert(name, stmt.clone());
                     }
+                    // The clear freed what the name meant before: nothing to put back.
+                    *replaced = None;
                 }
                 Undo::Register { name, stmt } => {
                     clients.insert(name, stmt.clone());
@@ -258,6 +314,8 @@ impl Txn {
                 }
                 Undo::Unregister { name, .. } => {
                     clients.remove(name);
+                    // Gone with the clear, whether or not the Close is skipped later.
+                    *undo = Undo::None;
                 }
             }
         }
@@ -311,7 +369,7 @@ impl Txn {
                 self.copy_in = false;
                 self.errored = false;
                 let mut skipped = Vec::new();
-                while let Some(entry) = self.owed.pop_front() {
+                while let Some(entry) = self.pop_owed() {
                     match entry {
                         Owed::Reply { kind, .. } if kind.ends_batch() => break,
                         other => skipped.push(other),
@@ -340,7 +398,7 @@ impl Txn {
                         ) {
                             break;
                         }
-                        skipped.push(self.owed.pop_front().expect("front exists"));
+                        skipped.push(self.pop_owed().expect("front exists"));
                     }
                     Self::all_unanswered(skipped, clients, servers);
                 }
@@ -353,7 +411,7 @@ impl Txn {
                         if let Undo::Prepare { stmt, .. } = undo {
                             clients.known.insert(&stmt.server_name);
                         }
-                        self.owed.pop_front();
+                        self.pop_owed();
                     }
                 }
             }
@@ -543,7 +601,13 @@ pub(super) fn process(
                 // prepared statement left, and neither has the client.
                 let tag = &buf[at + HEADER_LEN..at + total];
                 if tag == b"DEALLOCATE ALL\0" || tag == b"DISCARD ALL\0" {
-                    txn.clears_ahead = txn.clears_ahead.saturating_sub(1);
+                    // The clear at the front of the queue is reported; one the proxy did
+                    // not see coming (inside a multi-statement query) was never counted.
+                    if let Some(Owed::Reply { clears, .. }) = txn.owed.front_mut() {
+                        if std::mem::take(clears) {
+                            txn.clears_ahead -= 1;
+                        }
+                    }
                     clients.clear();
                     servers.clear();
                     txn.redo_after_clear(clients, servers);
@@ -668,7 +732,7 @@ mod tests {
             // Client: Execute (earlier portal), Parse(known: synthetic), internal Parse, Bind, Execute, Sync.
             txn.owe(Reply::Execute, false, Undo::None);
             txn.owe_synthetic(Synthetic::Message(crate::prepared::PARSE_COMPLETE), Undo::None);
-            txn.owe(Reply::Parse, true, Undo::Prepare { stmt: stmt(), client_name: None });
+            txn.owe(Reply::Parse, true, Undo::Prepare { stmt: stmt(), client_name: None, replaced: None });
             txn.owe(Reply::Bind, false, Undo::None);
             txn.owe(Reply::Execute, false, Undo::None);
             txn.owe(Reply::Sync, false, Undo::None);
@@ -750,6 +814,7 @@ mod tests {
             Undo::Prepare {
                 stmt: s.clone(),
                 client_name: Some(b"s1".to_vec().into()),
+                replaced: None,
             },
         );
         txn.owe(Reply::Bind, false, Undo::None);

@@ -490,7 +490,11 @@ impl<S> ClientConn<S> {
                     if have < total {
                         return Ok(false);
                     }
-                    if rewrite && speculation.check(txn) && self.reads_statements(tag, at, total) {
+                    if rewrite
+                        && ((speculation.check(txn) && self.reads_statements(tag, at, total))
+                            || (tag == frontend::PARSE
+                                && self.parse_waits_for_clear(txn, at, total)))
+                    {
                         return Ok(false); // wait for the earlier batch's answer
                     }
                     if tag == frontend::QUERY {
@@ -619,17 +623,17 @@ impl<S> ClientConn<S> {
                     self.pass = total;
                 }
                 frontend::BIND | frontend::DESCRIBE | frontend::CLOSE | frontend::EXECUTE => {
-                    if tag == frontend::EXECUTE && std::mem::take(&mut txn.clear_bound) {
-                        // The clear runs now (a Parse alone runs nothing).
-                        txn.note_clear(Some(&Deallocate::All));
-                    }
+                    // The clear runs now (a Parse alone runs nothing).
+                    let clears = tag == frontend::EXECUTE && std::mem::take(&mut txn.clear_bound);
                     let kind = match tag {
                         frontend::BIND => Reply::Bind,
                         frontend::DESCRIBE => Reply::Describe,
                         frontend::CLOSE => Reply::Close,
                         _ => Reply::Execute,
                     };
-                    self.owe(txn, server, kind, false, Undo::None);
+                    if self.owe(txn, server, kind, false, Undo::None) && clears {
+                        txn.note_clear(Some(&Deallocate::All));
+                    }
                     txn.unsynced = true;
                     self.pass = total;
                 }
@@ -665,6 +669,19 @@ impl<S> ClientConn<S> {
         matches!(sql::deallocate(text), Some(Deallocate::Name(_)))
     }
 
+    /// True when the whole Parse at `at` names a statement the client has, behind a clear
+    /// that may sit in an earlier batch, still unanswered: whether that clear runs (and so
+    /// frees the name, or leaves it in use: 42P05) is known from its batch's answer only.
+    /// A clear in this Parse's own batch needs no wait: it runs before the Parse, or an
+    /// error ahead of both skips them (see `ClientConn::parse`).
+    fn parse_waits_for_clear(&self, txn: &Txn, at: usize, total: usize) -> bool {
+        txn.clears_ahead > 0
+            && !txn.skipping()
+            && cstr(&self.buf[at + HEADER_LEN..at + total], MAX_NAME)
+                .is_some_and(|name| !name.is_empty() && self.statements.get(name).is_some())
+            && txn.batch_owed()
+    }
+
     /// A message whose leading names are not all here yet.
     fn need_more(&self, have: usize, total: usize, what: &str) -> Result<bool, ErrorFields> {
         if have >= total || have >= HEADER_LEN + 2 * (MAX_NAME + 1) {
@@ -675,6 +692,7 @@ impl<S> ClientConn<S> {
 
     /// Records the reply owed for a message passed on; if the server will skip it (an
     /// earlier error in the batch), takes back what passing it on changed.
+    /// Returns false when the server will skip the message.
     fn owe(
         &mut self,
         txn: &mut Txn,
@@ -682,9 +700,13 @@ impl<S> ClientConn<S> {
         kind: Reply,
         internal: bool,
         undo: Undo,
-    ) {
-        if let Some(undo) = txn.owe(kind, internal, undo) {
-            undo.apply(&mut self.statements, server);
+    ) -> bool {
+        match txn.owe(kind, internal, undo) {
+            Some(undo) => {
+                undo.apply(&mut self.statements, server);
+                false
+            }
+            None => true,
         }
     }
 
@@ -712,7 +734,7 @@ impl<S> ClientConn<S> {
         if server.touch(&stmt.server_name) {
             return Vec::new();
         }
-        self.prepare_on_server(stmt, txn, server, None)
+        self.prepare_on_server(stmt, txn, server, None, None)
     }
 
     /// A Parse of `stmt` for a server that lacks it, after a Close of the statement it
@@ -724,6 +746,7 @@ impl<S> ClientConn<S> {
         txn: &mut Txn,
         server: &mut ServerStatements,
         client_name: Option<Box<[u8]>>,
+        replaced: Option<Arc<Statement>>,
     ) -> Vec<u8> {
         let mut out = Vec::new();
         if let Some(evicted) = server.add(stmt.server_name.clone(), self.max_prepared as usize) {
@@ -737,6 +760,7 @@ impl<S> ClientConn<S> {
         let undo = Undo::Prepare {
             stmt: stmt.clone(),
             client_name,
+            replaced,
         };
         self.owe(txn, server, Reply::Parse, internal, undo);
         out
@@ -756,16 +780,16 @@ impl<S> ClientConn<S> {
             .ok_or_else(|| violation("Query message is not NUL-terminated"))?;
         let refusal = sql::classify(text, txn.transaction_mode, &mut txn.effects);
         let statements = txn.transaction_mode && self.max_prepared > 0;
+        let mut dealloc = None;
         if statements && refusal.is_none() && txn.status != TransactionStatus::Failed {
-            let dealloc = sql::deallocate(text);
-            txn.note_clear(dealloc.as_ref());
-            if let Some(Deallocate::Name(name)) = dealloc {
+            dealloc = sql::deallocate(text);
+            if let Some(Deallocate::Name(name)) = &dealloc {
                 if let Some(stmt) = self.statements.remove(name.as_bytes()) {
                     // The client's name goes; the server's statement stays for others.
                     // PostgreSQL answers DEALLOCATE and ReadyForQuery; so does the proxy.
                     splice(&mut self.buf, at, total, &[]);
                     let undo = Undo::Unregister {
-                        name: name.into_bytes().into(),
+                        name: name.as_bytes().into(),
                         stmt,
                     };
                     self.owe_synthetic(txn, server, Synthetic::Deallocate, undo);
@@ -774,7 +798,9 @@ impl<S> ClientConn<S> {
                 // A name the client does not have: the server fails it (26000) as PostgreSQL would.
             }
         }
-        self.owe(txn, server, Reply::Query, false, Undo::None);
+        if self.owe(txn, server, Reply::Query, false, Undo::None) {
+            txn.note_clear(dealloc.as_ref());
+        }
         match refusal {
             None => self.ready += total,
             Some(r) => {
@@ -832,34 +858,37 @@ impl<S> ClientConn<S> {
         let after_name = self.buf[at + HEADER_LEN + name.len() + 1..at + total].to_vec();
         // A clear ahead in the pipeline (not one the server skips) takes the server's
         // statements and the client's names away before this Parse runs.
+        debug_assert_eq!(
+            txn.clears_ahead as usize,
+            txn.clears_owed(),
+            "clears counted"
+        );
         let clear = txn.clears_ahead > 0 && !txn.skipping();
+        let mut replaced = None;
         if let Some(existing) = self.statements.get(&name).cloned() {
-            // PostgreSQL refuses to redefine a name in use (42P05). Let the server say so:
-            // the new text goes under the server name of the statement the client has.
-            // Behind a clear, which may run first and free the name, the server may take
-            // it: it then holds that text under that name, which the proxy's record cannot
-            // say, so it is not trusted after this transaction (and the client's name is
-            // gone with the clear; its next use fails with 26000).
-            if clear {
-                txn.server_in_doubt = true;
+            if clear && !txn.is_defined_behind_clear(&name) {
+                // The clear ahead is in this batch (one in an earlier batch made the scan
+                // wait for its answer, see `parse_waits_for_clear`): it runs before this
+                // Parse, or an error ahead of both skips them. The name is free for the new
+                // text either way; its old meaning comes back if both are skipped.
+                replaced = Some(existing);
+            } else {
+                if clear {
+                    // Its Parse behind the clear may have failed, and this one then
+                    // succeeds under that statement's server name: the record cannot say.
+                    txn.server_in_doubt = true;
+                }
+                self.parse_name_in_use(&existing, &after_name, at, total, txn, server);
+                return Ok(());
             }
-            let mut msg = self.prepare_first(&existing, txn, server);
-            msg.push(frontend::PARSE);
-            msg.extend_from_slice(
-                &((4 + existing.server_name.len() + 1 + after_name.len()) as i32).to_be_bytes(),
-            );
-            msg.extend_from_slice(existing.server_name.as_bytes());
-            msg.push(0);
-            msg.extend_from_slice(&after_name);
-            splice(&mut self.buf, at, total, &msg);
-            self.ready = at + msg.len();
-            self.owe(txn, server, Reply::Parse, false, Undo::None);
-            return Ok(());
         }
         // Not for a Parse the server will skip (its registration is taken back at once), nor
         // behind a clear that empties the client's names first (it runs in this pipeline).
         if self.statements.len() >= MAX_CLIENT_STATEMENTS && !clear && !txn.skipping() {
             return Err(too_many_statements());
+        }
+        if clear {
+            txn.defined_behind_clear(&name);
         }
         let clears = matches!(
             sql::deallocate(text),
@@ -888,6 +917,7 @@ impl<S> ClientConn<S> {
             let undo = Undo::Prepare {
                 stmt,
                 client_name: Some(name.into()),
+                replaced,
             };
             self.owe(txn, server, Reply::Parse, false, undo);
             splice(&mut self.buf, at, total, &msg);
@@ -905,10 +935,35 @@ impl<S> ClientConn<S> {
             self.owe_synthetic(txn, server, Synthetic::Message(PARSE_COMPLETE), undo);
             return Ok(());
         }
-        let msg = self.prepare_on_server(&stmt, txn, server, Some(name.into()));
+        let msg = self.prepare_on_server(&stmt, txn, server, Some(name.into()), replaced);
         splice(&mut self.buf, at, total, &msg);
         self.ready = at + msg.len();
         Ok(())
+    }
+
+    /// A Parse of a name the client has. PostgreSQL refuses to redefine a name in use
+    /// (42P05): the server says so, given the new text under the server name of the
+    /// statement the name means.
+    fn parse_name_in_use(
+        &mut self,
+        existing: &Arc<Statement>,
+        after_name: &[u8],
+        at: usize,
+        total: usize,
+        txn: &mut Txn,
+        server: &mut ServerStatements,
+    ) {
+        let mut msg = self.prepare_first(existing, txn, server);
+        msg.push(frontend::PARSE);
+        msg.extend_from_slice(
+            &((4 + existing.server_name.len() + 1 + after_name.len()) as i32).to_be_bytes(),
+        );
+        msg.extend_from_slice(existing.server_name.as_bytes());
+        msg.push(0);
+        msg.extend_from_slice(after_name);
+        splice(&mut self.buf, at, total, &msg);
+        self.ready = at + msg.len();
+        self.owe(txn, server, Reply::Parse, false, Undo::None);
     }
 }
 
