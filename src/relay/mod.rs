@@ -91,7 +91,9 @@ pub struct Txn {
     /// counting when its entry leaves the queue.
     clears_ahead: u32,
     /// Names the client's Parses (re)defined behind the last clear counted in
-    /// `clears_ahead`: that clear does not free them (`None` until there is one).
+    /// `clears_ahead`: that clear does not free them (`None` until there is one). Boxed:
+    /// one word in every transaction for a set almost none needs.
+    #[allow(clippy::box_collection)]
     behind_clear: Option<Box<std::collections::HashSet<Box<[u8]>, crate::prepared::ProcessKeys>>>,
     /// The unnamed statement is DEALLOCATE ALL or DISCARD ALL (it clears when a portal bound
     /// from it runs), and the portal last bound from it is.
