@@ -604,6 +604,50 @@ async fn a_name_in_use_parsed_again_behind_a_clear() {
     assert_eq!((tags.as_str(), value(&msgs)), ("2DCZ", one("7")));
 }
 
+/// `DEALLOCATE name` is answered by pgsluice, as PostgreSQL would answer it where it runs:
+/// 25P02 in a transaction that a statement ahead of it in the same pipeline failed (the
+/// client keeps the statement), and success after a ROLLBACK ahead of it in a failed one.
+#[tokio::test]
+async fn deallocate_in_a_failed_transaction_answers_as_postgresql() {
+    let proxy = trust_app("ps_dealloc_failed", "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, "ps_dealloc_failed").await;
+    let port = proxy.addr.port();
+    let mut c = Wire::connect(port, "ps_dealloc_failed", "ps_dealloc_failed").await;
+    let run = |name: &str| vec![wire::bind("", name, &[]), wire::execute(""), wire::sync()];
+    let status = |msgs: &[wire::Msg]| msgs.last().map(|m| m.body[0] as char);
+    c.round(&[wire::parse("s1", "SELECT 1"), wire::sync()])
+        .await;
+
+    assert_eq!(c.round(&[wire::query("BEGIN")]).await.0, "CZ");
+    c.send(&[wire::query("SELECT 1/0"), wire::query("DEALLOCATE s1")])
+        .await;
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs[0].code().as_deref(), Some("22012"), "{msgs:?}");
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert_eq!(msgs[0].code().as_deref(), Some("25P02"), "{msgs:?}");
+    assert_eq!(status(&msgs), Some('E'), "still in the failed transaction");
+    assert_eq!(c.round(&[wire::query("ROLLBACK")]).await.0, "CZ");
+    assert_eq!(c.round(&run("s1")).await.0, "2DCZ", "s1 kept");
+
+    // Failed first, then a ROLLBACK and the DEALLOCATE sent together: it runs.
+    c.round(&[wire::query("BEGIN")]).await;
+    let (tags, msgs) = c.round(&[wire::query("SELECT 1/0")]).await;
+    assert_eq!((tags.as_str(), status(&msgs)), ("EZ", Some('E')));
+    c.send(&[wire::query("ROLLBACK"), wire::query("DEALLOCATE s1")])
+        .await;
+    assert_eq!(c.until_ready().await.len(), 2);
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs[0].tag, b'C', "{msgs:?}");
+    assert_eq!(msgs[0].body, b"DEALLOCATE\0");
+    assert_eq!(status(&msgs), Some('I'));
+    let (tags, msgs) = c.round(&run("s1")).await;
+    assert_eq!(tags, "EZ", "s1 is gone");
+    assert_eq!(msgs[0].code().as_deref(), Some("26000"));
+    drop(c);
+    leaks.check().await;
+}
+
 /// A client that deallocates a statement by its server-side name (another client's) makes
 /// the proxy stop trusting that server: the other client's statement is prepared again.
 #[tokio::test]

@@ -135,7 +135,12 @@ impl Session {
             }
         };
         assert!(self.client.ready <= self.client.buf.len());
-        replies::emit_due(&mut server.buf, &mut self.out, txn);
+        replies::emit_due(
+            &mut server.buf,
+            &mut self.out,
+            txn,
+            &mut self.client.statements,
+        );
         assert!(self.out <= server.buf.len());
         self.to_client.feed(&server.buf[..self.out], "client");
         server.buf.advance(self.out);

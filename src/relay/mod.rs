@@ -219,18 +219,12 @@ pub fn raise_sql(r: Refusal) -> String {
 
 impl Txn {
     /// A statement passed on that may be DEALLOCATE ALL or DISCARD ALL (see
-    /// `clears_ahead`): not one the server skips, nor a DISCARD ALL inside a transaction
-    /// block (it fails there, 25001).
-    ///
-    /// Call right after the message was owed (not when the server skips it).
+    /// `clears_ahead`). Call right after the message was owed (not when the server skips
+    /// it). One that fails (DISCARD ALL inside a transaction block, anything in a failed
+    /// one) counts until its reply, like one that runs: until then nothing tells them apart.
     fn note_clear(&mut self, statement: Option<&crate::sql::Deallocate>) {
         use crate::sql::Deallocate;
-        let clears = match statement {
-            Some(Deallocate::All) => true,
-            Some(Deallocate::DiscardAll) => self.status == TransactionStatus::Idle,
-            _ => false,
-        };
-        if clears {
+        if matches!(statement, Some(Deallocate::All | Deallocate::DiscardAll)) {
             self.mark_clear();
         }
     }
@@ -364,7 +358,7 @@ pub async fn transaction(
             Ok(true) => client_closed = true,
             Err(e) => return Outcome::ClientError(e, txn.leftover(client, server)),
         }
-        replies::emit_due(&mut server.buf, &mut out, txn);
+        replies::emit_due(&mut server.buf, &mut out, txn, &mut client.statements);
         // TLS output rustls holds from an earlier write goes first.
         if client.stream.wants_write() {
             match client.stream.flush_tls() {

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use super::{Txn, MAX_MESSAGE};
 use crate::prepared::{ClientStatements, ServerStatements, Statement};
 use crate::protocol::frame::{self, FrameError, HEADER_LEN};
-use crate::protocol::messages::ErrorFields;
+use crate::protocol::messages::{ErrorFields, Severity};
 use crate::protocol::{backend, TransactionStatus};
 
 /// CommandComplete messages up to this size are read whole, to see DEALLOCATE ALL.
@@ -493,22 +493,46 @@ impl Txn {
 /// front: it runs for every server message and every turn of the relay (7 times per
 /// select), and there is almost never anything to splice.
 #[inline]
-pub(super) fn emit_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn) {
+pub(super) fn emit_due(
+    buf: &mut BytesMut,
+    at: &mut usize,
+    txn: &mut Txn,
+    clients: &mut ClientStatements,
+) {
     if matches!(txn.owed.front(), Some(Owed::Synthetic { .. })) {
-        splice_due(buf, at, txn);
+        splice_due(buf, at, txn, clients);
     }
 }
 
 #[inline(never)]
-fn splice_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn) {
+fn splice_due(buf: &mut BytesMut, at: &mut usize, txn: &mut Txn, clients: &mut ClientStatements) {
     // All the replies due go in with one move of the bytes behind them (thousands of
     // CloseCompletes may be due at once, each moving up to HIGH_WATER bytes otherwise).
     let mut due = Vec::new();
-    while let Some(Owed::Synthetic { reply, .. }) = txn.owed.front() {
-        let reply = *reply;
-        txn.owed.pop_front();
+    while let Some(Owed::Synthetic { .. }) = txn.owed.front() {
+        let Some(Owed::Synthetic { reply, undo }) = txn.owed.pop_front() else {
+            unreachable!("the front is a synthetic reply")
+        };
         match reply {
             Synthetic::Message(m) => due.extend_from_slice(m),
+            Synthetic::Deallocate if txn.status == TransactionStatus::Failed => {
+                // The transaction failed before it (a statement ahead of it in the same
+                // pipeline): PostgreSQL refuses every command but the end of the block, so
+                // the client keeps the statement.
+                if let Undo::Unregister { name, stmt } = undo {
+                    clients.restore(&name, stmt);
+                }
+                let mut refusal = BytesMut::new();
+                ErrorFields::new(
+                    Severity::Error,
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                )
+                .encode(&mut refusal);
+                due.extend_from_slice(&refusal);
+                due.extend_from_slice(&[backend::READY_FOR_QUERY, 0, 0, 0, 5, b'E']);
+                txn.counts.ready(txn.status, !txn.batch_owed());
+            }
             Synthetic::Deallocate => {
                 due.extend_from_slice(&[b'C', 0, 0, 0, 15]);
                 due.extend_from_slice(b"DEALLOCATE\0");
@@ -573,7 +597,7 @@ pub(super) fn process(
             txn.complete(cursor.tag, clients, servers);
             continue;
         }
-        emit_due(buf, &mut at, txn);
+        emit_due(buf, &mut at, txn, clients);
         let Some((tag, total)) = frame::header(&buf[at..], MAX_MESSAGE)? else {
             return Ok(at);
         };

@@ -22,7 +22,6 @@ use crate::prepared::{
 use crate::protocol::frame::{self, HEADER_LEN};
 use crate::protocol::frontend;
 use crate::protocol::messages::{self, CStrings, ErrorFields, Severity};
-use crate::protocol::TransactionStatus;
 use crate::sql::{self, Deallocate, Refusal, SessionEffects};
 
 /// Longest statement or portal name the proxy reads before a Bind's parameters.
@@ -781,12 +780,15 @@ impl<S> ClientConn<S> {
         let refusal = sql::classify(text, txn.transaction_mode, &mut txn.effects);
         let statements = txn.transaction_mode && self.max_prepared > 0;
         let mut dealloc = None;
-        if statements && refusal.is_none() && txn.status != TransactionStatus::Failed {
+        if statements && refusal.is_none() {
             dealloc = sql::deallocate(text);
             if let Some(Deallocate::Name(name)) = &dealloc {
                 if let Some(stmt) = self.statements.remove(name.as_bytes()) {
                     // The client's name goes; the server's statement stays for others.
-                    // PostgreSQL answers DEALLOCATE and ReadyForQuery; so does the proxy.
+                    // PostgreSQL answers DEALLOCATE and ReadyForQuery; so does the proxy,
+                    // or 25P02 in a transaction that failed before it (known when the
+                    // answer is due: a statement ahead in the pipeline may fail it, or a
+                    // ROLLBACK end it), and the client keeps the name then.
                     splice(&mut self.buf, at, total, &[]);
                     let undo = Undo::Unregister {
                         name: name.as_bytes().into(),
@@ -841,11 +843,10 @@ impl<S> ClientConn<S> {
             // A DEALLOCATE ALL sent through the extended protocol: it runs at the Execute of
             // a portal bound from it (see `Txn::clears_ahead`).
             if name.is_empty() && self.max_prepared > 0 && txn.transaction_mode {
-                txn.clear_parsed = match sql::deallocate(text) {
-                    Some(Deallocate::All) => true,
-                    Some(Deallocate::DiscardAll) => txn.status == TransactionStatus::Idle,
-                    _ => false,
-                };
+                txn.clear_parsed = matches!(
+                    sql::deallocate(text),
+                    Some(Deallocate::All | Deallocate::DiscardAll)
+                );
             }
             self.owe(txn, server, Reply::Parse, false, Undo::None);
             self.ready += total;
