@@ -220,9 +220,10 @@ impl ServerStatements {
         evicted
     }
 
-    /// Forgets a statement the server turned out not to have (its Parse failed).
-    pub fn forget(&mut self, name: &str) {
-        self.used.remove(name);
+    /// Forgets a statement the server turned out not to have (its Parse failed); true
+    /// when the record had it.
+    pub fn forget(&mut self, name: &str) -> bool {
+        self.used.remove(name).is_some()
     }
 
     /// Puts back a statement whose eviction Close the server skipped: it still has it.

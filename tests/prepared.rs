@@ -604,6 +604,41 @@ async fn a_name_in_use_parsed_again_behind_a_clear() {
     assert_eq!((tags.as_str(), value(&msgs)), ("2DCZ", one("7")));
 }
 
+/// A DEALLOCATE ALL inside a multi-statement query is not seen coming: a Parse of a name
+/// the client has, behind it, goes to the server under the old statement's name and the
+/// server takes the new text there. That server is retired after the transaction, so
+/// another client preparing the old text is not refused on it (42P05).
+#[tokio::test]
+async fn an_unseen_clear_retires_the_server_behind_it() {
+    let name = "ps_unseen_clear";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let port = proxy.addr.port();
+    let mut c = Wire::connect(port, name, name).await;
+    let mut d = Wire::connect(port, name, name).await;
+    c.round(&[wire::parse("s1", "SELECT 1"), wire::sync()])
+        .await;
+    c.send(&[
+        wire::query("SELECT 1; DEALLOCATE ALL"),
+        wire::parse("s1", "SELECT 2"),
+        wire::sync(),
+    ])
+    .await;
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs.last().map(|m| m.tag), Some(b'Z'), "{msgs:?}");
+    // As in PostgreSQL, where the clear freed the name.
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs.first().map(|m| m.tag), Some(b'1'), "{msgs:?}");
+    let (tags, msgs) = d
+        .round(&[
+            wire::parse("t", "SELECT 1"),
+            wire::bind("", "t", &[]),
+            wire::execute(""),
+            wire::sync(),
+        ])
+        .await;
+    assert_eq!(tags, "12DCZ", "{msgs:?}");
+}
+
 /// `DEALLOCATE name` is answered by pgsluice, as PostgreSQL would answer it where it runs:
 /// 25P02 in a transaction that a statement ahead of it in the same pipeline failed (the
 /// client keeps the statement), and success after a ROLLBACK ahead of it in a failed one.

@@ -791,3 +791,80 @@ fn a_close_skipped_after_a_clear_ran() {
         ],
     );
 }
+
+/// Behind a clear that runs, the client's name is defined again and then closed, and an
+/// error skips the Close: the name keeps its new statement (the review of the first
+/// version, which let the clear make every Close behind it final).
+#[test]
+fn a_close_skipped_of_a_name_defined_behind_a_clear() {
+    known(
+        1,
+        200,
+        vec![
+            (0, batch(&[parse(S1, ONE), parse(S2, DEALLOCATE_ALL)])),
+            (
+                0,
+                batch(&[
+                    bind(S2, NO_PARAMS),
+                    Op::Execute,
+                    parse(S1, XY),
+                    bind(S3, NO_PARAMS),
+                    Op::Close { name: S1 },
+                ]),
+            ),
+            (0, batch(&[bind(S1, NO_PARAMS), Op::Execute])),
+        ],
+    );
+}
+
+/// Two clears in one batch, an error between them: the first runs, the second and the
+/// Parse behind it are skipped, and the name keeps what the Parse between them gave it.
+#[test]
+fn a_second_clear_skipped_in_the_same_batch() {
+    known(
+        1,
+        200,
+        vec![
+            (0, batch(&[parse(S1, ONE), parse(S2, DEALLOCATE_ALL)])),
+            (
+                0,
+                batch(&[
+                    bind(S2, NO_PARAMS),
+                    Op::Execute,
+                    parse(S1, XY),
+                    bind(S3, NO_PARAMS),
+                    parse(UNNAMED, DEALLOCATE_ALL),
+                    bind(UNNAMED, NO_PARAMS),
+                    Op::Execute,
+                    parse(S1, SHOUT),
+                ]),
+            ),
+            (0, batch(&[bind(S1, NO_PARAMS), Op::Execute])),
+        ],
+    );
+}
+
+/// With a server cache of 2, statements prepared behind a clear evict one of themselves:
+/// the record after the clear must not count the evicted one as on the server (its next
+/// Bind then failed with 26000 on a `pgsluice_…` name).
+#[test]
+fn an_eviction_behind_a_clear_that_runs() {
+    known(
+        1,
+        2,
+        vec![
+            (0, batch(&[parse(S2, DEALLOCATE_ALL)])),
+            (
+                0,
+                batch(&[
+                    bind(S2, NO_PARAMS),
+                    Op::Execute,
+                    parse(S1, ONE),
+                    parse(S3, XY),
+                    parse(S2, SHOUT),
+                ]),
+            ),
+            (0, batch(&[bind(S1, NO_PARAMS), Op::Execute])),
+        ],
+    );
+}

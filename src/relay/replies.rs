@@ -86,6 +86,16 @@ pub enum Synthetic {
     Deallocate,
 }
 
+/// A client's Parse of a name it has, sent as a new statement behind a clear.
+#[derive(Debug)]
+pub struct Redefinition {
+    stmt: Arc<Statement>,
+    name: Box<[u8]>,
+    /// What the name meant before: put back if neither the clear nor the Parse runs (an
+    /// error ahead of both skips them). Dropped once the clear is reported run.
+    replaced: Option<Arc<Statement>>,
+}
+
 /// A change to the statement records made when a message was passed on, to take back if
 /// PostgreSQL fails or skips the message (it skips everything up to Sync after an error).
 #[derive(Debug)]
@@ -95,11 +105,10 @@ pub enum Undo {
     Prepare {
         stmt: Arc<Statement>,
         client_name: Option<Box<[u8]>>,
-        /// What the client's name meant before this Parse, which a clear ahead of it in its
-        /// batch frees: put back if neither runs (an error ahead of both skips them).
-        /// Dropped once the clear is reported run.
-        replaced: Option<Arc<Statement>>,
     },
+    /// A client's Parse of a name it has, behind a clear in its batch that frees the name
+    /// (rare: boxed, so that every entry of the queue stays small).
+    Redefine(Box<Redefinition>),
     /// The client's name was registered for a Parse the proxy answered.
     Register {
         name: Box<[u8]>,
@@ -115,20 +124,38 @@ pub enum Undo {
 }
 
 impl Undo {
+    /// The undo of a Parse sent to the server: the client's own (`client_name`), which
+    /// takes that name from what it meant before (`replaced`) behind a clear, or one the
+    /// proxy added.
+    pub(super) fn prepare(
+        stmt: Arc<Statement>,
+        client_name: Option<Box<[u8]>>,
+        replaced: Option<Arc<Statement>>,
+    ) -> Undo {
+        match (client_name, replaced) {
+            (Some(name), Some(old)) => Undo::Redefine(Box::new(Redefinition {
+                stmt,
+                name,
+                replaced: Some(old),
+            })),
+            (client_name, _) => Undo::Prepare { stmt, client_name },
+        }
+    }
+
     pub(super) fn apply(self, clients: &mut ClientStatements, servers: &mut ServerStatements) {
         match self {
             Undo::None => {}
-            Undo::Prepare {
-                stmt,
-                client_name,
-                replaced,
-            } => {
+            Undo::Prepare { stmt, client_name } => {
                 servers.forget(&stmt.server_name);
                 if let Some(name) = client_name {
                     clients.remove_if(&name, &stmt);
-                    if let Some(old) = replaced {
-                        clients.restore(&name, old);
-                    }
+                }
+            }
+            Undo::Redefine(r) => {
+                servers.forget(&r.stmt.server_name);
+                clients.remove_if(&r.name, &r.stmt);
+                if let Some(old) = r.replaced {
+                    clients.restore(&r.name, old);
                 }
             }
             Undo::Register { name, stmt } => clients.remove_if(&name, &stmt),
@@ -214,6 +241,7 @@ impl Txn {
     fn pop_owed(&mut self) -> Option<Owed> {
         let entry = self.owed.pop_front();
         if let Some(Owed::Reply { clears: true, .. }) = entry {
+            debug_assert!(self.clears_ahead > 0, "clears counted");
             self.clears_ahead -= 1;
         }
         entry
@@ -284,38 +312,57 @@ impl Speculation {
 impl Txn {
     /// After DEALLOCATE ALL or DISCARD ALL cleared both records: the statement changes the
     /// scan made for messages behind it in the pipeline happen after it on the server, so
-    /// they are made again (a client that sends DEALLOCATE ALL and a new Parse at once keeps
-    /// the new statement). A statement the proxy answered for, because the server had it,
-    /// is gone from the server now: the server is closed at the end of the transaction
-    /// rather than trusted with what the proxy believes it holds.
+    /// they are made again, in order (a client that sends DEALLOCATE ALL and a new Parse at
+    /// once keeps the new statement; a Close of the proxy's behind it runs after that Parse).
+    /// A statement the proxy answered for, because the server had it, is gone from the
+    /// server now: the server is closed at the end of the transaction rather than trusted
+    /// with what the proxy believes it holds.
+    ///
+    /// What an entry behind the clear would take back if the server skipped it is then
+    /// measured from the clear, not from before it: a Close of a statement the clear dropped
+    /// puts nothing back. Entries behind a later clear keep theirs until that one runs.
     fn redo_after_clear(&mut self, clients: &mut ClientStatements, servers: &mut ServerStatements) {
+        let mut next_clear = false;
         for entry in &mut self.owed {
+            if let Owed::Reply { clears: true, .. } = entry {
+                next_clear = true;
+            }
             let (Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. }) = entry;
             match undo {
                 Undo::None => {}
-                // The clear dropped the evicted statement too: skipped later, the Close
-                // leaves nothing to put back in the record.
-                Undo::Evict(_) => *undo = Undo::None,
-                Undo::Prepare {
-                    stmt,
-                    client_name,
-                    replaced,
-                } => {
+                Undo::Evict(name) => {
+                    // The Close runs after the clear: a statement prepared again behind the
+                    // clear goes again; one the clear dropped leaves nothing to put back.
+                    if !servers.forget(name) && !next_clear {
+                        *undo = Undo::None;
+                    }
+                }
+                Undo::Prepare { stmt, client_name } => {
                     servers.restore(stmt.server_name.clone());
                     if let Some(name) = client_name {
                         clients.insert(name, stmt.clone());
                     }
-                    // The clear freed what the name meant before: nothing to put back.
-                    *replaced = None;
+                }
+                Undo::Redefine(r) => {
+                    servers.restore(r.stmt.server_name.clone());
+                    clients.insert(&r.name, r.stmt.clone());
+                    if !next_clear {
+                        // The clear freed what the name meant before: nothing to put back.
+                        r.replaced = None;
+                    }
                 }
                 Undo::Register { name, stmt } => {
                     clients.insert(name, stmt.clone());
                     self.server_in_doubt = true;
                 }
-                Undo::Unregister { name, .. } => {
+                Undo::Unregister { name, stmt } => {
+                    // A name defined again behind the clear comes back if the Close is
+                    // skipped; one the clear dropped does not.
+                    let defined_behind = clients.get(name).is_some_and(|s| Arc::ptr_eq(s, stmt));
                     clients.remove(name);
-                    // Gone with the clear, whether or not the Close is skipped later.
-                    *undo = Undo::None;
+                    if !defined_behind && !next_clear {
+                        *undo = Undo::None;
+                    }
                 }
             }
         }
@@ -408,8 +455,10 @@ impl Txn {
             _ => {
                 if let Some(Owed::Reply { kind, undo, .. }) = self.owed.front() {
                     if kind.completed_by(tag) {
-                        if let Undo::Prepare { stmt, .. } = undo {
-                            clients.known.insert(&stmt.server_name);
+                        match undo {
+                            Undo::Prepare { stmt, .. } => clients.known.insert(&stmt.server_name),
+                            Undo::Redefine(r) => clients.known.insert(&r.stmt.server_name),
+                            _ => {}
                         }
                         self.pop_owed();
                     }
@@ -627,10 +676,17 @@ pub(super) fn process(
                 if tag == b"DEALLOCATE ALL\0" || tag == b"DISCARD ALL\0" {
                     // The clear at the front of the queue is reported; one the proxy did
                     // not see coming (inside a multi-statement query) was never counted.
-                    if let Some(Owed::Reply { clears, .. }) = txn.owed.front_mut() {
-                        if std::mem::take(clears) {
+                    let behind = txn.owed.len() > 1;
+                    match txn.owed.front_mut() {
+                        Some(Owed::Reply { clears, .. }) if *clears => {
+                            *clears = false;
                             txn.clears_ahead -= 1;
                         }
+                        // Not seen coming: messages behind it may have been rewritten for
+                        // statements the server no longer has (a Parse of a name the
+                        // client had went out under that statement's server name).
+                        _ if behind => txn.server_in_doubt = true,
+                        _ => {}
                     }
                     clients.clear();
                     servers.clear();
@@ -756,7 +812,7 @@ mod tests {
             // Client: Execute (earlier portal), Parse(known: synthetic), internal Parse, Bind, Execute, Sync.
             txn.owe(Reply::Execute, false, Undo::None);
             txn.owe_synthetic(Synthetic::Message(crate::prepared::PARSE_COMPLETE), Undo::None);
-            txn.owe(Reply::Parse, true, Undo::Prepare { stmt: stmt(), client_name: None, replaced: None });
+            txn.owe(Reply::Parse, true, Undo::Prepare { stmt: stmt(), client_name: None });
             txn.owe(Reply::Bind, false, Undo::None);
             txn.owe(Reply::Execute, false, Undo::None);
             txn.owe(Reply::Sync, false, Undo::None);
@@ -838,7 +894,6 @@ mod tests {
             Undo::Prepare {
                 stmt: s.clone(),
                 client_name: Some(b"s1".to_vec().into()),
-                replaced: None,
             },
         );
         txn.owe(Reply::Bind, false, Undo::None);
@@ -877,6 +932,14 @@ mod tests {
             "a failed Parse is not registered"
         );
         assert!(!servers.touch(&s.server_name));
+    }
+
+    /// Every message owes an entry: the queue's entries stay small (a rare case's data is
+    /// boxed).
+    #[test]
+    fn owed_entries_stay_small() {
+        assert!(std::mem::size_of::<Undo>() <= 32);
+        assert!(std::mem::size_of::<Owed>() <= 48);
     }
 
     #[test]

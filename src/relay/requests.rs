@@ -676,8 +676,9 @@ impl<S> ClientConn<S> {
     fn parse_waits_for_clear(&self, txn: &Txn, at: usize, total: usize) -> bool {
         txn.clears_ahead > 0
             && !txn.skipping()
+            // A name too long to look up here waits too: `parse` takes any length.
             && cstr(&self.buf[at + HEADER_LEN..at + total], MAX_NAME)
-                .is_some_and(|name| !name.is_empty() && self.statements.get(name).is_some())
+                .is_none_or(|name| !name.is_empty() && self.statements.get(name).is_some())
             && txn.batch_owed()
     }
 
@@ -756,11 +757,7 @@ impl<S> ClientConn<S> {
         out.extend_from_slice(&stmt.parse);
         txn.stats.server_parses += 1;
         let internal = client_name.is_none();
-        let undo = Undo::Prepare {
-            stmt: stmt.clone(),
-            client_name,
-            replaced,
-        };
+        let undo = Undo::prepare(stmt.clone(), client_name, replaced);
         self.owe(txn, server, Reply::Parse, internal, undo);
         out
     }
@@ -859,9 +856,9 @@ impl<S> ClientConn<S> {
         let after_name = self.buf[at + HEADER_LEN + name.len() + 1..at + total].to_vec();
         // A clear ahead in the pipeline (not one the server skips) takes the server's
         // statements and the client's names away before this Parse runs.
-        debug_assert_eq!(
-            txn.clears_ahead as usize,
-            txn.clears_owed(),
+        // Walked only for short queues: a pipeline of thousands of Parses stays linear.
+        debug_assert!(
+            txn.owed.len() > 256 || txn.clears_ahead as usize == txn.clears_owed(),
             "clears counted"
         );
         let clear = txn.clears_ahead > 0 && !txn.skipping();
@@ -874,11 +871,8 @@ impl<S> ClientConn<S> {
                 // text either way; its old meaning comes back if both are skipped.
                 replaced = Some(existing);
             } else {
-                if clear {
-                    // Its Parse behind the clear may have failed, and this one then
-                    // succeeds under that statement's server name: the record cannot say.
-                    txn.server_in_doubt = true;
-                }
+                // Behind the clear, the name was defined in this batch: if that Parse
+                // fails, the server skips this one too.
                 self.parse_name_in_use(&existing, &after_name, at, total, txn, server);
                 return Ok(());
             }
@@ -915,11 +909,7 @@ impl<S> ClientConn<S> {
             self.owe(txn, server, Reply::Close, true, undo);
             msg.extend_from_slice(&stmt.parse);
             txn.stats.server_parses += 1;
-            let undo = Undo::Prepare {
-                stmt,
-                client_name: Some(name.into()),
-                replaced,
-            };
+            let undo = Undo::prepare(stmt, Some(name.into()), replaced);
             self.owe(txn, server, Reply::Parse, false, undo);
             splice(&mut self.buf, at, total, &msg);
             self.ready = at + msg.len();
