@@ -218,17 +218,6 @@ pub fn raise_sql(r: Refusal) -> String {
 }
 
 impl Txn {
-    /// A statement passed on that may be DEALLOCATE ALL or DISCARD ALL (see
-    /// `clears_ahead`). Call right after the message was owed (not when the server skips
-    /// it). One that fails (DISCARD ALL inside a transaction block, anything in a failed
-    /// one) counts until its reply, like one that runs: until then nothing tells them apart.
-    fn note_clear(&mut self, statement: Option<&crate::sql::Deallocate>) {
-        use crate::sql::Deallocate;
-        if matches!(statement, Some(Deallocate::All | Deallocate::DiscardAll)) {
-            self.mark_clear();
-        }
-    }
-
     /// A Parse behind a clear (re)defined `name`: a Parse of it after this one, behind the
     /// same clear, finds it in use (42P05).
     fn defined_behind_clear(&mut self, name: &[u8]) {

@@ -214,7 +214,10 @@ impl Txn {
         None
     }
 
-    /// The message just owed (a Query or an Execute) is DEALLOCATE ALL or DISCARD ALL.
+    /// The message just owed (a Query or an Execute) is DEALLOCATE ALL or DISCARD ALL (see
+    /// `clears_ahead`). Not for one the server skips (call it only when owed). One that
+    /// fails (DISCARD ALL inside a transaction block, anything in a failed one) counts until
+    /// its reply, like one that runs: until then nothing tells them apart.
     pub(super) fn mark_clear(&mut self) {
         if let Some(Owed::Reply { clears, .. }) = self.owed.back_mut() {
             if !*clears {
@@ -238,6 +241,7 @@ impl Txn {
 
     /// Takes the entry at the front of the queue out; a clear in it that was never
     /// reported run (it failed, or the server skipped it) is no longer ahead.
+    #[inline]
     fn pop_owed(&mut self) -> Option<Owed> {
         let entry = self.owed.pop_front();
         if let Some(Owed::Reply { clears: true, .. }) = entry {
@@ -401,6 +405,26 @@ impl Txn {
         }
     }
 
+    /// ReadyForQuery ended a batch whose own entry is not first in the queue: the entries
+    /// before it were skipped (or it is a clear that failed).
+    #[inline(never)]
+    fn batch_answered_after_skips(
+        &mut self,
+        clients: &mut ClientStatements,
+        servers: &mut ServerStatements,
+    ) {
+        let mut skipped = Vec::new();
+        while let Some(entry) = self.pop_owed() {
+            match entry {
+                Owed::Reply { kind, .. } if kind.ends_batch() => break,
+                other => skipped.push(other),
+            }
+        }
+        if !skipped.is_empty() {
+            Self::all_unanswered(skipped, clients, servers);
+        }
+    }
+
     /// A server message is complete.
     fn complete(
         &mut self,
@@ -415,16 +439,14 @@ impl Txn {
             backend::READY_FOR_QUERY => {
                 self.copy_in = false;
                 self.errored = false;
-                let mut skipped = Vec::new();
-                while let Some(entry) = self.pop_owed() {
-                    match entry {
-                        Owed::Reply { kind, .. } if kind.ends_batch() => break,
-                        other => skipped.push(other),
-                    }
-                }
-                // Usually the batch's own entry was first: nothing was skipped.
-                if !skipped.is_empty() {
-                    Self::all_unanswered(skipped, clients, servers);
+                // Usually the batch's own entry is first: nothing was skipped.
+                if matches!(
+                    self.owed.front(),
+                    Some(Owed::Reply { kind, clears: false, .. }) if kind.ends_batch()
+                ) {
+                    self.owed.pop_front();
+                } else {
+                    self.batch_answered_after_skips(clients, servers);
                 }
                 self.counts.ready(self.status, !self.batch_owed());
             }

@@ -631,7 +631,7 @@ impl<S> ClientConn<S> {
                         _ => Reply::Execute,
                     };
                     if self.owe(txn, server, kind, false, Undo::None) && clears {
-                        txn.note_clear(Some(&Deallocate::All));
+                        txn.mark_clear();
                     }
                     txn.unsynced = true;
                     self.pass = total;
@@ -797,8 +797,9 @@ impl<S> ClientConn<S> {
                 // A name the client does not have: the server fails it (26000) as PostgreSQL would.
             }
         }
-        if self.owe(txn, server, Reply::Query, false, Undo::None) {
-            txn.note_clear(dealloc.as_ref());
+        let clears = matches!(dealloc, Some(Deallocate::All | Deallocate::DiscardAll));
+        if self.owe(txn, server, Reply::Query, false, Undo::None) && clears {
+            txn.mark_clear();
         }
         match refusal {
             None => self.ready += total,
