@@ -544,6 +544,47 @@ async fn health_endpoints_and_unknown_paths() {
     drop(proxy);
 }
 
+/// Scrapers that open a connection and never finish their request hold the endpoint's 16
+/// slots only until the header timeout (10 s): `/healthz` waits behind them, then answers,
+/// and the slow connections are closed.
+#[tokio::test]
+async fn slow_http_clients_cannot_hold_the_endpoint() {
+    let (_proxy, port) = proxy("m_slow_http", "").await;
+    let mut slow = Vec::new();
+    for _ in 0..16 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    let started = std::time::Instant::now();
+    let health = tokio::spawn(get(port, "/healthz"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !health.is_finished(),
+        "every slot is held by a slow request: /healthz waits"
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(40), health)
+        .await
+        .expect("/healthz answered once the slow requests timed out")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, (200, "ok\n".into()));
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "answered only after the slots came back: {:?}",
+        started.elapsed()
+    );
+    for mut s in slow {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(40), s.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a slow request's connection is closed");
+    }
+}
+
 /// `/readyz` follows the upstream: ready, not ready while it is stopped, ready again.
 #[tokio::test]
 async fn readyz_flips_while_the_upstream_is_down() {
