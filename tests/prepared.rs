@@ -503,6 +503,16 @@ async fn deallocate_all_then_parse_in_one_pipeline() {
     assert_eq!(row, [Some("4".to_owned())], "s1 kept its text");
 }
 
+/// Runs statement `name` (Bind, Execute, Sync) and checks it returns the one value `value`.
+async fn runs_as(c: &mut Wire, name: &str, value: &str, why: &str) {
+    let (tags, msgs) = c
+        .round(&[wire::bind("", name, &[]), wire::execute(""), wire::sync()])
+        .await;
+    assert_eq!(tags, "2DCZ", "{why}: {msgs:?}");
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap().row();
+    assert_eq!(row, [Some(value.to_owned())], "{why}");
+}
+
 /// A Parse of a name the client has, behind a DEALLOCATE ALL in the same pipeline: in
 /// PostgreSQL the clear frees the name and the Parse defines it again, and a second Parse
 /// of it behind the same clear fails with 42P05; a clear that an error skips frees nothing.
@@ -513,9 +523,6 @@ async fn a_name_in_use_parsed_again_behind_a_clear() {
     let port = proxy.addr.port();
     let mut c = Wire::connect(port, "ps_reparse_clear", "ps_reparse_clear").await;
     let mut d = Wire::connect(port, "ps_reparse_clear", "ps_reparse_clear").await;
-    let run = |name: &str| vec![wire::bind("", name, &[]), wire::execute(""), wire::sync()];
-    let value = |msgs: &[wire::Msg]| msgs.iter().find(|m| m.tag == b'D').map(|m| m.row());
-    let one = |v: &str| Some(vec![Some(v.to_owned())]);
     let tags_of = |msgs: &[wire::Msg]| -> String { msgs.iter().map(|m| m.tag as char).collect() };
     let unnamed_clear = || {
         vec![
@@ -540,9 +547,9 @@ async fn a_name_in_use_parsed_again_behind_a_clear() {
     assert_eq!(tags_of(&c.until_ready().await), "CZ");
     let msgs = c.until_ready().await;
     assert_eq!(tags_of(&msgs), "12DCZ", "{msgs:?}");
-    assert_eq!(value(&msgs), one("2"));
-    let (tags, msgs) = c.round(&run("s1")).await;
-    assert_eq!((tags.as_str(), value(&msgs)), ("2DCZ", one("2")), "s1 kept");
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap().row();
+    assert_eq!(row, [Some("2".to_owned())]);
+    runs_as(&mut c, "s1", "2", "s1 kept").await;
 
     // A clear run from the unnamed statement, then two Parses of the name: the first
     // defines it, the second finds it in use.
@@ -555,12 +562,7 @@ async fn a_name_in_use_parsed_again_behind_a_clear() {
     let (tags, msgs) = c.round(&pipeline).await;
     assert_eq!(tags, "12C1EZ", "{msgs:?}");
     assert_eq!(msgs[4].code().as_deref(), Some("42P05"));
-    let (tags, msgs) = c.round(&run("s1")).await;
-    assert_eq!(
-        (tags.as_str(), value(&msgs)),
-        ("2DCZ", one("3")),
-        "the first Parse holds"
-    );
+    runs_as(&mut c, "s1", "3", "the first Parse holds").await;
 
     // The clear's batch fails before it (a Bind of a statement nobody has): the server skips
     // it, so a Parse of the name in the next batch finds it in use, as in PostgreSQL.
@@ -574,12 +576,7 @@ async fn a_name_in_use_parsed_again_behind_a_clear() {
     let msgs = c.until_ready().await;
     assert_eq!(tags_of(&msgs), "EZ", "{msgs:?}");
     assert_eq!(msgs[0].code().as_deref(), Some("42P05"));
-    let (tags, msgs) = c.round(&run("s1")).await;
-    assert_eq!(
-        (tags.as_str(), value(&msgs)),
-        ("2DCZ", one("3")),
-        "s1 unchanged"
-    );
+    runs_as(&mut c, "s1", "3", "s1 unchanged").await;
 
     // The same in one batch: the error skips the clear and the Parse alike.
     let mut pipeline = vec![wire::bind("", "nosuch", &[])];
@@ -587,21 +584,14 @@ async fn a_name_in_use_parsed_again_behind_a_clear() {
     pipeline.extend([wire::parse("s1", "SELECT 6"), wire::sync()]);
     let (tags, msgs) = c.round(&pipeline).await;
     assert_eq!(tags, "EZ", "{msgs:?}");
-    let (tags, msgs) = c.round(&run("s1")).await;
-    assert_eq!(
-        (tags.as_str(), value(&msgs)),
-        ("2DCZ", one("3")),
-        "s1 unchanged"
-    );
+    runs_as(&mut c, "s1", "3", "s1 unchanged").await;
 
     // The other client's statement on the shared server, and s1 on a fresh server.
-    let (tags, msgs) = d.round(&run("t")).await;
-    assert_eq!((tags.as_str(), value(&msgs)), ("2DCZ", one("9")));
+    runs_as(&mut d, "t", "9", "the other client's statement").await;
     c.round(&[wire::query("DISCARD ALL")]).await;
     c.round(&[wire::parse("s1", "SELECT 7"), wire::sync()])
         .await;
-    let (tags, msgs) = c.round(&run("s1")).await;
-    assert_eq!((tags.as_str(), value(&msgs)), ("2DCZ", one("7")));
+    runs_as(&mut c, "s1", "7", "on a fresh server").await;
 }
 
 /// A DEALLOCATE ALL inside a multi-statement query is not seen coming: a Parse of a name

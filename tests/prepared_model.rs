@@ -773,20 +773,20 @@ fn an_eviction_skipped_after_a_clear_ran() {
 /// taking the Close back gave the client its name again, though the clear had dropped it.
 #[test]
 fn a_close_skipped_after_a_clear_ran() {
+    behind_a_named_clear(&[bind(S3, NO_PARAMS), Op::Close { name: S1 }]);
+}
+
+/// One client: s1 means "SELECT 1 AS one" and s2 `DEALLOCATE ALL`; then one batch runs s2
+/// (the clear) followed by `ops`, and the next runs s1, whatever it means by then.
+fn behind_a_named_clear(ops: &[Op]) {
+    let mut clear_then = vec![bind(S2, NO_PARAMS), Op::Execute];
+    clear_then.extend_from_slice(ops);
     known(
         1,
         200,
         vec![
             (0, batch(&[parse(S1, ONE), parse(S2, DEALLOCATE_ALL)])),
-            (
-                0,
-                batch(&[
-                    bind(S2, NO_PARAMS),
-                    Op::Execute,
-                    bind(S3, NO_PARAMS),
-                    Op::Close { name: S1 },
-                ]),
-            ),
+            (0, Round::Batch(clear_then)),
             (0, batch(&[bind(S1, NO_PARAMS), Op::Execute])),
         ],
     );
@@ -797,51 +797,21 @@ fn a_close_skipped_after_a_clear_ran() {
 /// version, which let the clear make every Close behind it final).
 #[test]
 fn a_close_skipped_of_a_name_defined_behind_a_clear() {
-    known(
-        1,
-        200,
-        vec![
-            (0, batch(&[parse(S1, ONE), parse(S2, DEALLOCATE_ALL)])),
-            (
-                0,
-                batch(&[
-                    bind(S2, NO_PARAMS),
-                    Op::Execute,
-                    parse(S1, XY),
-                    bind(S3, NO_PARAMS),
-                    Op::Close { name: S1 },
-                ]),
-            ),
-            (0, batch(&[bind(S1, NO_PARAMS), Op::Execute])),
-        ],
-    );
+    behind_a_named_clear(&[parse(S1, XY), bind(S3, NO_PARAMS), Op::Close { name: S1 }]);
 }
 
 /// Two clears in one batch, an error between them: the first runs, the second and the
 /// Parse behind it are skipped, and the name keeps what the Parse between them gave it.
 #[test]
 fn a_second_clear_skipped_in_the_same_batch() {
-    known(
-        1,
-        200,
-        vec![
-            (0, batch(&[parse(S1, ONE), parse(S2, DEALLOCATE_ALL)])),
-            (
-                0,
-                batch(&[
-                    bind(S2, NO_PARAMS),
-                    Op::Execute,
-                    parse(S1, XY),
-                    bind(S3, NO_PARAMS),
-                    parse(UNNAMED, DEALLOCATE_ALL),
-                    bind(UNNAMED, NO_PARAMS),
-                    Op::Execute,
-                    parse(S1, SHOUT),
-                ]),
-            ),
-            (0, batch(&[bind(S1, NO_PARAMS), Op::Execute])),
-        ],
-    );
+    behind_a_named_clear(&[
+        parse(S1, XY),
+        bind(S3, NO_PARAMS),
+        parse(UNNAMED, DEALLOCATE_ALL),
+        bind(UNNAMED, NO_PARAMS),
+        Op::Execute,
+        parse(S1, SHOUT),
+    ]);
 }
 
 /// With a server cache of 2, statements prepared behind a clear evict one of themselves:
