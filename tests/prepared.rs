@@ -586,6 +586,39 @@ async fn a_name_in_use_parsed_again_behind_a_clear() {
     assert_eq!(tags, "EZ", "{msgs:?}");
     runs_as(&mut c, "s1", "3", "s1 unchanged").await;
 
+    // DEALLOCATE s1 behind extended-protocol messages with no Sync: their replies come
+    // first, then its own.
+    c.send(&[
+        wire::parse("", "SELECT 8"),
+        wire::bind("", "", &[]),
+        wire::execute(""),
+        wire::query("DEALLOCATE s1"),
+    ])
+    .await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags_of(&msgs), "12DCCZ", "{msgs:?}");
+    c.round(&[wire::parse("s1", "SELECT 3"), wire::sync()])
+        .await;
+
+    // DEALLOCATE s1 behind a clear in its batch, and in an earlier batch: the clear has
+    // dropped s1, so it fails (26000), as in PostgreSQL.
+    let mut pipeline = unnamed_clear();
+    pipeline.push(wire::query("DEALLOCATE s1"));
+    c.send(&pipeline).await;
+    let msgs = c.until_ready().await;
+    assert_eq!(tags_of(&msgs), "12CEZ", "{msgs:?}");
+    assert_eq!(msgs[3].code().as_deref(), Some("26000"));
+    c.round(&[wire::parse("s1", "SELECT 3"), wire::sync()])
+        .await;
+    let mut pipeline = unnamed_clear();
+    pipeline.extend([wire::sync(), wire::query("DEALLOCATE s1")]);
+    c.send(&pipeline).await;
+    assert_eq!(tags_of(&c.until_ready().await), "12CZ");
+    let msgs = c.until_ready().await;
+    assert_eq!(msgs[0].code().as_deref(), Some("26000"), "{msgs:?}");
+    c.round(&[wire::parse("s1", "SELECT 3"), wire::sync()])
+        .await;
+
     // The other client's statement on the shared server, and s1 on a fresh server.
     runs_as(&mut d, "t", "9", "the other client's statement").await;
     c.round(&[wire::query("DISCARD ALL")]).await;
@@ -654,6 +687,44 @@ async fn deallocate_in_a_failed_transaction_answers_as_postgresql() {
     assert_eq!(status(&msgs), Some('E'), "still in the failed transaction");
     assert_eq!(c.round(&[wire::query("ROLLBACK")]).await.0, "CZ");
     assert_eq!(c.round(&run("s1")).await.0, "2DCZ", "s1 kept");
+
+    // Messages behind the refused DEALLOCATE see the name it kept: a Parse of it is refused
+    // too (25P02, s1 keeps its text), a Close of it drops it (PostgreSQL's Close works in a
+    // failed transaction).
+    assert_eq!(c.round(&[wire::query("BEGIN")]).await.0, "CZ");
+    c.send(&[
+        wire::query("SELECT 1/0"),
+        wire::query("DEALLOCATE s1"),
+        wire::parse("s1", "SELECT 2"),
+        wire::sync(),
+    ])
+    .await;
+    for step in ["22012", "25P02", "25P02"] {
+        let msgs = c.until_ready().await;
+        assert_eq!(msgs[0].code().as_deref(), Some(step), "{msgs:?}");
+    }
+    assert_eq!(c.round(&[wire::query("ROLLBACK")]).await.0, "CZ");
+    let (tags, msgs) = c.round(&run("s1")).await;
+    assert_eq!(tags, "2DCZ", "{msgs:?}");
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap().row();
+    assert_eq!(row, [Some("1".to_owned())], "s1 kept its text");
+    assert_eq!(c.round(&[wire::query("BEGIN")]).await.0, "CZ");
+    c.send(&[
+        wire::query("SELECT 1/0"),
+        wire::query("DEALLOCATE s1"),
+        wire::close_statement("s1"),
+        wire::sync(),
+    ])
+    .await;
+    for step in [Some("22012"), Some("25P02"), None] {
+        let msgs = c.until_ready().await;
+        assert_eq!(msgs[0].code().as_deref(), step, "{msgs:?}");
+    }
+    assert_eq!(c.round(&[wire::query("ROLLBACK")]).await.0, "CZ");
+    let (tags, msgs) = c.round(&run("s1")).await;
+    assert_eq!(tags, "EZ", "the Close dropped s1: {msgs:?}");
+    c.round(&[wire::parse("s1", "SELECT 1"), wire::sync()])
+        .await;
 
     // Failed first, then a ROLLBACK and the DEALLOCATE sent together: it runs.
     c.round(&[wire::query("BEGIN")]).await;

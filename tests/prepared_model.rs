@@ -838,3 +838,75 @@ fn an_eviction_behind_a_clear_that_runs() {
         ],
     );
 }
+
+/// Two clears in one batch, an error between them, and behind the second a Close of a name
+/// from before the first, or a Parse of it: the first clear dropped the name, so the skipped
+/// Close or Parse puts nothing back (found in review: the second clear kept the undo).
+#[test]
+fn a_name_from_before_two_clears_stays_dropped() {
+    let second_clear = [
+        bind(S3, NO_PARAMS),
+        parse(UNNAMED, DEALLOCATE_ALL),
+        bind(UNNAMED, NO_PARAMS),
+        Op::Execute,
+    ];
+    behind_a_named_clear(&[&second_clear[..], &[Op::Close { name: S1 }]].concat());
+    behind_a_named_clear(&[&second_clear[..], &[parse(S1, XY)]].concat());
+}
+
+/// The same with a statement the proxy evicts behind the second clear: the server's record
+/// must not get back a statement the first clear dropped (another client's Parse of that
+/// text was answered by pgsluice, and its Bind failed with 26000).
+#[test]
+fn an_eviction_behind_a_second_clear_that_is_skipped() {
+    known(
+        1,
+        1,
+        vec![
+            (0, batch(&[parse(S1, ONE)])),
+            (
+                0,
+                batch(&[
+                    parse(UNNAMED, DEALLOCATE_ALL),
+                    bind(UNNAMED, NO_PARAMS),
+                    Op::Execute,
+                    bind(S3, NO_PARAMS),
+                    parse(UNNAMED, DEALLOCATE_ALL),
+                    bind(UNNAMED, NO_PARAMS),
+                    Op::Execute,
+                    parse(S2, XY),
+                ]),
+            ),
+            (
+                1,
+                batch(&[parse(S1, ONE), bind(S1, NO_PARAMS), Op::Execute]),
+            ),
+        ],
+    );
+}
+
+/// A Bind of a name the client had, behind a clear in its batch: the clear drops the name,
+/// so PostgreSQL fails the Bind (26000). pgsluice prepared the statement again on the
+/// server (its record had evicted it) and the Bind ran. Found by `rewriting_matches_postgresql`.
+#[test]
+fn a_bind_behind_a_clear_in_its_batch() {
+    known(
+        2,
+        2,
+        vec![
+            (0, batch(&[parse(S2, ONE)])),
+            (0, batch(&[parse(S1, DEALLOCATE_ALL)])),
+            (
+                0,
+                batch(&[
+                    bind(S1, NO_PARAMS),
+                    parse(S3, XY),
+                    Op::Execute,
+                    bind(S2, NO_PARAMS),
+                ]),
+            ),
+        ],
+    );
+    behind_a_named_clear(&[Op::DescribeStatement { name: S1 }]);
+    behind_a_named_clear(&[bind(S1, NO_PARAMS), Op::Execute]);
+}

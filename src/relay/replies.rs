@@ -264,7 +264,9 @@ impl Txn {
     /// True while an earlier batch (closed by a Sync already passed on) holds a change to
     /// the statement records that the server may still take back by failing. A message
     /// that reads those records must wait for that batch's answer: within one batch an
-    /// error skips everything after it anyway, across batches it does not.
+    /// error skips everything after it anyway, across batches it does not. A `DEALLOCATE
+    /// name` pgsluice answers is such a batch of its own: it is refused (and the name
+    /// kept) if the transaction failed before it.
     pub(super) fn speculating(&self) -> bool {
         let mut changed = false;
         for entry in &self.owed {
@@ -274,6 +276,10 @@ impl Txn {
                         return true;
                     }
                 }
+                Owed::Synthetic {
+                    reply: Synthetic::Deallocate,
+                    ..
+                } => return true,
                 Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. } => {
                     changed |= !matches!(undo, Undo::None)
                 }
@@ -302,6 +308,10 @@ impl Speculation {
         for entry in txn.owed.range(self.seen..) {
             match entry {
                 Owed::Reply { kind, .. } if kind.ends_batch() => self.speculating |= self.changed,
+                Owed::Synthetic {
+                    reply: Synthetic::Deallocate,
+                    ..
+                } => self.speculating = true,
                 Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. } => {
                     self.changed |= !matches!(undo, Undo::None)
                 }
@@ -323,21 +333,17 @@ impl Txn {
     /// with what the proxy believes it holds.
     ///
     /// What an entry behind the clear would take back if the server skipped it is then
-    /// measured from the clear, not from before it: a Close of a statement the clear dropped
-    /// puts nothing back. Entries behind a later clear keep theirs until that one runs.
+    /// measured from the state after the clear (whether or not a later clear runs): a
+    /// statement the clear dropped is not put back, one made again behind it is.
     fn redo_after_clear(&mut self, clients: &mut ClientStatements, servers: &mut ServerStatements) {
-        let mut next_clear = false;
         for entry in &mut self.owed {
-            if let Owed::Reply { clears: true, .. } = entry {
-                next_clear = true;
-            }
             let (Owed::Reply { undo, .. } | Owed::Synthetic { undo, .. }) = entry;
             match undo {
                 Undo::None => {}
                 Undo::Evict(name) => {
                     // The Close runs after the clear: a statement prepared again behind the
                     // clear goes again; one the clear dropped leaves nothing to put back.
-                    if !servers.forget(name) && !next_clear {
+                    if !servers.forget(name) {
                         *undo = Undo::None;
                     }
                 }
@@ -348,23 +354,26 @@ impl Txn {
                     }
                 }
                 Undo::Redefine(r) => {
-                    servers.restore(r.stmt.server_name.clone());
-                    clients.insert(&r.name, r.stmt.clone());
-                    if !next_clear {
-                        // The clear freed what the name meant before: nothing to put back.
+                    // What the name meant before comes back only if it was made again
+                    // behind the clear (between it and a later clear).
+                    if r.replaced.as_ref().is_some_and(|old| {
+                        !clients.get(&r.name).is_some_and(|s| Arc::ptr_eq(s, old))
+                    }) {
                         r.replaced = None;
                     }
+                    servers.restore(r.stmt.server_name.clone());
+                    clients.insert(&r.name, r.stmt.clone());
                 }
                 Undo::Register { name, stmt } => {
                     clients.insert(name, stmt.clone());
                     self.server_in_doubt = true;
                 }
                 Undo::Unregister { name, stmt } => {
-                    // A name defined again behind the clear comes back if the Close is
+                    // A name made again behind the clear comes back if the Close is
                     // skipped; one the clear dropped does not.
-                    let defined_behind = clients.get(name).is_some_and(|s| Arc::ptr_eq(s, stmt));
+                    let made_again = clients.get(name).is_some_and(|s| Arc::ptr_eq(s, stmt));
                     clients.remove(name);
-                    if !defined_behind && !next_clear {
+                    if !made_again {
                         *undo = Undo::None;
                     }
                 }

@@ -24,6 +24,17 @@ use crate::protocol::frontend;
 use crate::protocol::messages::{self, CStrings, ErrorFields, Severity};
 use crate::sql::{self, Deallocate, Refusal, SessionEffects};
 
+/// See [`ClientConn::behind_clear`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BehindClear {
+    /// No clear ahead drops the name.
+    No,
+    /// Wait for the answer of an earlier batch, which may hold the clear.
+    Wait,
+    /// The clear ahead, in this batch, drops the name first.
+    Dropped,
+}
+
 /// Longest statement or portal name the proxy reads before a Bind's parameters.
 const MAX_NAME: usize = 1024;
 
@@ -492,7 +503,12 @@ impl<S> ClientConn<S> {
                     if rewrite
                         && ((speculation.check(txn) && self.reads_statements(tag, at, total))
                             || (tag == frontend::PARSE
-                                && self.parse_waits_for_clear(txn, at, total)))
+                                && self.parse_waits_for_clear(txn, at, total))
+                            || (tag == frontend::QUERY
+                                && txn.clears_ahead > 0
+                                && !txn.skipping()
+                                && txn.batch_owed()
+                                && self.reads_statements(tag, at, total)))
                     {
                         return Ok(false); // wait for the earlier batch's answer
                     }
@@ -517,9 +533,15 @@ impl<S> ClientConn<S> {
                     if !name.is_empty() && speculation.check(txn) {
                         return Ok(false); // wait for the earlier batch's answer
                     }
+                    let behind = self.behind_clear(txn, name);
+                    if behind == BehindClear::Wait {
+                        return Ok(false);
+                    }
                     let (portal_len, name_len) = (portal.len(), name.len());
                     let prefix = HEADER_LEN + portal_len + 1 + name_len + 1;
-                    let known = if name.is_empty() {
+                    let known = if name.is_empty() || behind == BehindClear::Dropped {
+                        // A name the clear ahead drops goes as it is: the server knows no
+                        // client's names and fails it (26000), as PostgreSQL would.
                         None
                     } else {
                         self.statements.get(name).cloned()
@@ -573,6 +595,14 @@ impl<S> ClientConn<S> {
                     if named_statement && speculation.check(txn) {
                         return Ok(false); // wait for the earlier batch's answer
                     }
+                    let behind = if named_statement {
+                        self.behind_clear(txn, &name)
+                    } else {
+                        BehindClear::No
+                    };
+                    if behind == BehindClear::Wait {
+                        return Ok(false);
+                    }
                     if tag == frontend::CLOSE && named_statement {
                         // The client forgets it (a name it never had closes quietly, as in
                         // PostgreSQL); the server keeps it for whoever prepares it next.
@@ -589,7 +619,8 @@ impl<S> ClientConn<S> {
                         continue;
                     }
                     match self.statements.get(&name).cloned() {
-                        Some(stmt) if named_statement => {
+                        // A Describe of a name the clear ahead drops goes as it is (26000).
+                        Some(stmt) if named_statement && behind == BehindClear::No => {
                             let mut msg = self.prepare_first(&stmt, txn, server);
                             msg.extend_from_slice(&[frontend::DESCRIBE]);
                             msg.extend_from_slice(
@@ -680,6 +711,25 @@ impl<S> ClientConn<S> {
             && cstr(&self.buf[at + HEADER_LEN..at + total], MAX_NAME)
                 .is_none_or(|name| !name.is_empty() && self.statements.get(name).is_some())
             && txn.batch_owed()
+    }
+
+    /// Where a message naming the client's statement `name` stands behind a clear passed on
+    /// and not reported yet. A name the client had before the clear (not parsed again
+    /// behind it): the clear drops it before the message runs if it is in the message's
+    /// batch (or an error ahead skips both); if the clear may be in an earlier batch, that
+    /// batch's answer tells.
+    fn behind_clear(&self, txn: &Txn, name: &[u8]) -> BehindClear {
+        if txn.clears_ahead == 0
+            || txn.skipping()
+            || txn.is_defined_behind_clear(name)
+            || self.statements.get(name).is_none()
+        {
+            BehindClear::No
+        } else if txn.batch_owed() {
+            BehindClear::Wait
+        } else {
+            BehindClear::Dropped
+        }
     }
 
     /// A message whose leading names are not all here yet.
@@ -780,13 +830,29 @@ impl<S> ClientConn<S> {
         if statements && refusal.is_none() {
             dealloc = sql::deallocate(text);
             if let Some(Deallocate::Name(name)) = &dealloc {
-                if let Some(stmt) = self.statements.remove(name.as_bytes()) {
+                // A name the clear ahead drops goes to the server, which fails it (26000)
+                // as PostgreSQL would.
+                let dropped = self.behind_clear(txn, name.as_bytes()) == BehindClear::Dropped;
+                let stmt = if dropped {
+                    None
+                } else {
+                    self.statements.remove(name.as_bytes())
+                };
+                if let Some(stmt) = stmt {
                     // The client's name goes; the server's statement stays for others.
                     // PostgreSQL answers DEALLOCATE and ReadyForQuery; so does the proxy,
                     // or 25P02 in a transaction that failed before it (known when the
                     // answer is due: a statement ahead in the pipeline may fail it, or a
-                    // ROLLBACK end it), and the client keeps the name then.
-                    splice(&mut self.buf, at, total, &[]);
+                    // ROLLBACK end it), and the client keeps the name then. Behind
+                    // extended-protocol messages with no Sync, a Flush takes its place: the
+                    // server sends their replies only when asked (as a Query would ask).
+                    let flush: &[u8] = if txn.unsynced {
+                        &[frontend::FLUSH, 0, 0, 0, 4]
+                    } else {
+                        &[]
+                    };
+                    splice(&mut self.buf, at, total, flush);
+                    self.ready = at + flush.len();
                     let undo = Undo::Unregister {
                         name: name.as_bytes().into(),
                         stmt,
