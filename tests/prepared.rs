@@ -484,10 +484,16 @@ async fn deallocate_all_then_parse_in_one_pipeline() {
     );
     // A Parse of a name the client has, behind a clear that fails (the transaction block
     // failed before it): both fail with 25P02, as in PostgreSQL, and s1 keeps its text.
-    c.round(&[wire::query("BEGIN")]).await;
+    s1_survives_a_failed_block(&mut c, "DEALLOCATE ALL", "4").await;
+}
+
+/// In a transaction block that `SELECT 1/0` fails, `statement` and a Parse of s1 behind it,
+/// sent at once, are both refused (25P02); after ROLLBACK, s1 still returns `value`.
+async fn s1_survives_a_failed_block(c: &mut Wire, statement: &str, value: &str) {
+    assert_eq!(c.round(&[wire::query("BEGIN")]).await.0, "CZ");
     c.send(&[
         wire::query("SELECT 1/0"),
-        wire::query("DEALLOCATE ALL"),
+        wire::query(statement),
         wire::parse("s1", "SELECT 6"),
         wire::sync(),
     ])
@@ -497,10 +503,7 @@ async fn deallocate_all_then_parse_in_one_pipeline() {
         assert_eq!(msgs[0].code().as_deref(), Some(step), "{msgs:?}");
     }
     assert_eq!(c.round(&[wire::query("ROLLBACK")]).await.0, "CZ");
-    let (tags, msgs) = c.round(&run("s1")).await;
-    assert_eq!(tags, "2DCZ", "{msgs:?}");
-    let row = msgs.iter().find(|m| m.tag == b'D').unwrap().row();
-    assert_eq!(row, [Some("4".to_owned())], "s1 kept its text");
+    runs_as(c, "s1", value, "s1 kept its text").await;
 }
 
 /// Runs statement `name` (Bind, Execute, Sync) and checks it returns the one value `value`.
@@ -691,23 +694,7 @@ async fn deallocate_in_a_failed_transaction_answers_as_postgresql() {
     // Messages behind the refused DEALLOCATE see the name it kept: a Parse of it is refused
     // too (25P02, s1 keeps its text), a Close of it drops it (PostgreSQL's Close works in a
     // failed transaction).
-    assert_eq!(c.round(&[wire::query("BEGIN")]).await.0, "CZ");
-    c.send(&[
-        wire::query("SELECT 1/0"),
-        wire::query("DEALLOCATE s1"),
-        wire::parse("s1", "SELECT 2"),
-        wire::sync(),
-    ])
-    .await;
-    for step in ["22012", "25P02", "25P02"] {
-        let msgs = c.until_ready().await;
-        assert_eq!(msgs[0].code().as_deref(), Some(step), "{msgs:?}");
-    }
-    assert_eq!(c.round(&[wire::query("ROLLBACK")]).await.0, "CZ");
-    let (tags, msgs) = c.round(&run("s1")).await;
-    assert_eq!(tags, "2DCZ", "{msgs:?}");
-    let row = msgs.iter().find(|m| m.tag == b'D').unwrap().row();
-    assert_eq!(row, [Some("1".to_owned())], "s1 kept its text");
+    s1_survives_a_failed_block(&mut c, "DEALLOCATE s1", "1").await;
     assert_eq!(c.round(&[wire::query("BEGIN")]).await.0, "CZ");
     c.send(&[
         wire::query("SELECT 1/0"),
