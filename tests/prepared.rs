@@ -581,6 +581,23 @@ async fn a_name_in_use_parsed_again_behind_a_clear() {
     assert_eq!(msgs[0].code().as_deref(), Some("42P05"));
     runs_as(&mut c, "s1", "3", "s1 unchanged").await;
 
+    // The same with a name longer than pgsluice reads ahead (1 KiB): it waits as well.
+    let long = "l".repeat(1500);
+    c.round(&[wire::parse(&long, "SELECT 1"), wire::sync()])
+        .await;
+    let mut pipeline = vec![wire::bind("", "nosuch", &[])];
+    pipeline.extend(unnamed_clear());
+    pipeline.extend([wire::sync(), wire::parse(&long, "SELECT 5"), wire::sync()]);
+    c.send(&pipeline).await;
+    assert_eq!(tags_of(&c.until_ready().await), "EZ");
+    let msgs = c.until_ready().await;
+    assert_eq!(tags_of(&msgs), "EZ", "{msgs:?}");
+    assert_eq!(
+        msgs[0].code().as_deref(),
+        Some("42P05"),
+        "the long name is in use"
+    );
+
     // The same in one batch: the error skips the clear and the Parse alike.
     let mut pipeline = vec![wire::bind("", "nosuch", &[])];
     pipeline.extend(unnamed_clear());
