@@ -472,8 +472,9 @@ async fn a_proxy_without_its_control_connection_does_not_grow() {
         )
         .await
         .unwrap();
+    // Bounded generously: on a loaded 2-core CI machine 5 s was once not enough.
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(20), || async {
             budget(&proxy).last_error.is_some()
         })
         .await,
