@@ -1088,7 +1088,7 @@ impl Session {
     async fn serve_transaction(
         &mut self,
         mut checkout: Checkout,
-        got_at: Instant,
+        got_at: u64,
     ) -> Option<Result<(), String>> {
         // The server's session parameters usually match the client's already.
         // The usual case is decided by pointer: clients with equal login sets share one, and
@@ -1364,15 +1364,16 @@ impl Session {
 
     /// Waits for a server. Meanwhile watches the client: a cancel takes it out of the queue,
     /// and a client that hangs up stops waiting (`None`) instead of running a dead request.
-    /// With the server comes the time it was got: the transaction starts then (one clock
-    /// read serves the request time, the wait and the transaction's duration).
+    /// With the server comes the time it was got, a [`crate::clock`] stamp: the transaction
+    /// starts then (one clock read serves the request time, the wait and the transaction's
+    /// duration).
     async fn wait_for_server(
         &mut self,
         wait: std::time::Duration,
-    ) -> Option<Result<(Checkout, Instant), NotServed>> {
+    ) -> Option<Result<(Checkout, u64), NotServed>> {
         if let Some(c) = self.shared.pools.try_idle(self.pool()) {
             // No wait: the wait observed is zero.
-            let now = Instant::now();
+            let now = crate::clock::stamp_now();
             self.registration.client.set_request_time(now);
             return Some(Ok((self.got(c, std::time::Duration::ZERO), now)));
         }
@@ -1390,8 +1391,10 @@ impl Session {
         &mut self,
         wait: std::time::Duration,
         began: Instant,
-    ) -> Option<Result<(Checkout, Instant), NotServed>> {
-        self.registration.client.set_waiting(began);
+    ) -> Option<Result<(Checkout, u64), NotServed>> {
+        // The wait is measured in stamps; the pool's queue keeps the Instant (deadlines).
+        let began_at = crate::clock::stamp(began);
+        self.registration.client.set_waiting(began_at);
         let shared = self.shared.clone();
         let cell = self.wait_cell.get_or_insert_with(Arc::default).clone();
         let pool = self.pool();
@@ -1407,7 +1410,7 @@ impl Session {
         // Pinned here and lent: an async fn keeps its arguments beside its locals, so a
         // future passed by value would be held twice.
         let checkout = std::pin::pin!(checkout);
-        self.queued(checkout, &cell, wait, began).await
+        self.queued(checkout, &cell, wait, began_at).await
     }
 
     /// The queued wait of [`Session::wait_queued`]: `checkout` against a cancel, a drain and
@@ -1419,8 +1422,8 @@ impl Session {
         >,
         cell: &WaitCell,
         wait: std::time::Duration,
-        began: Instant,
-    ) -> Option<Result<(Checkout, Instant), NotServed>> {
+        began_at: u64,
+    ) -> Option<Result<(Checkout, u64), NotServed>> {
         self.client.shrink_while_queued();
         let cancelled = self.cancel.cancelled_while_queued();
         tokio::pin!(cancelled);
@@ -1441,8 +1444,8 @@ impl Session {
             tokio::select! {
                 biased;
                 r = checkout.as_mut() => {
-                    let now = Instant::now();
-                    let waited = now.saturating_duration_since(began);
+                    let now = crate::clock::stamp_now();
+                    let waited = crate::clock::between(began_at, now);
                     break match r {
                         Ok(c) => Ok((self.got(c, waited), now)),
                         Err(e) => {

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::clock::stamp;
 use crate::metrics::AppMetrics;
 use crate::pool::PoolId;
 
@@ -85,12 +86,12 @@ pub struct Client {
     /// The process id in the BackendKeyData pgsluice gave the client.
     pub pid: i32,
     state: AtomicU8,
-    /// When the current wait began (µs since `BASE`, plus 1); 0 when not waiting.
+    /// When the current wait began (a [`crate::clock`] stamp); 0 when not waiting.
     wait_began: AtomicU64,
-    /// Latest request (µs since `BASE`, plus 1); 0 before the first.
+    /// Latest request (a [`crate::clock`] stamp); 0 before the first.
     request_time: AtomicU64,
     /// When the server this client holds last became idle inside an open transaction
-    /// (µs since `BASE`, plus 1); 0 when it is not idle in a transaction.
+    /// (a [`crate::clock`] stamp); 0 when it is not idle in a transaction.
     idle_began: AtomicU64,
     /// Up to when that idle stretch has been added to the application's counter (same
     /// unit); moved forward by scrapes, taken by the relay when the stretch ends.
@@ -116,50 +117,8 @@ const PARKED: u8 = 2;
 /// future, short enough that the idle connections of an app's pool hold little memory.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// Time origin of the clients' microsecond stamps, shared by all (not one copy each).
-static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
-/// `BASE` in the monotonic clock's own microseconds (read right after it), for
-/// [`stamp_now`].
-#[cfg(target_os = "linux")]
-static BASE_US: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
-    std::sync::LazyLock::force(&BASE);
-    monotonic_us()
-});
-
-/// CLOCK_MONOTONIC, which `Instant` reads on Linux, in whole microseconds.
-#[cfg(target_os = "linux")]
-#[inline]
-fn monotonic_us() -> u64 {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
-}
-
-/// [`stamp`] of the present, read without an `Instant`: integer arithmetic on the clock's
-/// reading instead of a `Duration` difference and its conversion (~45 instructions fewer;
-/// two stamps per statement inside a transaction). Within a microsecond of
-/// `stamp(Instant::now())`.
-#[inline]
-pub fn stamp_now() -> u64 {
-    #[cfg(target_os = "linux")]
-    {
-        monotonic_us().saturating_sub(*BASE_US) + 1
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        stamp(Instant::now())
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A stamp for the clients' atomics: µs since `BASE`, plus 1 (so that 0 means none). The
-/// relay keeps its idle-in-transaction times in stamps too: one clock difference per stamp,
-/// then integer arithmetic.
-#[inline]
-pub fn stamp(at: Instant) -> u64 {
-    at.saturating_duration_since(*BASE).as_micros() as u64 + 1
 }
 
 impl Client {
@@ -183,14 +142,14 @@ impl Client {
     }
 
     /// The client sent a request and waits for a server from `since`.
-    /// The client sent a request at `at` (SHOW CLIENTS `request_time`): a monotonic
-    /// stamp, turned into wall-clock time only when shown.
-    pub fn set_request_time(&self, at: Instant) {
-        self.request_time.store(self.stamp(at), Ordering::Relaxed);
+    /// The client sent a request at stamp `at` (SHOW CLIENTS `request_time`; see
+    /// [`crate::clock`]), turned into wall-clock time only when shown.
+    pub fn set_request_time(&self, at: u64) {
+        self.request_time.store(at, Ordering::Relaxed);
     }
 
-    pub fn set_waiting(&self, since: Instant) {
-        let stamp = self.stamp(since);
+    /// The client queues for a server since stamp `stamp` (see [`crate::clock`]).
+    pub fn set_waiting(&self, stamp: u64) {
         self.request_time.store(stamp, Ordering::Relaxed);
         self.wait_began.store(stamp, Ordering::Relaxed);
         self.state
@@ -260,13 +219,13 @@ impl Client {
     }
 
     /// The idle stretch ended at stamp `end`; returns the part of it not yet added to the
-    /// application's counter by a scrape.
+    /// application's counter by a scrape, in µs.
     #[inline]
-    pub fn idle_in_transaction_ended(&self, end: u64) -> Duration {
+    pub fn idle_in_transaction_ended(&self, end: u64) -> u64 {
         self.idle_began.store(0, Ordering::Relaxed);
         match self.idle_counted.swap(0, Ordering::AcqRel) {
-            0 => Duration::ZERO,
-            s => Duration::from_micros(end.saturating_sub(s)),
+            0 => 0,
+            s => end.saturating_sub(s),
         }
     }
 
@@ -445,9 +404,9 @@ impl Clients {
     /// One walk of the registry under its lock per call (a few µs per thousand clients);
     /// the wake-ups happen after the lock is released.
     pub fn park_idle(&self, now: Instant, after: Duration) -> usize {
-        let cutoff = now.checked_sub(after).map_or(0, |at| {
-            at.saturating_duration_since(*BASE).as_micros() as u64 + 1
-        });
+        let cutoff = now
+            .checked_sub(after)
+            .map_or(0, |at| crate::clock::stamp(at));
         let login_cutoff = SystemTime::now() - after;
         let asked: Vec<Arc<Client>> = lock(&self.map)
             .values()
@@ -517,27 +476,5 @@ pub async fn parker(clients: std::sync::Weak<Clients>) {
             return;
         };
         clients.park_idle(Instant::now(), PARK_AFTER);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A stamp read from the raw clock falls between stamps of `Instant`s read around it
-    /// (the two origins are read a moment apart: allowed a millisecond).
-    #[test]
-    fn stamp_now_agrees_with_instant_stamps() {
-        for _ in 0..1000 {
-            let before = stamp(Instant::now());
-            let now = stamp_now();
-            let after = stamp(Instant::now());
-            assert!(now <= after + 1, "{now} after {after}");
-            assert!(before <= now + 1_000, "{before} after {now}");
-        }
-        let first = stamp_now();
-        std::thread::sleep(Duration::from_millis(20));
-        let later = stamp_now();
-        assert!(later - first >= 20_000, "{first} then {later}");
     }
 }

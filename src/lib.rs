@@ -7,7 +7,8 @@
 //! - [`auth`]: client authentication (SCRAM-SHA-256, md5, trust).
 //! - [`pool`]: pools of server connections, FIFO waiters, the janitor.
 //! - [`server`]: a connection to PostgreSQL (login, the proxy's own queries, cancel).
-//! - [`relay`]: one transaction between a client and a server (the hot path).
+//! - [`relay`]: one transaction between a client and a server (the hot path);
+//!   [`clock`]: the integer microsecond stamps it and the pools keep instead of `Instant`s.
 //! - [`protocol`]: framing, startup packets, the few messages built or read whole.
 //! - [`prepared`]: named prepared statements under transaction pooling.
 //! - [`sql`]: statements that change session state, for transaction pooling.
@@ -25,6 +26,7 @@ pub mod budget;
 pub mod cancel;
 pub mod client;
 pub mod clients;
+pub mod clock;
 pub mod config;
 pub mod demo;
 #[doc(hidden)]

@@ -209,16 +209,17 @@ pub struct TxnCounts {
     pub sent: u64,
     /// When the current transaction's first message was passed to the server (or, for the
     /// first transaction of a checkout, when its request arrived: one clock read for both).
-    started: Option<Instant>,
+    started: Option<u64>,
     /// When the last transaction ended (the server's `last_used` when it goes back).
-    pub ended: Option<Instant>,
+    /// Both are [`crate::clock`] stamps.
+    pub ended: Option<u64>,
     /// When the server last became idle inside the open transaction
-    /// ([`crate::clients::stamp`]).
+    /// ([`crate::clock::stamp`]).
     idle_since: Option<u64>,
-    /// Idle-in-transaction time since the last publish (for the pool's counter).
-    idle: Duration,
-    /// The same, less what scrapes already added to the application's counter.
-    app_idle: Duration,
+    /// Idle-in-transaction time since the last publish (for the pool's counter), in µs.
+    idle: u64,
+    /// The same, less what scrapes already added to the application's counter, in µs.
+    app_idle: u64,
 }
 
 impl TxnCounts {
@@ -229,8 +230,8 @@ impl TxnCounts {
         }
     }
 
-    /// Counts for a transaction whose request arrived at `at`.
-    pub fn starting(meter: Arc<Meter>, at: Instant) -> TxnCounts {
+    /// Counts for a transaction whose request arrived at stamp `at`.
+    pub fn starting(meter: Arc<Meter>, at: u64) -> TxnCounts {
         TxnCounts {
             meter: Some(meter),
             started: Some(at),
@@ -242,10 +243,10 @@ impl TxnCounts {
     #[inline]
     pub fn client_message(&mut self) {
         if self.started.is_none() {
-            self.started = Some(Instant::now());
+            self.started = Some(crate::clock::stamp_now());
         }
         if self.idle_since.is_some() {
-            self.end_idle(crate::clients::stamp_now());
+            self.end_idle(crate::clock::stamp_now());
         }
     }
 
@@ -257,7 +258,7 @@ impl TxnCounts {
         match status {
             TransactionStatus::Idle => self.transaction_ended(quiet),
             _ if quiet && self.idle_since.is_none() => {
-                let now = crate::clients::stamp_now();
+                let now = crate::clock::stamp_now();
                 self.idle_since = Some(now);
                 if let Some(m) = &self.meter {
                     m.client.idle_in_transaction_began(now);
@@ -270,7 +271,7 @@ impl TxnCounts {
     /// The idle stretch (if any) ended at stamp `now`.
     fn end_idle(&mut self, now: u64) {
         if let Some(since) = self.idle_since.take() {
-            self.idle += Duration::from_micros(now.saturating_sub(since));
+            self.idle += now.saturating_sub(since);
             if let Some(m) = &self.meter {
                 self.app_idle += m.client.idle_in_transaction_ended(now);
             }
@@ -280,22 +281,21 @@ impl TxnCounts {
     /// `quiet`: no other request is outstanding. Otherwise the next transaction's requests
     /// were sent already (pipelined behind this one's end): it starts now.
     fn transaction_ended(&mut self, quiet: bool) {
-        let now = Instant::now();
+        let now = crate::clock::stamp_now();
         self.ended = Some(now);
         if self.idle_since.is_some() {
-            self.end_idle(crate::clients::stamp(now));
+            self.end_idle(now);
         }
         if let (Some(m), Some(started)) = (&self.meter, self.started.take()) {
-            if !self.idle.is_zero() {
-                m.pool.ended_idle_us.fetch_add(
-                    self.idle.as_micros() as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+            if self.idle > 0 {
+                m.pool
+                    .ended_idle_us
+                    .fetch_add(self.idle, std::sync::atomic::Ordering::Relaxed);
             }
             m.pool.transactions.inc();
             m.pool
                 .transaction_duration
-                .observe(now.saturating_duration_since(started).as_secs_f64());
+                .observe(now.saturating_sub(started) as f64 * 1e-6);
         }
         if !quiet {
             self.started = Some(now);
@@ -315,15 +315,15 @@ impl TxnCounts {
         if self.sent > 0 {
             m.pool.sent.inc_by(std::mem::take(&mut self.sent));
         }
-        if !self.idle.is_zero() {
+        if self.idle > 0 {
             m.pool
                 .idle_in_transaction
-                .inc_by(std::mem::take(&mut self.idle).as_secs_f64());
+                .inc_by(std::mem::take(&mut self.idle) as f64 * 1e-6);
         }
-        if !self.app_idle.is_zero() {
+        if self.app_idle > 0 {
             m.app
                 .idle_in_transaction
-                .inc_by(std::mem::take(&mut self.app_idle).as_secs_f64());
+                .inc_by(std::mem::take(&mut self.app_idle) as f64 * 1e-6);
         }
     }
 
@@ -336,7 +336,7 @@ impl TxnCounts {
 
     pub fn finish(&mut self) {
         if self.idle_since.is_some() {
-            self.end_idle(crate::clients::stamp_now());
+            self.end_idle(crate::clock::stamp_now());
         }
         self.publish();
     }
@@ -1125,7 +1125,7 @@ mod tests {
     #[test]
     fn a_pipelined_transaction_starts_when_the_one_before_ends() {
         let mut t = TxnCounts {
-            started: Some(Instant::now()),
+            started: Some(crate::clock::stamp_now()),
             ..TxnCounts::default()
         };
         t.ready(TransactionStatus::Idle, false);

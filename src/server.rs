@@ -1,7 +1,7 @@
 //! A connection from the proxy to PostgreSQL ("server", as in PgBouncer): connect, log in,
 //! run the proxy's own small queries, send cancels, close politely.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::message::frontend;
@@ -101,12 +101,14 @@ pub struct ServerConn {
     /// otherwise carry its room (~240 bytes) idle or not, and the reply queue's allocation
     /// is reused. Taken by the transaction running on the server; `None` until the first.
     pub txn: Option<Box<crate::relay::Txn>>,
-    pub created: Instant,
+    /// When it was opened, a [`crate::clock`] stamp.
+    pub created: u64,
     /// Idle past `server_check_delay` (set by the janitor): the next checkout checks it.
     pub check_due: bool,
     /// `created` as wall-clock time (SHOW SERVERS, SHOW CLIENTS).
     pub connected: std::time::SystemTime,
-    pub last_used: Instant,
+    /// When its last transaction ended (or it was opened), a [`crate::clock`] stamp.
+    pub last_used: u64,
     /// Index of the pool this connection belongs to.
     pub pool: usize,
     pub id: u64,
@@ -236,6 +238,7 @@ impl ServerConn {
         };
         let mut stream = Stream::from(sock.into_ring_for_server()?);
         negotiate_tls(&mut stream, settings, addr).await?;
+        let now = crate::clock::stamp_now();
         let mut conn = ServerConn {
             stream,
             buf: BytesMut::with_capacity(16 * 1024),
@@ -249,10 +252,10 @@ impl ServerConn {
             reported: Vec::new(),
             session: Default::default(),
             txn: None,
-            created: Instant::now(),
+            created: now,
             check_due: false,
             connected: std::time::SystemTime::now(),
-            last_used: Instant::now(),
+            last_used: now,
             pool,
             id,
             link: None,

@@ -161,7 +161,8 @@ impl Pools {
         let (query, timeout) = {
             let c = self.config.load();
             if c.server_check_query.is_empty()
-                || now.saturating_duration_since(checkout.server().last_used) < c.server_check_delay
+                || crate::clock::between(checkout.server().last_used, crate::clock::stamp(now))
+                    < c.server_check_delay
             {
                 return true;
             }
@@ -181,7 +182,7 @@ impl Pools {
         let _testing = Testing::new(self, pool);
         let failure = match tokio::time::timeout(timeout, server.simple_query(&query)).await {
             Ok(Ok(_)) => {
-                server.last_used = Instant::now();
+                server.last_used = crate::clock::stamp_now();
                 server.check_due = false;
                 return true;
             }

@@ -3,7 +3,7 @@
 //! clients of other pools wait for, and opens servers up to `min_pool_size`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::Pools;
 
@@ -16,7 +16,7 @@ pub async fn run(pools: Arc<Pools>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for server in pools.take_expired(Instant::now()) {
+        for server in pools.take_expired(crate::clock::stamp_now()) {
             tracing::debug!(server = server.id, "closing idle or old server connection");
             server.close();
         }

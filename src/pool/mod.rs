@@ -162,7 +162,8 @@ struct State {
 /// Settings the hot paths read under the lock (copied from the configuration).
 #[derive(Debug, Default)]
 struct Timing {
-    server_lifetime: Duration,
+    /// In microseconds, as the servers' stamps count (see [`crate::clock`]).
+    server_lifetime_us: u64,
     query_wait_notify: Duration,
 }
 
@@ -273,14 +274,14 @@ impl State {
     /// closing it would give (the budget, `max_db_connections` or `max_user_connections`),
     /// began before `own` (the oldest waiter of `id`, if any) and either has no server of
     /// its own coming back or began `CROSS_POOL_SLACK` before `own` (or `now`).
-    fn room_wanted_elsewhere(&mut self, id: PoolId, own: Option<Instant>, now: Instant) -> bool {
+    fn room_wanted_elsewhere(&mut self, id: PoolId, own: Option<Instant>) -> bool {
         let waits_for_room = |st: &State, i: PoolId| {
             i != id && !st.pools[i].waiters.is_empty() && st.share_room(i, id)
         };
         if !(0..self.pools.len()).any(|i| waits_for_room(self, i)) {
             return false; // the common case: one pass, no look ahead
         }
-        let own = own.unwrap_or(now);
+        let own = own.unwrap_or_else(Instant::now);
         self.release(id);
         let wanted = (0..self.pools.len()).any(|i| {
             let q = &self.pools[i];
@@ -318,13 +319,17 @@ impl State {
     /// Unless `any`, only a server idle `CROSS_POOL_SLACK` or more at `now` is taken: one
     /// used just now is likely to be used again at once by its own pool.
     fn steal_room_for(&mut self, id: PoolId, now: Instant, any: bool) -> Option<Server> {
-        let mut candidates: Vec<(Instant, PoolId)> = self
+        let (now, slack) = (
+            crate::clock::stamp(now),
+            crate::clock::micros(CROSS_POOL_SLACK),
+        );
+        let mut candidates: Vec<(u64, PoolId)> = self
             .pools
             .iter()
             .enumerate()
             .filter(|(i, p)| *i != id && !p.idle.is_empty())
             .map(|(i, p)| (p.idle[0].last_used, i))
-            .filter(|(used, _)| any || now.saturating_duration_since(*used) >= CROSS_POOL_SLACK)
+            .filter(|(used, _)| any || now.saturating_sub(*used) >= slack)
             .collect();
         candidates.sort_unstable();
         for (_, victim) in candidates {
@@ -726,7 +731,7 @@ impl Pools {
         let often = !c.server_check_query.is_empty() && c.server_check_delay < janitor::PERIOD;
         self.check_often.store(often, Ordering::Relaxed);
         self.lock().timing = Timing {
-            server_lifetime: c.server_lifetime,
+            server_lifetime_us: crate::clock::micros(c.server_lifetime),
             query_wait_notify: c.query_wait_notify,
         };
     }
@@ -955,15 +960,16 @@ impl Pools {
 
     /// Returns a clean, idle server (see the module rules).
     fn checkin(&self, server: Server) {
-        self.checkin_at(server, Instant::now())
+        self.checkin_at(server, crate::clock::stamp_now())
     }
 
-    /// [`Pools::checkin`] of a server last used at `now` (a time the caller read already).
-    fn checkin_at(&self, mut server: Server, now: Instant) {
+    /// [`Pools::checkin`] of a server last used at stamp `now` (a time the caller read
+    /// already; see [`crate::clock`]).
+    fn checkin_at(&self, mut server: Server, now: u64) {
         server.last_used = now;
         server.check_due = false;
         let mut st = self.lock();
-        if now.saturating_duration_since(server.created) >= st.timing.server_lifetime {
+        if now.saturating_sub(server.created) >= st.timing.server_lifetime_us {
             drop(st);
             return self.discard(server);
         }
@@ -977,7 +983,7 @@ impl Pools {
         if reconnect {
             st.pools[pool].retired[Retire::Reconnect as usize] += 1;
         }
-        if reconnect || st.over_limit(pool) || st.room_wanted_elsewhere(pool, own, now) {
+        if reconnect || st.over_limit(pool) || st.room_wanted_elsewhere(pool, own) {
             st.release(pool);
             st.grant_slots();
             drop(st);
@@ -1076,7 +1082,7 @@ impl Pools {
                     local: s.stream.local(),
                     pid: s.key.pid,
                     connect_time: s.connected,
-                    last_used: std::time::SystemTime::now() - s.last_used.elapsed(),
+                    last_used: std::time::SystemTime::now() - crate::clock::since(s.last_used),
                 });
             }
         }
@@ -1109,7 +1115,7 @@ impl Pools {
     /// budget, until a checkout found them); returns them for closing outside the lock.
     /// Used by the janitor. The liveness check costs no system call unless the socket was
     /// flagged readable.
-    fn take_expired(&self, now: Instant) -> Vec<Server> {
+    fn take_expired(&self, now: u64) -> Vec<Server> {
         let mut st = self.lock();
         let mut out = Vec::new();
         let idle_timeout = self.config.load().server_idle_timeout;
@@ -1124,13 +1130,13 @@ impl Pools {
                 if let Some(delay) = check_delay {
                     // Seen by try_idle, which leaves such a server to checkout's check.
                     let s = &mut st.pools[id].idle[i];
-                    s.check_due |= now.saturating_duration_since(s.last_used) >= delay;
+                    s.check_due |= crate::clock::between(s.last_used, now) >= delay;
                 }
                 let p = &st.pools[id];
                 let s = &p.idle[i];
-                let too_old = now.duration_since(s.created) >= lifetime;
+                let too_old = crate::clock::between(s.created, now) >= lifetime;
                 let too_idle = !idle_timeout.is_zero()
-                    && now.duration_since(s.last_used) >= idle_timeout
+                    && crate::clock::between(s.last_used, now) >= idle_timeout
                     && p.open > p.settings.min_pool_size;
                 if too_old || too_idle || !s.looks_alive() {
                     out.push(st.pools[id].idle.remove(i));
@@ -1249,7 +1255,7 @@ impl Checkout {
 
     /// [`Checkout::release`] of a server whose last transaction ended at `used` (when
     /// known: the relay read the clock then, and a transaction reads it no more).
-    pub fn release_at(mut self, used: Option<Instant>) {
+    pub fn release_at(mut self, used: Option<u64>) {
         if self.retire.is_some() {
             return; // Drop closes it and counts why
         }
