@@ -465,14 +465,19 @@ async fn a_proxy_without_its_control_connection_does_not_grow() {
     }
     assert_eq!(server_conns(&admin, "frozen").await, 2);
 
+    // Two statements, not one query: a multi-statement query is one transaction, so the
+    // backend would be terminated before NOLOGIN commits, and a proxy quick to reconnect
+    // would log in again (its control connection back, no error to see).
+    admin
+        .batch_execute("ALTER ROLE frozen_ctl NOLOGIN")
+        .await
+        .unwrap();
     admin
         .batch_execute(
-            "ALTER ROLE frozen_ctl NOLOGIN; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'frozen_ctl'",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'frozen_ctl'",
         )
         .await
         .unwrap();
-    // Bounded generously: on a loaded 2-core CI machine 5 s was once not enough.
     assert!(
         eventually(Duration::from_secs(20), || async {
             budget(&proxy).last_error.is_some()
