@@ -559,6 +559,37 @@ async fn old_and_dead_servers_are_replaced() {
     assert_ne!(third, second);
 }
 
+/// server_lifetime at check-in: a server within its lifetime is reused; one that passes it
+/// during a transaction is closed when the transaction ends, not handed out again.
+#[tokio::test]
+async fn a_server_past_its_lifetime_closes_at_the_end_of_its_transaction() {
+    let proxy = app("lifeend", "pool_size = 1\nserver_lifetime = \"1s\"").await;
+    let c = proxy.client("lifeend").await;
+    let first = scalar(&c, "SELECT pg_backend_pid()").await;
+    assert_eq!(
+        scalar(&c, "SELECT pg_backend_pid()").await,
+        first,
+        "a server well within server_lifetime is reused"
+    );
+    c.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(scalar(&c, "SELECT pg_backend_pid()").await, first);
+    c.batch_execute("COMMIT").await.unwrap();
+    let admin = pg().admin().await;
+    let next = scalar(&c, "SELECT pg_backend_pid()").await;
+    assert_ne!(
+        next, first,
+        "the server past server_lifetime was not reused"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            server_conns(&admin, "lifeend").await == 1
+        })
+        .await,
+        "the old server is closed, not kept beside the new one"
+    );
+}
+
 /// A server that dies mid-transaction: the client is told (08006) and the proxy goes on.
 #[tokio::test]
 async fn server_dies_mid_transaction() {
