@@ -404,9 +404,7 @@ impl Clients {
     /// One walk of the registry under its lock per call (a few µs per thousand clients);
     /// the wake-ups happen after the lock is released.
     pub fn park_idle(&self, now: Instant, after: Duration) -> usize {
-        let cutoff = now
-            .checked_sub(after)
-            .map_or(0, |at| crate::clock::stamp(at));
+        let cutoff = now.checked_sub(after).map_or(0, crate::clock::stamp);
         let login_cutoff = SystemTime::now() - after;
         let asked: Vec<Arc<Client>> = lock(&self.map)
             .values()
