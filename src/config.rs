@@ -201,6 +201,12 @@ pub struct Config {
     /// Unanswered probes after which the client's connection is closed.
     #[serde(default = "defaults::tcp_keepcnt", deserialize_with = "de::num")]
     pub tcp_keepcnt: u32,
+    /// TCP_USER_TIMEOUT on pgsluice's TCP sockets, to clients and to servers: data sent and
+    /// still unacknowledged this long fails the connection (a peer that vanished while
+    /// being sent to is found in that time, not after the kernel's ~15 minutes of
+    /// retransmissions). 0: the kernel's default.
+    #[serde(default, deserialize_with = "de::duration")]
+    pub tcp_user_timeout: Duration,
     /// Ask each server (1, the default) to probe its connection from pgsluice with the
     /// keepalive times above (startup `options`: `tcp_keepalives_idle` and its kin), so that
     /// the connections of a pgsluice whose host vanished leave `max_connections` within
@@ -511,6 +517,8 @@ pub struct PoolSettings {
     /// The startup `options` that ask the server to probe the connection
     /// (`server_tcp_keepalive`); `None` when off or over a Unix socket.
     pub server_keepalive: Option<String>,
+    /// `tcp_user_timeout`, for the server's TCP socket (zero: the kernel's default).
+    pub tcp_user_timeout: Duration,
 }
 
 mod defaults {
@@ -1093,6 +1101,14 @@ impl Config {
                 "tcp_keepidle and tcp_keepintvl must be at least 1s and tcp_keepcnt at least 1 (or set tcp_keepalive = 0)",
             ));
         }
+        // The kernel takes whole milliseconds, in 32 bits (up to ~49 days).
+        let ms = self.tcp_user_timeout.as_millis();
+        if !self.tcp_user_timeout.is_zero() && (ms == 0 || ms > u128::from(u32::MAX)) {
+            return Err(invalid(
+                "tcp_user_timeout",
+                "must be 0 (the kernel's default) or from 1ms to 49 days",
+            ));
+        }
         if self.min_pool_size > self.pool_size {
             return Err(invalid("min_pool_size", "must not exceed pool_size"));
         }
@@ -1289,6 +1305,7 @@ impl Config {
             tls: self.tls.server.clone(),
             target_session_attrs: db.target_session_attrs,
             server_keepalive: self.server_keepalive(&db.host),
+            tcp_user_timeout: self.tcp_user_timeout,
         })
     }
 
@@ -1394,6 +1411,18 @@ mod tests {
         assert_eq!(options(unix), None);
         let e = Config::from_toml(&format!("server_tcp_keepalive = 2\n{MIN}")).unwrap_err();
         assert!(e.to_string().starts_with("server_tcp_keepalive:"), "{e}");
+        // tcp_user_timeout reaches the pools' settings, in whole milliseconds the kernel takes.
+        let user_timeout = |t: &str| {
+            Config::from_toml(&format!("tcp_user_timeout = {t}\n{MIN}"))
+                .map(|c| c.pool_settings("app", "app").unwrap().tcp_user_timeout)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(user_timeout("\"2500ms\""), Ok(Duration::from_millis(2500)));
+        assert_eq!(user_timeout("0"), Ok(Duration::ZERO));
+        for bad in ["\"0.5ms\"", "\"60d\""] {
+            let e = user_timeout(bad).unwrap_err();
+            assert!(e.starts_with("tcp_user_timeout:"), "{bad}: {e}");
+        }
         // With client keepalive off, a 0 may stay (as in PgBouncer): the server's default.
         assert_eq!(
             options(&format!("tcp_keepalive = 0\ntcp_keepidle = \"0s\"\n{MIN}")),

@@ -49,20 +49,34 @@ pub async fn bind(addr: &str, reuse_port: bool) -> std::io::Result<TcpListener> 
 /// that an operator can look at a proxy that is full.
 pub const ADMIN_RESERVE: usize = 5;
 
-/// TCP keepalive as the configuration says (`None`: off): a client host that vanished
-/// without closing is found after `tcp_keepidle + tcp_keepintvl × tcp_keepcnt` and its
-/// connection closed.
-type Keepalive = Option<(Duration, Duration, u32)>;
-
-fn keepalive_wanted(shared: &Shared) -> Keepalive {
-    let c = shared.pools.config();
-    (c.tcp_keepalive == 1).then_some((c.tcp_keepidle, c.tcp_keepintvl, c.tcp_keepcnt))
+/// The options of a client's TCP socket, as the configuration says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Wanted {
+    /// TCP keepalive (`None`: off): a client host that vanished without closing is found
+    /// after `tcp_keepidle + tcp_keepintvl × tcp_keepcnt` and its connection closed.
+    keepalive: Option<(Duration, Duration, u32)>,
+    /// `tcp_user_timeout` (zero: the kernel's default).
+    user_timeout: Duration,
 }
 
-/// Sets TCP_NODELAY and keepalive on a socket (a listener, or one client's).
-fn set_options(sock: socket2::SockRef<'_>, keepalive: Keepalive) -> io::Result<()> {
+fn options_wanted(shared: &Shared) -> Wanted {
+    let c = shared.pools.config();
+    Wanted {
+        keepalive: (c.tcp_keepalive == 1).then_some((
+            c.tcp_keepidle,
+            c.tcp_keepintvl,
+            c.tcp_keepcnt,
+        )),
+        user_timeout: c.tcp_user_timeout,
+    }
+}
+
+/// Sets TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on a socket (a listener, or one
+/// client's).
+fn set_options(sock: socket2::SockRef<'_>, want: Wanted) -> io::Result<()> {
     sock.set_tcp_nodelay(true)?;
-    match keepalive {
+    crate::socket::set_user_timeout(&sock, want.user_timeout)?;
+    match want.keepalive {
         Some((idle, interval, count)) => sock.set_tcp_keepalive(
             &socket2::TcpKeepalive::new()
                 .with_time(idle)
@@ -81,7 +95,7 @@ fn set_options(sock: socket2::SockRef<'_>, keepalive: Keepalive) -> io::Result<(
 /// at the next accept: they apply to connections accepted after it.
 struct ClientOptions {
     /// What the listener has (`None`: not set yet).
-    listener: Option<Keepalive>,
+    listener: Option<Wanted>,
     /// Checked on an accepted client that the kernel copied the listener's options.
     checked: bool,
     /// Set on each client instead.
@@ -90,7 +104,7 @@ struct ClientOptions {
 
 impl ClientOptions {
     /// Sets the options on the listener, before it accepts anyone.
-    fn new(listener: &TcpListener, want: Keepalive) -> ClientOptions {
+    fn new(listener: &TcpListener, want: Wanted) -> ClientOptions {
         let mut options = ClientOptions {
             listener: None,
             checked: false,
@@ -100,7 +114,7 @@ impl ClientOptions {
         options
     }
 
-    fn set_listener(&mut self, listener: &TcpListener, want: Keepalive) {
+    fn set_listener(&mut self, listener: &TcpListener, want: Wanted) {
         match set_options(socket2::SockRef::from(listener), want) {
             Ok(()) => self.listener = Some(want),
             Err(e) => {
@@ -111,7 +125,7 @@ impl ClientOptions {
     }
 
     /// Gives `client` the options `want` (the configuration's now).
-    fn apply(&mut self, listener: &TcpListener, client: &tokio::net::TcpStream, want: Keepalive) {
+    fn apply(&mut self, listener: &TcpListener, client: &tokio::net::TcpStream, want: Wanted) {
         if !self.per_client && self.listener != Some(want) {
             // A reload changed them. This client was accepted with the listener's old ones.
             self.set_listener(listener, want);
@@ -130,23 +144,25 @@ impl ClientOptions {
         }
     }
 
-    fn set_on(&self, client: &tokio::net::TcpStream, want: Keepalive) {
+    fn set_on(&self, client: &tokio::net::TcpStream, want: Wanted) {
         if let Err(e) = set_options(socket2::SockRef::from(client), want) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY and keepalive on a client socket");
+            tracing::debug!(error = %e, "could not set TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on a client socket");
         }
     }
 }
 
-/// Whether `client` has TCP_NODELAY and the keepalive settings `want`.
-fn inherited(client: &tokio::net::TcpStream, want: Keepalive) -> bool {
+/// Whether `client` has TCP_NODELAY and the keepalive and user-timeout settings `want`.
+fn inherited(client: &tokio::net::TcpStream, want: Wanted) -> bool {
     let s = socket2::SockRef::from(client);
-    let keepalive_ok = match want {
+    let keepalive_ok = match want.keepalive {
         None => s.keepalive().ok() == Some(false),
         Some((idle, ..)) => {
             s.keepalive().ok() == Some(true) && s.tcp_keepalive_time().ok() == Some(idle)
         }
     };
-    s.tcp_nodelay().unwrap_or(false) && keepalive_ok
+    s.tcp_nodelay().unwrap_or(false)
+        && keepalive_ok
+        && crate::socket::user_timeout(&s) == Some(want.user_timeout)
 }
 
 /// The sockets clients connect to.
@@ -278,7 +294,7 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
     let max = shared.pools.config().max_client_conn as usize;
     let slots = Arc::new(Semaphore::new(max));
     let reserve = Arc::new(Semaphore::new(ADMIN_RESERVE));
-    let mut options = ClientOptions::new(&listeners.tcp, keepalive_wanted(&shared));
+    let mut options = ClientOptions::new(&listeners.tcp, options_wanted(&shared));
     // A listener bound to one address is every TCP client's local address (no getsockname
     // per client); one bound to all addresses is asked per client.
     let tcp_local = listeners
@@ -302,7 +318,7 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
         };
         // TCP only: a Unix socket has no Nagle and no keepalive.
         if let Socket::Tcp(tcp) = &stream {
-            options.apply(&listeners.tcp, tcp, keepalive_wanted(&shared));
+            options.apply(&listeners.tcp, tcp, options_wanted(&shared));
         }
         let addrs = client::Addrs {
             peer,
@@ -361,18 +377,30 @@ async fn refuse(mut stream: Socket, max: usize) {
 mod tests {
     use super::*;
 
-    fn options_of(s: &tokio::net::TcpStream) -> (bool, bool, Option<Duration>) {
+    fn options_of(s: &tokio::net::TcpStream) -> (bool, bool, Option<Duration>, Duration) {
         let s = socket2::SockRef::from(s);
         let on = s.keepalive().unwrap();
         let idle = on.then(|| s.tcp_keepalive_time().unwrap());
-        (s.tcp_nodelay().unwrap(), on, idle)
+        let user_timeout = crate::socket::user_timeout(&s).unwrap();
+        (s.tcp_nodelay().unwrap(), on, idle, user_timeout)
+    }
+
+    fn keepalive(idle: u64, interval: u64, count: u32, user_timeout: Duration) -> Wanted {
+        Wanted {
+            keepalive: Some((
+                Duration::from_secs(idle),
+                Duration::from_secs(interval),
+                count,
+            )),
+            user_timeout,
+        }
     }
 
     /// Connects a client and accepts it as the accept loop does.
     async fn accept_with(
         listener: &TcpListener,
         options: &mut ClientOptions,
-        want: Keepalive,
+        want: Wanted,
     ) -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let c = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -382,37 +410,49 @@ mod tests {
         (c, s)
     }
 
-    /// Clients take TCP_NODELAY and keepalive from the listener without a call of their own,
-    /// and a reload's new settings reach the client accepted next and those after it.
+    /// Clients take TCP_NODELAY, keepalive and TCP_USER_TIMEOUT from the listener without a
+    /// call of their own, and a reload's new settings reach the client accepted next and
+    /// those after it.
     #[tokio::test]
     async fn accepted_clients_get_nodelay_and_keepalive() {
         let listener = bind("127.0.0.1:0", false).await.unwrap();
-        let first: Keepalive = Some((Duration::from_secs(61), Duration::from_secs(7), 4));
+        let user_timeout = Duration::from_millis(7_500);
+        let first = keepalive(61, 7, 4, user_timeout);
         let mut options = ClientOptions::new(&listener, first);
         let mut held = Vec::new();
         for _ in 0..3 {
             let (c, s) = accept_with(&listener, &mut options, first).await;
-            assert_eq!(options_of(&s), (true, true, Some(Duration::from_secs(61))));
+            let secs = Some(Duration::from_secs(61));
+            assert_eq!(options_of(&s), (true, true, secs, user_timeout));
             held.push((c, s));
         }
         assert!(
             options.checked && !options.per_client,
             "the kernel copies the listener's options"
         );
-        // A reload: a new idle time, then keepalive off.
-        let second: Keepalive = Some((Duration::from_secs(33), Duration::from_secs(5), 2));
+        // A reload: a new idle time and the kernel's user timeout, then keepalive off.
+        let second = keepalive(33, 5, 2, Duration::ZERO);
         for _ in 0..2 {
             let (c, s) = accept_with(&listener, &mut options, second).await;
-            assert_eq!(options_of(&s), (true, true, Some(Duration::from_secs(33))));
+            let secs = Some(Duration::from_secs(33));
+            assert_eq!(options_of(&s), (true, true, secs, Duration::ZERO));
             held.push((c, s));
         }
+        let off = Wanted {
+            keepalive: None,
+            user_timeout: Duration::from_secs(20),
+        };
         for _ in 0..2 {
-            let (c, s) = accept_with(&listener, &mut options, None).await;
-            assert_eq!(options_of(&s), (true, false, None));
+            let (c, s) = accept_with(&listener, &mut options, off).await;
+            assert_eq!(options_of(&s), (true, false, None, Duration::from_secs(20)));
             held.push((c, s));
         }
         assert!(!options.per_client);
         // Those accepted earlier keep what they had.
-        assert_eq!(options_of(&held[0].1).2, Some(Duration::from_secs(61)));
+        let (.., idle, timeout) = options_of(&held[0].1);
+        assert_eq!(
+            (idle, timeout),
+            (Some(Duration::from_secs(61)), user_timeout)
+        );
     }
 }

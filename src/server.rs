@@ -230,7 +230,9 @@ impl ServerConn {
                 let keepalive = socket2::TcpKeepalive::new()
                     .with_time(Duration::from_secs(60))
                     .with_interval(Duration::from_secs(10));
-                socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)?;
+                let sock = socket2::SockRef::from(tcp);
+                sock.set_tcp_keepalive(&keepalive)?;
+                crate::socket::set_user_timeout(&sock, settings.tcp_user_timeout)?;
                 Addr::Tcp(tcp.peer_addr()?)
             }
             // Its name as configured, for cancels (the kernel's may differ, e.g. a symlink).

@@ -386,6 +386,37 @@ pub async fn connect_addr(addr: Addr) -> io::Result<Socket> {
     }
 }
 
+/// Sets TCP_USER_TIMEOUT (`tcp_user_timeout`; zero: the kernel's default). Linux only;
+/// elsewhere the kernel's default stays.
+pub fn set_user_timeout(
+    sock: &socket2::SockRef<'_>,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        sock.set_tcp_user_timeout((!timeout.is_zero()).then_some(timeout))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (sock, timeout);
+        Ok(())
+    }
+}
+
+/// The socket's TCP_USER_TIMEOUT (zero: the kernel's default); `None` where it cannot be
+/// read.
+pub fn user_timeout(sock: &socket2::SockRef<'_>) -> Option<std::time::Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        sock.tcp_user_timeout().ok().map(Option::unwrap_or_default)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = sock;
+        Some(std::time::Duration::ZERO)
+    }
+}
+
 /// A directory as a `&'static Path`, so that [`Addr`] stays `Copy`. Each distinct
 /// directory is kept once for the life of the process: they come from the configuration,
 /// so there are few.

@@ -454,6 +454,71 @@ async fn client_sockets_run_tcp_keepalive() {
     }
 }
 
+/// TCP_USER_TIMEOUT of the socket of this process whose local port is `local` and peer port
+/// `peer` (zero: the kernel's default), if there is one. The proxy runs in the test's
+/// process: each descriptor is copied with `pidfd_getfd` and asked.
+fn own_socket_user_timeout(local: u16, peer: u16) -> Option<Duration> {
+    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
+    let me = pidfd_open(getpid(), PidfdFlags::empty()).expect("pidfd_open");
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+        let Ok(fd) = entry.file_name().to_string_lossy().parse() else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // Closed meanwhile: skipped.
+        let Ok(copy) = pidfd_getfd(&me, fd, PidfdGetfdFlags::empty()) else {
+            continue;
+        };
+        let s = socket2::SockRef::from(&copy);
+        let port = |a: std::io::Result<socket2::SockAddr>| a.ok()?.as_socket().map(|a| a.port());
+        if port(s.local_addr()) == Some(local) && port(s.peer_addr()) == Some(peer) {
+            return Some(s.tcp_user_timeout().unwrap().unwrap_or_default());
+        }
+    }
+    None
+}
+
+/// `tcp_user_timeout`: the proxy's end of a client's connection and of the server
+/// connection it runs on carry TCP_USER_TIMEOUT, so that a peer that vanished while being
+/// sent to is found in that time, not after ~15 minutes of retransmissions. Without the key,
+/// the kernel's default (0).
+#[tokio::test]
+async fn tcp_user_timeout_is_set_on_both_legs() {
+    let set = trust_app("cf_usertimeout", "tcp_user_timeout = \"9s\"").await;
+    let unset = trust_app("cf_nousertimeout", "").await;
+    let admin = pg().admin().await;
+    for (proxy, name, expect) in [
+        (&set, "cf_usertimeout", Duration::from_secs(9)),
+        (&unset, "cf_nousertimeout", Duration::ZERO),
+    ] {
+        let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+        w.send(&[wire::query("BEGIN; SELECT pg_backend_pid()")])
+            .await;
+        let msgs = w.until_ready().await;
+        let row = msgs.iter().find(|m| m.tag == b'D').expect("a row").row();
+        let pid = row[0].clone().expect("a pid");
+        let client_port = w.stream.local_addr().unwrap().port();
+        let client_leg = own_socket_user_timeout(proxy.addr.port(), client_port);
+        assert_eq!(client_leg, Some(expect), "{name}: the client's connection");
+        let server_port: i32 = admin
+            .query_one(
+                "SELECT client_port FROM pg_stat_activity WHERE pid = $1::text::int",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let server_leg = own_socket_user_timeout(server_port as u16, pg().port);
+        assert_eq!(server_leg, Some(expect), "{name}: its server connection");
+        w.send(&[wire::query("COMMIT")]).await;
+        w.until_ready().await;
+    }
+}
+
 /// A Query and Terminate in one packet: as PostgreSQL, the Query is answered before the
 /// connection closes, and the server goes back to the pool clean. An extended-protocol
 /// request without a Sync before Terminate gets no answer (PostgreSQL sends none either),

@@ -274,6 +274,7 @@ fn resolve(args: &BudgetArgs) -> Result<(Option<Target>, Settings), String> {
             target_session_attrs: crate::config::TargetSessionAttrs::Any,
             // A short look: nothing to probe.
             server_keepalive: None,
+            tcp_user_timeout: std::time::Duration::ZERO,
         };
         let target = Target {
             settings,
