@@ -141,7 +141,6 @@ impl Client {
         self.parking.load(Ordering::Acquire) == ASKED
     }
 
-    /// The client sent a request and waits for a server from `since`.
     /// The client sent a request at stamp `at` (SHOW CLIENTS `request_time`; see
     /// [`crate::clock`]), turned into wall-clock time only when shown.
     pub fn set_request_time(&self, at: u64) {

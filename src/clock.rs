@@ -11,14 +11,16 @@
 
 use std::time::{Duration, Instant};
 
-/// Time origin of the stamps, shared by all.
-static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
-/// `BASE` in the monotonic clock's own microseconds (read right after it), for
-/// [`stamp_now`].
-#[cfg(target_os = "linux")]
-static BASE_US: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
-    std::sync::LazyLock::force(&BASE);
-    monotonic_us()
+/// Time origin of the stamps, shared by all: an `Instant` (for [`stamp`]) and, read right
+/// after it, the monotonic clock's own microseconds (for [`stamp_now`]). Read together, so
+/// that the two kinds of stamps agree whichever is asked first.
+static BASE: std::sync::LazyLock<(Instant, u64)> = std::sync::LazyLock::new(|| {
+    let at = Instant::now();
+    #[cfg(target_os = "linux")]
+    let us = monotonic_us();
+    #[cfg(not(target_os = "linux"))]
+    let us = 0;
+    (at, us)
 });
 
 /// CLOCK_MONOTONIC, which `Instant` reads on Linux, in whole microseconds.
@@ -35,7 +37,7 @@ fn monotonic_us() -> u64 {
 pub fn stamp_now() -> u64 {
     #[cfg(target_os = "linux")]
     {
-        monotonic_us().saturating_sub(*BASE_US) + 1
+        monotonic_us().saturating_sub(BASE.1) + 1
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -46,7 +48,7 @@ pub fn stamp_now() -> u64 {
 /// The stamp of `at` (never 0; an `at` before the origin is stamped 1).
 #[inline]
 pub fn stamp(at: Instant) -> u64 {
-    at.saturating_duration_since(*BASE).as_micros() as u64 + 1
+    at.saturating_duration_since(BASE.0).as_micros() as u64 + 1
 }
 
 /// The time from stamp `earlier` to stamp `later` (zero if `later` is not later).

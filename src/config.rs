@@ -1101,12 +1101,12 @@ impl Config {
                 "tcp_keepidle and tcp_keepintvl must be at least 1s and tcp_keepcnt at least 1 (or set tcp_keepalive = 0)",
             ));
         }
-        // The kernel takes whole milliseconds, in 32 bits (up to ~49 days).
+        // The kernel takes whole milliseconds as a non-negative C int (up to ~24.8 days).
         let ms = self.tcp_user_timeout.as_millis();
-        if !self.tcp_user_timeout.is_zero() && (ms == 0 || ms > u128::from(u32::MAX)) {
+        if !self.tcp_user_timeout.is_zero() && (ms == 0 || ms > i32::MAX as u128) {
             return Err(invalid(
                 "tcp_user_timeout",
-                "must be 0 (the kernel's default) or from 1ms to 49 days",
+                "must be 0 (the kernel's default) or from 1ms to 24 days",
             ));
         }
         if self.min_pool_size > self.pool_size {
@@ -1419,7 +1419,8 @@ mod tests {
         };
         assert_eq!(user_timeout("\"2500ms\""), Ok(Duration::from_millis(2500)));
         assert_eq!(user_timeout("0"), Ok(Duration::ZERO));
-        for bad in ["\"0.5ms\"", "\"60d\""] {
+        assert_eq!(user_timeout("\"24d\""), Ok(Duration::from_secs(24 * 86400)));
+        for bad in ["\"0.5ms\"", "\"25d\""] {
             let e = user_timeout(bad).unwrap_err();
             assert!(e.starts_with("tcp_user_timeout:"), "{bad}: {e}");
         }

@@ -75,16 +75,17 @@ fn options_wanted(shared: &Shared) -> Wanted {
 /// client's).
 fn set_options(sock: socket2::SockRef<'_>, want: Wanted) -> io::Result<()> {
     sock.set_tcp_nodelay(true)?;
-    crate::socket::set_user_timeout(&sock, want.user_timeout)?;
     match want.keepalive {
         Some((idle, interval, count)) => sock.set_tcp_keepalive(
             &socket2::TcpKeepalive::new()
                 .with_time(idle)
                 .with_interval(interval)
                 .with_retries(count),
-        ),
-        None => sock.set_keepalive(false),
+        )?,
+        None => sock.set_keepalive(false)?,
     }
+    // Last: a kernel that refuses it still gets the others.
+    crate::socket::set_user_timeout(&sock, want.user_timeout)
 }
 
 /// The socket options of accepted TCP clients. Linux copies TCP_NODELAY and the keepalive
@@ -162,7 +163,7 @@ fn inherited(client: &tokio::net::TcpStream, want: Wanted) -> bool {
     };
     s.tcp_nodelay().unwrap_or(false)
         && keepalive_ok
-        && crate::socket::user_timeout(&s) == Some(want.user_timeout)
+        && crate::socket::has_user_timeout(&s, want.user_timeout)
 }
 
 /// The sockets clients connect to.
@@ -416,14 +417,16 @@ mod tests {
     #[tokio::test]
     async fn accepted_clients_get_nodelay_and_keepalive() {
         let listener = bind("127.0.0.1:0", false).await.unwrap();
-        let user_timeout = Duration::from_millis(7_500);
+        // Not whole milliseconds: the kernel keeps 7,500 ms, which still counts as copied.
+        let user_timeout = Duration::from_micros(7_500_400);
         let first = keepalive(61, 7, 4, user_timeout);
         let mut options = ClientOptions::new(&listener, first);
         let mut held = Vec::new();
         for _ in 0..3 {
             let (c, s) = accept_with(&listener, &mut options, first).await;
             let secs = Some(Duration::from_secs(61));
-            assert_eq!(options_of(&s), (true, true, secs, user_timeout));
+            let kept = Duration::from_millis(7_500);
+            assert_eq!(options_of(&s), (true, true, secs, kept));
             held.push((c, s));
         }
         assert!(
@@ -452,7 +455,7 @@ mod tests {
         let (.., idle, timeout) = options_of(&held[0].1);
         assert_eq!(
             (idle, timeout),
-            (Some(Duration::from_secs(61)), user_timeout)
+            (Some(Duration::from_secs(61)), Duration::from_millis(7_500))
         );
     }
 }

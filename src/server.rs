@@ -232,7 +232,14 @@ impl ServerConn {
                     .with_interval(Duration::from_secs(10));
                 let sock = socket2::SockRef::from(tcp);
                 sock.set_tcp_keepalive(&keepalive)?;
-                crate::socket::set_user_timeout(&sock, settings.tcp_user_timeout)?;
+                // New sockets have the kernel's default: nothing to set for zero.
+                let user_timeout = settings.tcp_user_timeout;
+                if !user_timeout.is_zero() {
+                    if let Err(e) = crate::socket::set_user_timeout(&sock, user_timeout) {
+                        // Usable without it: the kernel's default stays.
+                        tracing::warn!(error = %e, "could not set tcp_user_timeout on a server connection");
+                    }
+                }
                 Addr::Tcp(tcp.peer_addr()?)
             }
             // Its name as configured, for cancels (the kernel's may differ, e.g. a symlink).

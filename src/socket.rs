@@ -386,20 +386,36 @@ pub async fn connect_addr(addr: Addr) -> io::Result<Socket> {
     }
 }
 
-/// Sets TCP_USER_TIMEOUT (`tcp_user_timeout`; zero: the kernel's default). Linux only;
-/// elsewhere the kernel's default stays.
+/// Sets TCP_USER_TIMEOUT (`tcp_user_timeout`, in the whole milliseconds the kernel keeps;
+/// zero: the kernel's default). Zero is written only over another value (a listener after
+/// a reload), so that a kernel without the option fails nothing that does not use it. Linux
+/// only; elsewhere the kernel's default stays.
 pub fn set_user_timeout(
     sock: &socket2::SockRef<'_>,
     timeout: std::time::Duration,
 ) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
+        if timeout.is_zero() && user_timeout(sock).is_none_or(|t| t.is_zero()) {
+            return Ok(());
+        }
         sock.set_tcp_user_timeout((!timeout.is_zero()).then_some(timeout))
     }
     #[cfg(not(target_os = "linux"))]
     {
         let _ = (sock, timeout);
         Ok(())
+    }
+}
+
+/// Whether `sock` has TCP_USER_TIMEOUT `want` (in the whole milliseconds the kernel keeps).
+/// Where it cannot be read: true off Linux (where pgsluice does not set it), and on Linux
+/// for the default only.
+pub fn has_user_timeout(sock: &socket2::SockRef<'_>, want: std::time::Duration) -> bool {
+    let want = std::time::Duration::from_millis(want.as_millis() as u64);
+    match user_timeout(sock) {
+        Some(t) => t == want,
+        None => want.is_zero() || cfg!(not(target_os = "linux")),
     }
 }
 
@@ -413,7 +429,7 @@ pub fn user_timeout(sock: &socket2::SockRef<'_>) -> Option<std::time::Duration> 
     #[cfg(not(target_os = "linux"))]
     {
         let _ = sock;
-        Some(std::time::Duration::ZERO)
+        None
     }
 }
 

@@ -457,6 +457,7 @@ async fn client_sockets_run_tcp_keepalive() {
 /// TCP_USER_TIMEOUT of the socket of this process whose local port is `local` and peer port
 /// `peer` (zero: the kernel's default), if there is one. The proxy runs in the test's
 /// process: each descriptor is copied with `pidfd_getfd` and asked.
+#[cfg(target_os = "linux")]
 fn own_socket_user_timeout(local: u16, peer: u16) -> Option<Duration> {
     use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
     let me = pidfd_open(getpid(), PidfdFlags::empty()).expect("pidfd_open");
@@ -486,6 +487,7 @@ fn own_socket_user_timeout(local: u16, peer: u16) -> Option<Duration> {
 /// connection it runs on carry TCP_USER_TIMEOUT, so that a peer that vanished while being
 /// sent to is found in that time, not after ~15 minutes of retransmissions. Without the key,
 /// the kernel's default (0).
+#[cfg(target_os = "linux")]
 #[tokio::test]
 async fn tcp_user_timeout_is_set_on_both_legs() {
     let set = trust_app("cf_usertimeout", "tcp_user_timeout = \"9s\"").await;

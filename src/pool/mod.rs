@@ -272,8 +272,8 @@ impl State {
     /// True when a server of pool `id`, returned at `now`, should close to give its room to
     /// a client of another pool (see [`CROSS_POOL_SLACK`]): one that waits for room that
     /// closing it would give (the budget, `max_db_connections` or `max_user_connections`),
-    /// began before `own` (the oldest waiter of `id`, if any) and either has no server of
-    /// its own coming back or began `CROSS_POOL_SLACK` before `own` (or `now`).
+    /// began before `own` (the oldest waiter of `id`, if any, else the present) and either
+    /// has no server of its own coming back or began `CROSS_POOL_SLACK` before that.
     fn room_wanted_elsewhere(&mut self, id: PoolId, own: Option<Instant>) -> bool {
         let waits_for_room = |st: &State, i: PoolId| {
             i != id && !st.pools[i].waiters.is_empty() && st.share_room(i, id)
