@@ -1302,7 +1302,7 @@ fn show_lists(shared: &Shared) -> Table {
 }
 
 /// `(key, value, default)` of the settings SHOW CONFIG lists. Durations in seconds, as
-/// PgBouncer shows them.
+/// PgBouncer shows them (`tcp_user_timeout` in milliseconds, as PgBouncer's is set).
 pub fn config_rows(c: &Config) -> Vec<(&'static str, String, &'static str)> {
     let list = |v: &[String]| v.join(",");
     vec![
@@ -1369,6 +1369,25 @@ pub fn config_rows(c: &Config) -> Vec<(&'static str, String, &'static str)> {
         ("login_rate_limit", c.login_rate_limit.to_string(), "0"),
         ("max_query_size", c.max_query_size.to_string(), "33554432"),
         (
+            "max_prepared_statements",
+            c.max_prepared_statements.to_string(),
+            "200",
+        ),
+        ("tcp_keepalive", c.tcp_keepalive.to_string(), "1"),
+        ("tcp_keepidle", secs(c.tcp_keepidle), "60"),
+        ("tcp_keepintvl", secs(c.tcp_keepintvl), "10"),
+        ("tcp_keepcnt", c.tcp_keepcnt.to_string(), "6"),
+        (
+            "tcp_user_timeout",
+            c.tcp_user_timeout.as_millis().to_string(),
+            "0",
+        ),
+        (
+            "server_tcp_keepalive",
+            c.server_tcp_keepalive.to_string(),
+            "1",
+        ),
+        (
             "ignore_startup_parameters",
             list(&c.ignore_startup_parameters),
             "",
@@ -1408,8 +1427,18 @@ fn show_config(c: &Config) -> Table {
         ("default", Ty::Text),
         ("changeable", Ty::Text),
     ]);
+    // Changeable by RELOAD (or SIGHUP) unless the reload refuses a change of it.
+    let restart: Vec<String> = crate::reload::restart_keys(c)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
     for (k, v, d) in config_rows(c) {
-        t.row(vec![k.into(), v.into(), d.into(), "no".into()]);
+        let changeable = if restart.iter().any(|r| r == k) {
+            "no"
+        } else {
+            "yes"
+        };
+        t.row(vec![k.into(), v.into(), d.into(), changeable.into()]);
     }
     t
 }

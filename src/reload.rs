@@ -28,8 +28,9 @@ impl ConfigSource {
     }
 }
 
-/// Keys whose change needs a restart, with what each is in `c`.
-fn restart_keys(c: &Config) -> Vec<(String, String)> {
+/// Keys whose change needs a restart, with what each is in `c` (SHOW CONFIG's
+/// `changeable` is `no` for these).
+pub(crate) fn restart_keys(c: &Config) -> Vec<(String, String)> {
     let mut keys = vec![
         ("listen".to_owned(), c.listen.clone()),
         ("listen_unix".to_owned(), c.listen_unix.clone()),

@@ -357,7 +357,8 @@ async fn show_clients_and_servers_link_up() {
 async fn show_databases_users_lists_config_version_state() {
     let proxy = admin_app(
         "a_misc",
-        "pool_size = 7\nquery_wait_timeout = \"45s\"\nmax_db_connections = 6\nmax_user_connections = 5",
+        "pool_size = 7\nquery_wait_timeout = \"45s\"\nmax_db_connections = 6\nmax_user_connections = 5\n\
+         tcp_user_timeout = \"2.5s\"",
     )
     .await;
     let admin = console(&proxy, "a_misc").await;
@@ -420,6 +421,17 @@ async fn show_databases_users_lists_config_version_state() {
     let q = row_of(&rows, "key", "query_wait_timeout");
     assert_eq!((field(q, "value"), field(q, "default")), ("45", "120"));
     assert_eq!(field(row_of(&rows, "key", "pool_size"), "value"), "7");
+    // In milliseconds, as PgBouncer's tcp_user_timeout.
+    let u = row_of(&rows, "key", "tcp_user_timeout");
+    assert_eq!((field(u, "value"), field(u, "default")), ("2500", "0"));
+    assert_eq!(field(row_of(&rows, "key", "tcp_keepidle"), "value"), "60");
+    // What RELOAD may change, and what it refuses (a restart).
+    assert_eq!(field(q, "changeable"), "yes");
+    assert_eq!(field(row_of(&rows, "key", "listen"), "changeable"), "no");
+    assert_eq!(
+        field(row_of(&rows, "key", "max_client_conn"), "changeable"),
+        "no"
+    );
     assert_eq!(
         field(row_of(&rows, "key", "admin_users"), "value"),
         "a_misc"
