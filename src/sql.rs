@@ -492,6 +492,32 @@ pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
     }
 }
 
+/// Whether PostgreSQL accepts a Parse of `sql` in a failed transaction block: an empty text,
+/// or a statement that ends the block (`COMMIT`, `END`, `ROLLBACK [TO …]`, `ABORT`,
+/// `PREPARE TRANSACTION`; not `COMMIT PREPARED` or `ROLLBACK PREPARED`). Anything else
+/// starting with a keyword is refused there (25P02). A text that starts otherwise is not
+/// decided here: true (as if accepted).
+pub fn parse_allowed_in_failed_transaction(sql: &[u8]) -> bool {
+    let mut lexer = Lexer { s: sql, i: 0 };
+    let first = loop {
+        match lexer.next_token() {
+            Some(Token::Semi) => continue,
+            t => break t,
+        }
+    };
+    let Some(Token::Word(w)) = first else {
+        return true;
+    };
+    let word = |kw: &str| w.eq_ignore_ascii_case(kw.as_bytes());
+    if word("commit") || word("end") || word("rollback") || word("abort") {
+        !is(lexer.next_token().as_ref(), "prepared")
+    } else if word("prepare") {
+        is(lexer.next_token().as_ref(), "transaction")
+    } else {
+        false
+    }
+}
+
 fn name_of(t: Option<&Token>) -> Option<String> {
     match t {
         Some(Token::Word(w)) => Some(String::from_utf8_lossy(w).to_ascii_lowercase()),
@@ -846,6 +872,41 @@ mod tests {
             assert_eq!(run(q).0, None, "{q}");
         }
         assert_eq!(run("SELECT $1; LISTEN x").0, Some(Refusal::Listen));
+    }
+
+    /// PostgreSQL's IsTransactionExitStmt, and the empty text, which it also parses in a
+    /// failed block.
+    #[test]
+    fn parses_allowed_in_a_failed_transaction() {
+        for ok in [
+            "ROLLBACK",
+            "rollback to savepoint s",
+            "ROLLBACK AND CHAIN",
+            "/* c */ COMMIT",
+            "commit work",
+            "END",
+            "abort",
+            "PREPARE TRANSACTION 'x'",
+            "",
+            " ; ",
+            "(SELECT 1)",
+        ] {
+            assert!(parse_allowed_in_failed_transaction(ok.as_bytes()), "{ok}");
+        }
+        for refused in [
+            "SELECT 1",
+            "COMMIT PREPARED 'x'",
+            "ROLLBACK PREPARED 'x'",
+            "PREPARE p AS SELECT 1",
+            "savepoint s",
+            "BEGIN",
+            "-- c\nINSERT INTO t VALUES (1)",
+        ] {
+            assert!(
+                !parse_allowed_in_failed_transaction(refused.as_bytes()),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

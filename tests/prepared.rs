@@ -682,6 +682,66 @@ async fn an_unseen_clear_retires_the_server_behind_it() {
     assert_eq!(tags, "12DCZ", "{msgs:?}");
 }
 
+/// One round's tags, SQLSTATEs and final transaction status.
+type Seen = (String, Vec<String>, Option<char>);
+
+async fn seen(c: &mut Wire, parts: Vec<Vec<u8>>) -> Seen {
+    let (tags, msgs) = c.round(&parts).await;
+    let codes = msgs.iter().filter_map(|m| m.code()).collect();
+    (tags, codes, msgs.last().map(|m| m.body[0] as char))
+}
+
+/// The steps of `a_parse_in_a_failed_transaction_answers_as_postgresql`.
+async fn parse_in_a_failed_block(c: &mut Wire) -> Vec<Seen> {
+    let run = |stmt: &str| vec![wire::bind("", stmt, &[]), wire::execute(""), wire::sync()];
+    let with = |mut first: Vec<Vec<u8>>, rest: Vec<Vec<u8>>| {
+        first.extend(rest);
+        first
+    };
+    vec![
+        // The server prepares both texts; the client names them a and r0.
+        seen(
+            c,
+            vec![
+                wire::parse("a", "SELECT 1"),
+                wire::parse("r0", "ROLLBACK"),
+                wire::sync(),
+            ],
+        )
+        .await,
+        seen(c, vec![wire::query("BEGIN")]).await,
+        seen(c, vec![wire::query("SELECT 1/0")]).await,
+        // Refused: 25P02, the rest skipped to Sync.
+        seen(c, with(vec![wire::parse("b", "SELECT 1")], run("b"))).await,
+        // Ends the block: accepted and run.
+        seen(c, with(vec![wire::parse("r", "ROLLBACK")], run("r"))).await,
+        // b was never defined (26000); a still runs.
+        seen(c, run("b")).await,
+        seen(c, run("a")).await,
+    ]
+}
+
+/// A Parse of a text the server has prepared already, in a failed transaction block: as in
+/// PostgreSQL it is refused (25P02) and defines no name, unless it ends the block
+/// (`ROLLBACK`, which pgsluice answers itself). The same steps run directly against
+/// PostgreSQL and through pgsluice give the same messages.
+#[tokio::test]
+async fn a_parse_in_a_failed_transaction_answers_as_postgresql() {
+    let name = "ps_parse_failed";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let mut direct = Wire::connect_password(pg().port, name, name, &format!("{name}-pw")).await;
+    let expected = parse_in_a_failed_block(&mut direct).await;
+    drop(direct);
+    assert_eq!(expected[3].1, ["25P02"], "PostgreSQL: {expected:?}");
+    assert_eq!(expected[4].0, "12CZ", "PostgreSQL: {expected:?}");
+    assert_eq!(expected[5].1, ["26000"], "PostgreSQL: {expected:?}");
+    let mut c = Wire::connect(proxy.addr.port(), name, name).await;
+    assert_eq!(parse_in_a_failed_block(&mut c).await, expected);
+    drop(c);
+    leaks.check().await;
+}
+
 /// `DEALLOCATE name` is answered by pgsluice, as PostgreSQL would answer it where it runs:
 /// 25P02 in a transaction that a statement ahead of it in the same pipeline failed (the
 /// client keeps the statement), and success after a ROLLBACK ahead of it in a failed one.

@@ -22,6 +22,7 @@ use crate::prepared::{
 use crate::protocol::frame::{self, HEADER_LEN};
 use crate::protocol::frontend;
 use crate::protocol::messages::{self, CStrings, ErrorFields, Severity};
+use crate::relay::TransactionStatus;
 use crate::sql::{self, Deallocate, Refusal, SessionEffects};
 
 /// See [`ClientConn::behind_clear`].
@@ -980,6 +981,33 @@ impl<S> ClientConn<S> {
             self.owe(txn, server, Reply::Parse, false, undo);
             splice(&mut self.buf, at, total, &msg);
             self.ready = at + msg.len();
+            return Ok(());
+        }
+        if server_has_it
+            && txn.status == TransactionStatus::Failed
+            && txn.owed.is_empty()
+            && !sql::parse_allowed_in_failed_transaction(text)
+        {
+            // In a failed transaction block (known: nothing is in flight) PostgreSQL refuses
+            // this Parse (25P02) and skips to Sync. The server says so, given the Parse under
+            // the statement's server name: it refuses before it looks at the name. Its undo
+            // takes the client's name back, as PostgreSQL defines none.
+            let mut msg =
+                Vec::with_capacity(HEADER_LEN + stmt.server_name.len() + 1 + after_name.len());
+            msg.push(frontend::PARSE);
+            msg.extend_from_slice(
+                &((4 + stmt.server_name.len() + 1 + after_name.len()) as i32).to_be_bytes(),
+            );
+            msg.extend_from_slice(stmt.server_name.as_bytes());
+            msg.push(0);
+            msg.extend_from_slice(&after_name);
+            splice(&mut self.buf, at, total, &msg);
+            self.ready = at + msg.len();
+            let undo = Undo::Register {
+                name: name.into(),
+                stmt,
+            };
+            self.owe(txn, server, Reply::Parse, false, undo);
             return Ok(());
         }
         if server_has_it {
