@@ -99,9 +99,20 @@ pub fn pg_command(bin: &Path, name: &str) -> Command {
     c
 }
 
-/// A TCP port free on 127.0.0.1 at the time of asking.
+/// A TCP port free on 127.0.0.1 at the time of asking, and not handed out before by this
+/// process. The kernel may give a port it gave a moment ago to the next `bind(0)` once the
+/// first is closed: two servers started side by side (the tests run many at once) would
+/// then be given the same port, and the second would fail to listen, or a client of it
+/// would reach the first.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 fn run(c: &mut Command, what: &str) -> Result<Output, String> {
