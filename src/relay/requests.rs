@@ -992,15 +992,8 @@ impl<S> ClientConn<S> {
             // this Parse (25P02) and skips to Sync. The server says so, given the Parse under
             // the statement's server name: it refuses before it looks at the name. Its undo
             // takes the client's name back, as PostgreSQL defines none.
-            let mut msg =
-                Vec::with_capacity(HEADER_LEN + stmt.server_name.len() + 1 + after_name.len());
-            msg.push(frontend::PARSE);
-            msg.extend_from_slice(
-                &((4 + stmt.server_name.len() + 1 + after_name.len()) as i32).to_be_bytes(),
-            );
-            msg.extend_from_slice(stmt.server_name.as_bytes());
-            msg.push(0);
-            msg.extend_from_slice(&after_name);
+            let mut msg = Vec::new();
+            push_parse_as(&mut msg, &stmt.server_name, &after_name);
             splice(&mut self.buf, at, total, &msg);
             self.ready = at + msg.len();
             let undo = Undo::Register {
@@ -1040,17 +1033,21 @@ impl<S> ClientConn<S> {
         server: &mut ServerStatements,
     ) {
         let mut msg = self.prepare_first(existing, txn, server);
-        msg.push(frontend::PARSE);
-        msg.extend_from_slice(
-            &((4 + existing.server_name.len() + 1 + after_name.len()) as i32).to_be_bytes(),
-        );
-        msg.extend_from_slice(existing.server_name.as_bytes());
-        msg.push(0);
-        msg.extend_from_slice(after_name);
+        push_parse_as(&mut msg, &existing.server_name, after_name);
         splice(&mut self.buf, at, total, &msg);
         self.ready = at + msg.len();
         self.owe(txn, server, Reply::Parse, false, Undo::None);
     }
+}
+
+/// Appends the client's Parse under `server_name`: `after_name` is the rest of its body
+/// (query text, parameter types).
+fn push_parse_as(msg: &mut Vec<u8>, server_name: &str, after_name: &[u8]) {
+    msg.push(frontend::PARSE);
+    msg.extend_from_slice(&((4 + server_name.len() + 1 + after_name.len()) as i32).to_be_bytes());
+    msg.extend_from_slice(server_name.as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(after_name);
 }
 
 #[cfg(test)]
