@@ -20,6 +20,9 @@
 #   INSTR_PORT=6690          first port used
 #   INSTR_KEEP=DIR           keep each measured callgrind dump there, as BIN-WORKLOAD.callgrind
 #                            (for callgrind_annotate: where the instructions go)
+#   INSTR_CALLGRIND_ARGS="--cache-sim=yes"  more callgrind options; with the cache simulation,
+#                            a second table gives L1 misses per transaction (instruction
+#                            cache, data reads, data writes) as valgrind simulates them
 #
 # Prints a markdown table; with OTHER_BIN, a column for it and the change.
 set -euo pipefail
@@ -73,7 +76,7 @@ port = $PORT_direct
 password = "$PGPASSWORD"
 EOF
   rm -f "$WORK"/cg.out*
-  PGSLUICE_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
+  PGSLUICE_LOG=warn valgrind --tool=callgrind ${INSTR_CALLGRIND_ARGS:-} --callgrind-out-file="$WORK/cg.out" \
     "$bin" --config "$WORK/p.toml" >"$WORK/valgrind.log" 2>&1 &
   local vg=$! i n
   # This runs in a command substitution: whatever ends it takes valgrind along.
@@ -111,6 +114,12 @@ EOF
   [ -n "$dump" ] || die "callgrind wrote no dump"
   [ -z "${INSTR_KEEP:-}" ] || cp "$dump" "$INSTR_KEEP/$(basename "$bin")-$workload.callgrind"
   awk -v n="$n" '/^(summary|totals):/ {printf "%d\n", $2 / n; exit}' "$dump"
+  # With --cache-sim=yes the events are Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+  if grep -q '^events: Ir Dr Dw I1mr D1mr D1mw' "$dump"; then
+    awk -v n="$n" -v w="$workload" -v b="$(basename "$bin")" '/^(summary|totals):/ {
+      printf "| %s | %s | %.1f | %.1f | %.1f |\n", w, b, $5 / n, $6 / n, $7 / n; exit }' \
+      "$dump" >>"$WORK/misses"
+  fi
 }
 
 if [ -n "$OTHER" ]; then
@@ -129,3 +138,9 @@ for w in $WORKLOADS; do
     echo "| $w | $a |"
   fi
 done
+if [ -s "$WORK/misses" ]; then
+  echo
+  echo "| workload | binary | I1 misses | D1 read misses | D1 write misses |"
+  echo "|---|---|---:|---:|---:|"
+  cat "$WORK/misses"
+fi
