@@ -206,6 +206,8 @@ stop_pid() { # pid (or pid,pid,...): SIGTERM, wait up to 10 s, then SIGKILL
 
 cleanup() {
   local t
+  # Background helpers (the --serve sleep).
+  jobs -p | xargs -r kill 2>/dev/null || true
   for t in "${!PID[@]}"; do stop_pid "${PID[$t]}"; done
   if [ "$PG_STARTED" = 1 ]; then
     as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
@@ -471,7 +473,10 @@ if [ "$SERVE" = 1 ]; then
     done
   } >"$RESULTS/serve.env"
   log "serving; source $RESULTS/serve.env, then e.g. pgbench -S -c 16 -T 10 -p \$PORT_pgsluice"
-  sleep "${BENCH_SERVE_SECONDS:-3600}" || true
+  # In the background and waited for: a SIGTERM or Ctrl-C then stops everything at once
+  # (bash runs a trap only after the foreground command it waits for has ended).
+  sleep "${BENCH_SERVE_SECONDS:-3600}" &
+  wait $! || true
   exit 0
 fi
 if [ "$WARMUP" -gt 0 ]; then

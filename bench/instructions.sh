@@ -80,7 +80,7 @@ EOF
     "$bin" --config "$WORK/p.toml" >"$WORK/valgrind.log" 2>&1 &
   local vg=$! i n
   # This runs in a command substitution: whatever ends it takes valgrind along.
-  trap 'kill $vg 2>/dev/null || true' EXIT
+  trap "kill $vg 2>/dev/null || true" EXIT
   for i in $(seq 1 200); do
     psql -X -At -h 127.0.0.1 -p "$port" -U bench -d bench -c "select 1" >/dev/null 2>&1 && break
     kill -0 "$vg" 2>/dev/null || die "pgsluice under valgrind ended (see $WORK/valgrind.log)"

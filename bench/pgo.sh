@@ -41,9 +41,7 @@ chmod 755 "$WORK"
 SERVE_PID=
 stop_serve() {
   [ -n "$SERVE_PID" ] || return 0
-  # Its sleep first: bash runs compare.sh's TERM trap (which stops PostgreSQL) once the
-  # command it waits for has ended.
-  pkill -TERM -P "$SERVE_PID" 2>/dev/null || true
+  # Its TERM trap stops PostgreSQL.
   kill -TERM "$SERVE_PID" 2>/dev/null || true
   wait "$SERVE_PID" 2>/dev/null || true
   SERVE_PID=
