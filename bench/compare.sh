@@ -37,6 +37,8 @@
 #   BENCH_IDLE="2000 10000"  idle-client counts for RSS per client ("" skips)
 #   BENCH_STORM=1000         clients in the connect-query-leave storm (0 skips)
 #   BENCH_STORM_AUTH="scram-sha-256 trust"
+#   BENCH_STORM_REPEATS=$BENCH_REPEATS  storm rounds, the targets' order rotated each round;
+#                            CPU per connection is the median, ratios are paired per round
 #   BENCH_PERF_CLIENTS="16 100 500"  client counts of the syscall-count pass with perf
 #                            tracepoints (root; skipped without perf; "" skips)
 #   BENCH_STRACE_CLIENTS="16 100"   client counts of the strace -c -f pass ("" skips)
@@ -155,6 +157,8 @@ max_idle=0
 for n in $IDLE; do [ "$n" -gt "$max_idle" ] && max_idle=$n; done
 max_clients=0
 for n in $CLIENTS; do [ "$n" -gt "$max_clients" ] && max_clients=$n; done
+# (the storm's clients are all connected at once, like the idle ones)
+[ "$STORM" -gt "$max_idle" ] && max_idle=$STORM
 want_fds=$((max_idle + max_clients + 1000))
 ulimit -n "$want_fds" 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 FDS=$(ulimit -n)
@@ -602,18 +606,26 @@ EOF
 done
 
 # --- 4. connection storm: proxy CPU per connection -----------------------------------------
+# Rounds, the targets' order rotated each round as in the pgbench runs: one storm is a few
+# seconds, and a slower second on the machine would otherwise decide the ratio.
+STORM_REPEATS=${BENCH_STORM_REPEATS:-$REPEATS}
 if [ "$STORM" -gt 0 ]; then
-  for auth in $STORM_AUTH; do
-    for t in $(tcp_proxies); do
-      start_target "$t" "$auth"
-      # Open the pool first: the storm measures logins, not server connections.
-      "$PY" "$HELPER" storm --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" --n 40 --concurrency 40 >/dev/null
-      log "storm: $t, $auth, $STORM clients"
-      res=$("$PY" "$HELPER" storm --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" \
-        --n "$STORM" --concurrency "$STORM" --timeout 120 --pid "${PID[$t]}")
-      "$PY" -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(target=sys.argv[2], auth=sys.argv[3]); print(json.dumps(r))' \
-        "$res" "$t" "$auth" >>"$RESULTS/storm.jsonl"
-      stop_target "$t"
+  read -r -a storm_order <<<"$(tcp_proxies | tr '\n' ' ')"
+  ns=${#storm_order[@]}
+  for r in $(seq 1 "$STORM_REPEATS"); do
+    for auth in $STORM_AUTH; do
+      for i in $(seq 0 $((ns - 1))); do
+        t=${storm_order[$(((i + r - 1) % ns))]}
+        start_target "$t" "$auth"
+        # Open the pool first: the storm measures logins, not server connections.
+        "$PY" "$HELPER" storm --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" --n 40 --concurrency 40 >/dev/null
+        log "storm: $t, $auth, $STORM clients, round $r/$STORM_REPEATS"
+        res=$("$PY" "$HELPER" storm --port "${PORT[$t]}" --user bench --database bench --password "$PASSWORD" \
+          --n "$STORM" --concurrency "$STORM" --timeout 120 --pid "${PID[$t]}")
+        "$PY" -c 'import json,sys; r=json.loads(sys.argv[1]); r.update(target=sys.argv[2], auth=sys.argv[3], repeat=int(sys.argv[4])); print(json.dumps(r))' \
+          "$res" "$t" "$auth" "$r" >>"$RESULTS/storm.jsonl"
+        stop_target "$t"
+      done
     done
   done
 fi

@@ -573,6 +573,15 @@ def paired_ratio(runs, a, b, key):
     return med(ratios)
 
 
+def storm_ratio(storms, auth, a, b):
+    """Median over rounds of a's storm CPU per connection / b's, paired by round."""
+    rounds = {}
+    for x in storms:
+        if x["auth"] == auth:
+            rounds.setdefault(x.get("repeat", 1), {})[x["target"]] = x.get("cpu_ms_per_conn")
+    return med([r[a] / r[b] for r in rounds.values() if r.get(a) is not None and r.get(b)])
+
+
 def cmd_report(args):
     d = args.dir
     runs = [r for r in load_jsonl(os.path.join(d, "runs.jsonl")) if not r.get("warmup")]
@@ -694,10 +703,8 @@ def cmd_report(args):
                 v = idle["kib_per_client"]
                 check(p, f"RSS per idle client @{idle['clients']} ≤ 1.5 KiB", v, v <= 1.5, f"{v:.2f} KiB")
         for auth in sorted({x["auth"] for x in storms}):
-            a = [x for x in storms if x["target"] == p and x["auth"] == auth]
-            b = [x for x in storms if x["target"] == "pgbouncer" and x["auth"] == auth]
-            if a and b and a[0].get("cpu_ms_per_conn") is not None and b[0].get("cpu_ms_per_conn"):
-                v = a[0]["cpu_ms_per_conn"] / b[0]["cpu_ms_per_conn"]
+            v = storm_ratio(storms, auth, p, "pgbouncer")
+            if v is not None:
                 check(p, f"storm CPU/connection ({auth}) ≤ 1.0× PgBouncer", v, v <= 1.0, ratio_fmt(v))
 
     out = {"meta": meta, "summary": summary, "ratios": ratios, "syscalls": straces, "idle": idles,
@@ -778,12 +785,18 @@ def cmd_report(args):
         L.append("")
         L.append("## Connection storm (each client: connect, log in, SELECT 1, leave)")
         L.append("")
-        L.append("| auth | target | clients | errors | seconds | proxy CPU ms | CPU ms per connection |")
-        L.append("|---|---|---:|---:|---:|---:|---:|")
-        for x in storms:
+        L.append("Medians over the rounds (targets interleaved); ×PgBouncer is paired per round.")
+        L.append("")
+        L.append("| auth | target | rounds | clients | errors | seconds | proxy CPU ms | CPU ms per connection | ×PgBouncer |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for auth, target in sorted({(x["auth"], x["target"]) for x in storms}):
+            xs = [x for x in storms if x["auth"] == auth and x["target"] == target]
+            ratio = storm_ratio(storms, auth, target, "pgbouncer") if target != "pgbouncer" else None
             L.append(
-                f"| {x['auth']} | {LABEL.get(x['target'], x['target'])} | {x['clients']:,} | {x.get('errors')} | "
-                f"{fmt(x.get('seconds'), 2)} | {fmt(x.get('cpu_ms'))} | {fmt(x.get('cpu_ms_per_conn'), 3)} |"
+                f"| {auth} | {LABEL.get(target, target)} | {len(xs)} | {xs[0]['clients']:,} | "
+                f"{sum(x.get('errors') or 0 for x in xs)} | {fmt(med([x.get('seconds') for x in xs]), 2)} | "
+                f"{fmt(med([x.get('cpu_ms') for x in xs]))} | {fmt(med([x.get('cpu_ms_per_conn') for x in xs]), 3)} | "
+                f"{ratio_fmt(ratio)} |"
             )
     if checks:
         L.append("")
