@@ -169,15 +169,22 @@ n_proxies=$(echo "$TARGETS" | tr ' ' '\n' | grep -c -v -e '^direct$' -e '^$' || 
 MAX_CONN=$((max_clients + (n_proxies + 1) * POOL_SIZE + 40))
 
 # --- build ---------------------------------------------------------------------------------
-log "building pgsluice ($PROFILE)"
 case "$PROFILE" in
   debug | dev) PROFILE=dev PROFILE_DIR=debug ;;
   *) PROFILE_DIR=$PROFILE ;;
 esac
-(cd "$ROOT" && cargo build --profile "$PROFILE" --quiet --bin pgsluice)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN="$TARGET_DIR/$PROFILE_DIR/pgsluice"
-[ -x "$BIN" ] || die "no binary at $BIN"
+# Not when no target runs this tree's build (bench/pgo.sh's PostgreSQL: direct only).
+needs_build=0
+for t in $TARGETS; do
+  case $t in pgsluice-alt*) ;; pgsluice*) needs_build=1 ;; esac
+done
+if [ "$needs_build" = 1 ]; then
+  log "building pgsluice ($PROFILE)"
+  (cd "$ROOT" && cargo build --profile "$PROFILE" --quiet --bin pgsluice)
+  [ -x "$BIN" ] || die "no binary at $BIN"
+fi
 
 # --- results and scratch -------------------------------------------------------------------
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -213,6 +220,8 @@ cleanup() {
   # Background helpers (the --serve sleep).
   jobs -p | xargs -r kill 2>/dev/null || true
   for t in "${!PID[@]}"; do stop_pid "${PID[$t]}"; done
+  # A PgBouncer interrupted before its PID was read (it daemonizes): its pid file.
+  for t in "$WORK"/pgb/*.pid; do [ -s "$t" ] && stop_pid "$(cat "$t")"; done
   if [ "$PG_STARTED" = 1 ]; then
     as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
   fi
@@ -258,9 +267,10 @@ max_wal_size = 4GB
 checkpoint_timeout = 1h
 password_encryption = 'scram-sha-256'
 EOF
+# Counted as started before pg_ctl returns: an interrupt while it waits must still stop it.
+PG_STARTED=1
 as_pg "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pgb/postgres.log" -w -t 60 start >/dev/null ||
   die "PostgreSQL did not start (see $WORK/pgb/postgres.log)"
-PG_STARTED=1
 psql_admin() { as_pg "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$WORK/pgb" -p "${PORT[direct]}" -U postgres "$@"; }
 psql_admin -d postgres -c "CREATE ROLE bench LOGIN PASSWORD '$PASSWORD'" -c "CREATE DATABASE bench OWNER bench"
 as_pg "$PG_BIN/pgbench" -i -q -s "$SCALE" -h "$WORK/pgb" -p "${PORT[direct]}" -U bench bench >"$WORK/pgbench-init.log" 2>&1 ||
@@ -458,7 +468,7 @@ except OSError:
 json.dump({
     "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "cpus": os.cpu_count(), "cpu_model": model,
     "kernel": os.uname().release, "commit": "$commit",
-    "pgsluice_version": "$("$BIN" --version)", "profile": "$PROFILE",
+    "pgsluice_version": "$([ -x "$BIN" ] && "$BIN" --version)", "profile": "$PROFILE",
     "pgbouncer_version": "$([ -n "$PGBOUNCER" ] && "$PGBOUNCER" --version | head -1)",
     "pg_version": "$("$PG_BIN/postgres" --version | awk '{print $3}')",
     "seconds": $SECONDS_PER_RUN, "repeats": $REPEATS, "scale": $SCALE, "jobs": $JOBS,
@@ -475,7 +485,9 @@ if [ "$SERVE" = 1 ]; then
     for t in $TARGETS; do
       echo "export PORT_${t//-/_}=${PORT[$t]} PID_${t//-/_}=${PID[$t]:-0} HOST_${t//-/_}=$(host_of "$t")"
     done
-  } >"$RESULTS/serve.env"
+  } >"$RESULTS/serve.env.tmp"
+  # Whole or not at all: bench/pgo.sh starts as soon as the file is there.
+  mv "$RESULTS/serve.env.tmp" "$RESULTS/serve.env"
   log "serving; source $RESULTS/serve.env, then e.g. pgbench -S -c 16 -T 10 -p \$PORT_pgsluice"
   # In the background and waited for: a SIGTERM or Ctrl-C then stops everything at once
   # (bash runs a trap only after the foreground command it waits for has ended).

@@ -6,8 +6,9 @@
 #
 #   bench/pgo.sh [OUT]        OUT defaults to target/release-pgo/pgsluice
 #
-# Trains against the PostgreSQL of a running `bench/compare.sh --serve` (its serve.env: the
-# newest live one under bench/results, or PGO_SERVE_ENV=path); without one, it starts its own
+# Trains against the PostgreSQL of a running `bench/compare.sh --serve` (its serve.env:
+# PGO_SERVE_ENV=path, or the newest one under bench/results if its PostgreSQL answers);
+# without one, it starts its own
 # (`compare.sh --serve` with the direct target only) and stops it at the end. Needs what
 # compare.sh needs, and llvm-profdata of rustc's LLVM version:
 # `rustup component add llvm-tools-preview` (or PGO_PROFDATA=path).
@@ -31,7 +32,6 @@ PORT=${PGO_PORT:-6790}
 
 die() { echo "pgo.sh: $*" >&2; exit 1; }
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
-command -v pgbench >/dev/null || die "pgbench is not on PATH"
 PROFDATA=${PGO_PROFDATA:-$(ls "$(rustc --print sysroot)"/lib/rustlib/*/bin/llvm-profdata 2>/dev/null | head -1 || true)}
 [ -n "$PROFDATA" ] && [ -x "$PROFDATA" ] ||
   die "no llvm-profdata: rustup component add llvm-tools-preview (or set PGO_PROFDATA)"
@@ -50,7 +50,10 @@ trap 'stop_serve; kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 ulimit -n 20000 2>/dev/null || true
 
 # live ENV_FILE: whether the PostgreSQL it names answers.
-live() { (. "$1" && psql -X -At -h 127.0.0.1 -p "$PORT_direct" -c "select 1" >/dev/null 2>&1); }
+live() {
+  (. "$1" && PATH="${PG_BIN:+$PG_BIN:}$PATH" &&
+    psql -X -At -h 127.0.0.1 -p "$PORT_direct" -c "select 1" >/dev/null 2>&1)
+}
 ENV_FILE=${PGO_SERVE_ENV:-}
 if [ -z "$ENV_FILE" ]; then
   newest=$(ls -t "$here"/results/*/serve.env 2>/dev/null | head -1 || true)
@@ -73,6 +76,9 @@ live "$ENV_FILE" || die "the PostgreSQL of $ENV_FILE does not answer"
 # shellcheck disable=SC1090
 . "$ENV_FILE"
 [ -n "${PORT_direct:-}" ] || die "$ENV_FILE names no direct PostgreSQL port"
+# The PostgreSQL's own pgbench and psql first.
+PATH="${PG_BIN:+$PG_BIN:}$PATH"
+command -v pgbench >/dev/null || die "no pgbench in ${PG_BIN:-} or on PATH"
 
 # The instrumented build's flags stay the same from run to run, so cargo reuses it; the
 # build with the profile starts afresh each time (cargo does not track the profile's content).
@@ -119,7 +125,9 @@ EOF
   done
   log "training: $threads thread(s), a storm of 500 SCRAM logins"
   python3 "$here/helper.py" storm --port "$PORT" --user bench --database bench \
-    --password "$PGPASSWORD" --timeout 120 --n 500 --concurrency 100 >/dev/null
+    --password "$PGPASSWORD" --timeout 120 --n 500 --concurrency 100 >"$WORK/storm.json"
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); sys.exit(1 if d.get("errors") else 0)' \
+    "$WORK/storm.json" || die "the training storm had errors: $(cat "$WORK/storm.json")"
   # The profile is written as the process exits (a graceful shutdown returns from main).
   kill -TERM "$pid"
   wait "$pid" || true
@@ -129,6 +137,7 @@ train 1
 train 2
 ls "$RAW"/*.profraw >/dev/null 2>&1 || die "the instrumented pgsluice wrote no profile"
 "$PROFDATA" merge -o "$WORK/pgsluice.profdata" "$RAW"/*.profraw
+stop_serve # (its own PostgreSQL, if it started one: not needed for the build)
 
 log "building with the profile ($TARGET_DIR/pgo-use)"
 rm -rf "$TARGET_DIR/pgo-use"
