@@ -28,6 +28,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 BIN=${1:-$here/../target/release/pgsluice}
 OTHER=${2:-}
 WORKLOADS=${INSTR_WORKLOADS:-select-16 select-500 tpcb-16 storm-trust storm-scram}
@@ -60,32 +62,14 @@ count() {
     storm-scram) auth=scram-sha-256 ;;
     *) die "unknown workload $workload" ;;
   esac
-  cat >"$WORK/p.toml" <<EOF
-listen = "127.0.0.1:$port"
-worker_threads = 1
-pool_mode = "transaction"
-pool_size = 20
-max_client_conn = 5000
-auth_type = "$auth"
-
-[databases.bench]
-host = "127.0.0.1"
-port = $PORT_direct
-
-[users.bench]
-password = "$PGPASSWORD"
-EOF
+  bench_config "$WORK/p.toml" "$port" 1 "$auth"
   rm -f "$WORK"/cg.out*
   PGSLUICE_LOG=warn valgrind --tool=callgrind ${INSTR_CALLGRIND_ARGS:-} --callgrind-out-file="$WORK/cg.out" \
     "$bin" --config "$WORK/p.toml" >"$WORK/valgrind.log" 2>&1 &
-  local vg=$! i n
+  local vg=$! n
   # This runs in a command substitution: whatever ends it takes valgrind along.
   trap "kill $vg 2>/dev/null || true" EXIT
-  for i in $(seq 1 200); do
-    psql -X -At -h 127.0.0.1 -p "$port" -U bench -d bench -c "select 1" >/dev/null 2>&1 && break
-    kill -0 "$vg" 2>/dev/null || die "pgsluice under valgrind ended (see $WORK/valgrind.log)"
-    sleep 0.3
-  done
+  bench_wait "$port" "$vg" "$WORK/valgrind.log" 200 || die "pgsluice under valgrind did not start"
   case $workload in
     storm-*)
       local storm=(python3 "$here/helper.py" storm --port "$port" --user bench --database bench

@@ -24,6 +24,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/lib.sh"
 root=$(cd "$here/.." && pwd)
 TARGET_DIR=${PGO_TARGET_DIR:-$root/target}
 OUT=${1:-$TARGET_DIR/release-pgo/pgsluice}
@@ -90,30 +92,12 @@ rm -rf "$RAW"
 
 # train THREADS: runs the workloads through an instrumented pgsluice with THREADS workers.
 train() {
-  local threads=$1 pid i
-  cat >"$WORK/p.toml" <<EOF
-listen = "127.0.0.1:$PORT"
-worker_threads = $threads
-pool_mode = "transaction"
-pool_size = 20
-max_client_conn = 5000
-auth_type = "scram-sha-256"
-
-[databases.bench]
-host = "127.0.0.1"
-port = $PORT_direct
-
-[users.bench]
-password = "$PGPASSWORD"
-EOF
+  local threads=$1 pid
+  bench_config "$WORK/p.toml" "$PORT" "$threads" scram-sha-256
   PGSLUICE_LOG=warn "$TARGET_DIR/pgo-gen/release/pgsluice" --config "$WORK/p.toml" \
     >"$WORK/pgsluice.log" 2>&1 &
   pid=$!
-  for i in $(seq 1 100); do
-    psql -X -At -h 127.0.0.1 -p "$PORT" -U bench -d bench -c "select 1" >/dev/null 2>&1 && break
-    kill -0 "$pid" 2>/dev/null || die "pgsluice ended: $(cat "$WORK/pgsluice.log")"
-    sleep 0.1
-  done
+  bench_wait "$PORT" "$pid" "$WORK/pgsluice.log" 100 || die "the instrumented pgsluice did not start"
   local mode clients
   for mode in "-S" "-S -M extended" "-S -M prepared" ""; do
     for clients in 16 500; do
