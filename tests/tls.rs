@@ -54,12 +54,12 @@ impl Ca {
     }
 }
 
-fn temp_dir() -> PathBuf {
+/// A directory for a test's certificates, removed when the test drops it.
+fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("pgsluice-tls-")
         .tempdir()
         .unwrap()
-        .keep()
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -169,14 +169,14 @@ fn error_fields(body: &[u8]) -> (String, String) {
 }
 
 /// Proxy in front of the shared (plain) test PostgreSQL, with client TLS.
-async fn client_tls_proxy(name: &str, ca: &Ca, mode: &str) -> (Proxy, PathBuf) {
+async fn client_tls_proxy(name: &str, ca: &Ca, mode: &str) -> (Proxy, tempfile::TempDir) {
     let pg = common::pg();
     pg.create_app(name).await;
     let dir = temp_dir();
     let (cert, key) = ca.leaf(&["localhost", "127.0.0.1"]);
-    let cert = write(&dir, "server.crt", &cert);
-    let key = write(&dir, "server.key", &key);
-    write(&dir, "ca.crt", &ca.pem);
+    let cert = write(dir.path(), "server.crt", &cert);
+    let key = write(dir.path(), "server.key", &key);
+    write(dir.path(), "ca.crt", &ca.pem);
     let top = format!(
         "[client_tls]\nmode = \"{mode}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
         cert.display(),
@@ -235,7 +235,7 @@ async fn clients_connect_with_tls_and_plaintext_is_refused_when_required() {
         pg,
         &format!(
             "host=localhost port={port} user=tlsreq password=tlsreq-pw dbname=tlsreq sslmode=verify-full sslrootcert={}",
-            dir.join("ca.crt").display()
+            dir.path().join("ca.crt").display()
         ),
         "SELECT 'over tls'",
     )
@@ -415,15 +415,15 @@ async fn certificates_reload_without_dropping_clients() {
     let (ca1, ca2) = (Ca::new("first CA"), Ca::new("second CA"));
     let dir = temp_dir();
     let (cert, key) = ca1.leaf(&["localhost"]);
-    let cert_path = write(&dir, "server.crt", &cert);
-    let key_path = write(&dir, "server.key", &key);
+    let cert_path = write(dir.path(), "server.crt", &cert);
+    let key_path = write(dir.path(), "server.key", &key);
     let top = format!(
         "[client_tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
         cert_path.display(),
         key_path.display()
     );
     let file = write(
-        &dir,
+        dir.path(),
         "pgsluice.toml",
         &common::app_config(pg, "tlsreload", &top),
     );
@@ -475,25 +475,35 @@ fn is_root() -> bool {
 fn tls_pg() -> &'static TlsPostgres {
     TLS_PG.get_or_init(|| {
         let ca = Ca::new("database CA");
-        let dir = temp_dir();
+        // The certificate goes in the cluster's own directory, which is removed when the
+        // test process exits: the cluster starts, gets it, and restarts with SSL on.
+        let pg = TestPostgres::start(&[]);
         let (cert, key) = ca.leaf(&["127.0.0.1", "localhost"]);
-        let cert = write(&dir, "db.crt", &cert);
-        let key = write(&dir, "db.key", &key);
+        let cert = write(&pg.dir, "db.crt", &cert);
+        let key = write(&pg.dir, "db.key", &key);
         let mut perms = std::fs::metadata(&key).unwrap().permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
         std::fs::set_permissions(&key, perms).unwrap();
         if is_root() {
             let ok = std::process::Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
+                .args(["postgres:postgres"])
+                .arg(&cert)
+                .arg(&key)
                 .status()
                 .unwrap()
                 .success();
             assert!(ok, "chown");
         }
-        let ssl_cert = format!("ssl_cert_file = '{}'", cert.display());
-        let ssl_key = format!("ssl_key_file = '{}'", key.display());
-        let pg = TestPostgres::start(&["ssl = on", &ssl_cert, &ssl_key]);
+        let conf = pg.dir.join("data").join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!(
+            "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+            cert.display(),
+            key.display()
+        ));
+        std::fs::write(&conf, text).unwrap();
+        pg.ctl_stop();
+        pg.ctl_start();
         let hba = pg.dir.join("data").join("pg_hba.conf");
         std::fs::write(
             &hba,
@@ -544,11 +554,11 @@ async fn server_tls_verify_full() {
     db.setup("tlsup").await;
     let dir = temp_dir();
     let ca = write(
-        &dir,
+        dir.path(),
         "rds-bundle.pem",
         &format!("{}{}", Ca::new("unrelated").pem, db.ca.pem),
     );
-    let wrong_ca = write(&dir, "wrong.pem", &Ca::new("wrong CA").pem);
+    let wrong_ca = write(dir.path(), "wrong.pem", &Ca::new("wrong CA").pem);
 
     // The right CA (in a bundle of several, as RDS ships it) and the right name.
     let proxy = db
