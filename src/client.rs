@@ -237,10 +237,7 @@ fn ended(span: &tracing::Span, end: Result<(), String>) {
 /// between the statements of a busy loop does not park, so the relay's path is the same;
 /// coming back costs one allocation of the serving future.
 fn unpark(s: &mut Session, cx: &mut std::task::Context<'_>) -> std::task::Poll<bool> {
-    let watch = Watch {
-        stop: &s.shared.stop,
-        waker: &s.registration.client.stop_waker,
-    };
+    let watch = Watch::client(&s.shared.stop, &s.registration.client);
     // What it has buffered (part of a request) waits for the rest. The bytes that wake
     // it are read here, into its buffer: the read its serving loop would make first.
     let input = match watch.poll_draining(cx) {
@@ -515,6 +512,8 @@ fn count_pool_error(
             shared.metrics.error(ErrorKind::ServerConnect);
         }
         PoolError::BudgetUnknown { .. } => shared.metrics.error(ErrorKind::BudgetUnknown),
+        // Not a failure of the pool: the operator removed it.
+        PoolError::Removed => {}
     }
 }
 
@@ -945,6 +944,24 @@ fn shutting_down() -> ErrorFields {
     .with_hint("reconnect: another instance, or this one once restarted, will serve you")
 }
 
+/// A query the proxy ran on a server itself got no answer within `setting`.
+fn no_answer(setting: &str) -> crate::server::ServerError {
+    crate::server::ServerError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the server did not answer within {setting}"),
+    ))
+}
+
+/// What a client leaving because its database or user left the configuration is told.
+fn removed_error() -> ErrorFields {
+    ErrorFields::new(
+        Severity::Fatal,
+        "57P01",
+        "terminating connection because its database or user was removed from the pgsluice configuration",
+    )
+    .with_hint("the configuration was reloaded without this database or user")
+}
+
 /// The error a client gets when no server could be had.
 fn pool_error(e: &PoolError, severity: Severity) -> ErrorFields {
     match e {
@@ -959,6 +976,7 @@ fn pool_error(e: &PoolError, severity: Severity) -> ErrorFields {
         PoolError::Server(se) => ErrorFields::new(severity, "08006", format!("pgsluice could not connect to the server: {se}")),
         PoolError::BudgetUnknown { .. } => ErrorFields::new(severity, "08006", format!("pgsluice: {e}"))
             .with_hint("pgsluice reads max_connections before it opens server connections; check that the server is reachable, or set budget.fallback"),
+        PoolError::Removed => removed_error(),
     }
 }
 
@@ -1036,7 +1054,10 @@ impl Session {
     }
 
     async fn run(&mut self) -> Result<Ran, String> {
-        let wait = self.shared.pools.config().query_wait_timeout;
+        // query_wait_timeout, read again after a reload (a busy client may never park, and
+        // so never come back here).
+        let mut generation = self.shared.pools.generation();
+        let mut wait = self.shared.pools.config().query_wait_timeout;
         loop {
             self.registration.client.set_idle();
             // Hold no server until a whole first message of a transaction is here.
@@ -1054,6 +1075,10 @@ impl Session {
             if let Some(e) = e {
                 fatal(&mut self.client.stream, &e).await;
                 return Err(e.message);
+            }
+            if self.shared.pools.generation() != generation {
+                generation = self.shared.pools.generation();
+                wait = self.shared.pools.config().query_wait_timeout;
             }
             let (checkout, got_at) = match self.wait_for_server(wait).await {
                 None => return Ok(Ran::Left), // the client left while queued
@@ -1139,10 +1164,7 @@ impl Session {
             &mut self.client,
             checkout.server(),
             &mut txn,
-            Watch {
-                stop: &self.shared.stop,
-                waker: &self.registration.client.stop_waker,
-            },
+            Watch::client(&self.shared.stop, &self.registration.client),
         )
         .await;
         txn.counts.finish();
@@ -1190,7 +1212,12 @@ impl Session {
     /// row. Otherwise a failure is told to the client and ends the session: 08006 for a
     /// server lost again, 08P01 for anything else.
     async fn apply_params(&mut self, checkout: &mut Checkout) -> Result<bool, String> {
-        let Err(e) = sync_params(&self.params, checkout.server()).await else {
+        // A server that does not answer (a failover that drops packets) is taken for lost.
+        let within = self.shared.pools.config().server_connect_timeout;
+        let synced = tokio::time::timeout(within, sync_params(&self.params, checkout.server()))
+            .await
+            .unwrap_or_else(|_| Err(no_answer("server_connect_timeout")));
+        let Err(e) = synced else {
             self.servers_lost = 0;
             return Ok(true);
         };
@@ -1215,7 +1242,7 @@ impl Session {
     async fn not_served(&mut self, why: NotServed) -> Result<(), String> {
         match why {
             NotServed::Drained => {
-                let e = shutting_down();
+                let e = self.leaving_error();
                 fatal(&mut self.client.stream, &e).await;
                 return Err(e.message);
             }
@@ -1227,6 +1254,11 @@ impl Session {
                 )
                 .with_hint("the statement was cancelled while waiting for a server connection");
                 self.refuse_request(&e).await?;
+            }
+            NotServed::Failed(e) if matches!(*e, PoolError::Removed) => {
+                let e = removed_error();
+                fatal(&mut self.client.stream, &e).await;
+                return Err(e.message);
             }
             NotServed::Failed(e) => {
                 count_pool_error(&self.shared, &self.meter.pool, Some(&self.meter.app), &e);
@@ -1247,6 +1279,10 @@ impl Session {
         effects: SessionEffects,
         no_cancel_pending: bool,
     ) -> Option<Result<(), String>> {
+        // A transaction that changed session parameters and did not end cleanly leaves the
+        // proxy's record of its server's parameters unknown: the server is closed rather than
+        // given to a client that would inherit them (session mode resets every parameter).
+        let params_known = effects.is_empty() || self.mode == PoolMode::Session;
         // A cancel may still hit the server: it cannot be cleaned up and reused.
         let unless_cancelled = |left| {
             if no_cancel_pending {
@@ -1257,7 +1293,12 @@ impl Session {
         };
         match outcome {
             Outcome::Done => {
-                if let Err(e) = self.refresh_params(checkout.server(), &effects).await {
+                let within = self.shared.pools.config().server_cleanup_timeout;
+                let read_back =
+                    tokio::time::timeout(within, self.refresh_params(checkout.server(), &effects))
+                        .await
+                        .unwrap_or_else(|_| Err(no_answer("server_cleanup_timeout")));
+                if let Err(e) = read_back {
                     tracing::warn!(error = %e, "could not read back session parameters; closing that server");
                     drop(checkout);
                     return None;
@@ -1267,20 +1308,23 @@ impl Session {
                 None
             }
             Outcome::ClientGone(left) => {
-                self.leave(checkout, unless_cancelled(left)).await;
+                self.leave(checkout, unless_cancelled(left), params_known)
+                    .await;
                 Some(Ok(()))
             }
-            Outcome::ClientError(e, left) => {
+            Outcome::ClientError { error, left, tell } => {
                 self.shared
                     .metrics
-                    .error(ErrorKind::of_client_error(&e.code));
-                fatal(&mut self.client.stream, &e).await;
-                self.leave(checkout, unless_cancelled(left)).await;
-                Some(Err(e.message))
+                    .error(ErrorKind::of_client_error(&error.code));
+                self.close_with(&error, tell).await;
+                self.leave(checkout, unless_cancelled(left), params_known)
+                    .await;
+                Some(Err(error.message))
             }
             Outcome::Drained => {
-                self.leave(checkout, Leftover::Clean).await;
-                let e = shutting_down();
+                self.leave(checkout, unless_cancelled(Leftover::Clean), params_known)
+                    .await;
+                let e = self.leaving_error();
                 fatal(&mut self.client.stream, &e).await;
                 Some(Err(e.message))
             }
@@ -1289,26 +1333,21 @@ impl Session {
                     .metrics
                     .error(ErrorKind::of_client_error(&error.code));
                 tracing::info!(error = %error.message, "client closed at a timeout");
-                if tell {
-                    fatal(&mut self.client.stream, &error).await;
-                } else {
-                    // Cut inside a message: an ErrorResponse would be read as its rest.
-                    let _ =
-                        tokio::time::timeout(CLOSING_WRITE, self.client.stream.shutdown()).await;
-                }
-                self.leave(checkout, left).await;
+                self.close_with(&error, tell).await;
+                self.leave(checkout, unless_cancelled(left), params_known)
+                    .await;
                 Some(Err(error.message))
             }
-            Outcome::Aborted(left) => {
+            Outcome::Aborted { left, tell } => {
                 let e = ErrorFields::new(Severity::Fatal, "57P01", "terminating connection because pgsluice is shutting down and shutdown_timeout passed")
                     .with_hint("the transaction was cancelled and rolled back; reconnect and retry");
-                fatal(&mut self.client.stream, &e).await;
+                self.close_with(&e, tell).await;
                 let left = if left == Leftover::Clean {
-                    left
+                    unless_cancelled(left)
                 } else {
                     Leftover::Busy
                 };
-                self.leave(checkout, left).await;
+                self.leave(checkout, left, params_known).await;
                 Some(Err(e.message))
             }
             Outcome::ServerGone {
@@ -1334,6 +1373,32 @@ impl Session {
                 drop(checkout);
                 Some(Err(format!("server connection lost: {why}")))
             }
+        }
+    }
+
+    /// Why a client leaves at a transaction boundary: a reload removed its database or
+    /// user, or pgsluice is draining.
+    fn leaving_error(&self) -> ErrorFields {
+        if self
+            .registration
+            .client
+            .removed
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            removed_error()
+        } else {
+            shutting_down()
+        }
+    }
+
+    /// Closes the client with a FATAL `e` when it stands between two messages (`tell`);
+    /// cut inside one, an ErrorResponse would be read as its rest, so the connection is
+    /// only shut.
+    async fn close_with(&mut self, e: &ErrorFields, tell: bool) {
+        if tell {
+            fatal(&mut self.client.stream, e).await;
+        } else {
+            let _ = tokio::time::timeout(CLOSING_WRITE, self.client.stream.shutdown()).await;
         }
     }
 
@@ -1433,10 +1498,7 @@ impl Session {
         // timeout, a cancel or the drain.
         let mut notified = false;
         let mut notice: Option<Box<Notice>> = None;
-        let watch = Watch {
-            stop: &self.shared.stop,
-            waker: &self.registration.client.stop_waker,
-        };
+        let watch = Watch::client(&self.shared.stop, &self.registration.client);
         let result = loop {
             let room = self.client.buf.len() < relay::HIGH_WATER;
             // Biased, in this order: no random start per poll, and a grant that comes with
@@ -1506,10 +1568,7 @@ impl Session {
                 return Err(End::Tell(shutting_down()));
             }
             if self.shared.pools.is_removed(self.pool()) {
-                return Err(End::Tell(
-                    ErrorFields::new(Severity::Fatal, "57P01", "terminating connection because its database or user was removed from the pgsluice configuration")
-                        .with_hint("the configuration was reloaded without this database or user"),
-                ));
+                return Err(End::Tell(removed_error()));
             }
             match self.client.peek().map_err(End::Tell)? {
                 Peek::Ready(frontend::PARSE) if self.mode == PoolMode::Transaction => {
@@ -1529,10 +1588,7 @@ impl Session {
                     }
                 }
                 Peek::NeedMore => {
-                    let watch = Watch {
-                        stop: &self.shared.stop,
-                        waker: &self.registration.client.stop_waker,
-                    };
+                    let watch = Watch::client(&self.shared.stop, &self.registration.client);
                     // The drain and the registry's sweep (asking a client that has sat idle
                     // a while to park) wake the same waker slot: one poll checks both.
                     let client = &self.registration.client;
@@ -1553,7 +1609,7 @@ impl Session {
                         // Cancel safety: read_more loses nothing when dropped before it reads;
                         // a partial request stays in the buffer of a parked client.
                         draining = stop => return if draining {
-                            Err(End::Tell(shutting_down()))
+                            Err(End::Tell(self.leaving_error()))
                         } else {
                             Ok(Next::Park)
                         },
@@ -1564,13 +1620,36 @@ impl Session {
     }
 
     /// Answers the pending request with an error instead of running it.
+    ///
+    /// As PostgreSQL answers a failed extended-protocol batch: the error at once, then what
+    /// the client sends up to the Sync that ends the batch is dropped, then ReadyForQuery.
+    /// A pipeline that ends with a Flush reads the error before it sends that Sync.
     async fn refuse_request(&mut self, e: &ErrorFields) -> Result<(), String> {
+        let mut buf = BytesMut::new();
+        e.encode(&mut buf);
+        self.client
+            .stream
+            .send(&buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.registration.client.set_idle();
         loop {
             match self.client.skip_request() {
                 Ok(true) => break,
                 Ok(false) => {
-                    if !self.client.read_more().await.unwrap_or(false) {
-                        return Err("client left while waiting".into());
+                    let watch = Watch::client(&self.shared.stop, &self.registration.client);
+                    tokio::select! {
+                        biased;
+                        more = self.client.read_more() => {
+                            if !more.unwrap_or(false) {
+                                return Err("client left while waiting".into());
+                            }
+                        }
+                        _ = watch.draining() => {
+                            let e = self.leaving_error();
+                            fatal(&mut self.client.stream, &e).await;
+                            return Err(e.message);
+                        }
                     }
                 }
                 Err(e) => {
@@ -1580,7 +1659,6 @@ impl Session {
             }
         }
         let mut buf = BytesMut::new();
-        e.encode(&mut buf);
         messages::ready_for_query(&mut buf, TransactionStatus::Idle);
         self.client
             .stream
@@ -1589,15 +1667,29 @@ impl Session {
             .map_err(|e| e.to_string())
     }
 
-    /// The client left: clean its server up and return it, or close it.
-    async fn leave(&mut self, mut checkout: Checkout, left: Leftover) {
+    /// The client left: clean its server up and return it, or close it. `params_known`:
+    /// the proxy knows the server's session parameters (else it closes the server, which
+    /// also rolls back what it was in).
+    async fn leave(&mut self, mut checkout: Checkout, left: Leftover, params_known: bool) {
         let timeout = self.shared.pools.config().server_cleanup_timeout;
         if left == Leftover::Busy {
-            // Stop the work the client started before the server is closed.
-            if let Err(e) = crate::server::send_cancel(checkout.server().key).await {
-                tracing::warn!(error = %e, "could not cancel the query of a client that left");
+            // Stop the work the client started before the server is closed. Bounded: the
+            // server's host may not answer at all (a failover that drops packets).
+            let cancel =
+                tokio::time::timeout(timeout, crate::server::send_cancel(checkout.server().key));
+            match cancel.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not cancel the query of a client that left")
+                }
+                Err(_) => tracing::warn!(
+                    "could not cancel the query of a client that left: no answer within server_cleanup_timeout"
+                ),
             }
             return; // dropping the checkout closes the server
+        }
+        if !params_known {
+            return;
         }
         let server = checkout.server();
         let clean = tokio::time::timeout(timeout, async {

@@ -8,7 +8,7 @@
 //! which no client path takes after login.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -82,6 +82,9 @@ pub struct Client {
     pub tls: Box<str>,
     /// The client task's waker while it watches for shutdown (see [`crate::shutdown::Watch`]).
     pub stop_waker: atomic_waker::AtomicWaker,
+    /// A reload removed its database or user: it leaves at its next transaction boundary,
+    /// as at a drain (set before `stop_waker` is woken).
+    pub removed: AtomicBool,
     pub connect_time: SystemTime,
     /// The process id in the BackendKeyData pgsluice gave the client.
     pub pid: i32,
@@ -362,6 +365,7 @@ impl Clients {
             local: c.local,
             tls: c.tls.into_boxed_str(),
             stop_waker: Default::default(),
+            removed: AtomicBool::new(false),
             connect_time: SystemTime::now(),
             pid: c.pid,
             state: AtomicU8::new(ClientState::Idle as u8),
@@ -430,6 +434,21 @@ impl Clients {
     }
 
     /// Every logged-in client, oldest first.
+    /// A reload removed these pools: their clients are told to leave at their next
+    /// transaction boundary, and woken to see it (an idle, parked or queued client leaves
+    /// at once; a session-mode client between transactions too).
+    pub fn pools_removed(&self, pools: &[crate::pool::PoolId]) {
+        if pools.is_empty() {
+            return;
+        }
+        for c in lock(&self.map).values() {
+            if pools.contains(&c.pool) {
+                c.removed.store(true, Ordering::Release);
+                c.stop_waker.wake();
+            }
+        }
+    }
+
     pub fn all(&self) -> Vec<Arc<Client>> {
         lock(&self.map).values().cloned().collect()
     }

@@ -96,10 +96,15 @@ fn apply(shared: &Arc<Shared>) -> Result<(), String> {
         }
     }
     drop(old);
+    // Also a database an earlier reload removed, whose pool remains.
+    if let Some(key) = shared.pools.upstream_changed(&new) {
+        return Err(format!("{key}: changing it needs a restart"));
+    }
     let credentials = Credentials::from_config(&new, Some(&shared.credentials.load()));
     shared.credentials.store(Arc::new(credentials));
     shared.auth_query.clear();
-    let created = shared.pools.reload(new);
-    start_control(shared, &created);
+    let reloaded = shared.pools.reload(new);
+    start_control(shared, &reloaded.created);
+    shared.clients.pools_removed(&reloaded.removed);
     Ok(())
 }

@@ -29,20 +29,37 @@ pub struct Stop {
     aborting: AtomicBool,
 }
 
-/// What one client task watches: the shutdown flags, and its own waker slot, which
-/// [`drain`] wakes. Polling it costs a few atomics and no lock: the tokens' futures lock a
-/// mutex shared by every client on every thread at each poll.
+/// What one client task watches: the shutdown flags, its own flag that a reload removed
+/// its database or user (it then leaves as at a drain), and its own waker slot, which
+/// [`drain`] and that reload wake. Polling it costs a few atomics and no lock: the tokens'
+/// futures lock a mutex shared by every client on every thread at each poll.
 #[derive(Debug, Clone, Copy)]
 pub struct Watch<'a> {
     pub stop: &'a Stop,
     pub waker: &'a atomic_waker::AtomicWaker,
+    pub removed: &'a AtomicBool,
 }
 
-impl Watch<'_> {
-    /// Ready once draining began.
+impl<'a> Watch<'a> {
+    /// What a logged-in client watches.
+    pub fn client(stop: &'a Stop, client: &'a crate::clients::Client) -> Watch<'a> {
+        Watch {
+            stop,
+            waker: &client.stop_waker,
+            removed: &client.removed,
+        }
+    }
+
+    /// True once draining began, or once the client's pool was removed.
+    #[inline]
+    pub fn is_draining(&self) -> bool {
+        self.stop.is_draining() || self.removed.load(Ordering::Acquire)
+    }
+
+    /// Ready once draining began (or the client's pool was removed).
     pub fn poll_draining(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         self.waker.register(cx.waker());
-        if self.stop.is_draining() {
+        if self.is_draining() {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending

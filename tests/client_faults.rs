@@ -554,3 +554,217 @@ async fn query_and_terminate_in_one_packet_are_both_honoured() {
     assert!(started.elapsed() < Duration::from_secs(5));
     leaks.check().await;
 }
+
+/// Extended-protocol work outside a transaction block runs in an implicit transaction that
+/// only a Sync commits. A client that leaves before its Sync (psycopg's pipeline mode in
+/// autocommit, say) has committed nothing, as with PostgreSQL itself; the server it held
+/// goes back clean. (The proxy's clean-up once sent a Sync first, which committed it.)
+#[tokio::test]
+async fn unsynced_work_outside_a_block_is_rolled_back_when_the_client_leaves() {
+    let name = "cf_unsynced";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let setup = proxy.client(name).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    let before = scalar(&setup, "SELECT pg_backend_pid()").await;
+    drop(setup);
+    for failed in [false, true] {
+        let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+        let mut msgs = vec![
+            wire::parse("", "INSERT INTO t VALUES (1)"),
+            wire::bind("", "", &[]),
+            wire::execute(""),
+        ];
+        if failed {
+            // The server then skips to a Sync: the proxy's clean-up must still end it.
+            msgs.extend([
+                wire::parse("", "SELEC broken"),
+                wire::bind("", "", &[]),
+                wire::execute(""),
+            ]);
+        }
+        msgs.push(wire::flush());
+        w.send(&msgs).await;
+        let want: &[u8] = if failed { b"12CE" } else { b"12C" };
+        for &tag in want {
+            assert_eq!(w.recv().await.tag, tag);
+        }
+        drop(w);
+        let c = proxy.client(name).await;
+        assert_eq!(
+            scalar(&c, "SELECT pg_backend_pid()").await,
+            before,
+            "the same server, rolled back and reused"
+        );
+        assert_eq!(scalar(&c, "SELECT count(*) FROM t").await, "0");
+        drop(c);
+    }
+    leaks.check().await;
+}
+
+/// libpq's PQfinish sends Terminate in the middle of a COPY FROM STDIN. PostgreSQL ends
+/// the COPY with an error and rolls it back; the proxy, which does not pass Terminate on,
+/// must not wait for data that will never come: the client is let go at once, the COPY is
+/// rolled back, and its server is not left waiting (`ClientRead`) in the pool.
+#[tokio::test]
+async fn terminate_in_the_middle_of_a_copy_rolls_it_back() {
+    let name = "cf_copyx";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let setup = proxy.client(name).await;
+    setup.batch_execute("CREATE TABLE t (v int)").await.unwrap();
+    drop(setup);
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    w.send(&[wire::query("COPY t FROM STDIN")]).await;
+    assert_eq!(w.recv().await.tag, b'G');
+    w.send(&[wire::tagged(b'd', b"1\n2\n"), wire::tagged(b'X', b"")])
+        .await;
+    let mut s = w.stream;
+    let started = Instant::now();
+    wire::expect_closed(&mut s).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The only server is free again for the next client.
+    let c = proxy.client(name).await;
+    assert_eq!(scalar(&c, "SELECT count(*) FROM t").await, "0");
+    // A COPY the client did end, with Terminate in the same packet, still commits.
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    w.send(&[wire::query("COPY t FROM STDIN")]).await;
+    assert_eq!(w.recv().await.tag, b'G');
+    w.send(&[
+        wire::tagged(b'd', b"3\n"),
+        wire::tagged(b'c', b""),
+        wire::tagged(b'X', b""),
+    ])
+    .await;
+    let tags: String = w
+        .until_ready()
+        .await
+        .iter()
+        .map(|m| m.tag as char)
+        .collect();
+    assert_eq!(tags, "CZ");
+    let mut s = w.stream;
+    wire::expect_closed(&mut s).await;
+    assert_eq!(scalar(&c, "SELECT count(*) FROM t").await, "1");
+    drop(c);
+    leaks.check().await;
+}
+
+/// PostgreSQL ignores a CopyDone or CopyFail that comes outside a COPY. The proxy must
+/// too: taken for the end of a COPY, it once stood in the queue of replies owed, so that an
+/// error after it was matched to it and the replies behind it to the wrong requests, and
+/// the server went back to the pool still running the client's last query, whose rows the
+/// next client then read.
+#[tokio::test]
+async fn a_stray_copy_done_keeps_every_reply_with_its_request() {
+    let name = "cf_straycopy";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    for stray in [wire::tagged(b'c', b""), wire::tagged(b'f', b"oops\0")] {
+        w.send(&[
+            wire::query("SELECT 1"),
+            stray,
+            wire::query("SELECT 1/0"),
+            wire::query("SELECT 'mine', pg_sleep(0.3)"),
+        ])
+        .await;
+        let first: String = w
+            .until_ready()
+            .await
+            .iter()
+            .map(|m| m.tag as char)
+            .collect();
+        assert_eq!(first, "TDCZ");
+        let second = w.until_ready().await;
+        assert_eq!(second[0].tag, b'E');
+        assert_eq!(second[0].code().as_deref(), Some("22012"));
+        let third = w.until_ready().await;
+        let tags: String = third.iter().map(|m| m.tag as char).collect();
+        assert_eq!(tags, "TDCZ");
+        assert_eq!(third[1].row()[0].as_deref(), Some("mine"));
+    }
+    // The only server serves the next client its own rows.
+    let c = proxy.client(name).await;
+    assert_eq!(scalar(&c, "SELECT 'theirs'").await, "theirs");
+    // A stray CopyDone between transactions, then Terminate: the client is let go.
+    w.send(&[wire::tagged(b'c', b""), wire::tagged(b'X', b"")])
+        .await;
+    let mut s = w.stream;
+    wire::expect_closed(&mut s).await;
+    assert_eq!(scalar(&c, "SELECT 'still theirs'").await, "still theirs");
+    drop(c);
+    leaks.check().await;
+}
+
+/// A client sends `SET search_path` and Terminate in one packet: the SET runs, and the
+/// client is gone before the proxy reads back what it set. That server's parameters are
+/// then unknown to the proxy, so it is closed: the next client must not inherit the
+/// setting.
+#[tokio::test]
+async fn a_setting_changed_by_a_client_that_left_is_not_inherited() {
+    let name = "cf_setleave";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let c = proxy.client(name).await;
+    let default = scalar(&c, "SHOW search_path").await;
+    drop(c);
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    w.send(&[
+        wire::query("SET search_path TO somewhere_else"),
+        wire::tagged(b'X', b""),
+    ])
+    .await;
+    let tags: String = w
+        .until_ready()
+        .await
+        .iter()
+        .map(|m| m.tag as char)
+        .collect();
+    assert_eq!(tags, "CZ");
+    let mut s = w.stream;
+    wire::expect_closed(&mut s).await;
+    let c = proxy.client(name).await;
+    assert_eq!(scalar(&c, "SHOW search_path").await, default);
+    drop(c);
+    leaks.check().await;
+}
+
+/// A pipeline that ends with a Flush (libpq's PQsendFlushRequest) and finds no server
+/// within query_wait_timeout gets its error at once, as PostgreSQL sends an error before
+/// the Sync that ends the batch: the client reads it, then sends its Sync, then gets
+/// ReadyForQuery. (The error once waited for that Sync, and the client for the error.)
+#[tokio::test]
+async fn a_refused_pipeline_gets_its_error_before_its_sync() {
+    let name = "cf_flushrefused";
+    let proxy = trust_app(name, "pool_size = 1\nquery_wait_timeout = \"1s\"").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let holder = proxy.client(name).await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    w.send(&[
+        wire::parse("", "SELECT 1"),
+        wire::bind("", "", &[]),
+        wire::execute(""),
+        wire::flush(),
+    ])
+    .await;
+    let e = w.recv().await;
+    assert_eq!(e.tag, b'E');
+    assert_eq!(e.code().as_deref(), Some("53300"));
+    // What follows up to the Sync is dropped, as after any failed message.
+    w.send(&[wire::parse("", "SELECT 2"), wire::sync()]).await;
+    let tags: String = w
+        .until_ready()
+        .await
+        .iter()
+        .map(|m| m.tag as char)
+        .collect();
+    assert_eq!(tags, "Z");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (tags, msgs) = w.round(&[wire::query("SELECT 3")]).await;
+    assert_eq!(tags, "TDCZ");
+    assert_eq!(msgs[1].row(), [Some("3".to_string())]);
+    drop((w, holder));
+    leaks.check().await;
+}

@@ -486,3 +486,145 @@ async fn lowered_limits_close_idle_servers() {
     }
     assert!(server_conns(&admin, "rl_lower").await <= 2);
 }
+
+/// Session-mode clients of a removed database leave too, at their next transaction
+/// boundary: one idle between transactions is closed at once with 57P01, and its server
+/// with it. (A session-mode client reaches no request boundary of its own after its first,
+/// so it once kept its server, and its access, until it disconnected.)
+#[tokio::test]
+async fn a_removed_database_closes_its_session_mode_clients() {
+    let pg = pg();
+    let extra = "pool_mode = \"session\"";
+    let (_dir, path, proxy) = from_file(&["rl_sess_keep", "rl_sess_gone"], 2, extra).await;
+    let keep = proxy.client("rl_sess_keep").await;
+    let gone = proxy.client("rl_sess_gone").await;
+    assert_eq!(scalar(&gone, "SELECT 1").await, "1");
+    std::fs::write(&path, config(pg, &["rl_sess_keep"], 2, extra)).unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async { gone.is_closed() }).await,
+        "the idle session-mode client is closed"
+    );
+    let e = gone.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        e.as_db_error().is_none_or(|d| d.code().code() == "57P01"),
+        "{e}"
+    );
+    let admin = pg.admin().await;
+    let backends = || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'rl_sess_gone'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { backends().await == 0 }).await,
+        "its server is closed"
+    );
+    assert_eq!(scalar(&keep, "SELECT 1").await, "1");
+}
+
+/// Clients queued for a removed database's pool leave at once with 57P01, rather than
+/// waiting out query_wait_timeout (no server opens for a removed pool again); the client
+/// holding its server finishes its transaction first.
+#[tokio::test]
+async fn a_removed_database_lets_its_queued_clients_go() {
+    let pg = pg();
+    let (_dir, path, proxy) = from_file(&["rl_q_keep", "rl_q_gone"], 1, "").await;
+    let holder = proxy.client("rl_q_gone").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let queued = proxy.client("rl_q_gone").await;
+    let waiting = tokio::spawn(async move { queued.simple_query("SELECT 2").await.err() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    std::fs::write(&path, config(pg, &["rl_q_keep"], 1, "")).unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the queued client is let go")
+        .unwrap()
+        .expect("its query did not run");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        e.as_db_error().is_none_or(|d| d.code().code() == "57P01"),
+        "{e}"
+    );
+    // The holder's transaction ends normally; then it leaves too.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let e = holder.simple_query("SELECT 3").await.unwrap_err();
+    assert!(
+        e.as_db_error().is_none_or(|d| d.code().code() == "57P01"),
+        "{e}"
+    );
+    let keep = proxy.client("rl_q_keep").await;
+    assert_eq!(scalar(&keep, "SELECT 1").await, "1");
+}
+
+/// A database removed by one reload and added back at another address by the next: its
+/// pool (with the servers it may still lend, and the budget it counts against) remains
+/// from before, so, as for a database whose address changes in one reload, this needs a
+/// restart. Added back unchanged, it is served again.
+#[tokio::test]
+async fn a_database_removed_then_added_elsewhere_needs_a_restart() {
+    let pg = pg();
+    let (_dir, path, proxy) = from_file(&["rl_move_keep", "rl_move"], 2, "").await;
+    let c = proxy.client("rl_move").await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+    drop(c);
+    std::fs::write(&path, config(pg, &["rl_move_keep"], 2, "")).unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    let moved = config(pg, &["rl_move_keep", "rl_move"], 2, "").replace(
+        &format!(
+            "[databases.rl_move]\nhost = \"127.0.0.1\"\nport = {}",
+            pg.port
+        ),
+        "[databases.rl_move]\nhost = \"127.0.0.1\"\nport = 1",
+    );
+    assert!(moved.contains("port = 1\n"));
+    std::fs::write(&path, moved).unwrap();
+    let e = pgsluice::reload::reload(&proxy.shared).unwrap_err();
+    assert!(
+        e.contains("databases.rl_move") && e.contains("restart"),
+        "{e}"
+    );
+    std::fs::write(&path, config(pg, &["rl_move_keep", "rl_move"], 2, "")).unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    let c = proxy.client("rl_move").await;
+    assert_eq!(scalar(&c, "SELECT 1").await, "1");
+}
+
+/// A client that stays busy (it never parks, so never starts its serving loop again)
+/// waits with a reloaded `query_wait_timeout` from its next transaction on, as a new
+/// client does.
+#[tokio::test]
+async fn a_busy_client_waits_with_the_reloaded_query_wait_timeout() {
+    let pg = pg();
+    let (_dir, path, proxy) = from_file(&["rl_busywait"], 1, "").await;
+    let busy = proxy.client("rl_busywait").await;
+    // Its first transaction after login parks it; the next ones, close together, do not.
+    for _ in 0..3 {
+        assert_eq!(scalar(&busy, "SELECT 1").await, "1");
+    }
+    std::fs::write(
+        &path,
+        config(pg, &["rl_busywait"], 1, "").replace("\"30s\"", "\"1s\""),
+    )
+    .unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    let holder = proxy.client("rl_busywait").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let started = std::time::Instant::now();
+    let e = busy.batch_execute("SELECT 2").await.unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(code(&e), "53300", "{e}");
+    assert!(
+        waited < Duration::from_secs(4),
+        "timed out after {waited:?}"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+}

@@ -1125,3 +1125,49 @@ async fn reconnect_storm_after_an_outage() {
     }
     leaks.check_with(&admin).await;
 }
+
+/// The pooled server stops answering (a failover that drops packets) just as a client with
+/// its own parameters is given it: setting them is bounded by server_connect_timeout, the
+/// server is taken for lost, and the client, tried on a new server while the path is black
+/// (no login retry here), gets an error within seconds instead of waiting for TCP to give
+/// up. Once the path is back, it is served.
+#[tokio::test]
+async fn a_server_that_stops_answering_while_parameters_are_set_is_given_up() {
+    let name = "uf_params_hang";
+    let (proxy, fault) = behind_fault(
+        name,
+        "pool_size = 1\nserver_connect_timeout = \"1s\"\nserver_login_retry = \"0s\"\nquery_wait_timeout = \"30s\"",
+    )
+    .await;
+    let plain = proxy.client(name).await;
+    assert_eq!(scalar(&plain, "SELECT 1").await, "1");
+    let own = connect(&format!(
+        "{} options='-c TimeZone=Asia/Tokyo'",
+        proxy.conn(name, &format!("{name}-pw"), name)
+    ))
+    .await;
+    fault.stall();
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        own.simple_query("SELECT current_setting('TimeZone')"),
+    )
+    .await
+    .expect("an answer within 20 s");
+    assert!(r.is_err(), "served through a black path: {r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "given up after {:?}",
+        started.elapsed()
+    );
+    fault.pass();
+    let c = connect(&format!(
+        "{} options='-c TimeZone=Asia/Tokyo'",
+        proxy.conn(name, &format!("{name}-pw"), name)
+    ))
+    .await;
+    assert_eq!(
+        scalar(&c, "SELECT current_setting('TimeZone')").await,
+        "Asia/Tokyo"
+    );
+}

@@ -59,6 +59,9 @@ pub enum PoolError {
     BudgetUnknown { upstream: String, reason: String },
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// A reload removed the pool's database or user.
+    #[error("the database or user was removed from the configuration")]
+    Removed,
 }
 
 /// How long the janitor waits before topping a pool up again after a failed connect.
@@ -81,6 +84,15 @@ pub type PoolId = usize;
 /// Identifies an upstream server's budget.
 pub type BudgetId = usize;
 
+/// What a reload did that the rest of the proxy must act on.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Budgets it created: in auto mode each needs its control connection.
+    pub created: Vec<BudgetId>,
+    /// Pools it removed (their database or user left the configuration).
+    pub removed: Vec<PoolId>,
+}
+
 /// What a waiter is handed.
 #[derive(Debug)]
 enum Grant {
@@ -92,6 +104,8 @@ enum Grant {
     BudgetUnknown(String),
     /// `query_wait_timeout` passed.
     TimedOut,
+    /// A reload removed the pool.
+    Removed,
 }
 
 /// One pool's state.
@@ -170,6 +184,8 @@ struct Timing {
 /// Why a pool may not open a server now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Blocked {
+    /// A reload removed the pool: it opens no server again.
+    Removed,
     /// PAUSE.
     Paused,
     PoolSize,
@@ -188,6 +204,9 @@ impl State {
     fn blocked(&self, id: PoolId) -> Option<Blocked> {
         let p = &self.pools[id];
         let s = &p.settings;
+        if p.removed {
+            return Some(Blocked::Removed);
+        }
         if p.paused {
             return Some(Blocked::Paused);
         }
@@ -581,13 +600,17 @@ impl Pools {
     /// their new sizes and limits, pools whose database or user is gone are removed (their
     /// idle servers close now, their clients leave at their next transaction boundary), a
     /// fixed budget takes its new size, and new upstream servers get a budget. Returns the
-    /// budgets it created (in auto mode they need a control connection).
-    pub fn reload(&self, new: Config) -> Vec<BudgetId> {
+    /// budgets it created (in auto mode they need a control connection) and the pools it
+    /// removed (their clients are to leave).
+    pub fn reload(&self, new: Config) -> Reloaded {
         let new = Arc::new(new);
+        // Counted before the new configuration is seen: a login to a database it adds may
+        // make that database's budget at once (`pool_for`), and that budget needs its
+        // control connection too.
+        let before = self.lock().budgets.len();
         self.config.store(new.clone());
         self.generation.fetch_add(1, Ordering::Release);
         self.apply_timing(&new);
-        let before = self.lock().budgets.len();
         for db in new.databases.values() {
             self.budget_for(&db.host, db.port);
         }
@@ -603,6 +626,7 @@ impl Pools {
                 b.snapshot.fleet_budget = max;
             }
         }
+        let mut removed = Vec::new();
         for id in 0..st.pools.len() {
             let p = &mut st.pools[id];
             match new.pool_settings(&p.settings.database, &p.settings.user) {
@@ -610,10 +634,16 @@ impl Pools {
                     p.removed = false;
                     p.settings = Arc::new(s);
                 }
-                None => {
+                None if !p.removed => {
                     p.removed = true;
                     self.any_removed.store(true, Ordering::Release);
+                    removed.push(id);
+                    // Its queued clients leave now (told why); no server opens for them.
+                    for w in std::mem::take(&mut p.waiters) {
+                        w.give(Grant::Removed);
+                    }
                 }
+                None => {}
             }
         }
         // Idle servers above a new limit (the pool size, a cap, a smaller fixed budget; all
@@ -631,7 +661,33 @@ impl Pools {
         for server in closing {
             server.close();
         }
-        created
+        Reloaded { created, removed }
+    }
+
+    /// The first pool whose database a new configuration points at another upstream
+    /// server, database or login (`None`: none). A database present in both the old and
+    /// the new configuration is checked by `reload::restart_keys`; this also catches one an
+    /// earlier reload removed (its pool, and the servers it may still lend, remain).
+    pub fn upstream_changed(&self, new: &Config) -> Option<String> {
+        let st = self.lock();
+        st.pools.iter().find_map(|p| {
+            let (old, now) = (
+                &p.settings,
+                new.pool_settings(&p.settings.database, &p.settings.user)?,
+            );
+            let same = (
+                &old.host,
+                old.port,
+                &old.upstream_dbname,
+                &old.upstream_user,
+            ) == (
+                &now.host,
+                now.port,
+                &now.upstream_dbname,
+                &now.upstream_user,
+            );
+            (!same).then(|| format!("databases.{} (host, port, dbname, user)", old.database))
+        })
     }
 
     /// Named statements known to prepare in this pool (its database and user).
@@ -789,6 +845,9 @@ impl Pools {
                 Step::Open
             } else {
                 let mut st = self.lock();
+                if st.pools[pool].removed {
+                    return Err(PoolError::Removed);
+                }
                 if st.pools[pool].paused {
                     Step::Wait(self.enqueue(&mut st, pool, cell, deadline, now))
                 } else if let Some(server) = st.pools[pool].idle.pop() {
@@ -853,6 +912,7 @@ impl Pools {
             };
             match grant {
                 Grant::TimedOut => return Err(PoolError::WaitTimeout(wait)),
+                Grant::Removed => return Err(PoolError::Removed),
                 Grant::BudgetUnknown(reason) => {
                     let st = self.lock();
                     let upstream = st.budgets[st.pools[pool].budget].upstream.clone();

@@ -228,7 +228,7 @@ impl Drop for WaitGuard {
                 st.release(self.pool);
                 st.grant_slots();
             }
-            Some(Grant::BudgetUnknown(_)) | Some(Grant::TimedOut) | None => {}
+            Some(Grant::BudgetUnknown(_) | Grant::TimedOut | Grant::Removed) | None => {}
         }
     }
 }

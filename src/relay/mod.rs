@@ -167,9 +167,10 @@ impl Waits {
 pub enum Leftover {
     /// Idle and clean: reusable as is.
     Clean,
-    /// In an open (or failed) transaction, or waiting for Sync, with nothing running:
-    /// a Sync and ROLLBACK make it clean.
-    IdleInTransaction { unsynced: bool },
+    /// In an open (or failed) transaction, or inside extended-protocol messages not synced
+    /// yet, with nothing running: a ROLLBACK makes it clean (after a Sync when the server
+    /// skips to one, an extended-protocol message having failed).
+    IdleInTransaction { skipping: bool },
     /// A query or COPY runs, or a message was cut in half: cancel and close.
     Busy,
 }
@@ -181,16 +182,22 @@ pub enum Outcome {
     Done,
     /// The client left (Terminate or a closed socket).
     ClientGone(Leftover),
-    /// The client must be told this error and closed.
-    ClientError(ErrorFields, Leftover),
+    /// The client must be closed with this error, told only if it stands between two
+    /// messages (`tell`: otherwise it would be read as the rest of one cut short).
+    ClientError {
+        error: ErrorFields,
+        left: Leftover,
+        tell: bool,
+    },
     /// The server connection broke; the client must be closed. `between_messages`: what
     /// the client was given ends between two messages, so an ErrorResponse can tell it
     /// why (otherwise it would be read as the rest of a message cut short).
     ServerGone { why: String, between_messages: bool },
     /// Session mode, draining: the session reached a transaction boundary.
     Drained,
-    /// The shutdown timeout passed mid-transaction.
-    Aborted(Leftover),
+    /// The shutdown timeout passed mid-transaction; the client is told only if it stands
+    /// between two messages (`tell`).
+    Aborted { left: Leftover, tell: bool },
     /// `query_timeout` or `idle_transaction_timeout` passed: the client is to be closed
     /// with `error`, told only if it stands between two messages (`tell`).
     TimedOut {
@@ -305,7 +312,7 @@ impl Txn {
             Leftover::Busy
         } else if self.unsynced || self.status != TransactionStatus::Idle {
             Leftover::IdleInTransaction {
-                unsynced: self.unsynced,
+                skipping: self.unsynced && self.errored,
             }
         } else {
             Leftover::Clean
@@ -332,7 +339,6 @@ pub async fn transaction(
     txn: &mut Txn,
     watch: Watch<'_>,
 ) -> Outcome {
-    let stop = watch.stop;
     let mut client_closed = false;
     // `server.buf[..out]` is read and ready for the client.
     let mut out = 0;
@@ -345,7 +351,13 @@ pub async fn transaction(
         match client.scan(txn, &mut server.statements) {
             Ok(false) => {}
             Ok(true) => client_closed = true,
-            Err(e) => return Outcome::ClientError(e, txn.leftover(client, server)),
+            Err(error) => {
+                return Outcome::ClientError {
+                    error,
+                    left: txn.leftover(client, server),
+                    tell: out == 0 && server.cursor.client_between_messages(),
+                }
+            }
         }
         replies::emit_due(&mut server.buf, &mut out, txn, &mut client.statements);
         // TLS output rustls holds from an earlier write goes first.
@@ -394,8 +406,12 @@ pub async fn transaction(
         // After Terminate, as PostgreSQL: the requests before it are answered first (a
         // client may send a Query and Terminate in one packet, then read the answer), then
         // the client is gone. Extended-protocol messages with no Sync after them get no
-        // answer from PostgreSQL either: nothing to wait for then.
-        if client_closed && (txn.unsynced || (txn.owed.is_empty() && quiet)) {
+        // answer from PostgreSQL either: nothing to wait for then. Nor for a COPY FROM STDIN
+        // the client did not end (libpq's PQfinish sends Terminate in the middle of one):
+        // the server is cancelled and closed, which rolls the COPY back as PostgreSQL does.
+        if client_closed
+            && (txn.unsynced || txn.awaits_copy_data() || (txn.owed.is_empty() && quiet))
+        {
             return Outcome::ClientGone(txn.leftover(client, server));
         }
         if txn.done() && quiet {
@@ -404,7 +420,7 @@ pub async fn transaction(
         // A session between transactions may end when draining.
         let between =
             !txn.transaction_mode && quiet && txn.leftover(client, server) == Leftover::Clean;
-        if between && stop.is_draining() {
+        if between && watch.is_draining() {
             return Outcome::Drained;
         }
         // Nothing after Terminate is read (and a client that shut its side down after it
@@ -460,7 +476,12 @@ pub async fn transaction(
             Err(Stop::ServerGone(e)) => {
                 return server_gone(client, server, out, e.to_string()).await
             }
-            Err(Stop::Aborting) => return Outcome::Aborted(txn.leftover(client, server)),
+            Err(Stop::Aborting) => {
+                return Outcome::Aborted {
+                    left: txn.leftover(client, server),
+                    tell: out == 0 && server.cursor.client_between_messages(),
+                }
+            }
             Err(Stop::TimedOut) => return timed_out(client, server, out, txn, &waits),
         };
         if woke.server {
@@ -715,9 +736,14 @@ pub async fn clean_up(server: &mut ServerConn, leftover: Leftover) -> bool {
     match leftover {
         Leftover::Clean => true,
         Leftover::Busy => false,
-        Leftover::IdleInTransaction { unsynced } => {
-            if unsynced {
-                // Close the extended-protocol batch first; its answer is drained below.
+        Leftover::IdleInTransaction { skipping } => {
+            // Not a Sync first: outside a transaction block, a Sync commits what unsynced
+            // extended-protocol messages did (their implicit transaction), where PostgreSQL
+            // rolls it back when its client leaves. A simple query's ROLLBACK ends that
+            // implicit transaction, or the block, rolling it back. Only a server that skips
+            // to the next Sync (a message failed: its transaction rolls back at that Sync)
+            // would ignore the ROLLBACK: it gets the Sync first.
+            if skipping {
                 let sync = [frontend::SYNC, 0, 0, 0, 4];
                 if tokio::io::AsyncWriteExt::write_all(&mut server.stream, &sync)
                     .await

@@ -457,6 +457,7 @@ impl Txn {
                 } else {
                     self.batch_answered_after_skips(clients, servers);
                 }
+                self.drop_stray_copy_ends();
                 self.counts.ready(self.status, !self.batch_owed());
             }
             backend::ERROR_RESPONSE => match self.owed.front() {
@@ -492,6 +493,7 @@ impl Txn {
                             _ => {}
                         }
                         self.pop_owed();
+                        self.drop_stray_copy_ends();
                     }
                 }
             }
@@ -535,12 +537,52 @@ impl Txn {
         });
     }
 
-    /// The client sent CopyDone or CopyFail: marks it (see [`Txn::copy_ended`]).
+    /// The server is in COPY FROM STDIN and the client has not ended it (no CopyDone or
+    /// CopyFail sent): the server waits for the client's data.
+    pub(super) fn awaits_copy_data(&self) -> bool {
+        self.copy_in
+            && !self.owed.iter().any(|e| {
+                matches!(
+                    e,
+                    Owed::Reply {
+                        kind: Reply::CopyEnd,
+                        ..
+                    }
+                )
+            })
+    }
+
+    /// The client sent CopyDone or CopyFail: marks it (see [`Txn::copy_ended`]). With no
+    /// COPY running and nothing owed that could start one, PostgreSQL ignores the message,
+    /// and so does the proxy.
     pub(super) fn copy_end_sent(&mut self) {
         if std::mem::take(&mut self.copy_end_pending) {
             return;
         }
+        if !self.copy_in && self.owed.is_empty() {
+            return;
+        }
         let _ = self.owe(Reply::CopyEnd, false, Undo::None);
+    }
+
+    /// Everything before a CopyEnd marker is answered and no COPY runs: the CopyDone or
+    /// CopyFail it marks came outside a COPY (a COPY that failed before it began, or a
+    /// stray one), and PostgreSQL ignored it. Left in the queue, the marker would take the
+    /// place of the next reply: an ErrorResponse would be matched to it, and the replies
+    /// behind it to the wrong requests.
+    #[inline]
+    fn drop_stray_copy_ends(&mut self) {
+        while !self.copy_in
+            && matches!(
+                self.owed.front(),
+                Some(Owed::Reply {
+                    kind: Reply::CopyEnd,
+                    ..
+                })
+            )
+        {
+            self.owed.pop_front();
+        }
     }
 
     /// True when `tag` ends a reply to a message the proxy added (the client must not see it).
