@@ -640,19 +640,19 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
     let mut withdraw = PauseWithdrawal {
         shared,
         db,
-        armed: paused_now,
+        token: paused_now,
     };
     // Like PgBouncer, answer once every server of the paused databases is released. The
     // pools hand out none from now on, so none is lent after this answer.
     while shared.pools.busy(db) {
         if !shared.pools.is_paused(db) {
             // A RESUME took it back; a later PAUSE's pause is not this one's to withdraw.
-            withdraw.armed = false;
+            withdraw.token = None;
             return Err(error("55000", "resumed before every server was released"));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    withdraw.armed = false;
+    withdraw.token = None;
     let mut out = BytesMut::new();
     command_complete(&mut out, "PAUSE");
     Ok(out)
@@ -662,13 +662,16 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
 struct PauseWithdrawal<'a> {
     shared: &'a Shared,
     db: Option<&'a str>,
-    armed: bool,
+    /// What [`crate::pool::Pools::pause`] returned, while the pause is to be taken back.
+    token: Option<u64>,
 }
 
 impl Drop for PauseWithdrawal<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.shared.pools.withdraw_pause(self.db);
+        let Some(token) = self.token else {
+            return;
+        };
+        if self.shared.pools.withdraw_pause(self.db, token) {
             tracing::info!(
                 database = self.db.unwrap_or("(all)"),
                 "PAUSE withdrawn before it answered"

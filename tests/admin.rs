@@ -659,6 +659,44 @@ async fn a_waiting_pause_can_be_cancelled_and_takes_its_pause_back() {
     admin.simple_query("RESUME a_pcancel").await.unwrap();
 }
 
+/// A PAUSE given up (cancelled) after a RESUME and another PAUSE came in the meantime takes
+/// nothing back: the pause is the later PAUSE's by then, and it holds and answers. (Taken
+/// back, it let servers out while that PAUSE's caller believed the database paused.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_given_up_leaves_a_later_pause_alone() {
+    let proxy = admin_app("a_plater", "").await;
+    let admin = console(&proxy, "a_plater").await;
+    let holder = proxy.client("a_plater").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let first = console(&proxy, "a_plater").await;
+    let first_token = first.cancel_token();
+    let first_run =
+        tokio::spawn(async move { first.simple_query("PAUSE a_plater").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    admin.simple_query("RESUME a_plater").await.unwrap();
+    let second = console(&proxy, "a_plater").await;
+    let second_run =
+        tokio::spawn(async move { second.simple_query("PAUSE a_plater").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second_run.is_finished(), "the later PAUSE waits");
+    first_token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), first_run)
+        .await
+        .expect("the first PAUSE ends");
+    let (_, rows) = show(&admin, "SHOW DATABASES").await;
+    assert_eq!(field(row_of(&rows, "name", "a_plater"), "paused"), "1");
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), second_run)
+        .await
+        .expect("the later PAUSE answers")
+        .unwrap()
+        .unwrap();
+    admin.simple_query("RESUME a_plater").await.unwrap();
+}
+
 /// A client queued before PAUSE is not handed the server a finishing transaction returns:
 /// once PAUSE answers, nothing runs on the paused database until RESUME. (It used to get
 /// that server, and could run after PAUSE had answered.)

@@ -768,3 +768,36 @@ async fn a_refused_pipeline_gets_its_error_before_its_sync() {
     drop((w, holder));
     leaks.check().await;
 }
+
+/// Extended-protocol messages without a Sync, then a simple Query: the Query ends their
+/// implicit transaction (PostgreSQL commits it with the Query), so once it is answered the
+/// transaction is over and the server serves the next client, without waiting for a Sync
+/// that may never come.
+#[tokio::test]
+async fn a_query_after_unsynced_messages_ends_the_transaction() {
+    let name = "cf_unsyncedq";
+    let proxy = trust_app(name, "pool_size = 1\nquery_wait_timeout = \"3s\"").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    w.send(&[
+        wire::parse("", "SELECT 1"),
+        wire::bind("", "", &[]),
+        wire::execute(""),
+        wire::query("SELECT 2"),
+    ])
+    .await;
+    let tags: String = w
+        .until_ready()
+        .await
+        .iter()
+        .map(|m| m.tag as char)
+        .collect();
+    assert_eq!(tags, "12DCTDCZ");
+    // The only server is free for another client while this one stays connected.
+    let c = proxy.client(name).await;
+    assert_eq!(scalar(&c, "SELECT 'next'").await, "next");
+    let (tags, _) = w.round(&[wire::query("SELECT 3")]).await;
+    assert_eq!(tags, "TDCZ");
+    drop((w, c));
+    leaks.check().await;
+}

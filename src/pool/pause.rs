@@ -14,6 +14,9 @@ pub(super) struct Paused {
     /// `PAUSE` of everything.
     all: bool,
     databases: HashSet<String>,
+    /// RESUMEs so far: a PAUSE withdrawn before it answered takes back its pause only if
+    /// none came since (after one, what is paused may be another PAUSE's).
+    resumes: u64,
 }
 
 impl Paused {
@@ -64,10 +67,10 @@ impl State {
 
 impl Pools {
     /// Pauses `database` (every database when `None`): its pools hand out no server from
-    /// now on. See [`Pools::busy`] for when its running transactions are over. True when
-    /// this call paused something that was not paused already (what
-    /// [`Pools::withdraw_pause`] may take back).
-    pub fn pause(&self, database: Option<&str>) -> Result<bool, PauseError> {
+    /// now on. See [`Pools::busy`] for when its running transactions are over. `Some` when
+    /// this call paused something that was not paused already: what
+    /// [`Pools::withdraw_pause`] may take back, with the token to give it.
+    pub fn pause(&self, database: Option<&str>) -> Result<Option<u64>, PauseError> {
         let mut st = self.lock();
         if st.paused.all {
             return Err(PauseError::AlreadyPaused);
@@ -80,7 +83,7 @@ impl Pools {
             Some(d) => st.paused.databases.insert(d.to_owned()),
         };
         st.apply_paused();
-        Ok(paused)
+        Ok(paused.then_some(st.paused.resumes))
     }
 
     /// Resumes `database` (everything when `None`): its waiting clients get the idle servers
@@ -91,20 +94,29 @@ impl Pools {
             None if !st.paused.all && st.paused.databases.is_empty() => {
                 return Err(PauseError::NotPaused)
             }
-            None => st.paused = Paused::default(),
+            None => {
+                st.paused.all = false;
+                st.paused.databases.clear();
+            }
             Some(_) if st.paused.all => return Err(PauseError::AllPaused),
             Some(d) if !st.paused.databases.remove(d) => return Err(PauseError::DatabaseNotPaused),
             Some(_) => {}
         }
+        st.paused.resumes += 1;
         let_go(st);
         Ok(())
     }
 
     /// Takes back what a PAUSE that never answered paused (see [`Pools::pause`]): only that
     /// (`PAUSE` of everything leaves the databases paused by name), so a pause that
-    /// answered holds.
-    pub fn withdraw_pause(&self, database: Option<&str>) {
+    /// answered holds. `token` is what [`Pools::pause`] returned: after a RESUME since,
+    /// nothing is taken back (the pause may be another PAUSE's by then). True when
+    /// something was taken back.
+    pub fn withdraw_pause(&self, database: Option<&str>, token: u64) -> bool {
         let mut st = self.lock();
+        if st.paused.resumes != token {
+            return false;
+        }
         match database {
             None => st.paused.all = false,
             Some(d) => {
@@ -112,6 +124,7 @@ impl Pools {
             }
         }
         let_go(st);
+        true
     }
 
     /// True when `database` (or, for `None`, any database) is paused.

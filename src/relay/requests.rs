@@ -865,8 +865,14 @@ impl<S> ClientConn<S> {
             }
         }
         let clears = matches!(dealloc, Some(Deallocate::All | Deallocate::DiscardAll));
-        if self.owe(txn, server, Reply::Query, false, Undo::None) && clears {
-            txn.mark_clear();
+        if self.owe(txn, server, Reply::Query, false, Undo::None) {
+            // A Query ends the implicit transaction of extended-protocol messages before it
+            // (it commits with the Query's statements), as a Sync would: the server is
+            // synced once it answers.
+            txn.unsynced = false;
+            if clears {
+                txn.mark_clear();
+            }
         }
         match refusal {
             None => self.ready += total,
