@@ -617,12 +617,7 @@ async fn terminate_in_the_middle_of_a_copy_rolls_it_back() {
         wire::tagged(b'X', b""),
     ])
     .await;
-    let tags: String = w
-        .until_ready()
-        .await
-        .iter()
-        .map(|m| m.tag as char)
-        .collect();
+    let tags = w.ready_tags().await;
     assert_eq!(tags, "CZ");
     let mut s = w.stream;
     wire::expect_closed(&mut s).await;
@@ -650,12 +645,7 @@ async fn a_stray_copy_done_keeps_every_reply_with_its_request() {
             wire::query("SELECT 'mine', pg_sleep(0.3)"),
         ])
         .await;
-        let first: String = w
-            .until_ready()
-            .await
-            .iter()
-            .map(|m| m.tag as char)
-            .collect();
+        let first = w.ready_tags().await;
         assert_eq!(first, "TDCZ");
         let second = w.until_ready().await;
         assert_eq!(second[0].tag, b'E');
@@ -696,12 +686,7 @@ async fn a_setting_changed_by_a_client_that_left_is_not_inherited() {
         wire::tagged(b'X', b""),
     ])
     .await;
-    let tags: String = w
-        .until_ready()
-        .await
-        .iter()
-        .map(|m| m.tag as char)
-        .collect();
+    let tags = w.ready_tags().await;
     assert_eq!(tags, "CZ");
     let mut s = w.stream;
     wire::expect_closed(&mut s).await;
@@ -735,12 +720,7 @@ async fn a_refused_pipeline_gets_its_error_before_its_sync() {
     assert_eq!(e.code().as_deref(), Some("53300"));
     // What follows up to the Sync is dropped, as after any failed message.
     w.send(&[wire::parse("", "SELECT 2"), wire::sync()]).await;
-    let tags: String = w
-        .until_ready()
-        .await
-        .iter()
-        .map(|m| m.tag as char)
-        .collect();
+    let tags = w.ready_tags().await;
     assert_eq!(tags, "Z");
     holder.batch_execute("COMMIT").await.unwrap();
     let (tags, msgs) = w.round(&[wire::query("SELECT 3")]).await;
@@ -767,12 +747,7 @@ async fn a_query_after_unsynced_messages_ends_the_transaction() {
         wire::query("SELECT 2"),
     ])
     .await;
-    let tags: String = w
-        .until_ready()
-        .await
-        .iter()
-        .map(|m| m.tag as char)
-        .collect();
+    let tags = w.ready_tags().await;
     assert_eq!(tags, "12DCTDCZ");
     // The only server is free for another client while this one stays connected.
     let c = proxy.client(name).await;

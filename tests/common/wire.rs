@@ -223,6 +223,16 @@ impl Wire {
         }
     }
 
+    /// Reads to the next ReadyForQuery (as [`Wire::until_ready`]); returns the tags as a
+    /// string.
+    pub async fn ready_tags(&mut self) -> String {
+        self.until_ready()
+            .await
+            .iter()
+            .map(|m| m.tag as char)
+            .collect()
+    }
+
     /// Sends and reads to the next ReadyForQuery; returns the tags as a string.
     pub async fn round(&mut self, parts: &[Vec<u8>]) -> (String, Vec<Msg>) {
         self.send(parts).await;
