@@ -1188,7 +1188,13 @@ impl Session {
         match outcome {
             // A cancel may still hit it, or it said something that retires it: close it.
             Outcome::Done if !no_cancel_pending || in_doubt => {
-                drop(checkout);
+                if no_cancel_pending && !effects.is_empty() {
+                    // Retired, but what the client set must follow it to its next server.
+                    let span = self.span.clone();
+                    Box::pin(self.read_back(checkout, effects).instrument(span)).await;
+                } else {
+                    drop(checkout);
+                }
                 None
             }
             Outcome::Done if effects.is_empty() => {
@@ -1204,6 +1210,18 @@ impl Session {
                 .await
             }
         }
+    }
+
+    /// Reads back the parameters a transaction changed (`SET`) from a server about to be
+    /// closed, for the client's next server; bounded by `server_cleanup_timeout`. (With a
+    /// cancel still on its way the server is closed unread: the client's `SET` is lost then.)
+    async fn read_back(&mut self, mut checkout: Checkout, effects: SessionEffects) {
+        let within = self.shared.pools.config().server_cleanup_timeout;
+        let read = tokio::time::timeout(within, self.refresh_params(checkout.server(), &effects));
+        if !matches!(read.await, Ok(Ok(()))) {
+            tracing::warn!("could not read back session parameters from a server being closed");
+        }
+        self.sync_application();
     }
 
     /// Sets the client's parameters on its server. `Ok(false)`: the server was lost (it had

@@ -757,3 +757,30 @@ async fn a_query_after_unsynced_messages_ends_the_transaction() {
     drop((w, c));
     leaks.check().await;
 }
+
+/// A transaction that sets a parameter and also retires its server (here a DEALLOCATE ALL
+/// inside a multi-statement query with a query pipelined behind it: pgsluice no longer
+/// trusts its record of that server's statements): the server is closed, and the client's
+/// setting follows it to its next server. (It was dropped with the server.)
+#[tokio::test]
+async fn a_setting_made_on_a_retired_server_follows_the_client() {
+    let name = "cf_setretired";
+    let proxy = trust_app(name, "pool_size = 1").await;
+    let leaks = Leaks::new(&proxy, name).await;
+    let mut w = Wire::connect(proxy.addr.port(), name, name).await;
+    let (_, msgs) = w.round(&[wire::query("SELECT pg_backend_pid()")]).await;
+    let before = msgs[1].row();
+    w.send(&[
+        wire::query("SET search_path TO elsewhere; DEALLOCATE ALL"),
+        wire::query("SELECT 1"),
+    ])
+    .await;
+    assert_eq!(w.ready_tags().await, "CCZ");
+    assert_eq!(w.ready_tags().await, "TDCZ");
+    let (_, msgs) = w.round(&[wire::query("SELECT pg_backend_pid()")]).await;
+    assert_ne!(msgs[1].row(), before, "the retired server was closed");
+    let (_, msgs) = w.round(&[wire::query("SHOW search_path")]).await;
+    assert_eq!(msgs[1].row(), [Some("elsewhere".to_string())]);
+    drop(w);
+    leaks.check().await;
+}

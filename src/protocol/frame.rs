@@ -14,6 +14,12 @@ pub enum FrameError {
     TooShort { tag: char, len: i64 },
     #[error("message type {tag:?} is {len} bytes long, over the limit of {limit} bytes")]
     TooLong { tag: char, len: usize, limit: usize },
+    #[error("message type {tag:?} is {len} bytes long where it is always {expected}")]
+    WrongLength {
+        tag: char,
+        len: usize,
+        expected: usize,
+    },
 }
 
 /// Reads a header at the start of `buf`: returns the tag and the total size of the message

@@ -731,11 +731,16 @@ pub(super) fn process(
         }
         match tag {
             backend::READY_FOR_QUERY => {
-                if let Some(s) = buf
-                    .get(at + HEADER_LEN)
-                    .copied()
-                    .and_then(TransactionStatus::from_byte)
-                {
+                // Its status byte, never the next message's first (a server that sent
+                // ReadyForQuery without one is broken, and is closed).
+                if total != HEADER_LEN + 1 {
+                    return Err(FrameError::WrongLength {
+                        tag: tag as char,
+                        len: total - 1,
+                        expected: 5,
+                    });
+                }
+                if let Some(s) = TransactionStatus::from_byte(buf[at + HEADER_LEN]) {
                     txn.status = s;
                 }
             }
@@ -869,6 +874,40 @@ mod tests {
         }
         assert!(buf.is_empty() && cursor.at_boundary());
         out
+    }
+
+    /// A ReadyForQuery without its status byte is a broken server, not a status read
+    /// from the message after it.
+    #[test]
+    fn a_ready_for_query_without_its_status_is_refused() {
+        let mut txn = Txn::new(true);
+        let _ = txn.owe(Reply::Query, false, Undo::None);
+        let (mut clients, mut servers) = (ClientStatements::default(), ServerStatements::default());
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&msg(b'C', b"SELECT 1\0"));
+        buf.extend_from_slice(&msg(backend::READY_FOR_QUERY, b""));
+        buf.extend_from_slice(&msg(b'E', b"SFATAL\0\0"));
+        let mut cursor = Cursor::default();
+        let r = process(
+            &mut buf,
+            0,
+            &mut cursor,
+            &mut txn,
+            &mut clients,
+            &mut servers,
+        );
+        assert!(
+            matches!(
+                r,
+                Err(FrameError::WrongLength {
+                    tag: 'Z',
+                    len: 4,
+                    expected: 5
+                })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(txn.status, TransactionStatus::Idle);
     }
 
     fn stmt() -> Arc<Statement> {
