@@ -105,14 +105,23 @@ async fn route(
         "/metrics" => {
             let shared = shared.clone();
             // Scraping walks every client; keep it off the async worker threads' hot loop.
-            let body = tokio::task::spawn_blocking(move || crate::metrics::scrape(&shared))
-                .await
-                .unwrap_or_default();
-            reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                body,
-            )
+            match tokio::task::spawn_blocking(move || crate::metrics::scrape(&shared)).await {
+                Ok(body) => reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    body,
+                ),
+                // A scrape that panicked: an empty 200 would read as "no series" and
+                // silence every alert; a 500 makes Prometheus mark the target down.
+                Err(e) => {
+                    tracing::error!(error = %e, "the metrics scrape failed");
+                    reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        TEXT,
+                        "the metrics scrape failed: see pgsluice's log\n",
+                    )
+                }
+            }
         }
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
         "/readyz" => match health.ready(shared).await {

@@ -433,3 +433,59 @@ async fn passthrough_keys_are_kept_per_upstream_server() {
     a.batch_execute("COMMIT").await.unwrap();
     a2.batch_execute("COMMIT").await.unwrap();
 }
+
+/// A lookup still running when a reload lands built its answer with the old configuration;
+/// it must not put that answer back into the cache the reload emptied. Here the old
+/// `auth_type = "trust"` would otherwise let any password in for `auth_query_cache_ttl`.
+#[tokio::test]
+async fn a_lookup_racing_a_reload_does_not_cache_the_old_configuration() {
+    setup_lookup_role().await;
+    let pg = pg();
+    pg.create_app("aq_race").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    let file = |auth_type: &str| {
+        format!(
+            "auth_type = \"{auth_type}\"\nauth_user = \"{LOOKUP}\"\nauth_password = \"{LOOKUP}-pw\"\n\
+             auth_query = \"WITH slow AS MATERIALIZED (SELECT pg_sleep(1.5)) SELECT rolname, rolpassword FROM pg_catalog.pg_authid, slow WHERE rolname = $1\"\n\
+             auth_query_cache_ttl = \"10m\"\n[budget]\nmax_server_connections = 20\n\
+             [databases.aq_race]\nhost = \"127.0.0.1\"\nport = {}\n",
+            pg.port
+        )
+    };
+    std::fs::write(&path, file("trust")).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let conn = proxy.conn("aq_race", "anything", "aq_race");
+    let racing = tokio::spawn(async move { tokio::time::timeout(STEP, try_connect(&conn)).await });
+
+    // Reload to SCRAM while the lookup sleeps on the server.
+    let admin = pg.admin().await;
+    let running = eventually(STEP, || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgsluice auth_query' AND state = 'active' AND query LIKE '%pg_sleep%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    assert!(running, "the lookup never started");
+    std::fs::write(&path, file("scram-sha-256")).unwrap();
+    pgsluice::reload::reload(&proxy.shared).expect("the new file reloads");
+    // The racing login ran under the configuration it started with: trust let it in, and
+    // then no server took it (trust teaches pgsluice no upstream password), which is not
+    // what is under test.
+    let _ = racing.await.unwrap().expect("login timed out");
+
+    let e = login(&proxy, "aq_race", "not-the-password", "aq_race")
+        .await
+        .expect_err("after the reload a wrong password is refused");
+    assert_eq!(code(&e), "28P01", "{e}");
+    let c = login(&proxy, "aq_race", "aq_race-pw", "aq_race")
+        .await
+        .expect("its password passes SCRAM");
+    assert_eq!(scalar(&c, "SELECT current_user").await, "aq_race");
+}

@@ -87,10 +87,20 @@ struct LookupConn {
 
 type Slot = Arc<tokio::sync::Mutex<Option<LookupConn>>>;
 
+/// Answers by (upstream, user), and how many times they were forgotten.
+#[derive(Default)]
+struct Cache {
+    answers: HashMap<(String, String), Cached>,
+    /// Bumped by each [`AuthQuery::clear`]: a lookup started before a reload built its
+    /// answer with the old configuration (an old `auth_type`, say) and must not put it
+    /// back into the cache the reload emptied.
+    generation: u64,
+}
+
 /// The lookups of one proxy.
 #[derive(Default)]
 pub struct AuthQuery {
-    cache: Mutex<HashMap<(String, String), Cached>>,
+    cache: Mutex<Cache>,
     conns: Mutex<HashMap<String, Slot>>,
 }
 
@@ -106,12 +116,25 @@ const MAX_CACHED: usize = 100_000;
 impl AuthQuery {
     /// Forgets every answer (the configuration changed).
     pub fn clear(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.answers.clear();
+        cache.generation += 1;
+    }
+
+    fn generation(&self) -> u64 {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
     }
 
     fn cached(&self, key: &(String, String), ttl: Duration) -> Option<Cached> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(key).filter(|c| c.at.elapsed() < ttl).cloned()
+        cache
+            .answers
+            .get(key)
+            .filter(|c| c.at.elapsed() < ttl)
+            .cloned()
     }
 
     /// The secret of `user` for a client of `database`, looked up with `auth_query` on
@@ -123,6 +146,8 @@ impl AuthQuery {
         database: &str,
         user: &str,
     ) -> (Result<Option<Arc<Secret>>, LookupError>, Outcome) {
+        // Read before the configuration: a reload stores its configuration, then clears.
+        let generation = self.generation();
         let config = pools.config();
         let Some(settings) = config.auth_query_settings(database) else {
             return (Ok(None), Outcome::NotFound);
@@ -222,16 +247,18 @@ impl AuthQuery {
             Outcome::NotFound
         };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_CACHED {
-            cache.clear();
+        if cache.generation == generation {
+            if cache.answers.len() >= MAX_CACHED {
+                cache.answers.clear();
+            }
+            cache.answers.insert(
+                key,
+                Cached {
+                    at: Instant::now(),
+                    secret: secret.clone(),
+                },
+            );
         }
-        cache.insert(
-            key,
-            Cached {
-                at: Instant::now(),
-                secret: secret.clone(),
-            },
-        );
         (Ok(secret), outcome)
     }
 }

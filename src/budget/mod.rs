@@ -63,8 +63,10 @@ pub struct Upstream {
 impl Upstream {
     /// Connections ordinary roles can open before the database refuses them.
     pub fn usable(&self) -> u32 {
-        self.max_connections
-            .saturating_sub(self.superuser_reserved_connections + self.reserved_connections)
+        self.max_connections.saturating_sub(
+            self.superuser_reserved_connections
+                .saturating_add(self.reserved_connections),
+        )
     }
 }
 
@@ -124,6 +126,19 @@ mod tests {
             connections: conns,
             members,
         }
+    }
+
+    /// Reserved counts as large as a `--plan` file may write do not overflow: nothing is
+    /// usable.
+    #[test]
+    fn huge_reserved_counts_leave_nothing_usable() {
+        let u = Upstream {
+            max_connections: 100,
+            superuser_reserved_connections: u32::MAX,
+            reserved_connections: 1,
+            ..Default::default()
+        };
+        assert_eq!(u.usable(), 0);
     }
 
     #[test]
