@@ -19,6 +19,10 @@ use crate::tls::ServerTlsMode;
 
 /// Largest message the proxy reads whole from a server outside the relay.
 const MAX_WHOLE_MESSAGE: usize = 1 << 20;
+/// Most ParameterStatus messages taken during a login (PostgreSQL sends about fifteen; a
+/// hostile server could otherwise send them until `server_connect_timeout`, a megabyte
+/// each). Their bytes together may not pass [`MAX_WHOLE_MESSAGE`] either.
+const MAX_REPORTED: usize = 256;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -305,9 +309,22 @@ impl ServerConn {
             learned,
             keys,
         );
+        let mut reported_bytes = 0;
         loop {
             let (tag, body) = read_whole(&mut self.stream, &mut self.buf).await?;
             let mut out = BytesMut::new();
+            // What follows AuthenticationOk must wait for it: a server (or a man in the
+            // middle) that skips it, or a SCRAM exchange it began, is refused.
+            if matches!(
+                tag,
+                backend::PARAMETER_STATUS | backend::BACKEND_KEY_DATA | backend::READY_FOR_QUERY
+            ) && !auth.authenticated()
+            {
+                return Err(ServerError::Protocol(format!(
+                    "server sent message {:?} before AuthenticationOk",
+                    tag as char
+                )));
+            }
             match tag {
                 backend::AUTHENTICATION => {
                     if body.len() < 4 {
@@ -320,6 +337,12 @@ impl ServerConn {
                     }
                 }
                 backend::PARAMETER_STATUS => {
+                    reported_bytes += body.len();
+                    if self.reported.len() >= MAX_REPORTED || reported_bytes > MAX_WHOLE_MESSAGE {
+                        return Err(ServerError::Protocol(format!(
+                            "more than {MAX_REPORTED} parameters or {MAX_WHOLE_MESSAGE} bytes of ParameterStatus during login"
+                        )));
+                    }
                     let mut strs = CStrings(&body);
                     if let (Some(k), Some(v)) = (strs.next_str(), strs.next_str()) {
                         self.reported.push((

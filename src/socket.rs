@@ -157,8 +157,9 @@ impl Socket {
         on_socket!(self, s => socket2::SockRef::from(s))
     }
 
-    /// The other end's address: for a Unix socket, the socket file (a client accepted on a
-    /// Unix listener has no address of its own: it is the listener's).
+    /// The other end's address: for a Unix socket, the socket file. A client accepted on a
+    /// Unix listener is given the listener's: its own name, if it bound one, is whatever
+    /// it chose (any directory, a new one per connection), so it is not taken.
     pub fn peer(&self) -> Option<Addr> {
         match self {
             Socket::Tcp(s) => s.peer_addr().ok().map(Addr::Tcp),
@@ -167,7 +168,7 @@ impl Socket {
                     a.ok()
                         .and_then(|a| a.as_pathname().and_then(Addr::unix_file))
                 };
-                named(s.peer_addr()).or_else(|| named(s.local_addr()))
+                named(s.local_addr()).or_else(|| named(s.peer_addr()))
             }
             #[cfg(feature = "io-uring")]
             Socket::Uring(s) => {
@@ -179,7 +180,7 @@ impl Socket {
                     a.ok()
                         .and_then(|a| a.as_pathname().and_then(Addr::unix_file))
                 };
-                named(sock.peer_addr()).or_else(|| named(sock.local_addr()))
+                named(sock.local_addr()).or_else(|| named(sock.peer_addr()))
             }
         }
     }

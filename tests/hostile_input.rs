@@ -592,8 +592,14 @@ async fn startup_parameter_injection() {
 /// A proxy in front of a fake server; its users log in without a password, so the first
 /// client's login opens a server (and gets that server's failure as a FATAL).
 async fn fake_upstream(name: &str, fake: &FakePg, top: &str) -> Proxy {
+    // Without TLS unless `top` asks for it: the scripts read a StartupMessage first.
+    let tls = if top.contains("[server_tls]") {
+        ""
+    } else {
+        "[server_tls]\nmode = \"disable\""
+    };
     Proxy::start(&format!(
-        "auth_type = \"trust\"\nserver_login_retry = \"0s\"\nserver_connect_timeout = \"3s\"\nquery_wait_timeout = \"3s\"\n{top}\n[budget]\nmax_server_connections = 5\n[databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\npassword = \"pw\"\n[users.{name}]\npassword = \"x\"\n",
+        "auth_type = \"trust\"\nserver_login_retry = \"0s\"\nserver_connect_timeout = \"3s\"\nquery_wait_timeout = \"3s\"\n{top}\n{tls}\n[budget]\nmax_server_connections = 5\n[databases.{name}]\nhost = \"127.0.0.1\"\nport = {}\npassword = \"pw\"\n[users.{name}]\npassword = \"x\"\n",
         fake.port
     ))
     .await
@@ -632,15 +638,18 @@ fn client_nonce(body: &[u8]) -> String {
 }
 
 /// Scenario 37: a hostile upstream. Its errors without a SQLSTATE, its oversized or forged
-/// SCRAM messages, its odd answers to SSLRequest, an overlong BackendKeyData and a 2 MB
-/// ParameterStatus all end that server's login with an error for the client (no crash,
-/// bounded memory, no plaintext fallback); what an unauthenticated server said before TLS
-/// is never shown to the client.
+/// SCRAM messages, its odd answers to SSLRequest, an overlong BackendKeyData, a 2 MB
+/// ParameterStatus or an endless stream of them, and a login that skips AuthenticationOk
+/// or asks for the password in clear after SCRAM began all end that server's login with an
+/// error for the client (no crash, bounded memory, no plaintext fallback); what an
+/// unauthenticated server said before TLS is never shown to the client.
 #[tokio::test]
 async fn hostile_upstream() {
     let _turn = FLOODS.lock().await;
     let name = "hi_hostile";
-    type Case = (&'static str, &'static str, fake_pg::Script);
+    // What happens, extra top-level configuration, the words the client's error must hold
+    // (so that a case failing for another reason, such as TLS, is seen), the server.
+    type Case = (&'static str, &'static str, &'static str, fake_pg::Script);
     fn case<F, Fut>(f: F) -> fake_pg::Script
     where
         F: Fn(common::fake_pg::FakeConn) -> Fut + Send + Sync + 'static,
@@ -673,6 +682,7 @@ async fn hostile_upstream() {
         (
             "(a) ErrorResponse without a SQLSTATE",
             "",
+            "no code here",
             case(|mut c| async move {
                 c.read_startup().await;
                 c.send(&fake_pg::error(&[(b'S', "FATAL"), (b'M', "no code here")]))
@@ -682,21 +692,25 @@ async fn hostile_upstream() {
         (
             "(b) SCRAM server-first with a 1 MB nonce",
             "",
+            "over the limit of 1048576 bytes",
             scram_first(|nonce| format!("r={nonce}{},s=c2FsdA==,i=4096", "x".repeat(1 << 20))),
         ),
         (
             "(b) SCRAM nonce not extending ours",
             "",
+            "nonce does not extend",
             scram_first(|_| "r=someoneelsesnonce,s=c2FsdA==,i=4096".to_owned()),
         ),
         (
             "(b) SCRAM server signature forged",
             "",
+            "SCRAM signature is wrong",
             scram_first(|nonce| format!("r={nonce}srv,s=c2FsdA==,i=4096")),
         ),
         (
             "(c) ErrorResponse instead of S/N to SSLRequest",
             "[server_tls]\nmode = \"require\"",
+            "unexpected answer 'E' to SSLRequest",
             case(|mut c| async move {
                 c.read_startup().await;
                 c.send(&fake_pg::error(&[
@@ -710,6 +724,7 @@ async fn hostile_upstream() {
         (
             "(d) N to SSLRequest when TLS is required",
             "[server_tls]\nmode = \"require\"",
+            "does not accept TLS",
             case(|mut c| async move {
                 c.read_startup().await;
                 c.send(b"N").await;
@@ -719,6 +734,7 @@ async fn hostile_upstream() {
         (
             "(f) bytes after S before the TLS handshake",
             "[server_tls]\nmode = \"require\"",
+            "handshake failed",
             case(|mut c| async move {
                 c.read_startup().await;
                 let mut b = b"S".to_vec();
@@ -728,8 +744,65 @@ async fn hostile_upstream() {
             }),
         ),
         (
+            "(i) SCRAM begun, then ReadyForQuery without AuthenticationOk",
+            "",
+            "before AuthenticationOk",
+            case(|mut c| async move {
+                c.read_startup().await;
+                c.send(&fake_pg::auth(10, b"SCRAM-SHA-256\0\0")).await;
+                if c.read_message().await.is_some() {
+                    c.send(&fake_pg::login_ok()[9..]).await;
+                }
+                c.serve_queries().await;
+            }),
+        ),
+        (
+            "(j) SCRAM begun, then a request for the password in clear",
+            "",
+            "code 3 out of turn",
+            case(|mut c| async move {
+                c.read_startup().await;
+                c.send(&fake_pg::auth(10, b"SCRAM-SHA-256\0\0")).await;
+                if c.read_message().await.is_some() {
+                    c.send(&fake_pg::auth(3, b"")).await;
+                    if c.read_message().await.is_some() {
+                        c.send(&fake_pg::login_ok()).await;
+                    }
+                }
+                c.serve_queries().await;
+            }),
+        ),
+        (
+            "(k) ReadyForQuery with no authentication at all",
+            "",
+            "before AuthenticationOk",
+            case(|mut c| async move {
+                c.read_startup().await;
+                c.send(&fake_pg::login_ok()[9..]).await;
+                c.serve_queries().await;
+            }),
+        ),
+        (
+            "(l) ParameterStatus without end during the login",
+            "",
+            "more than 256 parameters",
+            case(|mut c| async move {
+                c.read_startup().await;
+                c.send(&fake_pg::auth_ok()).await;
+                let status = fake_pg::parameter_status("p", &vec![b'x'; 60_000]);
+                // Bounded: the proxy gives up long before (1 MB, 256 messages).
+                for _ in 0..2_000 {
+                    if c.try_send(&status).await.is_err() {
+                        return;
+                    }
+                }
+                c.hold().await;
+            }),
+        ),
+        (
             "(g) BackendKeyData with a 300-byte key under 3.0",
             "",
+            "BackendKeyData of 304 bytes",
             case(|mut c| async move {
                 c.read_startup().await;
                 let mut b = fake_pg::auth_ok();
@@ -742,6 +815,7 @@ async fn hostile_upstream() {
         (
             "(h) a 2 MB ParameterStatus",
             "",
+            "over the limit of 1048576 bytes",
             case(|mut c| async move {
                 c.read_startup().await;
                 let mut b = fake_pg::auth_ok();
@@ -752,7 +826,7 @@ async fn hostile_upstream() {
             }),
         ),
     ];
-    for (what, top, script) in cases {
+    for (what, top, expected, script) in cases {
         let fake = {
             let script = script.clone();
             FakePg::start(move |c| script(c)).await
@@ -761,6 +835,7 @@ async fn hostile_upstream() {
         let started = Instant::now();
         let err = login_error(&proxy, name).await;
         let (code, msg) = err.unwrap_or_else(|| panic!("{what}: the login succeeded"));
+        assert!(msg.contains(expected), "{what}: {code} {msg}");
         assert!(!code.is_empty(), "{what}: no SQLSTATE for the client");
         assert!(
             ["08006", "08001", "08P01", "XX000"].contains(&code.as_str()),

@@ -172,6 +172,52 @@ async fn clients_and_servers_over_unix_sockets() {
     client.batch_execute("COMMIT").await.unwrap();
 }
 
+/// A client that binds its own socket file before connecting (any directory, any "port")
+/// is listed with the listener's address, not the one it chose: no spoofed address in SHOW
+/// CLIENTS and the logs, and no directory of its choosing kept by the proxy.
+#[tokio::test]
+async fn a_unix_client_cannot_choose_its_address() {
+    let pg = pg();
+    pg.create_app("ux_named").await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&config(pg, "ux_named", dir.path(), false, "")).await;
+    let port = proxy.addr.port();
+
+    let own = tempfile::tempdir().unwrap();
+    let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&socket2::SockAddr::unix(own.path().join(".s.PGSQL.4242")).unwrap())
+        .unwrap();
+    sock.connect(&socket2::SockAddr::unix(socket_file(dir.path(), port)).unwrap())
+        .unwrap();
+    let std_stream: std::os::unix::net::UnixStream = sock.into();
+    std_stream.set_nonblocking(true).unwrap();
+    let stream = tokio::net::UnixStream::from_std(std_stream).unwrap();
+    let (client, conn) = tokio_postgres::Config::new()
+        .user("ux_named")
+        .password("ux_named-pw")
+        .dbname("ux_named")
+        .connect_raw(stream, NoTls)
+        .await
+        .expect("logs in over its self-named socket");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    assert_eq!(scalar(&client, "SELECT 1").await, "1");
+
+    let console = connect(&proxy.conn("ux_named", "ux_named-pw", "pgbouncer")).await;
+    let clients = show(&console, "SHOW CLIENTS").await;
+    let unix_clients: Vec<_> = clients
+        .iter()
+        .filter(|r| r["addr"].as_deref() == Some("unix"))
+        .collect();
+    assert_eq!(unix_clients.len(), 1, "{clients:?}");
+    assert_eq!(
+        unix_clients[0]["port"],
+        Some(port.to_string()),
+        "the listener's port, not the client's own 4242: {clients:?}"
+    );
+}
+
 /// pgbench over the Unix listener to a Unix upstream: several clients, no failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_over_unix_sockets_end_to_end() {

@@ -368,7 +368,10 @@ pub struct UpstreamLogin<'a> {
     learned: Option<Learned>,
     keys: &'a UpstreamKeys,
     scram: Option<ScramClient>,
+    /// The server's SCRAM signature was verified.
     done: bool,
+    /// AuthenticationOk came.
+    authenticated: bool,
 }
 
 impl<'a> UpstreamLogin<'a> {
@@ -386,7 +389,13 @@ impl<'a> UpstreamLogin<'a> {
             keys,
             scram: None,
             done: false,
+            authenticated: false,
         }
+    }
+
+    /// The server said AuthenticationOk (after a verified SCRAM exchange, if one began).
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
     }
 
     fn no_secret(&self, asked: &str) -> ServerError {
@@ -413,6 +422,20 @@ impl<'a> UpstreamLogin<'a> {
     ) -> Result<(), ServerError> {
         let proto = |e: String| ServerError::Protocol(e);
         let io = |e: std::io::Error| ServerError::Protocol(e.to_string());
+        // Once SCRAM began, the server may not switch methods (a man in the middle who
+        // cannot forge its signature would ask for the password in clear, or its md5
+        // hash), nor repeat a step; after AuthenticationOk, nothing more is asked.
+        let out_of_turn = self.authenticated
+            || match code {
+                3 | 5 | 10 => self.scram.is_some(),
+                11 | 12 => self.done,
+                _ => false,
+            };
+        if out_of_turn {
+            return Err(proto(format!(
+                "server sent authentication code {code} out of turn"
+            )));
+        }
         match code {
             0 => {
                 if self.scram.is_some() && !self.done {
@@ -420,6 +443,7 @@ impl<'a> UpstreamLogin<'a> {
                         "server said AuthenticationOk before finishing SCRAM".into(),
                     ));
                 }
+                self.authenticated = true;
             }
             3 => {
                 let pw = self
@@ -511,6 +535,37 @@ impl<'a> UpstreamLogin<'a> {
 mod tests {
     use super::*;
     use crate::auth::scram::{self, Verifier};
+
+    /// Once SCRAM began, a request for another method (the password in clear, md5, SASL
+    /// again) is refused with nothing sent; so is AuthenticationOk before the server's
+    /// signature, and any request after AuthenticationOk.
+    #[test]
+    fn a_server_cannot_switch_methods_once_scram_began() {
+        let keys = UpstreamKeys::default();
+        let mut login = UpstreamLogin::new("app", Some("pencil"), None, &keys);
+        login
+            .answer(10, b"SCRAM-SHA-256\0\0", &mut BytesMut::new())
+            .unwrap();
+        for code in [3, 5, 10, 0] {
+            let mut out = BytesMut::new();
+            assert!(
+                login.answer(code, b"salt", &mut out).is_err(),
+                "code {code}"
+            );
+            assert!(out.is_empty(), "code {code} was answered");
+        }
+        assert!(!login.authenticated());
+
+        let mut trusted = UpstreamLogin::new("app", Some("pencil"), None, &keys);
+        trusted.answer(0, b"", &mut BytesMut::new()).unwrap();
+        assert!(trusted.authenticated());
+        let mut out = BytesMut::new();
+        assert!(trusted.answer(3, b"", &mut out).is_err());
+        assert!(
+            out.is_empty(),
+            "the password went out after AuthenticationOk"
+        );
+    }
 
     /// Our SCRAM client against our SCRAM server, with keys from a password and from a
     /// client proof (passthrough).

@@ -95,6 +95,11 @@ impl FakeConn {
         let _ = self.stream.write_all(bytes).await;
     }
 
+    /// [`FakeConn::send`], telling whether the peer took the bytes.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
     /// Holds the connection open, reading and dropping whatever comes, until the peer
     /// closes (or a minute passes).
     pub async fn hold(mut self) {
