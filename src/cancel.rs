@@ -11,7 +11,7 @@
 //! misconfigured `[peers]` cannot make a loop), bits 15–0 random. The secret stays 32
 //! random bits.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use atomic_waker::AtomicWaker;
@@ -50,6 +50,11 @@ pub struct ClientCancel {
     target: Mutex<Target>,
     /// Cancels forwarded to this client's server and not yet handled by PostgreSQL.
     in_flight: AtomicU32,
+    /// The process id of a server a cancel was given up for (no answer in
+    /// [`PEER_TIMEOUT`], an error, or its task dropped) after it may have reached the
+    /// postmaster, which may still act on it; 0: none. That server must not serve anyone
+    /// else (see [`CancelHandle::idle`]).
+    abandoned: AtomicI32,
     /// Set, and `queued_waker` woken, when a cancel arrives while the client is queued
     /// (atomics, not a `Notify`: the queued wait polls this at every wake-up).
     queued_cancel: AtomicBool,
@@ -170,6 +175,7 @@ impl Cancels {
             secret: rng.random(),
             target: Mutex::new(Target::Idle),
             in_flight: AtomicU32::new(0),
+            abandoned: AtomicI32::new(0),
             queued_cancel: AtomicBool::new(false),
             queued_waker: AtomicWaker::new(),
         });
@@ -233,10 +239,14 @@ impl Cancels {
         };
         // Uncounted however this ends: a cancel cut off (its connection's task dropped) left
         // the count up, and its client took every server it used for one in doubt.
-        let _in_flight = InFlight(&client.in_flight);
+        let mut in_flight = InFlight {
+            client: &client,
+            pid: key.pid,
+            handled: false,
+        };
         let sent = tokio::time::timeout(PEER_TIMEOUT, send_cancel(key)).await;
         match sent {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => in_flight.handled = true,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not forward a cancel request to the server")
             }
@@ -248,13 +258,22 @@ impl Cancels {
     }
 }
 
-/// A cancel on its way to a client's server, counted in the client's `in_flight` until
-/// dropped.
-struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
+/// A cancel on its way to a client's server (process `pid`), counted in the client's
+/// `in_flight` until dropped; unless `handled` (PostgreSQL closed the cancel connection),
+/// the server is marked `abandoned` first.
+struct InFlight<'a> {
+    client: &'a ClientCancel,
+    pid: i32,
+    handled: bool,
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        // Before the count drops: `idle` reads the count first, then this.
+        if !self.handled {
+            self.client.abandoned.store(self.pid, Ordering::SeqCst);
+        }
+        self.client.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -287,8 +306,20 @@ impl CancelHandle {
     /// held may still be on its way: that server must not serve anyone else, or the late
     /// cancel could hit another client's query.
     pub fn idle(&self) -> bool {
-        self.set(Target::Idle);
-        self.client.in_flight.load(Ordering::SeqCst) == 0
+        let held = std::mem::replace(
+            &mut *self.client.target.lock().unwrap_or_else(|p| p.into_inner()),
+            Target::Idle,
+        );
+        if self.client.in_flight.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        // A cancel given up may still be acted on. Its server is this one, or one closed
+        // already (a transaction ending with the cancel in flight closes its server).
+        if self.client.abandoned.load(Ordering::SeqCst) != 0 {
+            let pid = self.client.abandoned.swap(0, Ordering::SeqCst);
+            return !matches!(held, Target::Server(k) if k.pid == pid);
+        }
+        true
     }
 
     /// Waits for a cancel while the client is queued. Marks the client queued first, so a

@@ -530,10 +530,16 @@ pub async fn cancel_over(mut stream: Socket, pid: i32, secret: i32) -> Result<()
     let mut out = BytesMut::new();
     frontend::cancel_request(pid, secret, &mut out);
     stream.write_all(&out).await?;
-    // The server closes the connection once it has handled the request.
+    // The server closes the connection once it has handled the request. Not closed in
+    // time: the request may still be acted on, later (the caller must know).
     let mut sink = [0u8; 64];
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
-    Ok(())
+    match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await {
+        Ok(_) => Ok(()),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the cancel request was not handled in 5 s",
+        )),
+    }
 }
 
 #[cfg(test)]

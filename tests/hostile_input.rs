@@ -392,6 +392,49 @@ async fn cancels_to_a_hanging_upstream_are_abandoned() {
     leaks.check().await;
 }
 
+/// Scenario 33 b: a cancel given up (the upstream took it and never answered) while its
+/// query still runs may yet be acted on by a slow postmaster, so its server is closed after
+/// the transaction instead of going back to the pool, where the late cancel could hit
+/// another client's query.
+#[tokio::test]
+async fn a_server_whose_cancel_was_given_up_is_not_reused() {
+    let name = "hi_cancelgone";
+    pg().create_app(name).await;
+    let fault = Fault::start(("127.0.0.1", pg().port)).await;
+    fault.set_accept(common::fault::Accept::HangCancel);
+    let proxy = Proxy::start(&app_config_at(
+        fault.port(),
+        name,
+        "auth_type = \"trust\"\npool_size = 1",
+    ))
+    .await;
+    let port = proxy.addr.port();
+    let (mut a, (pid, secret)) = login_with_key(port, name).await;
+    let backend = |msgs: &[wire::Msg]| msgs.iter().find(|m| m.tag == b'D').unwrap().row();
+    let (_, msgs) = a.round(&[wire::query("SELECT pg_backend_pid()")]).await;
+    let first = backend(&msgs);
+    // The cancel is given up after 5 s; the query runs 7 s.
+    a.send(&[wire::query("SELECT pg_sleep(7)")]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cancel = tokio::spawn(async move { send_cancel(port, &cancel_packet(pid, secret)).await });
+    let msgs = a.until_ready().await;
+    assert!(
+        msgs.iter().all(|m| m.tag != b'E'),
+        "the hanging cancel did nothing: {msgs:?}"
+    );
+    cancel.await.unwrap();
+    let (_, msgs) = a.round(&[wire::query("SELECT pg_backend_pid()")]).await;
+    assert_ne!(
+        backend(&msgs),
+        first,
+        "the server a late cancel could still hit was reused"
+    );
+    // Once: the next transaction keeps its server.
+    let second = backend(&msgs);
+    let (_, msgs) = a.round(&[wire::query("SELECT pg_backend_pid()")]).await;
+    assert_eq!(backend(&msgs), second);
+}
+
 /// Scenario 34: authentication message abuse. A password message before the startup
 /// packet, SASL messages with a negative or oversized inner length, over 64 KiB, or naming
 /// an unknown mechanism: 08P01 and close. A 100 KB user name: 08P01. A database name that
