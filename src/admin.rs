@@ -42,6 +42,11 @@ pub struct Console {
     draining: AtomicBool,
     shutdown: AtomicBool,
     shutdown_now: Notify,
+    /// The highest `total_query_time` SHOW STATS reported per database. It is a
+    /// difference of two sums a finishing transaction adds to one after the other, so a
+    /// read between them could dip; exporters read the column as a counter, and a dip
+    /// would look like a reset.
+    query_time_shown: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Console {
@@ -652,7 +657,9 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<BytesMut, Error
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    withdraw.token = None;
+    if let Some(token) = withdraw.token.take() {
+        shared.pools.pause_answered(db, token);
+    }
     let mut out = BytesMut::new();
     command_complete(&mut out, "PAUSE");
     Ok(out)
@@ -968,7 +975,10 @@ fn show_stats(shared: &Shared, view: StatsView) -> Table {
         .map(|d| (d.clone(), DbStats::default()))
         .collect();
     for p in shared.metrics.pool_handles() {
-        let d = dbs.entry(p.database.clone()).or_default();
+        // A database a reload removed has no row.
+        let Some(d) = dbs.get_mut(&p.database) else {
+            continue;
+        };
         d.client_parses += p.client_parses.get();
         d.server_parses += p.server_parses.get();
         d.binds += p.binds.get();
@@ -985,8 +995,16 @@ fn show_stats(shared: &Shared, view: StatsView) -> Table {
     }
     let uptime = shared.started.elapsed().as_secs().max(1);
     let per = |total: u64, n: u64| total.checked_div(n).unwrap_or(0);
+    let mut shown = shared
+        .console
+        .query_time_shown
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    shown.retain(|name, _| dbs.contains_key(name));
     for (name, d) in dbs {
-        let query_us = (d.xact_us - d.idle_us).max(0.0) as u64;
+        let last = shown.entry(name.clone()).or_default();
+        let query_us = ((d.xact_us - d.idle_us).max(0.0) as u64).max(*last);
+        *last = query_us;
         let xact_us = d.xact_us as u64;
         let wait_us = d.wait_us as u64;
         let totals = [

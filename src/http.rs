@@ -13,7 +13,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::app::Shared;
@@ -99,7 +99,12 @@ async fn route(
 ) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n");
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n");
+        r.headers_mut().insert(
+            "allow",
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
     }
     match req.uri().path() {
         "/metrics" => {
@@ -144,17 +149,29 @@ async fn route(
 #[derive(Debug, Default)]
 struct Health {
     last: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// Held while probing: checks arriving meanwhile wait for its answer instead of
+    /// probing every upstream again.
+    probing: tokio::sync::Mutex<()>,
 }
 
 impl Health {
+    fn cached(&self) -> Option<Result<(), String>> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < PROBE_CACHE)
+            .map(|(_, r)| r.clone())
+    }
+
     async fn ready(&self, shared: &Shared) -> Result<(), String> {
         if shared.console.is_draining() {
             return Err("draining (shutting down)".into());
         }
-        if let Some((at, r)) = self.last.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            if at.elapsed() < PROBE_CACHE {
-                return r.clone();
-            }
+        if let Some(r) = self.cached() {
+            return r;
+        }
+        let _turn = self.probing.lock().await;
+        if let Some(r) = self.cached() {
+            return r;
         }
         let upstreams: BTreeSet<(String, u16)> = shared
             .pools
@@ -176,11 +193,12 @@ impl Health {
     }
 }
 
-/// Opens a TCP connection to a PostgreSQL server and closes it without sending anything:
-/// a stopped server refuses it. PostgreSQL logs nothing for a connection that sends no data
-/// (an SSLRequest would make a server with `ssl = on` log a failed handshake per probe).
+/// Opens a connection to a PostgreSQL server (TCP, or its Unix socket for a `host` that is
+/// a directory) and closes it without sending anything: a stopped server refuses it.
+/// PostgreSQL logs nothing for a connection that sends no data (an SSLRequest would make a
+/// server with `ssl = on` log a failed handshake per probe).
 async fn probe(host: &str, port: u16) -> Result<(), String> {
-    match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect((host, port))).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, crate::socket::connect(host, port)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),

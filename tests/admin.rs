@@ -697,6 +697,85 @@ async fn a_pause_given_up_leaves_a_later_pause_alone() {
     admin.simple_query("RESUME a_plater").await.unwrap();
 }
 
+/// A PAUSE given up takes its own pause back even when another database was resumed in
+/// the meantime (the RESUME of another database used to make it leave its own paused,
+/// with every client of it queued until someone ran RESUME).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_given_up_after_another_databases_resume_is_taken_back() {
+    let name = "a_pother";
+    let pg = pg();
+    pg.create_app(name).await;
+    let proxy = Proxy::start(&format!(
+        "{}[databases.a_pother_b]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"{name}\"\n",
+        app_config(pg, name, &format!("admin_users = \"{name}\"")),
+        pg.port
+    ))
+    .await;
+    let admin = console(&proxy, name).await;
+    admin.simple_query("PAUSE a_pother_b").await.unwrap();
+    let holder = proxy.client(name).await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiting = console(&proxy, name).await;
+    let token = waiting.cancel_token();
+    let run = tokio::spawn(async move { waiting.simple_query("PAUSE a_pother").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!run.is_finished(), "the PAUSE waits for the transaction");
+    admin.simple_query("RESUME a_pother_b").await.unwrap();
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("the PAUSE ends")
+        .unwrap()
+        .expect_err("a cancelled PAUSE fails");
+    assert_eq!(code(&e), "57014", "{e}");
+    let (_, rows) = show(&admin, "SHOW DATABASES").await;
+    assert_eq!(field(row_of(&rows, "name", name), "paused"), "0");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let other = proxy.client(name).await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), scalar(&other, "SELECT 1"))
+        .await
+        .expect("the database is not paused");
+    assert_eq!(answer, "1");
+}
+
+/// Two PAUSEs of one database wait together; the first given up takes nothing back while
+/// the other still waits, and that one answers and holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_given_up_leaves_a_pause_still_waiting_alone() {
+    let proxy = admin_app("a_ptwo", "").await;
+    let admin = console(&proxy, "a_ptwo").await;
+    let holder = proxy.client("a_ptwo").await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let first = console(&proxy, "a_ptwo").await;
+    let first_token = first.cancel_token();
+    let first_run =
+        tokio::spawn(async move { first.simple_query("PAUSE a_ptwo").await.map(|_| ()) });
+    let second = console(&proxy, "a_ptwo").await;
+    let second_run =
+        tokio::spawn(async move { second.simple_query("PAUSE a_ptwo").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first_token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), first_run)
+        .await
+        .expect("the first PAUSE ends");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second_run.is_finished(), "the second PAUSE still waits");
+    let (_, rows) = show(&admin, "SHOW DATABASES").await;
+    assert_eq!(field(row_of(&rows, "name", "a_ptwo"), "paused"), "1");
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), second_run)
+        .await
+        .expect("the second PAUSE answers")
+        .unwrap()
+        .expect("and succeeds");
+    let (_, rows) = show(&admin, "SHOW DATABASES").await;
+    assert_eq!(field(row_of(&rows, "name", "a_ptwo"), "paused"), "1");
+    admin.simple_query("RESUME a_ptwo").await.unwrap();
+}
+
 /// A client queued before PAUSE is not handed the server a finishing transaction returns:
 /// once PAUSE answers, nothing runs on the paused database until RESUME. (It used to get
 /// that server, and could run after PAUSE had answered.)

@@ -522,6 +522,20 @@ async fn health_endpoints_and_unknown_paths() {
     assert_eq!(get(port, "/healthz").await.unwrap(), (200, "ok\n".into()));
     assert_eq!(get(port, "/readyz").await.unwrap().0, 200);
     assert_eq!(get(port, "/nope").await.unwrap().0, 404);
+    // Another method: 405, naming the methods that work (RFC 9110).
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(
+        b"POST /metrics HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 405"), "{head}");
+    assert!(head.contains("\r\nallow: get, head\r\n"), "{head}");
     drop(proxy);
 
     // An upstream that does not answer: not ready, and the body says why.

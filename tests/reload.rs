@@ -224,12 +224,26 @@ async fn a_bad_reload_keeps_the_old_configuration() {
 #[tokio::test]
 async fn a_removed_database_drains() {
     let pg = pg();
-    let (_dir, path, proxy) = from_file(&["rl_keep", "rl_gone"], 2, "").await;
+    let admin = "admin_users = \"rl_keep\"";
+    let (_dir, path, proxy) = from_file(&["rl_keep", "rl_gone"], 2, admin).await;
     let keep = proxy.client("rl_keep").await;
     let gone = proxy.client("rl_gone").await;
     gone.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    std::fs::write(&path, config(pg, &["rl_keep"], 2, "")).unwrap();
+    std::fs::write(&path, config(pg, &["rl_keep"], 2, admin)).unwrap();
     pgsluice::reload::reload(&proxy.shared).unwrap();
+    // SHOW STATS has a row per configured database, so none for the removed one.
+    let console = connect(&proxy.conn("rl_keep", "rl_keep-pw", "pgbouncer")).await;
+    let rows: Vec<String> = console
+        .simple_query("SHOW STATS")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("database").map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, ["rl_keep"], "SHOW STATS after the reload");
     // The open transaction finishes; the next one is refused with 57P01.
     gone.batch_execute("COMMIT").await.unwrap();
     let e = gone.simple_query("SELECT 1").await.unwrap_err();

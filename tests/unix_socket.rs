@@ -218,6 +218,44 @@ async fn a_unix_client_cannot_choose_its_address() {
     );
 }
 
+/// `/readyz` probes a database reached over PostgreSQL's Unix socket through that socket
+/// (it used to look the directory up as a host name, and was never ready).
+#[tokio::test]
+async fn readyz_probes_a_unix_upstream_over_its_socket() {
+    let pg = pg();
+    pg.create_app("ux_ready").await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let proxy = Proxy::start(&config(
+        pg,
+        "ux_ready",
+        dir.path(),
+        true,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{http}\""),
+    ))
+    .await;
+    let status = || async move {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", http)).await else {
+            return String::new();
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = s
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw).await;
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = status().await;
+    while !last.starts_with("HTTP/1.1 200") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        last = status().await;
+    }
+    assert!(last.starts_with("HTTP/1.1 200"), "not ready: {last}");
+    drop(proxy);
+}
+
 /// pgbench over the Unix listener to a Unix upstream: several clients, no failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_over_unix_sockets_end_to_end() {

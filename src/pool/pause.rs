@@ -4,24 +4,51 @@
 //! between PAUSE and its answer. Its clients wait in its queue, which counts toward
 //! `query_wait_timeout` as in PgBouncer; RESUME hands them what is idle and free room.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use super::{Grant, Pools, State};
+
+/// One pause (of a database, or of everything), from its first PAUSE until RESUME.
+#[derive(Debug)]
+struct Pause {
+    /// Names this pause, and no later one: a PAUSE given up takes back only the pause it
+    /// made or joined, never one made after a RESUME (see [`Pools::withdraw_pause`]).
+    token: u64,
+    /// PAUSEs of it still waiting for their answer.
+    waiting: u32,
+    /// A PAUSE of it answered: it holds until RESUME, whoever gives up.
+    held: bool,
+}
 
 /// Which databases are paused.
 #[derive(Debug, Default)]
 pub(super) struct Paused {
     /// `PAUSE` of everything.
-    all: bool,
-    databases: HashSet<String>,
-    /// RESUMEs so far: a PAUSE withdrawn before it answered takes back its pause only if
-    /// none came since (after one, what is paused may be another PAUSE's).
-    resumes: u64,
+    all: Option<Pause>,
+    databases: HashMap<String, Pause>,
+    /// The last token given.
+    tokens: u64,
 }
 
 impl Paused {
     pub(super) fn covers(&self, database: &str) -> bool {
-        self.all || self.databases.contains(database)
+        self.all.is_some() || self.databases.contains_key(database)
+    }
+
+    fn entry(&mut self, database: Option<&str>) -> Option<&mut Pause> {
+        match database {
+            None => self.all.as_mut(),
+            Some(d) => self.databases.get_mut(d),
+        }
+    }
+
+    fn new_pause(&mut self) -> Pause {
+        self.tokens += 1;
+        Pause {
+            token: self.tokens,
+            waiting: 1,
+            held: false,
+        }
     }
 }
 
@@ -67,23 +94,47 @@ impl State {
 
 impl Pools {
     /// Pauses `database` (every database when `None`): its pools hand out no server from
-    /// now on. See [`Pools::busy`] for when its running transactions are over. `Some` when
-    /// this call paused something that was not paused already: what
-    /// [`Pools::withdraw_pause`] may take back, with the token to give it.
+    /// now on. See [`Pools::busy`] for when its running transactions are over. `Some(token)`
+    /// while the pause has not answered yet (this call made it, or joins another PAUSE of
+    /// the same database still waiting): the caller gives the token to
+    /// [`Pools::pause_answered`] when it answers, or to [`Pools::withdraw_pause`] if it
+    /// gives up first.
     pub fn pause(&self, database: Option<&str>) -> Result<Option<u64>, PauseError> {
         let mut st = self.lock();
-        if st.paused.all {
+        if st.paused.all.is_some() {
             return Err(PauseError::AlreadyPaused);
         }
-        let paused = match database {
+        let token = match database {
             None => {
-                st.paused.all = true;
-                true
+                let p = st.paused.new_pause();
+                let token = p.token;
+                st.paused.all = Some(p);
+                Some(token)
             }
-            Some(d) => st.paused.databases.insert(d.to_owned()),
+            Some(d) => match st.paused.databases.get_mut(d) {
+                Some(p) if p.held => None,
+                Some(p) => {
+                    p.waiting += 1;
+                    Some(p.token)
+                }
+                None => {
+                    let p = st.paused.new_pause();
+                    let token = p.token;
+                    st.paused.databases.insert(d.to_owned(), p);
+                    Some(token)
+                }
+            },
         };
         st.apply_paused();
-        Ok(paused.then_some(st.paused.resumes))
+        Ok(token)
+    }
+
+    /// A PAUSE holding `token` answered: the pause holds until RESUME.
+    pub fn pause_answered(&self, database: Option<&str>, token: u64) {
+        let mut st = self.lock();
+        if let Some(p) = st.paused.entry(database).filter(|p| p.token == token) {
+            p.held = true;
+        }
     }
 
     /// Resumes `database` (everything when `None`): its waiting clients get the idle servers
@@ -91,34 +142,39 @@ impl Pools {
     pub fn resume(&self, database: Option<&str>) -> Result<(), PauseError> {
         let mut st = self.lock();
         match database {
-            None if !st.paused.all && st.paused.databases.is_empty() => {
+            None if st.paused.all.is_none() && st.paused.databases.is_empty() => {
                 return Err(PauseError::NotPaused)
             }
             None => {
-                st.paused.all = false;
+                st.paused.all = None;
                 st.paused.databases.clear();
             }
-            Some(_) if st.paused.all => return Err(PauseError::AllPaused),
-            Some(d) if !st.paused.databases.remove(d) => return Err(PauseError::DatabaseNotPaused),
+            Some(_) if st.paused.all.is_some() => return Err(PauseError::AllPaused),
+            Some(d) if st.paused.databases.remove(d).is_none() => {
+                return Err(PauseError::DatabaseNotPaused)
+            }
             Some(_) => {}
         }
-        st.paused.resumes += 1;
         let_go(st);
         Ok(())
     }
 
-    /// Takes back what a PAUSE that never answered paused (see [`Pools::pause`]): only that
-    /// (`PAUSE` of everything leaves the databases paused by name), so a pause that
-    /// answered holds. `token` is what [`Pools::pause`] returned: after a RESUME since,
-    /// nothing is taken back (the pause may be another PAUSE's by then). True when
+    /// A PAUSE holding `token` gave up before it answered (cancelled, or its client left).
+    /// The pause is taken back when no other PAUSE of it waits and none answered; only
+    /// that pause (`PAUSE` of everything leaves the databases paused by name). After a
+    /// RESUME the token names nothing, so a later PAUSE's pause is left alone. True when
     /// something was taken back.
     pub fn withdraw_pause(&self, database: Option<&str>, token: u64) -> bool {
         let mut st = self.lock();
-        if st.paused.resumes != token {
+        let Some(p) = st.paused.entry(database).filter(|p| p.token == token) else {
+            return false;
+        };
+        p.waiting = p.waiting.saturating_sub(1);
+        if p.waiting > 0 || p.held {
             return false;
         }
         match database {
-            None => st.paused.all = false,
+            None => st.paused.all = None,
             Some(d) => {
                 st.paused.databases.remove(d);
             }
@@ -132,7 +188,7 @@ impl Pools {
         let st = self.lock();
         match database {
             Some(d) => st.paused.covers(d),
-            None => st.paused.all,
+            None => st.paused.all.is_some(),
         }
     }
 
