@@ -506,11 +506,13 @@ async fn a_proxy_without_its_control_connection_does_not_grow() {
     assert_eq!(
         (
             done.load(Ordering::Relaxed),
-            server_conns(&admin, "frozen").await
+            server_conns(&admin, "frozen").await,
+            // What SHOW BUDGET and the metrics show: the limit in force (the two servers
+            // held and the control connection they were counted with), not the last read.
+            budget(&proxy).limit,
         ),
-        (2, 2),
-        "no server opened beyond those held (the last limit was {})",
-        budget(&proxy).limit
+        (2, 2, 3),
+        "no server opened beyond those held"
     );
 
     admin
@@ -526,6 +528,145 @@ async fn a_proxy_without_its_control_connection_does_not_grow() {
     );
     assert_eq!(server_conns(&admin, "frozen").await, 6);
     assert!(budget(&proxy).last_error.is_none());
+}
+
+/// The fleet members of a server: (pid, application_name) of the control connections.
+async fn members(admin: &Client) -> Vec<(i32, String)> {
+    admin
+        .query(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE 'pgsluice:fleet=%' ORDER BY pid",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// RECONNECT replaces the control connection too (after a failover the budget must be
+/// read on the new primary, not on the old server that still answers), and a client that
+/// takes a member's name adds no member.
+#[tokio::test]
+async fn reconnect_replaces_the_control_connection() {
+    let pg = TestPostgres::start(&["max_connections = 20"]);
+    pg.create_app("ccre").await;
+    let proxy = Proxy::start(&format!(
+        "admin_users = \"ccre\"\n[budget]\nrefresh_interval = \"60s\"\n{}",
+        db_user(&pg, "ccre")
+    ))
+    .await;
+    let admin = pg.admin().await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            members(&admin).await.len() == 1
+        })
+        .await,
+        "registered"
+    );
+    let (first, name) = members(&admin).await.remove(0);
+
+    // A connection of someone else's under the member's name (a client may set any
+    // application_name): still one member.
+    let (_impostor, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=ccre password=ccre-pw dbname=ccre application_name={name}",
+            pg.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+
+    let console = connect(&proxy.conn("ccre", "ccre-pw", "pgbouncer")).await;
+    console.simple_query("RECONNECT").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            members(&admin)
+                .await
+                .iter()
+                .any(|(pid, n)| *pid != first && *n == name)
+                && !members(&admin).await.iter().any(|(pid, _)| *pid == first)
+        })
+        .await,
+        "a new control connection after RECONNECT (refresh_interval is 60 s): {:?}",
+        members(&admin).await
+    );
+    // The new connection read the figures at once: the impostor is not a second member.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            budget(&proxy).last_refresh.is_some() && budget(&proxy).upstream.members == 1
+        })
+        .await,
+        "members: {}",
+        budget(&proxy).upstream.members
+    );
+    assert_eq!(scalar(&proxy.client("ccre").await, "SELECT 1").await, "1");
+}
+
+/// A reload that removes every database on a server closes that server's control
+/// connection (it no longer counts as a member of that server's fleet); one that adds a
+/// database there again brings it back.
+#[tokio::test]
+async fn a_server_no_database_uses_has_no_control_connection() {
+    let pg = TestPostgres::start(&["max_connections = 20"]);
+    pg.create_app("ccgone").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgsluice.toml");
+    // Two upstreams as pgsluice counts them (TCP, and the Unix socket), one server really.
+    let file = |both: bool| {
+        let mut s = format!(
+            "[budget]\nrefresh_interval = \"60s\"\n{}",
+            db_user(&pg, "ccgone")
+        );
+        if both {
+            s.push_str(&format!(
+                "[databases.ccgone_b]\nhost = \"{}\"\nport = {}\ndbname = \"ccgone\"\nuser = \"ccgone\"\npassword = \"ccgone-pw\"\n",
+                pg.dir.display(),
+                pg.port
+            ));
+        }
+        s
+    };
+    std::fs::write(&path, file(true)).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let admin = pg.admin().await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            members(&admin).await.len() == 2
+        })
+        .await,
+        "one control connection per upstream: {:?} {:?}",
+        members(&admin).await,
+        proxy
+            .shared
+            .pools
+            .budget_snapshots()
+            .into_iter()
+            .map(|(u, s)| (u, s.last_error))
+            .collect::<Vec<_>>()
+    );
+    std::fs::write(&path, file(false)).unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            members(&admin).await.len() == 1
+        })
+        .await,
+        "the unused upstream's control connection is closed: {:?}",
+        members(&admin).await
+    );
+    std::fs::write(&path, file(true)).unwrap();
+    pgsluice::reload::reload(&proxy.shared).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            members(&admin).await.len() == 2
+        })
+        .await,
+        "back with its database: {:?}",
+        members(&admin).await
+    );
 }
 
 /// The control connection has the server probe its socket after 10 s of silence (the

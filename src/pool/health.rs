@@ -117,8 +117,24 @@ impl Pools {
                 }
             }
             st.grant_slots();
+            // The control connections of the servers named too (pools or none yet): after
+            // a failover the budget must be read on the new primary as well.
+            let config = self.config.load();
+            for b in st.budgets.iter_mut() {
+                let named = match database {
+                    None => true,
+                    Some(d) => config
+                        .databases
+                        .get(d)
+                        .is_some_and(|db| b.upstream == format!("{}:{}", db.host, db.port)),
+                };
+                if named {
+                    b.reconnects += 1;
+                }
+            }
             closing
         };
+        self.control_wake.send_modify(|_| {});
         let n = closing.len();
         for server in closing {
             server.close();

@@ -153,6 +153,8 @@ struct Budget {
     /// lookup connections (see [`Pools::hold_auxiliary`]).
     auxiliary: u32,
     snapshot: Snapshot,
+    /// RECONNECTs of any of its pools: its control connection is replaced after each.
+    reconnects: u64,
 }
 
 impl Budget {
@@ -453,6 +455,9 @@ pub struct Pools {
     check_often: AtomicBool,
     /// Wakes the queue's [`queue::sweeper`] when a wait ends sooner than it planned.
     sweep_wake: Arc<Notify>,
+    /// Wakes the budgets' control tasks: a RECONNECT, or a reload. A watch, not a
+    /// `Notify`: a task busy reading when it changes still sees the change afterwards.
+    control_wake: tokio::sync::watch::Sender<()>,
 }
 
 impl Pools {
@@ -469,6 +474,7 @@ impl Pools {
             generation: AtomicU64::new(0),
             check_often: AtomicBool::new(false),
             sweep_wake: Arc::default(),
+            control_wake: tokio::sync::watch::Sender::new(()),
         });
         pools.apply_timing(&pools.config.load());
         for db in pools.config.load().databases.values() {
@@ -510,6 +516,7 @@ impl Pools {
             limit: fixed,
             control: 0,
             auxiliary: 0,
+            reconnects: 0,
             snapshot: Snapshot {
                 mode: if fixed.is_some() { "fixed" } else { "auto" },
                 limit: fixed.unwrap_or(0),
@@ -661,6 +668,9 @@ impl Pools {
         for server in closing {
             server.close();
         }
+        // A control task whose server no database uses now lets its connection go; one
+        // whose server is used again comes back.
+        self.control_wake.send_modify(|_| {});
         Reloaded { created, removed }
     }
 
@@ -735,6 +745,16 @@ impl Pools {
     /// connections.
     pub fn budget_open(&self, b: BudgetId) -> u32 {
         self.lock().budgets[b].used()
+    }
+
+    /// RECONNECTs of budget `b`'s pools so far.
+    pub fn control_reconnects(&self, b: BudgetId) -> u64 {
+        self.lock().budgets[b].reconnects
+    }
+
+    /// Changes when a control task should look again at once (RECONNECT, a reload).
+    pub fn control_wake(&self) -> tokio::sync::watch::Receiver<()> {
+        self.control_wake.subscribe()
     }
 
     /// Sets what the pools of budget `b` may hold (`None`: unknown) and its figures; closes
