@@ -459,6 +459,7 @@ async fn log_in(
         servers_lost: 0,
         new_labels,
     });
+    session.note_params();
     // What the client sent right after its login (a pipelined first Query) is read first.
     let leftover = input.into_leftover();
     if !leftover.is_empty() {
@@ -1180,7 +1181,10 @@ impl Session {
             p.binds.inc_by(s.binds.into());
         }
         let no_cancel_pending = self.cancel.idle();
-        let (in_doubt, ended) = (txn.server_in_doubt, txn.counts.ended);
+        // Session state that could not be named (see `SessionEffects::unknown`) stays on
+        // the server: in transaction mode no other client may get it.
+        let in_doubt = txn.server_in_doubt || transaction_mode && txn.effects.unknown;
+        let ended = txn.counts.ended;
         let effects = std::mem::take(&mut txn.effects);
         // Back to the server, without this client's metric handles.
         txn.counts.detach();
@@ -1764,15 +1768,21 @@ impl Session {
         server: &mut ServerConn,
         effects: &SessionEffects,
     ) -> Result<(), ServerError> {
+        let mut touched = std::borrow::Cow::Borrowed(&effects.touched);
         if effects.reset_all {
             self.params = self.startup_params.clone();
             server.session = self.shared.param_sets.empty();
+            // RESET ALL and DISCARD ALL leave the role as it was (PostgreSQL marks it
+            // GUC_NO_RESET_ALL): read it back, or the next client would inherit a SET ROLE.
+            if !touched.iter().any(|n| n == "role") {
+                touched.to_mut().push("role".to_owned());
+            }
         }
-        if effects.touched.is_empty() {
+        if touched.is_empty() {
+            self.note_params();
             return Ok(());
         }
-        let columns: Vec<String> = effects
-            .touched
+        let columns: Vec<String> = touched
             .iter()
             .map(|n| format!("pg_catalog.current_setting({}, true)", quote_literal(n)))
             .collect();
@@ -1780,7 +1790,9 @@ impl Session {
             .simple_query(&format!("SELECT {}", columns.join(", ")))
             .await?;
         let row = rows.into_iter().next().unwrap_or_default();
-        for (name, value) in effects.touched.iter().zip(row) {
+        for (name, value) in touched.iter().zip(row) {
+            // No role set reads as `none`: the same as no setting at all.
+            let value = value.filter(|v| !(name == "role" && v == "none"));
             match value {
                 Some(v) => {
                     Arc::make_mut(&mut self.params).insert(name.clone(), v.clone());
@@ -1792,7 +1804,16 @@ impl Session {
                 }
             }
         }
+        self.note_params();
         Ok(())
+    }
+
+    /// After the client's parameters changed: what the relay needs to know of them.
+    fn note_params(&mut self) {
+        self.client.escape_strings = self
+            .params
+            .get("standard_conforming_strings")
+            .is_some_and(|v| v.eq_ignore_ascii_case("off"));
     }
 }
 

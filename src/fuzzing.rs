@@ -239,10 +239,10 @@ pub fn admin(data: &[u8]) {
 /// The SQL lexer and classifier ([`crate::sql::classify`], [`crate::sql::deallocate`]).
 pub fn sql(data: &[u8]) {
     let mut effects = crate::sql::SessionEffects::default();
-    let refusal = crate::sql::classify(data, true, &mut effects);
+    let refusal = crate::sql::classify(data, true, false, &mut effects);
     let mut session_effects = crate::sql::SessionEffects::default();
     assert_eq!(
-        crate::sql::classify(data, false, &mut session_effects),
+        crate::sql::classify(data, false, false, &mut session_effects),
         None,
         "session mode refuses nothing"
     );

@@ -12,25 +12,41 @@ pub struct SessionEffects {
     pub touched: Vec<String>,
     /// `RESET ALL` or `DISCARD ALL` ran: every parameter went back to its default.
     pub reset_all: bool,
+    /// Session state changed that cannot be named here: a parameter written with escapes
+    /// (`U&"…"`, `E'…'`), a name longer than the statement's head, or more than
+    /// [`MAX_TOUCHED`] parameters. The server cannot be given to another client: it is
+    /// closed after the transaction.
+    pub unknown: bool,
 }
+
+/// Most parameters tracked in one transaction; past it the server is closed instead (see
+/// [`SessionEffects::unknown`]), which also keeps the read-back query within PostgreSQL's
+/// 1,664 columns.
+pub const MAX_TOUCHED: usize = 256;
 
 impl SessionEffects {
     pub fn is_empty(&self) -> bool {
-        self.touched.is_empty() && !self.reset_all
+        self.touched.is_empty() && !self.reset_all && !self.unknown
     }
 
     /// Adds what `other` changed.
     pub fn merge(&mut self, other: &SessionEffects) {
         self.reset_all |= other.reset_all;
+        self.unknown |= other.unknown;
         for name in &other.touched {
             self.touch(name.clone());
         }
     }
 
     fn touch(&mut self, name: String) {
-        if !self.touched.contains(&name) {
-            self.touched.push(name);
+        if self.unknown || self.touched.contains(&name) {
+            return;
         }
+        if self.touched.len() >= MAX_TOUCHED {
+            self.unknown = true;
+            return;
+        }
+        self.touched.push(name);
     }
 }
 
@@ -84,6 +100,9 @@ enum Token<'a> {
     Word(&'a [u8]),
     QuotedIdent(&'a [u8]),
     Str(&'a [u8]),
+    /// A string or identifier whose text is not what it means: `E'…'` with a backslash,
+    /// `U&'…'`, `U&"…"`.
+    Escaped,
     Semi,
     LParen,
     Dot,
@@ -94,6 +113,16 @@ enum Token<'a> {
 struct Lexer<'a> {
     s: &'a [u8],
     i: usize,
+    /// The session has `standard_conforming_strings` off: a backslash escapes in `'…'`.
+    escape_strings: bool,
+    /// The last string went on past a closing quote (`'a'` newline `'b'`).
+    continued: bool,
+}
+
+/// White space as PostgreSQL's lexer has it (`[ \t\n\r\f\v]`): Rust's ASCII white space
+/// lacks the vertical tab.
+fn is_space(b: u8) -> bool {
+    b.is_ascii_whitespace() || b == 0x0b
 }
 
 fn is_ident_start(b: u8) -> bool {
@@ -105,6 +134,15 @@ fn is_ident_cont(b: u8) -> bool {
 }
 
 impl<'a> Lexer<'a> {
+    fn new(s: &'a [u8]) -> Lexer<'a> {
+        Lexer {
+            s,
+            i: 0,
+            escape_strings: false,
+            continued: false,
+        }
+    }
+
     fn at(&self, k: usize) -> u8 {
         self.s.get(self.i + k).copied().unwrap_or(0)
     }
@@ -125,6 +163,15 @@ impl<'a> Lexer<'a> {
                 }
                 let body = &self.s[start..self.i];
                 self.i += 1;
+                // `'a'` white space with a newline `'b'` is one string `ab` to PostgreSQL,
+                // lexed on in the same mode (an `E` string keeps its escapes).
+                if q == b'\'' {
+                    if let Some(next) = self.continuation() {
+                        self.i = next + 1;
+                        self.continued = true;
+                        return self.quoted(q, backslash);
+                    }
+                }
                 return body;
             }
             self.i += 1;
@@ -134,13 +181,36 @@ impl<'a> Lexer<'a> {
         &self.s[start..end]
     }
 
+    /// Where a string continues after its closing quote: white space holding a newline
+    /// (comments allowed after the newline), then a quote. The quote's index.
+    fn continuation(&self) -> Option<usize> {
+        let mut j = self.i;
+        let mut newline = false;
+        while j < self.s.len() {
+            match self.s[j] {
+                b'\n' | b'\r' => {
+                    newline = true;
+                    j += 1;
+                }
+                b if is_space(b) => j += 1,
+                b'-' if newline && self.s.get(j + 1) == Some(&b'-') => {
+                    j = memchr::memchr2(b'\n', b'\r', &self.s[j..]).map_or(self.s.len(), |p| j + p);
+                }
+                b'\'' if newline => return Some(j),
+                _ => return None,
+            }
+        }
+        None
+    }
+
     fn next_token(&mut self) -> Option<Token<'a>> {
         loop {
             let b = *self.s.get(self.i)?;
             match b {
-                b if b.is_ascii_whitespace() => self.i += 1,
+                b if is_space(b) => self.i += 1,
+                // A comment ends at a newline, `\r` included, as PostgreSQL's does.
                 b'-' if self.at(1) == b'-' => {
-                    self.i = memchr::memchr(b'\n', &self.s[self.i..])
+                    self.i = memchr::memchr2(b'\n', b'\r', &self.s[self.i..])
                         .map_or(self.s.len(), |p| self.i + p);
                 }
                 b'/' if self.at(1) == b'*' => {
@@ -162,7 +232,12 @@ impl<'a> Lexer<'a> {
                 }
                 b'\'' => {
                     self.i += 1;
-                    return Some(Token::Str(self.quoted(b'\'', false)));
+                    self.continued = false;
+                    let body = self.quoted(b'\'', self.escape_strings);
+                    if self.continued || self.escape_strings && body.contains(&b'\\') {
+                        return Some(Token::Escaped);
+                    }
+                    return Some(Token::Str(body));
                 }
                 b'"' => {
                     self.i += 1;
@@ -203,7 +278,22 @@ impl<'a> Lexer<'a> {
                     let word = &self.s[start..self.i];
                     if self.at(0) == b'\'' && (word.eq_ignore_ascii_case(b"e")) {
                         self.i += 1;
-                        return Some(Token::Str(self.quoted(b'\'', true)));
+                        self.continued = false;
+                        let body = self.quoted(b'\'', true);
+                        if self.continued || body.contains(&b'\\') {
+                            return Some(Token::Escaped);
+                        }
+                        return Some(Token::Str(body));
+                    }
+                    // U&'…' and U&"…": Unicode escapes (and maybe a UESCAPE clause).
+                    if word.eq_ignore_ascii_case(b"u")
+                        && self.at(0) == b'&'
+                        && matches!(self.at(1), b'\'' | b'"')
+                    {
+                        let q = self.at(1);
+                        self.i += 2;
+                        self.quoted(q, false);
+                        return Some(Token::Escaped);
                     }
                     return Some(Token::Word(word));
                 }
@@ -255,6 +345,10 @@ struct Scan<'a> {
     prev: [Option<Token<'a>>; 2],
     with_hold: bool,
     on_commit_drop: bool,
+    /// `pg_temp.` names an object: one made there lives as long as the session.
+    pg_temp: bool,
+    /// `INTO TEMP` / `INTO TEMPORARY` / `INTO UNLOGGED`… of `SELECT … INTO`.
+    into_temp: bool,
     /// The token after `set_config(` names the parameter.
     set_config_next: bool,
     refusal: Option<Refusal>,
@@ -268,25 +362,52 @@ impl<'a> Scan<'a> {
         self.len += 1;
         if self.set_config_next {
             self.set_config_next = false;
-            if let Token::Str(name) = tok {
-                effects.touch(String::from_utf8_lossy(name).to_ascii_lowercase());
+            match tok {
+                Token::Str(name) => {
+                    effects.touch(String::from_utf8_lossy(name).to_ascii_lowercase())
+                }
+                // A name written with escapes: which parameter it sets is not known here.
+                Token::Escaped => effects.unknown = true,
+                // Not a literal (`$1`, an expression): not tracked (docs: Limitations).
+                _ => {}
             }
         }
         match tok {
-            // Function calls anywhere in the statement.
+            // Function calls anywhere in the statement, named plainly or quoted (a quoted
+            // name keeps its case: only the lower-case spelling is the function).
             Token::LParen => {
-                if let Some(Token::Word(w)) = self.prev[1] {
-                    if SESSION_LOCK_FUNCTIONS
-                        .iter()
-                        .any(|f| w.eq_ignore_ascii_case(f.as_bytes()))
-                    {
+                let name = match self.prev[1] {
+                    Some(Token::Word(w)) => Some((w, false)),
+                    Some(Token::QuotedIdent(w)) => Some((w, true)),
+                    _ => None,
+                };
+                if let Some((w, quoted)) = name {
+                    let named = |f: &str| {
+                        if quoted {
+                            w == f.as_bytes()
+                        } else {
+                            w.eq_ignore_ascii_case(f.as_bytes())
+                        }
+                    };
+                    if SESSION_LOCK_FUNCTIONS.iter().any(|f| named(f)) {
                         self.refusal.get_or_insert(Refusal::AdvisoryLock);
-                    } else if w.eq_ignore_ascii_case(b"set_config") {
+                    } else if named("set_config") {
                         self.set_config_next = true;
                     }
                 }
             }
+            Token::Dot if is(self.prev[1].as_ref(), "pg_temp") => {
+                self.pg_temp = true;
+                if is(self.prev[0].as_ref(), "into") {
+                    self.into_temp = true;
+                }
+            }
             Token::Word(w) => {
+                if (w.eq_ignore_ascii_case(b"temp") || w.eq_ignore_ascii_case(b"temporary"))
+                    && is(self.prev[1].as_ref(), "into")
+                {
+                    self.into_temp = true;
+                }
                 if w.eq_ignore_ascii_case(b"hold") && is(self.prev[1].as_ref(), "with") {
                     self.with_hold = true;
                 } else if w.eq_ignore_ascii_case(b"drop")
@@ -317,24 +438,30 @@ impl<'a> Scan<'a> {
 /// Scans a query text (one or many statements). Records the parameters it may change into
 /// `effects`; returns a refusal when `transaction_mode` and the text holds session state.
 /// Allocates nothing unless the text changes a parameter.
+///
+/// `escape_strings`: the session has `standard_conforming_strings` off, so a backslash
+/// escapes a quote inside `'…'` and the statements fall elsewhere.
 pub fn classify(
     sql: &[u8],
     transaction_mode: bool,
+    escape_strings: bool,
     effects: &mut SessionEffects,
 ) -> Option<Refusal> {
-    if plain_statement(sql) {
+    if plain_statement(sql) && !(escape_strings && memchr::memchr(b'\\', sql).is_some()) {
         return None;
     }
-    classify_all(sql, transaction_mode, effects)
+    classify_all(sql, transaction_mode, escape_strings, effects)
 }
 
 /// [`classify`] without the shortcut for plain statements.
 fn classify_all(
     sql: &[u8],
     transaction_mode: bool,
+    escape_strings: bool,
     effects: &mut SessionEffects,
 ) -> Option<Refusal> {
-    let mut lexer = Lexer { s: sql, i: 0 };
+    let mut lexer = Lexer::new(sql);
+    lexer.escape_strings = escape_strings;
     let mut scan = Scan::default();
     let mut refusal = None;
     loop {
@@ -370,6 +497,10 @@ const SESSION_WORDS: [&str; 7] = [
 /// `pg_try_advisory_lock_shared`, …) and `set_config`; each with the index of a byte that
 /// is rare in SQL, searched for first.
 const SESSION_FUNCTION_WORDS: [(&[u8], usize); 2] = [(b"advisory", 2), (b"set_config", 7)];
+
+/// A word that may make a temporary object in a statement of any first word (`SELECT …
+/// INTO TEMP t`, `INTO pg_temp.t`), with its rare byte.
+const TEMP_WORD: (&[u8], usize) = (b"temp", 2);
 
 /// Whether `text` contains `word` (lower case), ignoring ASCII case as the lexer does: a
 /// SIMD search for the word's byte at `key` (either case), then a comparison around each
@@ -412,7 +543,7 @@ fn plain_statement(sql: &[u8]) -> bool {
     };
     let first_word_plain = match first_letters(sql) {
         Some(w) => !is_session_word(w),
-        None => match (Lexer { s: sql, i: 0 }).next_token() {
+        None => match (Lexer::new(sql)).next_token() {
             Some(Token::Word(w)) => !is_session_word(w),
             None => true,
             _ => false,
@@ -423,6 +554,7 @@ fn plain_statement(sql: &[u8]) -> bool {
             || !SESSION_FUNCTION_WORDS
                 .iter()
                 .any(|&(word, key)| mentions(body, word, key)))
+        && !mentions(body, TEMP_WORD.0, TEMP_WORD.1)
 }
 
 /// The first word of `sql` when it is plain letters followed by white space (`SELECT abalance
@@ -455,11 +587,11 @@ pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
         Some(_) => {}
     }
     // Then one token (a comment may come first).
-    let first = Lexer { s: sql, i: 0 }.next_token();
+    let first = Lexer::new(sql).next_token();
     if !is(first.as_ref(), "deallocate") && !is(first.as_ref(), "discard") {
         return None;
     }
-    let mut lexer = Lexer { s: sql, i: 0 };
+    let mut lexer = Lexer::new(sql);
     let mut toks = Vec::with_capacity(4);
     while let Some(t) = lexer.next_token() {
         if t != Token::Semi {
@@ -498,7 +630,7 @@ pub fn deallocate(sql: &[u8]) -> Option<Deallocate> {
 /// starting with a keyword is refused there (25P02). A text that starts otherwise is not
 /// decided here: true (as if accepted).
 pub fn parse_allowed_in_failed_transaction(sql: &[u8]) -> bool {
-    let mut lexer = Lexer { s: sql, i: 0 };
+    let mut lexer = Lexer::new(sql);
     let first = loop {
         match lexer.next_token() {
             Some(Token::Semi) => continue,
@@ -564,13 +696,13 @@ fn statement(t: &[Token], scan: &Scan, effects: &mut SessionEffects) -> Option<R
                 return None;
             }
         }
-        special_or_named(rest, effects);
+        special_or_named(rest, scan.len > HEAD, effects);
     } else if is(first, "reset") {
         let rest = &t[1..];
         if is(rest.first(), "all") {
             effects.reset_all = true;
         } else if !is(rest.first(), "session") {
-            special_or_named(rest, effects);
+            special_or_named(rest, scan.len > HEAD, effects);
         }
     } else if is(first, "discard") {
         if is(t.get(1), "all") {
@@ -590,16 +722,36 @@ fn statement(t: &[Token], scan: &Scan, effects: &mut SessionEffects) -> Option<R
         if is(t.get(i), "global") || is(t.get(i), "local") {
             i += 1;
         }
-        let temp = is(t.get(i), "temp") || is(t.get(i), "temporary");
+        let temp = is(t.get(i), "temp") || is(t.get(i), "temporary") || scan.pg_temp;
         if temp && !scan.on_commit_drop {
             refusal = Some(Refusal::TempTable);
         }
     }
+    // `SELECT … INTO TEMP t`, `SELECT … INTO pg_temp.t` (no ON COMMIT there).
+    if scan.into_temp {
+        refusal = refusal.or(Some(Refusal::TempTable));
+    }
     refusal
 }
 
-/// `SET`/`RESET` targets: the special forms, else a parameter name.
-fn special_or_named(rest: &[Token], effects: &mut SessionEffects) {
+/// `SET`/`RESET` targets: the special forms, else a parameter name. `cut`: the statement
+/// went on past the tokens kept (`rest` ends there).
+fn special_or_named(rest: &[Token], cut: bool, effects: &mut SessionEffects) {
+    // A name written with escapes, or a dotted name that may go on past the tokens kept:
+    // which parameter it is cannot be told.
+    let name_tokens = rest.iter().take_while(|t| {
+        matches!(
+            t,
+            Token::Word(_) | Token::QuotedIdent(_) | Token::Dot | Token::Escaped
+        )
+    });
+    if rest.first() == Some(&Token::Escaped)
+        || name_tokens.clone().any(|t| *t == Token::Escaped)
+        || cut && name_tokens.count() == rest.len()
+    {
+        effects.unknown = true;
+        return;
+    }
     let name = if is(rest.first(), "time") && is(rest.get(1), "zone") {
         Some("timezone".to_owned())
     } else if is(rest.first(), "names") {
@@ -665,10 +817,148 @@ mod tests {
         ];
         for t in texts {
             let (mut a, mut b) = (SessionEffects::default(), SessionEffects::default());
-            let fast = classify(t.as_bytes(), true, &mut a);
-            let full = classify_all(t.as_bytes(), true, &mut b);
+            let fast = classify(t.as_bytes(), true, false, &mut a);
+            let full = classify_all(t.as_bytes(), true, false, &mut b);
             assert_eq!((fast, a), (full, b), "{t:?}");
         }
+    }
+
+    /// Texts that hide a session change from a lexer that splits them otherwise than
+    /// PostgreSQL: what each must be found to do (a parameter touched, a refusal, or
+    /// "unknown" for a name it cannot read).
+    #[test]
+    fn texts_split_as_postgresql_splits_them() {
+        #[derive(Debug, PartialEq)]
+        enum Want {
+            Touches(&'static str),
+            Refused(Refusal),
+            Unknown,
+        }
+        use Want::*;
+        let cases: &[(&str, bool, Want)] = &[
+            // A comment ends at \r too.
+            (
+                "--x\rSET search_path TO evil",
+                false,
+                Touches("search_path"),
+            ),
+            (
+                "SELECT 1 --\r, pg_advisory_lock(1)",
+                false,
+                Refused(Refusal::AdvisoryLock),
+            ),
+            // The vertical tab is white space.
+            ("SET\x0bsearch_path = evil", false, Touches("search_path")),
+            (
+                "CREATE\x0bTEMP TABLE t (a int)",
+                false,
+                Refused(Refusal::TempTable),
+            ),
+            // An E string continued on the next line keeps its escapes.
+            (
+                "SELECT E'x'\n'\\'' ; SET search_path = evil; -- '",
+                false,
+                Touches("search_path"),
+            ),
+            // standard_conforming_strings off: a backslash escapes the quote.
+            (
+                "SELECT '\\'' ; SET search_path = evil; -- '",
+                true,
+                Touches("search_path"),
+            ),
+            // Quoted function names are the function when spelled in lower case.
+            (
+                "SELECT \"set_config\"('search_path', 'evil', false)",
+                false,
+                Touches("search_path"),
+            ),
+            (
+                "SELECT \"pg_advisory_lock\"(1)",
+                false,
+                Refused(Refusal::AdvisoryLock),
+            ),
+            (
+                "SELECT pg_catalog.pg_advisory_lock /* c */ (1)",
+                false,
+                Refused(Refusal::AdvisoryLock),
+            ),
+            // Names written with escapes cannot be read: the server is not reused.
+            ("SET U&\"search\\005fpath\" = evil", false, Unknown),
+            (
+                "SELECT set_config(E'search\\137path', 'x', false)",
+                false,
+                Unknown,
+            ),
+            (
+                "SELECT set_config(U&'search_path', 'x', false)",
+                false,
+                Unknown,
+            ),
+            // Temporary objects made other than by CREATE TEMP.
+            (
+                "CREATE TABLE pg_temp.t (a int)",
+                false,
+                Refused(Refusal::TempTable),
+            ),
+            (
+                "CREATE VIEW pg_temp.accounts AS SELECT 1",
+                false,
+                Refused(Refusal::TempTable),
+            ),
+            (
+                "SELECT * INTO TEMP t FROM x",
+                false,
+                Refused(Refusal::TempTable),
+            ),
+            (
+                "select 1 into temporary table t",
+                false,
+                Refused(Refusal::TempTable),
+            ),
+            (
+                "SELECT 1 INTO pg_temp.t",
+                false,
+                Refused(Refusal::TempTable),
+            ),
+        ];
+        for (text, escapes, want) in cases {
+            let mut effects = SessionEffects::default();
+            let refusal = classify(text.as_bytes(), true, *escapes, &mut effects);
+            let got = match (refusal, effects.unknown, effects.touched.first()) {
+                (Some(r), _, _) => Refused(r),
+                (None, true, _) => Unknown,
+                (None, false, Some(n)) if n == "search_path" => Touches("search_path"),
+                other => panic!("{text:?}: {other:?}"),
+            };
+            assert_eq!(&got, want, "{text:?}");
+        }
+        // And what must stay plain.
+        for text in [
+            "SELECT temp FROM readings WHERE temperature > 3",
+            "SELECT '\\'' , 1",
+            "SELECT E'a\\'b', 'c'",
+            "SELECT \"PG_ADVISORY_LOCK\"(1)",
+        ] {
+            let mut effects = SessionEffects::default();
+            assert_eq!(
+                classify(text.as_bytes(), true, false, &mut effects),
+                None,
+                "{text:?}"
+            );
+            assert!(effects.is_empty(), "{text:?}: {effects:?}");
+        }
+    }
+
+    /// Past MAX_TOUCHED parameters in one transaction the server's state is unknown.
+    #[test]
+    fn many_parameters_make_the_state_unknown() {
+        let text: String = (0..MAX_TOUCHED + 10)
+            .map(|i| format!("SET app.p{i} = 1;"))
+            .collect();
+        let mut effects = SessionEffects::default();
+        assert_eq!(classify(text.as_bytes(), true, false, &mut effects), None);
+        assert!(effects.unknown);
+        assert_eq!(effects.touched.len(), MAX_TOUCHED);
     }
 
     #[test]
@@ -697,8 +987,8 @@ mod tests {
         #[test]
         fn the_shortcut_never_hides_session_state(t in "[a-zA-Z_ ;().,'=0-9-]{0,60}") {
             let (mut a, mut b) = (SessionEffects::default(), SessionEffects::default());
-            let fast = classify(t.as_bytes(), true, &mut a);
-            let full = classify_all(t.as_bytes(), true, &mut b);
+            let fast = classify(t.as_bytes(), true, false, &mut a);
+            let full = classify_all(t.as_bytes(), true, false, &mut b);
             proptest::prop_assert_eq!((fast, a), (full, b));
         }
 
@@ -717,8 +1007,8 @@ mod tests {
         )) {
             let t = parts.concat();
             let (mut a, mut b) = (SessionEffects::default(), SessionEffects::default());
-            let fast = classify(t.as_bytes(), true, &mut a);
-            let full = classify_all(t.as_bytes(), true, &mut b);
+            let fast = classify(t.as_bytes(), true, false, &mut a);
+            let full = classify_all(t.as_bytes(), true, false, &mut b);
             proptest::prop_assert_eq!((fast, a), (full, b), "{:?}", t);
         }
     }
@@ -753,7 +1043,7 @@ mod tests {
         #[test]
         fn first_letters_agrees_with_the_lexer(t in "[a-zA-Z_ \t\n;()'\"$0-9/*-]{0,20}") {
             if let Some(w) = first_letters(t.as_bytes()) {
-                let tok = (Lexer { s: t.as_bytes(), i: 0 }).next_token();
+                let tok = (Lexer::new(t.as_bytes())).next_token();
                 proptest::prop_assert!(matches!(tok, Some(Token::Word(x)) if x == w), "{:?}", t);
             }
         }
@@ -761,7 +1051,7 @@ mod tests {
 
     fn run(sql: &str) -> (Option<Refusal>, SessionEffects) {
         let mut e = SessionEffects::default();
-        let r = classify(sql.as_bytes(), true, &mut e);
+        let r = classify(sql.as_bytes(), true, false, &mut e);
         (r, e)
     }
 
@@ -851,7 +1141,7 @@ mod tests {
         );
         let mut e = SessionEffects::default();
         assert_eq!(
-            classify(b"LISTEN x", false, &mut e),
+            classify(b"LISTEN x", false, false, &mut e),
             None,
             "session mode refuses nothing"
         );

@@ -182,6 +182,72 @@ async fn per_client_parameters_do_not_leak() {
     assert_eq!(scalar(&a2, "SHOW TimeZone").await, "Europe/Paris");
 }
 
+/// Session state that slips past a plain reading of the SQL stays with its client: a role
+/// kept by RESET ALL (PostgreSQL leaves `role` alone there), a parameter whose name holds a
+/// reserved word, one set through a quoted function name or while
+/// `standard_conforming_strings` is off, and one whose name is written with escapes (that
+/// server is closed instead). One server, clients taking turns on it.
+#[tokio::test]
+async fn session_state_hidden_in_the_sql_does_not_leak() {
+    let pg = pg();
+    pg.create_app("hidden").await;
+    let admin = pg.admin().await;
+    let _ = admin
+        .batch_execute("CREATE ROLE hidden_r2; GRANT hidden_r2 TO hidden")
+        .await;
+    let proxy = Proxy::start(&app_config(pg, "hidden", "pool_size = 1")).await;
+    let base = proxy.conn("hidden", "hidden-pw", "hidden");
+    let a = connect(&base).await;
+    let b = connect(&base).await;
+    let search_path = scalar(&b, "SHOW search_path").await;
+
+    a.batch_execute("SET ROLE hidden_r2").await.unwrap();
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(scalar(&a, "SELECT current_user").await, "hidden_r2");
+    assert_eq!(
+        scalar(&b, "SELECT current_user").await,
+        "hidden",
+        "role leaked"
+    );
+    assert_eq!(scalar(&a, "SELECT current_user").await, "hidden_r2");
+    a.batch_execute("RESET ROLE").await.unwrap();
+
+    // `RESET "app"."user"`: a bare `RESET app.user` is a syntax error.
+    a.batch_execute("SELECT set_config('app.user', '7', false)")
+        .await
+        .unwrap();
+    assert_eq!(scalar(&b, "SELECT 1").await, "1");
+    assert_eq!(
+        scalar(&b, "SELECT coalesce(current_setting('app.user', true), '')").await,
+        ""
+    );
+    assert_eq!(scalar(&a, "SELECT current_setting('app.user')").await, "7");
+
+    for hidden in [
+        "SELECT \"set_config\"('search_path', 'evil', false)",
+        "--x\rSET search_path TO evil",
+        "SET U&\"search\\005fpath\" = evil",
+    ] {
+        a.batch_execute(hidden).await.unwrap();
+        assert_eq!(
+            scalar(&b, "SHOW search_path").await,
+            search_path,
+            "{hidden:?}"
+        );
+        a.batch_execute("RESET search_path").await.unwrap();
+    }
+
+    // standard_conforming_strings off: `'\''` is a quote, and the SET is a statement.
+    a.batch_execute("SET standard_conforming_strings = off")
+        .await
+        .unwrap();
+    a.batch_execute("SELECT '\\'' ; SET search_path = evil; -- '")
+        .await
+        .unwrap();
+    assert_eq!(scalar(&b, "SHOW search_path").await, search_path);
+    assert_eq!(scalar(&a, "SHOW search_path").await, "evil");
+}
+
 /// Statements whose effect would outlive the transaction are refused with 0A000 and a hint;
 /// the connection stays usable and a refused statement fails the open transaction.
 #[tokio::test]

@@ -220,15 +220,13 @@ pub fn quote_literal(s: &str) -> String {
     out
 }
 
-/// Quotes an identifier (`"my param"`), for parameter names in SET statements.
+/// Quotes a parameter name for `RESET`: each dotted part quoted (`"app"."user"`), so that
+/// a part that is a reserved word (`user`) or holds other characters still parses.
 pub fn quote_ident(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
-    {
-        return s.to_owned();
-    }
-    format!("\"{}\"", s.replace('"', "\"\""))
+    s.split('.')
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 #[cfg(test)]
@@ -327,7 +325,9 @@ mod tests {
     fn quoting() {
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal(r"a\b"), r"E'a\\b'");
-        assert_eq!(quote_ident("timezone"), "timezone");
+        assert_eq!(quote_ident("timezone"), "\"timezone\"");
         assert_eq!(quote_ident("DateStyle"), "\"DateStyle\"");
+        assert_eq!(quote_ident("app.user"), "\"app\".\"user\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }

@@ -57,6 +57,9 @@ pub struct ClientConn<S = Stream> {
     /// Named statements a server may hold per connection in transaction mode (0: named
     /// statements are refused there).
     pub max_prepared: u32,
+    /// The client's session has `standard_conforming_strings` off: a backslash escapes in
+    /// `'…'`, which moves where its statements begin ([`sql::classify`]).
+    pub escape_strings: bool,
     /// The client's named statements (transaction mode).
     pub statements: ClientStatements,
 }
@@ -325,6 +328,7 @@ impl<S> ClientConn<S> {
             // Both fit: a message's length is an i32, and so is a count of statements.
             max_query_size: max_query_size.min(i32::MAX as usize) as u32,
             max_prepared: max_prepared.min(i32::MAX as usize) as u32,
+            escape_strings: false,
             statements: ClientStatements::new(known),
         }
     }
@@ -407,7 +411,7 @@ impl<S> ClientConn<S> {
         // A statement transaction pooling refuses is left to the scan, which says why.
         let mut effects = SessionEffects::default();
         let text = CStrings(after_name).next_str()?;
-        if sql::classify(text, true, &mut effects).is_some() {
+        if sql::classify(text, true, self.escape_strings, &mut effects).is_some() {
             return None;
         }
         let stmt = Statement::from_parse(after_name).with_effects(effects);
@@ -825,7 +829,12 @@ impl<S> ClientConn<S> {
         let text = body
             .strip_suffix(&[0])
             .ok_or_else(|| violation("Query message is not NUL-terminated"))?;
-        let refusal = sql::classify(text, txn.transaction_mode, &mut txn.effects);
+        let refusal = sql::classify(
+            text,
+            txn.transaction_mode,
+            self.escape_strings,
+            &mut txn.effects,
+        );
         let statements = txn.transaction_mode && self.max_prepared > 0;
         let mut dealloc = None;
         if statements && refusal.is_none() {
@@ -904,7 +913,12 @@ impl<S> ClientConn<S> {
             .ok_or_else(|| violation("malformed Parse message"))?;
         // What running it changes: now, and at each Bind of a named statement.
         let mut effects = SessionEffects::default();
-        if let Some(r) = sql::classify(text, txn.transaction_mode, &mut effects) {
+        if let Some(r) = sql::classify(
+            text,
+            txn.transaction_mode,
+            self.escape_strings,
+            &mut effects,
+        ) {
             return Err(refuse(r));
         }
         txn.effects.merge(&effects);
