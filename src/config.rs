@@ -1175,6 +1175,13 @@ impl Config {
         if !(b.fraction > 0.0 && b.fraction <= 1.0) {
             return Err(invalid("budget.fraction", "must be above 0 and at most 1"));
         }
+        if b.mode == Some(BudgetMode::Auto) && b.max_server_connections.is_some() {
+            // Silently ignored before: a proxy meant to hold N held what the database said.
+            return Err(invalid(
+                "budget.max_server_connections",
+                "is for fixed mode: remove it, or set budget.mode = \"fixed\"",
+            ));
+        }
         if b.mode() == BudgetMode::Fixed && b.max_server_connections.unwrap_or(0) == 0 {
             return Err(invalid(
                 "budget.max_server_connections",
@@ -1505,6 +1512,22 @@ mod tests {
                 .to_string();
             assert!(e.starts_with("so_reuseport:"), "{bad}: {e}");
         }
+    }
+
+    /// `mode = "auto"` with a number for fixed mode is a contradiction, not a choice.
+    #[test]
+    fn auto_mode_refuses_max_server_connections() {
+        let e = Config::from_toml(&format!(
+            "[budget]\nmode = \"auto\"\nmax_server_connections = 5\n{MIN}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("budget.max_server_connections") && e.contains("fixed"),
+            "{e}"
+        );
+        let c = Config::from_toml(&format!("[budget]\nmax_server_connections = 5\n{MIN}")).unwrap();
+        assert_eq!(c.budget.mode(), BudgetMode::Fixed);
     }
 
     #[test]

@@ -294,11 +294,20 @@ async fn fleet_members_come_from_control_connections() {
     let _turn = turn().await;
     let admin = pg.admin().await;
     settle(&admin).await;
+    // Member ids are 16 characters, as a proxy draws them; a name of another length is
+    // not a member.
     let mut held = Vec::new();
     for m in ["m1", "m2", "m3"] {
-        held.push(connect_as_app(pg, &member_application_name("blue", m)).await);
+        held.push(connect_as_app(pg, &member_application_name("blue", &format!("{m:0>16}"))).await);
     }
-    held.push(connect_as_app(pg, &member_application_name("green", "g1")).await);
+    held.push(
+        connect_as_app(
+            pg,
+            &member_application_name("green", &format!("{:0>16}", "g1")),
+        )
+        .await,
+    );
+    held.push(connect_as_app(pg, &member_application_name("blue", "short")).await);
     let members: i64 = admin
         .query_one(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1",
@@ -332,7 +341,10 @@ async fn fleet_members_come_from_control_connections() {
         .iter()
         .map(|m| m["member"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["m1", "m2", "m3"]);
+    assert_eq!(
+        ids,
+        ["00000000000000m1", "00000000000000m2", "00000000000000m3"]
+    );
 
     // Fraction and reserve change the fleet budget and so the share.
     let run = budget(&[
@@ -355,7 +367,12 @@ async fn fleet_members_come_from_control_connections() {
         run.stdout
     );
     for m in ["m1", "m2", "m3"] {
-        assert!(run.stdout.lines().any(|l| l.trim_start().starts_with(m)));
+        let id = format!("{m:0>16}");
+        assert!(
+            run.stdout.lines().any(|l| l.trim_start().starts_with(&id)),
+            "{}",
+            run.stdout
+        );
     }
 
     // The default fleet has no member here; green has one with the whole budget.
