@@ -659,6 +659,25 @@ async fn a_waiting_pause_can_be_cancelled_and_takes_its_pause_back() {
     admin.simple_query("RESUME a_pcancel").await.unwrap();
 }
 
+/// Runs `PAUSE db` on a console of its own, in the background: its cancel token and the
+/// task that ends with its answer.
+async fn pause_in_background(
+    proxy: &Proxy,
+    name: &str,
+    db: &str,
+) -> (
+    tokio_postgres::CancelToken,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let c = console(proxy, name).await;
+    let token = c.cancel_token();
+    let sql = format!("PAUSE {db}");
+    (
+        token,
+        tokio::spawn(async move { c.simple_query(&sql).await.map(|_| ()) }),
+    )
+}
+
 /// A PAUSE given up (cancelled) after a RESUME and another PAUSE came in the meantime takes
 /// nothing back: the pause is the later PAUSE's by then, and it holds and answers. (Taken
 /// back, it let servers out while that PAUSE's caller believed the database paused.)
@@ -668,15 +687,10 @@ async fn a_pause_given_up_leaves_a_later_pause_alone() {
     let admin = console(&proxy, "a_plater").await;
     let holder = proxy.client("a_plater").await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let first = console(&proxy, "a_plater").await;
-    let first_token = first.cancel_token();
-    let first_run =
-        tokio::spawn(async move { first.simple_query("PAUSE a_plater").await.map(|_| ()) });
+    let (first_token, first_run) = pause_in_background(&proxy, "a_plater", "a_plater").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     admin.simple_query("RESUME a_plater").await.unwrap();
-    let second = console(&proxy, "a_plater").await;
-    let second_run =
-        tokio::spawn(async move { second.simple_query("PAUSE a_plater").await.map(|_| ()) });
+    let (_, second_run) = pause_in_background(&proxy, "a_plater", "a_plater").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!second_run.is_finished(), "the later PAUSE waits");
     first_token
@@ -715,9 +729,7 @@ async fn a_pause_given_up_after_another_databases_resume_is_taken_back() {
     admin.simple_query("PAUSE a_pother_b").await.unwrap();
     let holder = proxy.client(name).await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let waiting = console(&proxy, name).await;
-    let token = waiting.cancel_token();
-    let run = tokio::spawn(async move { waiting.simple_query("PAUSE a_pother").await.map(|_| ()) });
+    let (token, run) = pause_in_background(&proxy, name, "a_pother").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!run.is_finished(), "the PAUSE waits for the transaction");
     admin.simple_query("RESUME a_pother_b").await.unwrap();
@@ -746,13 +758,8 @@ async fn a_pause_given_up_leaves_a_pause_still_waiting_alone() {
     let admin = console(&proxy, "a_ptwo").await;
     let holder = proxy.client("a_ptwo").await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    let first = console(&proxy, "a_ptwo").await;
-    let first_token = first.cancel_token();
-    let first_run =
-        tokio::spawn(async move { first.simple_query("PAUSE a_ptwo").await.map(|_| ()) });
-    let second = console(&proxy, "a_ptwo").await;
-    let second_run =
-        tokio::spawn(async move { second.simple_query("PAUSE a_ptwo").await.map(|_| ()) });
+    let (first_token, first_run) = pause_in_background(&proxy, "a_ptwo", "a_ptwo").await;
+    let (_, second_run) = pause_in_background(&proxy, "a_ptwo", "a_ptwo").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     first_token
         .cancel_query(tokio_postgres::NoTls)

@@ -326,21 +326,28 @@ async fn cancel_race_never_hits_the_next_client() {
     leaks.check().await;
 }
 
-/// Scenario 33: cancels forwarded upstream reach something that never answers and never
-/// closes (Odyssey's cancel-leak). Each is abandoned after a bounded wait and its socket
-/// closed; meanwhile logins and queries go on.
-#[tokio::test]
-async fn cancels_to_a_hanging_upstream_are_abandoned() {
-    let name = "hi_cancelhang";
+/// App `name` (trust, `pool_size`) behind a forwarder that takes cancel requests and
+/// never answers or closes them (Odyssey's cancel-leak evil proxy).
+async fn behind_hanging_cancels(name: &str, pool_size: u32) -> (Fault, Proxy) {
     pg().create_app(name).await;
     let fault = Fault::start(("127.0.0.1", pg().port)).await;
     fault.set_accept(common::fault::Accept::HangCancel);
     let proxy = Proxy::start(&app_config_at(
         fault.port(),
         name,
-        "auth_type = \"trust\"\npool_size = 2",
+        &format!("auth_type = \"trust\"\npool_size = {pool_size}"),
     ))
     .await;
+    (fault, proxy)
+}
+
+/// Scenario 33: cancels forwarded upstream reach something that never answers and never
+/// closes (Odyssey's cancel-leak). Each is abandoned after a bounded wait and its socket
+/// closed; meanwhile logins and queries go on.
+#[tokio::test]
+async fn cancels_to_a_hanging_upstream_are_abandoned() {
+    let name = "hi_cancelhang";
+    let (fault, proxy) = behind_hanging_cancels(name, 2).await;
     let leaks = Leaks::with(
         &proxy,
         &[name],
@@ -399,15 +406,7 @@ async fn cancels_to_a_hanging_upstream_are_abandoned() {
 #[tokio::test]
 async fn a_server_whose_cancel_was_given_up_is_not_reused() {
     let name = "hi_cancelgone";
-    pg().create_app(name).await;
-    let fault = Fault::start(("127.0.0.1", pg().port)).await;
-    fault.set_accept(common::fault::Accept::HangCancel);
-    let proxy = Proxy::start(&app_config_at(
-        fault.port(),
-        name,
-        "auth_type = \"trust\"\npool_size = 1",
-    ))
-    .await;
+    let (_fault, proxy) = behind_hanging_cancels(name, 1).await;
     let port = proxy.addr.port();
     let (mut a, (pid, secret)) = login_with_key(port, name).await;
     let backend = |msgs: &[wire::Msg]| msgs.iter().find(|m| m.tag == b'D').unwrap().row();
