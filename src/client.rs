@@ -1793,16 +1793,26 @@ impl Session {
         for (name, value) in touched.iter().zip(row) {
             // No role set reads as `none`: the same as no setting at all.
             let value = value.filter(|v| !(name == "role" && v == "none"));
+            // `RESET name` took the server to its own default; the client goes back to its
+            // startup value, as with a server of its own. (Unless the RESET did not stick:
+            // rolled back, the server still has what it had before.)
+            let client_value = match self.startup_params.get(name) {
+                Some(start)
+                    if effects.reset.contains(name)
+                        && value.as_ref() != server.session.get(name) =>
+                {
+                    Some(start.clone())
+                }
+                _ => value.clone(),
+            };
+            match client_value {
+                Some(v) => Arc::make_mut(&mut self.params).insert(name.clone(), v),
+                None => Arc::make_mut(&mut self.params).remove(name),
+            };
             match value {
-                Some(v) => {
-                    Arc::make_mut(&mut self.params).insert(name.clone(), v.clone());
-                    Arc::make_mut(&mut server.session).insert(name.clone(), v);
-                }
-                None => {
-                    Arc::make_mut(&mut self.params).remove(name);
-                    Arc::make_mut(&mut server.session).remove(name);
-                }
-            }
+                Some(v) => Arc::make_mut(&mut server.session).insert(name.clone(), v),
+                None => Arc::make_mut(&mut server.session).remove(name),
+            };
         }
         self.note_params();
         Ok(())

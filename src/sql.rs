@@ -10,6 +10,9 @@
 pub struct SessionEffects {
     /// Parameters (lower case) a `SET`, `RESET` or `set_config` may have changed.
     pub touched: Vec<String>,
+    /// Those of `touched` whose last change was `RESET name`: the server goes back to its
+    /// own default, but the client to its startup value (see `Session::refresh_params`).
+    pub reset: Vec<String>,
     /// `RESET ALL` or `DISCARD ALL` ran: every parameter went back to its default.
     pub reset_all: bool,
     /// Session state changed that cannot be named here: a parameter written with escapes
@@ -34,11 +37,19 @@ impl SessionEffects {
         self.reset_all |= other.reset_all;
         self.unknown |= other.unknown;
         for name in &other.touched {
-            self.touch(name.clone());
+            self.touch(name.clone(), other.reset.contains(name));
         }
     }
 
-    fn touch(&mut self, name: String) {
+    /// `name` may have changed; `reset`: by `RESET name`, the last change so far.
+    fn touch(&mut self, name: String, reset: bool) {
+        if let Some(i) = self.reset.iter().position(|n| *n == name) {
+            if !reset {
+                self.reset.swap_remove(i);
+            }
+        } else if reset && !self.unknown {
+            self.reset.push(name.clone());
+        }
         if self.unknown || self.touched.contains(&name) {
             return;
         }
@@ -362,7 +373,7 @@ impl<'a> Scan<'a> {
             self.set_config_next = false;
             match tok {
                 Token::Str(name) => {
-                    effects.touch(String::from_utf8_lossy(name).to_ascii_lowercase())
+                    effects.touch(String::from_utf8_lossy(name).to_ascii_lowercase(), false)
                 }
                 // A name written with escapes: which parameter it sets is not known here.
                 Token::Escaped => effects.unknown = true,
@@ -674,18 +685,18 @@ fn statement(t: &[Token], scan: &Scan, effects: &mut SessionEffects) -> Option<R
                     "default_transaction_read_only",
                     "default_transaction_deferrable",
                 ] {
-                    effects.touch(n.to_owned());
+                    effects.touch(n.to_owned(), false);
                 }
                 return None;
             }
         }
-        special_or_named(rest, scan.len > HEAD, effects);
+        special_or_named(rest, scan.len > HEAD, false, effects);
     } else if is(first, "reset") {
         let rest = &t[1..];
         if is(rest.first(), "all") {
             effects.reset_all = true;
         } else if !is(rest.first(), "session") {
-            special_or_named(rest, scan.len > HEAD, effects);
+            special_or_named(rest, scan.len > HEAD, true, effects);
         }
     } else if is(first, "discard") {
         if is(t.get(1), "all") {
@@ -714,8 +725,8 @@ fn statement(t: &[Token], scan: &Scan, effects: &mut SessionEffects) -> Option<R
 }
 
 /// `SET`/`RESET` targets: the special forms, else a parameter name. `cut`: the statement
-/// went on past the tokens kept (`rest` ends there).
-fn special_or_named(rest: &[Token], cut: bool, effects: &mut SessionEffects) {
+/// went on past the tokens kept (`rest` ends there); `reset`: it is a `RESET`.
+fn special_or_named(rest: &[Token], cut: bool, reset: bool, effects: &mut SessionEffects) {
     // A name written with escapes, or a dotted name that may go on past the tokens kept:
     // which parameter it is cannot be told.
     let name_tokens = rest.iter().take_while(|t| {
@@ -743,7 +754,7 @@ fn special_or_named(rest: &[Token], cut: bool, effects: &mut SessionEffects) {
         param_name(rest)
     };
     if let Some(name) = name {
-        effects.touch(name);
+        effects.touch(name, reset);
     }
 }
 
@@ -912,6 +923,23 @@ mod tests {
                 "{text:?}"
             );
             assert!(effects.is_empty(), "{text:?}: {effects:?}");
+        }
+    }
+
+    /// `reset` holds the names whose last change was `RESET name`.
+    #[test]
+    fn the_last_change_tells_a_reset() {
+        for (text, reset) in [
+            ("RESET timezone", &["timezone"][..]),
+            ("SET timezone = 'UTC'; RESET timezone", &["timezone"]),
+            ("RESET timezone; SET timezone = 'UTC'", &[]),
+            ("RESET app.x; SELECT set_config('app.x', '1', false)", &[]),
+            ("RESET ALL", &[]),
+            ("RESET role", &["role"]),
+        ] {
+            let mut effects = SessionEffects::default();
+            classify(text.as_bytes(), true, false, &mut effects);
+            assert_eq!(effects.reset, reset, "{text:?}");
         }
     }
 

@@ -180,6 +180,32 @@ async fn per_client_parameters_do_not_leak() {
         .unwrap();
     assert_eq!(scalar(&a, "SHOW TimeZone").await, "Asia/Tokyo");
     assert_eq!(scalar(&a2, "SHOW TimeZone").await, "Europe/Paris");
+
+    // RESET name: back to the client's own startup value, as on a server of its own (the
+    // server's RESET goes to the server's default).
+    a.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+    a.batch_execute("RESET TimeZone").await.unwrap();
+    assert_eq!(scalar(&a, "SHOW TimeZone").await, "Asia/Tokyo");
+    a.batch_execute("SET application_name = 'other'")
+        .await
+        .unwrap();
+    a.batch_execute("RESET application_name").await.unwrap();
+    assert_eq!(
+        scalar(&a, "SELECT current_setting('application_name')").await,
+        "alpha"
+    );
+    // A RESET rolled back does not stick; one followed by a SET keeps the SET.
+    a.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+    a.batch_execute("BEGIN; RESET TimeZone; ROLLBACK")
+        .await
+        .unwrap();
+    assert_eq!(scalar(&a, "SHOW TimeZone").await, "UTC");
+    a.batch_execute("RESET TimeZone; SET TimeZone = 'Europe/Oslo'")
+        .await
+        .unwrap();
+    assert_eq!(scalar(&a, "SHOW TimeZone").await, "Europe/Oslo");
+    assert_eq!(scalar(&b, "SHOW TimeZone").await, "America/New_York");
+    assert_eq!(scalar(&c, "SHOW TimeZone").await, default_tz);
 }
 
 /// Session state that slips past a plain reading of the SQL stays with its client: a role
